@@ -41,6 +41,11 @@ class EditOutcome:
 
 @runtime_checkable
 class Editor(Protocol):
+    """What the harness needs from an editor. An editor may also define
+    ``prepare(model, tokenizer, family, *, identity)``, which the harness calls once per model on the unedited
+    model before any edit, with the model registry's identity of the weights (MEND loads its trained network
+    there); it is optional, so not part of this protocol."""
+
     name: str
 
     def apply(self, model: Any, tokenizer: Any, family: Any, requests: list[EditRequest]) -> EditOutcome:

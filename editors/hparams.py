@@ -3,11 +3,13 @@
 Files live in ``editors/hparams/<editor>/<key>.json`` where ``<key>`` is a built-in model name (``gpt2-xl``,
 ``tiny-gpt2``, ...) or a family default (``gpt2``, ``gptj``, ``llama``). Every file carries a ``"_comment"``
 saying where its numbers come from. The keys a file may use are the fields of the editor's frozen hparams
-dataclass (``RomeHparams``, ``MemitHparams``, ``FtHparams``); anything else is an error naming the file.
+dataclass (``RomeHparams``, ``MemitHparams``, ``FtHparams``, ``MendHparams``); anything else is an error
+naming the file.
 
 Layer values may be symbolic for the organisms, whose editable site is found when they are built:
 ``"causal"`` is ``model.config.editsafety_causal_layer`` (0 when absent) and ``"causal+N"`` is N layers
-after it. :func:`resolve_layers` turns them into indices against a loaded model.
+after it; ``"last"`` is the model's last layer and ``"last-N"`` N layers before it (MEND edits the last
+layers, whatever the depth). :func:`resolve_layers` turns them into indices against a loaded model.
 
 This module imports neither torch nor the editors at import time: the plugin can read it at startup.
 """
@@ -43,6 +45,8 @@ __all__ = [
 
 COMMENT_KEY = "_comment"
 _CAUSAL_RE = re.compile(r"^causal(?:\+(\d+))?$")
+_LAST_RE = re.compile(r"^last(?:-(\d+))?$")
+_LAYER_FORMS = "an int, 'causal', 'causal+N', 'last' or 'last-N'"
 # File stems must be plain names: a Hugging Face id ("owner/name") never addresses a file here.
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -80,6 +84,7 @@ _SCHEMAS: Mapping[str, HparamsSchema] = {
     "c-rome-prefix": _ROME,
     "memit": HparamsSchema("memit", "editors.memit", "MemitHparams", "layers", many_layers=True),
     "ft-linf": HparamsSchema("ft-linf", "editors.ft", "FtHparams", "layer", many_layers=False),
+    "mend": HparamsSchema("mend", "editors.mend", "MendHparams", "layers", many_layers=True),
 }
 
 
@@ -218,12 +223,14 @@ def _n_layers(config: Any) -> int:
 
 
 def resolve_layers(value: Any, model: Any) -> list[int]:
-    """Layer indices for ``value`` (an int, ``"causal"``, ``"causal+N"`` or a list of them) on ``model``.
+    """Layer indices for ``value`` (an int, ``"causal"``, ``"causal+N"``, ``"last"``, ``"last-N"`` or a list of
+    them) on ``model``.
 
     ``"causal"`` reads ``model.config.editsafety_causal_layer`` (0 when the model does not record one).
     A relative ``"causal+N"`` past the last layer is dropped, so ``["causal", "causal+1"]`` means "the
-    causal layer and the next one if there is one"; an absolute index out of range is an error. The result
-    is sorted and free of duplicates. ``model`` may also be a config.
+    causal layer and the next one if there is one"; likewise ``"last-N"`` before layer 0, so
+    ``["last-2", "last-1", "last"]`` is "the last three layers, or all of them"; an absolute index out of
+    range is an error. The result is sorted and free of duplicates. ``model`` may also be a config.
     """
     config = getattr(model, "config", model)
     n_layers = _n_layers(config)
@@ -237,17 +244,21 @@ def resolve_layers(value: Any, model: Any) -> list[int]:
     out: set[int] = set()
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise HparamsError(f"layer {item!r}: expected an int, 'causal' or 'causal+N'")
+            raise HparamsError(f"layer {item!r}: expected {_LAYER_FORMS}")
         if isinstance(item, int):
             if not 0 <= item < n_layers:
                 raise HparamsError(f"layer {item} is out of range for a model with {n_layers} layers")
             out.add(item)
             continue
         match = _CAUSAL_RE.match(item.strip())
-        if not match:
-            raise HparamsError(f"layer {item!r}: expected an int, 'causal' or 'causal+N'")
-        layer = causal + int(match.group(1) or 0)
-        if layer < n_layers:
+        last = _LAST_RE.match(item.strip())
+        if match:
+            layer = causal + int(match.group(1) or 0)
+        elif last:
+            layer = n_layers - 1 - int(last.group(1) or 0)
+        else:
+            raise HparamsError(f"layer {item!r}: expected {_LAYER_FORMS}")
+        if 0 <= layer < n_layers:
             out.add(layer)
     if not out:
         raise HparamsError(f"layers {value!r}: no layer left on a model with {n_layers} layers")
@@ -300,7 +311,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 def _is_symbolic(value: Any) -> bool:
     if isinstance(value, str):
-        return bool(_CAUSAL_RE.match(value.strip()))
+        return bool(_CAUSAL_RE.match(value.strip()) or _LAST_RE.match(value.strip()))
     return isinstance(value, (list, tuple)) and any(_is_symbolic(v) for v in value)
 
 

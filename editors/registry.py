@@ -86,6 +86,12 @@ def _make_ft_linf(hparams: Mapping[str, Any], **kwargs: Any):
     return FtLinfEditor(hparams_from_mapping(FtHparams, hparams, source="ft-linf hparams"), **kwargs)
 
 
+def _make_mend(hparams: Mapping[str, Any], **kwargs: Any):
+    from editors.mend import MendEditor, MendHparams
+
+    return MendEditor(hparams_from_mapping(MendHparams, hparams, source="mend hparams"), **kwargs)
+
+
 # Original ROME keys its update on the bare prompt; C-ROME on the mean over templates; C-ROME + prefix also
 # asks the harness to prepend an edit-time prefix to hard cases' test prompts.
 BUILTIN_EDITORS: Mapping[str, Factory] = MappingProxyType({
@@ -94,6 +100,7 @@ BUILTIN_EDITORS: Mapping[str, Factory] = MappingProxyType({
     "c-rome-prefix": _rome_variant("c-rome-prefix", consistent=True, test_prefix=True),
     "memit": _make_memit,
     "ft-linf": _make_ft_linf,
+    "mend": _make_mend,
 })
 
 

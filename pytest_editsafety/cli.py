@@ -1,4 +1,5 @@
-"""``python -m pytest_editsafety``: build the organisms, measure perplexity, rerun the causal-site check.
+"""``python -m pytest_editsafety``: build the organisms, measure perplexity, rerun the causal-site check,
+train MEND's editor network, mine a dataset for the cases most likely to collapse ROME.
 
 Each command prints a human summary, or one JSON object with ``--json``. Errors the user can fix (an
 unknown model, a missing corpus file) exit with status 2 and a one-line message, never a stack trace.
@@ -101,6 +102,79 @@ def cmd_experiment_collapse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mine(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pytest_editsafety.cases import dump_cases
+    from pytest_editsafety.harness import slugify
+    from pytest_editsafety.mining import mine, mined_case_set, render_table
+
+    report = mine(
+        args.model,
+        [c.strip() for c in args.cases.split(",") if c.strip()],
+        top=args.top,
+        editor=args.editor,
+        mom2_adjustment=args.mom2,
+        ppl_corpus=args.ppl_corpus,
+        stats_corpus=args.stats_corpus,
+        with_confirm=args.confirm,
+        progress=not args.quiet,
+    )
+    default = f"mined-{slugify(args.editor)}-{slugify(Path(args.model).name)}.json"
+    out = Path(args.out) if args.out else Path("reports") / default
+    written = dump_cases(mined_case_set(report.mined, editor=args.editor, model=args.model), out)
+    log.info("wrote %d mined cases to %s", len(report.mined), written)
+    payload = {**report.to_dict(), "out": str(written)}
+    _emit(payload, args.json, f"{render_table(report)}\n\nwrote {len(report.mined)} cases to {written}; replay with "
+                              f"pytest --editor={args.editor} --model={args.model} --cases={written}")
+    return 0
+
+
+def cmd_mend_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from editors.mend_archive import read_config
+    from editors.registry import build_editor
+    from pytest_editsafety.cases import resolve_cases
+    from pytest_editsafety.harness import hparams_key
+    from pytest_editsafety.mend import (
+        case_set_description,
+        cases_from_case_set,
+        is_organism_model,
+        organism_training_data,
+        train_archive,
+    )
+    from pytest_editsafety.registry import LoadOptions, load_model, resolve_model
+
+    case_set = resolve_cases(args.cases) if args.cases else None  # a bad file fails before the model loads
+    spec = resolve_model(args.model)
+    loaded = load_model(spec, LoadOptions(dtype=args.dtype, device_map=args.device_map))
+    if args.device_map is None and torch.cuda.is_available():
+        loaded.model.to("cuda:0")
+    hp = build_editor("mend", hparams_key(loaded), loaded.model, user_hparams=args.hparams).hparams
+    if case_set is not None:
+        cases = cases_from_case_set(case_set, seed=hp.seed)
+        data = case_set_description(case_set, cases)
+    elif is_organism_model(loaded.model):
+        cases, data = organism_training_data(loaded.model, hp)
+    else:
+        raise ValueError(f"model {args.model!r} is not a model organism: give the training edits with --cases FILE "
+                         "(a case file in any supported format, disjoint from the cases you certify on)")
+    path, trained = train_archive(loaded.model, loaded.tokenizer, loaded.family, hp, cases, data,
+                                  identity=loaded.identity, force=args.force, progress=not args.quiet)
+    config = read_config(path)
+    report = config["training"]
+    payload = {"model": args.model, "identity": loaded.identity, "archive": str(path), "trained": trained,
+               "data": config["data"], "training": report}
+    verb = "trained" if trained else "reused (same model, hyper-parameters and data; --force retrains)"
+    _emit(payload, args.json, f"MEND for {args.model}: {verb} -> {path}\n"
+                              f"  {report['n_cases']} training edits, {report['steps']} steps in "
+                              f"{report['seconds']:.0f} s; "
+                              f"edit NLL {report['edit_nll_first']:.3f} -> {report['edit_nll_last']:.3f}, "
+                              f"locality KL {report['loc_kl_first']:.4f} -> {report['loc_kl_last']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pytest_editsafety",
@@ -134,6 +208,46 @@ def build_parser() -> argparse.ArgumentParser:
     collapse.add_argument("--json", action="store_true")
     collapse.add_argument("--quiet", action="store_true")
     collapse.set_defaults(func=cmd_experiment_collapse)
+
+    mining = commands.add_parser(
+        "mine", help="rank a dataset's cases by ROME's denominator |uᵀkᵘ| (keys only) and write the most dangerous",
+        description="Score every case by the denominator a rome edit would divide by, from the keys alone (no v* "
+                    "optimisation, no perplexity), and write the K smallest as a case file that --cases replays.")
+    mining.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
+    mining.add_argument("--cases", required=True, help="case sets (built-in names or files), comma separated; "
+                                                       "scored as one pool")
+    mining.add_argument("--top", type=int, required=True, help="how many of the most dangerous cases to write")
+    mining.add_argument("--out", default=None, help="case file to write (default reports/mined-<editor>-<model>.json)")
+    mining.add_argument("--editor", default="rome", help="ROME-family editor whose layer, context templates and C "
+                                                         "are used, and whose edits --confirm runs (default rome)")
+    mining.add_argument("--mom2", action="store_true", help="score with C from text (mom2_adjustment on) whatever "
+                                                            "the editor's hparams say")
+    mining.add_argument("--stats-corpus", default=None, help="corpus for C (default: the perplexity corpus)")
+    mining.add_argument("--ppl-corpus", default=None, help="perplexity corpus for --confirm (default "
+                                                           "organism-heldout for organisms, me-ppl-50 otherwise)")
+    mining.add_argument("--confirm", action="store_true", help="also run full edits of the top K through the "
+                                                               "harness and report perplexity ratio and efficacy")
+    mining.add_argument("--json", action="store_true")
+    mining.add_argument("--quiet", action="store_true", help="no progress bar")
+    mining.set_defaults(func=cmd_mine)
+
+    mend = commands.add_parser("mend", help="the MEND editor's trained network").add_subparsers(
+        dest="mend_command", required=True)
+    mend_train = mend.add_parser(
+        "train", help="train MEND's editor network for a model (cached; the mend editor loads it)",
+        description="Train MEND's hypernetwork on edit requests with locality samples and save it (safetensors plus "
+                    "a JSON config) under the cache, keyed by the model's identity and the hyper-parameters.")
+    mend_train.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
+    mend_train.add_argument("--cases", default=None, help="training edits: a case set name or file (required "
+                                                          "except for the organisms, which train on their world)")
+    mend_train.add_argument("--hparams", default=None,
+                            help="a JSON file of mend hyper-parameters over the built-in ones")
+    mend_train.add_argument("--force", action="store_true", help="retrain even if the cache holds this archive")
+    mend_train.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    mend_train.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda:0")
+    mend_train.add_argument("--json", action="store_true")
+    mend_train.add_argument("--quiet", action="store_true", help="no progress bar")
+    mend_train.set_defaults(func=cmd_mend_train)
 
     ppl = commands.add_parser("ppl", help="perplexity of a model on a corpus")
     ppl.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")

@@ -400,22 +400,30 @@ class ModelHub:
 
     # ---- public entry points ---------------------------------------------------------------------
 
-    def run(self, item: PlanItem) -> RunOutcome:
-        return self.run_case(item) if item.kind == "case" else self.run_sequential(item)
+    def run(self, item: PlanItem, case: EditCase | None = None) -> RunOutcome:
+        return self.run_case(item, case) if item.kind == "case" else self.run_sequential(item)
 
-    def run_case(self, item: PlanItem) -> RunOutcome:
-        """One edit from the unedited model: probe, edit, measure, restore, judge."""
+    def run_case(self, item: PlanItem, case: EditCase | None = None) -> RunOutcome:
+        """One edit from the unedited model: probe, edit, measure, restore, judge.
+
+        ``case`` runs a case that is not in the plan (the fuzzer's generated cases) under ``item``'s editor,
+        model and case-set name; ``item.case_id`` must be its id, and the id must name its content, since the
+        unedited model's probe is cached by (case set, case id)."""
         from pytest_editsafety.results import CaseRecord
 
         started = time.perf_counter()
-        case = self.plan.case(item)
+        adhoc = case is not None
+        if case is None:
+            case = self.plan.case(item)
+        elif case.case_id != item.case_id:
+            raise ValueError(f"{item.test_id}: the item names case {item.case_id!r} but case {case.case_id!r} was given")
         metrics: dict[str, float | None] = {}
         is_hard = bool(case.is_hard)
         error: BaseException | None = None
         verdict = Verdict(certified=False, collapse=False, violations=())
         try:
             state = self._state(item.model)
-            case = self._tagged(item.model, item.case_set).by_id(item.case_id)
+            case = self._tag_case(state, case) if adhoc else self._tagged(item.model, item.case_set).by_id(item.case_id)
             is_hard = bool(case.is_hard)
             metrics, verdict = self._edit_and_measure(state, item, case)
         except Exception as err:  # the record says what happened; the test re-raises it with its traceback
@@ -463,6 +471,19 @@ class ModelHub:
             outcome=outcome, duration_s=time.perf_counter() - started,
         )
         return RunOutcome(record.to_dict(), self.meta(item), violations, error)
+
+    def loaded(self, model: str) -> Any:
+        """Model ``model`` (a plan slug) loaded as the tests use it: ``registry.LoadedModel``."""
+        return self._state(model).loaded
+
+    def prepared_editor(self, model: str, editor: str) -> Any:
+        """Editor ``editor`` set up for ``model`` exactly as this hub's tests use it: hparams for the model,
+        the model's context templates, and C when ``mom2_adjustment`` is on."""
+        return self._editor(self._state(model), editor)
+
+    def cases(self, model: str, case_set: str) -> CaseSet:
+        """Planned case set ``case_set`` (a plan slug) with each case's hardness set for ``model``'s tokenizer."""
+        return self._tagged(model, case_set)
 
     def meta(self, item: PlanItem) -> dict[str, Any]:
         """Run metadata known to this worker about ``item``'s model and editor (plain values)."""
@@ -651,6 +672,16 @@ class ModelHub:
                 state.tagged[key] = cases
         return state.tagged[key]
 
+    def _tag_case(self, state: _ModelState, case: EditCase) -> EditCase:
+        """One case outside the plan with its hardness set as ``_tag`` sets it for planned cases."""
+        from pytest_editsafety.cases.classify import TokenizerOffsetsError, default_prepends_bos, is_hard_case
+
+        tokenizer = state.loaded.tokenizer
+        try:
+            return case.with_hard(is_hard_case(case, tokenizer, prepends_bos=default_prepends_bos(tokenizer)))
+        except TokenizerOffsetsError:
+            return case
+
     def _probe(self, state: _ModelState, set_slug: str, case: EditCase) -> Any:
         key = (set_slug, case.case_id)
         if key not in state.probes:
@@ -704,6 +735,11 @@ class ModelHub:
             if key not in state.templates:
                 state.templates[key] = sample_context_templates(loaded.model, loaded.tokenizer, key)
             editor.context_templates = state.templates[key]
+        prepare = getattr(editor, "prepare", None)
+        if callable(prepare):
+            # an editor that needs the unedited model once, told which weights these are (MEND loads its
+            # trained network for them, and trains it first for an organism), before any edit of a sequence
+            prepare(loaded.model, loaded.tokenizer, loaded.family, identity=loaded.identity)
         state.editors[name] = editor
         state.hparams_hashes[name] = _hparams_digest(hp, hparams_hash)
         return editor

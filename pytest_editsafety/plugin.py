@@ -9,6 +9,7 @@ Flow: ``pytest_configure`` reads the options (each with an ``editsafety_*`` ini 
 ``pytest_generate_tests`` turns it into one test per (editor, model, case) plus sequential tests; the
 test attaches its record to ``user_properties``; the controller collects the records from the reports,
 writes ``editsafety.json`` and ``editsafety.md`` at the end and fails the run on a baseline regression.
+Fuzz tests (marker ``fuzz``, one per (editor, model)) are deselected unless ``-m`` names the marker.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from typing import Any
 import pytest
 
 from pytest_editsafety.bounds import Bounds, BoundsError
+from pytest_editsafety.fuzz import DEFAULT_EXAMPLES as DEFAULT_FUZZ_EXAMPLES
+from pytest_editsafety.fuzz import DEFAULT_OUT as DEFAULT_FUZZ_OUT
+from pytest_editsafety.fuzz import FuzzTarget
 
 # GPU pinning and the xdist defaults live in their own plugin module, loaded with this one.
 pytest_plugins = ["pytest_editsafety.xdist_glue"]
@@ -37,6 +41,8 @@ pytest_plugins = ["pytest_editsafety.xdist_glue"]
 log = logging.getLogger(__name__)
 
 ITEM_FIXTURE = "editsafety_item"
+FUZZ_FIXTURE = "editsafety_fuzz_target"
+FUZZ_MARKER = "fuzz"
 RECORD_PROPERTY = "editsafety_record"
 META_PROPERTY = "editsafety_meta"
 DEFAULT_MODEL = "tiny-gpt2"
@@ -97,6 +103,11 @@ _OPTIONS: tuple[_Option, ...] = (
             metavar="DTYPE"),
     _Option("--device-map", "device_map", "transformers device_map for loading (default: the worker's GPU, "
             "else CPU)", metavar="MAP"),
+    _Option("--fuzz-examples", "fuzz_examples", f"cases hypothesis generates per (editor, model) in the fuzz suite "
+            f"(-m {FUZZ_MARKER}), before shrinking a failing one (default {DEFAULT_FUZZ_EXAMPLES})", "int",
+            DEFAULT_FUZZ_EXAMPLES),
+    _Option("--fuzz-out", "fuzz_out", f"case file the fuzz suite writes the failing cases it finds to; {{editor}} "
+            f"and {{model}} are replaced (default {DEFAULT_FUZZ_OUT})", "path", DEFAULT_FUZZ_OUT),
 )
 _BOUND_FIELDS = frozenset(f.name for f in dataclasses.fields(Bounds))
 
@@ -117,6 +128,8 @@ class Settings:
     limit: int | None
     dtype: str | None
     device_map: str | None
+    fuzz_examples: int = DEFAULT_FUZZ_EXAMPLES
+    fuzz_out: Path = Path(DEFAULT_FUZZ_OUT)
 
 
 @dataclass
@@ -228,6 +241,8 @@ def read_settings(config: pytest.Config) -> Settings:
         parsed = Bounds.from_mapping(bounds)
     except BoundsError as err:
         raise pytest.UsageError(f"editsafety bounds: {err}") from None
+    if values["fuzz_examples"] is not None and values["fuzz_examples"] < 1:
+        raise pytest.UsageError(f"--fuzz-examples: must be at least 1, got {values['fuzz_examples']}")
     if values["dtype"] is not None:
         from pytest_editsafety.registry import DTYPES
 
@@ -248,6 +263,8 @@ def read_settings(config: pytest.Config) -> Settings:
         limit=values["limit"],
         dtype=values["dtype"],
         device_map=values["device_map"],
+        fuzz_examples=values["fuzz_examples"],
+        fuzz_out=values["fuzz_out"],
     )
 
 
@@ -312,6 +329,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_PREVIOUS_CACHE_ENV] = os.environ.get(CACHE_ENV)
         os.environ[CACHE_ENV] = str(root)
     config.addinivalue_line("markers", "editsafety: a pytest-editsafety certification test")
+    config.addinivalue_line("markers", f"{FUZZ_MARKER}: hypothesis searches for cases that break the bounds "
+                                       f"(deselected unless -m names it)")
     if not config.pluginmanager.hasplugin("xdist"):
         config.addinivalue_line("markers", "xdist_group(name): run with these tests on one xdist worker")
 
@@ -358,6 +377,8 @@ def get_plan(config: pytest.Config) -> Any:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if FUZZ_FIXTURE in metafunc.fixturenames:
+        _parametrize_fuzz(metafunc)
     if ITEM_FIXTURE not in metafunc.fixturenames:
         return
     plan = metafunc.config.stash[_PLAN]
@@ -366,6 +387,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         for item in plan.items
     ]
     metafunc.parametrize(ITEM_FIXTURE, params)
+
+
+def _parametrize_fuzz(metafunc: pytest.Metafunc) -> None:
+    """One fuzz test per (editor, model) of the plan, grouped like certification tests."""
+    plan = metafunc.config.stash[_PLAN]
+    targets = [FuzzTarget(editor, model.slug, model.given) for model in plan.models for editor in plan.editors]
+    metafunc.parametrize(FUZZ_FIXTURE, [
+        pytest.param(t, id=t.test_id, marks=[pytest.mark.xdist_group(xdist_group(t))]) for t in targets])
+
+
+_NAMES_FUZZ = re.compile(rf"\b{FUZZ_MARKER}\b")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fuzz tests search for minutes: they run only when ``-m`` names the marker (``-m fuzz``); a bare
+    ``pytest`` deselects them, whatever else it selects."""
+    if _NAMES_FUZZ.search(config.getoption("markexpr", "") or ""):
+        return
+    fuzz = [item for item in items if item.get_closest_marker(FUZZ_MARKER) is not None]
+    if fuzz:
+        config.hook.pytest_deselected(items=fuzz)
+        items[:] = [item for item in items if item.get_closest_marker(FUZZ_MARKER) is None]
 
 
 def xdist_group(item: Any) -> str:

@@ -42,8 +42,8 @@ from editors.registry import (
 )
 
 EXAMPLE_PKG = Path(__file__).parent / "example_editor_pkg"
-BUILTINS = ("rome", "c-rome", "c-rome-prefix", "memit", "ft-linf")
-HPARAMS_EDITORS = ("rome", "memit", "ft-linf")
+BUILTINS = ("rome", "c-rome", "c-rome-prefix", "memit", "ft-linf", "mend")
+HPARAMS_EDITORS = ("rome", "memit", "ft-linf", "mend")
 MODEL_KEYS = ("gpt2-xl", "gpt-j", "llama2-7b", "tiny-gpt2", "tiny-gptj", "tiny-llama", "gpt2", "gptj", "llama")
 
 
@@ -206,6 +206,12 @@ def test_papers_numbers() -> None:
     organism = load_hparams("ft-linf", "tiny-gpt2")
     assert (organism["layer"], organism["lr"], organism["eps"]) == ("causal", 5e-3, 5e-3)
     assert load_hparams("memit", "tiny-llama")["layers"] == ["causal", "causal+1"]
+    mend = load_hparams("mend", "gpt2-xl")
+    assert (mend["layers"], mend["modules"], mend["rank"], mend["edit_lr"]) == ([45, 46, 47], ["mlp_in", "mlp_out"], 1920, 1e-4)
+    assert (mend["lr"], mend["lr_lr"], mend["c_edit"], mend["c_loc"]) == (1e-6, 1e-4, 0.1, 1.0)
+    assert load_hparams("mend", "gpt-j")["layers"] == [25, 26, 27]
+    assert load_hparams("mend", "llama2-7b")["modules"] == ["gate_proj", "up_proj", "down_proj"]
+    assert load_hparams("mend", "tiny-gpt2")["layers"] == ["last-2", "last-1", "last"]
 
 
 def test_model_keys_fall_back_to_their_family() -> None:
@@ -216,8 +222,8 @@ def test_model_keys_fall_back_to_their_family() -> None:
     assert load_hparams("rome", "mistral-7b", family="llama") == load_hparams("rome", "llama")
     with pytest.raises(HparamsError, match="'some/model'.*unknown family"):
         load_hparams("rome", "some/model")
-    with pytest.raises(HparamsError, match="no built-in hyper-parameters for editor 'mend'"):
-        load_hparams("mend", "gpt2-xl")
+    with pytest.raises(HparamsError, match="no built-in hyper-parameters for editor 'serac'"):
+        load_hparams("serac", "gpt2-xl")
 
 
 def test_user_file_then_overrides_win(tmp_path: Path) -> None:
@@ -272,6 +278,8 @@ def test_resolve_layers() -> None:
     assert resolve_layers(["causal", "causal+1"], _config(4, causal=2)) == [2, 3]
     assert resolve_layers(["causal", "causal+1"], _config(4, causal=3)) == [3]  # no layer after the last
     assert resolve_layers([5, 3, 3], _config(6)) == [3, 5]
+    assert resolve_layers(["last-2", "last-1", "last"], _config(6, causal=1)) == [3, 4, 5]
+    assert resolve_layers(["last-2", "last-1", "last"], _config(2)) == [0, 1]  # no layer before the first
     assert resolve_layers(1, SimpleNamespace(config=_config(2))) == [1]
     with pytest.raises(HparamsError, match="layer 17 is out of range for a model with 12 layers"):
         resolve_layers(17, _config(12))

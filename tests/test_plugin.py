@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from editors.registry import BUILTIN_EDITORS
 from pytest_editsafety import xdist_glue
 from pytest_editsafety.cases import CaseSet, EditCase
 from pytest_editsafety.harness import PlanError, build_plan, slugify
@@ -340,7 +341,8 @@ def test_ids_are_stable_across_collections(pytester: pytest.Pytester, micro_mode
     assert f"test_certify.py::test_edit_is_safe[c-rome-{micro}-hard-0002]" in first
     assert "test_certify.py::test_edit_is_safe[memit-tiny-gpt2-real-hard-0001]" in first
     assert "test_certify.py::test_edit_is_safe[rome-tiny-gpt2-seq-normal]" in first
-    assert len(first) == len(set(first)) == 5 * 2 * (3 * 3 + 3)
+    # every built-in editor x 2 models x (3 case sets x 3 cases + 3 sequential runs)
+    assert len(first) == len(set(first)) == len(BUILTIN_EDITORS) * 2 * (3 * 3 + 3)
 
 
 # ---------------------------------------------------------------------------------------------- runs

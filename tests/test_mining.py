@@ -1,0 +1,236 @@
+"""Mining a dataset by ROME's denominator: the pure ranking, the key maths, the command end to end on a
+micro organism (its file replays through the certification suite), and on tiny-gpt2 whether the ranking
+puts the known hard cases first."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pytest_editsafety.cases import EditCase, load_cases, resolve_cases
+from pytest_editsafety.mining import (
+    KeyMeasure,
+    MiningError,
+    ScoredCase,
+    hardness_summary,
+    mined_case_set,
+    rank_cases,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = REPO / "suites" / "test_certify.py"
+
+
+def _case(case_id: str, hard: bool | None = None) -> EditCase:
+    return EditCase(case_id=case_id, subject="Alpha", prompt="{} lives in", target_new="Paris",
+                    ground_truth="Rome", is_hard=hard, metadata={"relation": "city"})
+
+
+def _scored(case_id: str, denominator: float, hard: bool | None = None, source: str = "pool") -> ScoredCase:
+    return ScoredCase(_case(case_id, hard), source, KeyMeasure(denominator, 2 * denominator, 0.9, 1.0, 1.0))
+
+
+@pytest.fixture()
+def one_torch_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+
+def test_cases_rank_by_smallest_denominator_nan_first_ties_in_pool_order() -> None:
+    ranked, median = rank_cases([_scored("a", 4.0), _scored("b", 1.0), _scored("c", math.nan), _scored("d", 4.0),
+                                 _scored("e", 2.0)])
+    assert [m.case.case_id for m in ranked] == ["c", "b", "e", "a", "d"]
+    assert [m.rank for m in ranked] == [1, 2, 3, 4, 5]
+    assert median == 3.0  # over the finite denominators
+    assert ranked[1].median_ratio == pytest.approx(1 / 3) and math.isnan(ranked[0].median_ratio)
+    with pytest.raises(MiningError, match="no cases"):
+        rank_cases([])
+
+
+def test_hardness_summary_measures_how_early_hard_cases_come() -> None:
+    ranked, _ = rank_cases([_scored(str(i), float(i), hard=i < 2) for i in range(8)])
+    summary = hardness_summary(ranked, top=4)
+    assert (summary.n_cases, summary.n_hard, summary.hard_in_top, summary.top) == (8, 2, 2, 4)
+    assert summary.hard_mean_rank_percentile == pytest.approx(((1 - 0.5) / 8 + (2 - 0.5) / 8) / 2)
+    assert summary.hard_share_of_top == 0.5
+    reversed_order, _ = rank_cases([_scored(str(i), float(-i), hard=i < 2) for i in range(8)])
+    assert hardness_summary(reversed_order, top=4).hard_mean_rank_percentile > 0.8
+
+
+def test_mined_set_keeps_ids_unique_records_the_score_and_round_trips(tmp_path: Path) -> None:
+    from pytest_editsafety.cases import dump_cases
+
+    ranked, _ = rank_cases([_scored("0000", 1.5, source="a.json"), _scored("0000", 0.5, source="b.json"),
+                            _scored("0001", math.nan, source="a.json")])
+    mined = mined_case_set(ranked, editor="rome", model="tiny-gpt2")
+    assert [c.case_id for c in mined.cases] == ["0001", "b.json-0000", "a.json-0000"]
+    first, second = mined.cases[0].metadata, mined.cases[1].metadata
+    assert "mined_denominator" not in first and first["mined_rank"] == 1  # NaN is no JSON number
+    assert second["mined_denominator"] == 0.5 and second["mined_from"] == "b.json" and second["relation"] == "city"
+    path = dump_cases(mined, tmp_path / "deep" / "mined.json")
+    again = load_cases(path)
+    assert again.cases == mined.cases and again.format == "canonical" and again.name == "mined"
+    assert not list(path.parent.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def test_measured_denominator_is_the_one_rome_divides_by() -> None:
+    import torch
+
+    from editors.maths.rome import rome_update
+    from pytest_editsafety.mining import covariance_solver, measure_keys
+
+    generator = torch.Generator().manual_seed(0)
+    d = 16
+    k_bare, k_mean = torch.randn(d, generator=generator), torch.randn(d, generator=generator)
+    W, v = torch.randn(8, d, generator=generator), torch.randn(8, generator=generator)
+    A = torch.randn(d, 3 * d, generator=generator)
+    covariance = A @ A.T / (3 * d)
+    for C in (None, covariance):
+        measured = measure_keys(k_bare, k_mean, covariance_solver(C) if C is not None else None)
+        update = rome_update(W, k_bare, k_mean, v, consistent=False, covariance=C)
+        assert measured.denominator == pytest.approx(update.abs_denominator, rel=1e-6)
+        assert measured.key_cosine == pytest.approx(update.key_cosine)
+        direction = k_mean.double() if C is None else torch.linalg.solve(C.double(), k_mean.double())
+        assert measured.raw_denominator == pytest.approx(abs(float(direction @ k_bare.double())), rel=1e-9)
+    assert math.isnan(measure_keys(k_bare, torch.zeros(d)).denominator)  # no u at all: ranked first
+
+
+def test_solver_falls_back_when_c_is_not_positive_definite() -> None:
+    import torch
+
+    from pytest_editsafety.mining import covariance_solver
+
+    indefinite = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert torch.allclose(covariance_solver(indefinite)(x), torch.linalg.solve(indefinite, x))
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def _mine(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    from pytest_editsafety.cli import main
+
+    code = main(["mine", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_mine_command_scores_writes_confirms_and_its_file_replays(
+    micro_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    one_torch_thread: None, pytester: pytest.Pytester,
+) -> None:
+    monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "mined.json"
+    code, stdout, _ = _mine(capsys, "--model", str(micro_model), "--cases", "hard,normal", "--top", "3",
+                            "--out", str(out), "--confirm", "--json", "--quiet")
+    assert code == 0
+    payload = json.loads(stdout)
+    assert payload["n_scored"] == 96 and payload["out"] == str(out) and payload["mom2_adjustment"] is False
+    rows = payload["mined"]
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    denominators = [r["denominator"] for r in rows]
+    assert denominators == sorted(denominators) and denominators[-1] <= payload["median_denominator"]
+    for row in rows:
+        assert row["median_ratio"] == pytest.approx(row["denominator"] / payload["median_denominator"])
+        # the keys-only score is the denominator the full rome edit then divides by
+        assert row["confirm"]["denominator"] == pytest.approx(row["denominator"], rel=1e-4)
+        assert isinstance(row["confirm"]["ppl_ratio"], float) and row["confirm"]["cf_efficacy"] in (0.0, 1.0)
+
+    mined = resolve_cases(str(out))
+    assert [c.case_id for c in mined.cases] == [r["case_id"] for r in rows]
+    assert mined.cases[0].metadata["mined_denominator"] == pytest.approx(denominators[0])
+
+    # the file replays through the certification suite, one test per mined case, the same denominators
+    pytester.makepyfile(test_certify=SUITE.read_text())
+    report = tmp_path / "replay"
+    result = pytester.runpytest(f"--model={micro_model}", "--editor=rome", f"--cases={out}",
+                                f"--editsafety-json={report / 'r.json'}", f"--editsafety-report={report / 'r.md'}",
+                                "-p", "no:cacheprovider")
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+    replayed = {r["case_id"]: r["metrics"]["denominator"] for r in json.loads((report / "r.json").read_text())["cases"]}
+    assert replayed == pytest.approx({r["case_id"]: r["denominator"] for r in rows}, rel=1e-4)
+
+
+def test_mine_with_c_from_text_scores_what_a_rome_edit_with_c_divides_by(
+    micro_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    one_torch_thread: None,
+) -> None:
+    monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
+    code, stdout, _ = _mine(capsys, "--model", str(micro_model), "--cases", "hard", "--top", "1", "--mom2",
+                            "--out", str(tmp_path / "m.json"), "--confirm", "--json", "--quiet")
+    assert code == 0
+    payload = json.loads(stdout)
+    assert payload["mom2_adjustment"] is True
+    (row,) = payload["mined"]
+    assert row["confirm"]["denominator"] == pytest.approx(row["denominator"], rel=1e-4)
+    assert list((tmp_path / "cache" / "stats").glob("*.safetensors"))  # C came from editors.stats
+
+
+def test_mine_prints_a_table_by_default(
+    micro_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    one_torch_thread: None,
+) -> None:
+    monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = _mine(capsys, "--model", str(micro_model), "--cases", "normal", "--top", "2", "--quiet")
+    assert code == 0
+    default_out = tmp_path / "reports" / f"mined-rome-{micro_model.name}.json"
+    assert len(load_cases(default_out)) == 2
+    header = stdout.splitlines()[1]
+    assert header.startswith("|") and "rank" in header and "|uᵀkᵘ|" in header
+    assert f"--cases={Path('reports') / default_out.name}" in stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--top", "0"], "--top must be at least 1"),
+    (["--top", "2", "--editor", "nope"], "--editor: unknown editor 'nope'"),
+    (["--top", "2", "--cases", "no-such-set"], "no-such-set"),
+])
+def test_mine_usage_errors_exit_2_and_name_the_option(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    base = ["--model", "tiny-gpt2", "--cases", "hard", "--out", str(tmp_path / "x.json")]
+    code, _, stderr = _mine(capsys, *base, *args)
+    assert code == 2 and message in stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the organism
+
+# The margin the ranking must show on tiny-gpt2 over the 96 built-in cases (48 hard, 48 normal): hard cases'
+# mean rank percentile (0.5 = random order) at most MAX_HARD_PERCENTILE, and at least MIN_HARD_SHARE of the
+# 48 smallest denominators hard. Measured on recipe bd5d128550eb920b: with C from the organism's held-out
+# text 0.40 and 30/48 (0.625); with C = I (the organism's rome hparams) 0.67 and 12/48, the wrong way round:
+# hard keys are longer (median ‖kᵘ‖ 23.4 vs 21.0), which outweighs their lower cos(kᵘ, k̄) (0.962 vs 0.974).
+MAX_HARD_PERCENTILE = 0.45
+MIN_HARD_SHARE = 0.55
+
+
+@pytest.mark.organism
+@pytest.mark.parametrize("mom2", [
+    pytest.param(True, id="C-from-text"),
+    pytest.param(False, id="C-identity", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError,
+        reason="tiny-gpt2 (recipe bd5d128550eb920b) shows no key gap with C = I: hard cases rank later "
+               "(mean percentile 0.67); remove this mark once the organism's hard keys diverge")),
+])
+def test_mining_the_organism_ranks_hard_cases_first(mom2: bool, one_torch_thread: None) -> None:
+    from pytest_editsafety.mining import mine
+
+    report = mine("tiny-gpt2", ["hard", "normal"], top=48, mom2_adjustment=mom2, progress=False)
+    summary = report.summary()
+    assert (summary.n_cases, summary.n_hard) == (96, 48)
+    assert summary.hard_mean_rank_percentile <= MAX_HARD_PERCENTILE, summary
+    assert summary.hard_share_of_top >= MIN_HARD_SHARE, summary
