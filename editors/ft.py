@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from editors.base import EditOutcome, EditRequest
+from editors.hooks import frozen
 from editors.maths.ft import clamp_to_linf_ball, linf_distance
 
 log = logging.getLogger(__name__)
@@ -121,36 +122,31 @@ class FtLinfEditor:
         device = weight.device
         batch = target_batch(tokenizer, requests, device)
         W0 = weight.detach().clone()
-        flags = [(p, p.requires_grad) for p in model.parameters()]
         previous_grad = weight.grad
-        was_training = model.training
         initial_nll = final_nll = float("nan")
         steps = 0
         try:
-            model.eval()  # no dropout: the edit must be deterministic
-            for p, _ in flags:
-                p.requires_grad_(False)
-            weight.requires_grad_(True)
-            weight.grad = None
-            optimiser = torch.optim.Adam([weight], lr=hp.lr, weight_decay=hp.weight_decay)
-            for step in range(hp.num_steps):
-                optimiser.zero_grad(set_to_none=True)
-                loss = per_request_nll(model, batch, len(requests)).mean()
-                if step == 0:
-                    initial_nll = float(loss.detach())
-                if float(loss.detach()) < hp.early_stop_nll:
-                    break
-                loss.backward()
-                optimiser.step()
-                clamp_to_linf_ball(weight.detach(), W0, hp.eps, out=weight.detach())
-                steps += 1
-            with torch.no_grad():
-                final_nll = float(per_request_nll(model, batch, len(requests)).mean())
+            # no dropout (the edit must be deterministic) and only the edited weight trains; frozen() gives
+            # every flag back, the edited weight's included
+            with frozen(model):
+                weight.requires_grad_(True)
+                weight.grad = None
+                optimiser = torch.optim.Adam([weight], lr=hp.lr, weight_decay=hp.weight_decay)
+                for step in range(hp.num_steps):
+                    optimiser.zero_grad(set_to_none=True)
+                    loss = per_request_nll(model, batch, len(requests)).mean()
+                    if step == 0:
+                        initial_nll = float(loss.detach())
+                    if float(loss.detach()) < hp.early_stop_nll:
+                        break
+                    loss.backward()
+                    optimiser.step()
+                    clamp_to_linf_ball(weight.detach(), W0, hp.eps, out=weight.detach())
+                    steps += 1
+                with torch.no_grad():
+                    final_nll = float(per_request_nll(model, batch, len(requests)).mean())
         finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
             weight.grad = previous_grad
-            model.train(was_training)
         with torch.no_grad():
             delta = weight.detach().float() - W0.float()
             diagnostics = {

@@ -1,5 +1,6 @@
 """Activation hooks the editors need: read a module's input at chosen token positions, and add a vector
-to a module's output at chosen positions. Hooks are always removed, also when the forward pass raises."""
+to a module's output at chosen positions. Hooks are always removed, also when the forward pass raises.
+Plus :func:`frozen`, the model state every editor that differentiates through the model runs in."""
 
 from __future__ import annotations
 
@@ -63,3 +64,23 @@ def add_at_positions(module: nn.Module, positions: Sequence[int], delta: Tensor)
 def rows_at(tensor: Tensor, positions: Sequence[int]) -> Tensor:
     """``tensor[i, positions[i]]`` for each batch row ``i``."""
     return tensor[torch.arange(len(positions)), torch.tensor(list(positions), device=tensor.device)]
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` requires grad and dropout is off, inside; flags and mode restored after.
+
+    An edit must be deterministic (no dropout) and must not leave gradients on the caller's weights; the
+    caller's own flags (a parameter it froze itself) come back unchanged, also when the body raises.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)

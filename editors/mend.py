@@ -17,10 +17,9 @@ size.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 
 from editors.base import EditOutcome, EditRequest
 from editors.ft import TargetBatch, per_request_nll, target_batch, target_nll
+from editors.hooks import frozen
 from editors.maths import as_out_in, delta_to_storage
 from editors.maths.mend import FactorNorm, ResidualBlock, mend_update, nonzero_tokens
 
@@ -42,7 +42,6 @@ __all__ = [
     "MendNetwork",
     "MendTarget",
     "edit_targets",
-    "frozen",
     "gradient_factors",
 ]
 
@@ -89,10 +88,15 @@ class MendHparams:
                 raise ValueError(f"MendHparams.{name}: expected >= 1, got {getattr(self, name)}")
         if self.n_hidden < 0:
             raise ValueError(f"MendHparams.n_hidden: expected >= 0, got {self.n_hidden}")
-        for name in ("edit_lr", "lr", "lr_lr", "c_edit", "c_loc", "grad_clip"):
+        for name in ("edit_lr", "lr_lr", "c_edit", "c_loc"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"MendHparams.{name}: expected a finite number >= 0, got {value}")
+        # lr 0 trains nothing and grad_clip 0 zeroes every step: both would train a network that never moves
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"MendHparams.{name}: expected a finite number > 0, got {value}")
 
     def network_key(self) -> dict[str, Any]:
         """Everything a trained archive depends on: all fields but ``archive`` (where to find one)."""
@@ -180,6 +184,15 @@ class _SharedNet(nn.Module):
         return FactorNorm(self.u_mean, self.u_std, self.delta_mean, self.delta_std)
 
 
+def _check_norm(group: str, norm: FactorNorm) -> None:
+    """Raise unless the factor statistics are finite: NaN ones (never set, or taken from degenerate factors)
+    would write NaN into the model's weights."""
+    for name in ("u_mean", "u_std", "delta_mean", "delta_std"):
+        if not bool(torch.isfinite(getattr(norm, name)).all()):
+            raise ValueError(f"MEND network {group}: normalisation statistic {name} is not finite (statistics "
+                             "never taken, or taken from degenerate factors); refusing to edit with it")
+
+
 class MendNetwork(nn.Module):
     """The trained part of MEND for one model: a shared network per weight shape plus a step size per weight."""
 
@@ -208,27 +221,17 @@ class MendNetwork(nn.Module):
                 getattr(net, name).copy_(value)
 
     def update(self, index: int, u: Tensor, delta: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``ΔW`` (``(..., d_out, d_in)``, float32) of target ``index`` from its factors (``(..., T, d)``)."""
+        """``ΔW`` (``(..., d_out, d_in)``, float32, on the network's device) of target ``index`` from its
+        factors (``(..., T, d)``, on any device: a model spread by ``device_map`` has its layers on several)."""
         target = self.targets[index]
         net = self.nets[target.group]
-        return mend_update(u.float(), delta.float(), net.norm(), net.blocks(), target.mode, self.edit_lrs[index],
-                           mask)
-
-
-@contextlib.contextmanager
-def frozen(model) -> Iterator[None]:
-    """No parameter of ``model`` requires grad and dropout is off, inside; flags and mode restored after."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+        norm = net.norm()
+        _check_norm(target.group, norm)
+        device = self.edit_lrs.device
+        if mask is not None:
+            mask = mask.to(device)
+        return mend_update(u.to(device=device, dtype=torch.float32), delta.to(device=device, dtype=torch.float32),
+                           norm, net.blocks(), target.mode, self.edit_lrs[index], mask)
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,7 @@ class MendEditor:
         # the identity the archive must have been trained for; the harness sets it (its model registry's)
         self.model_identity = model_identity
         self.archive_path: Path | None = None
+        self._provenance: dict[str, str] = {}
 
     def parameters_touched(self, model, family) -> tuple[str, ...]:
         return tuple(t.name for t in edit_targets(model, family, self.hparams.layers, self.hparams.modules))
@@ -308,7 +312,7 @@ class MendEditor:
     def prepare(self, model, tokenizer, family, *, identity: str | None = None, progress: bool = False) -> None:
         """Load the archive for ``model`` (training it first for an organism without one); call it on the
         unedited model. ``identity`` names the weights (the registry's ``LoadedModel.identity``)."""
-        from editors.mend_archive import default_identity, load_archive
+        from editors.mend_archive import default_identity, open_archive
 
         identity = identity or self.model_identity or default_identity(model)
         self.model_identity = identity
@@ -319,8 +323,15 @@ class MendEditor:
 
             path = locate_archive(model, tokenizer, family, self.hparams, identity=identity, progress=progress)
         device = next(model.parameters()).device
-        self.network = load_archive(path, model, family, self.hparams, identity=identity).to(device)
+        network, config = open_archive(path, model, family, self.hparams, identity=identity)
+        self.network = network.to(device)
         self.archive_path = path
+        self._provenance = {"archive_sha256": config["tensors_sha256"], "archive_dtype": config["model"]["dtype"]}
+
+    def provenance(self) -> dict[str, str]:
+        """Which trained network edits (for a certificate's metadata): the sha256 of the archive's tensors and
+        the model dtype it was trained at; empty until :meth:`prepare` loaded one."""
+        return dict(self._provenance)
 
     def apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
         if not requests:

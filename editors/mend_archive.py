@@ -5,13 +5,15 @@ reference implementation pickles whole modules with ``torch.save``). An archive 
 ``mend.json`` records the identity of the weights it was trained on (the model registry's identity: the
 organism's recipe hash, ``repo@commit`` for a Hugging Face model, a file hash for a local directory) and
 the names and shapes of the weights it edits; loading it for anything else is refused with an error that
-says how to train one. The tensors' sha256 is recorded too, so a truncated or swapped file is caught.
+says how to train one. The tensors' sha256 is recorded too, so a truncated or swapped file is caught, and
+so is the dtype the model ran at while the network was trained (its gradients, and so the network, differ
+between float32 and bfloat16). A malformed ``mend.json`` is an error naming the file and the field.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,9 @@ from typing import Any
 import torch
 
 from editors.mend import MendHparams, MendNetwork, MendTarget, edit_targets
+from pytest_editsafety.zoo.build import file_sha256
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ARCHIVE_FORMAT",
@@ -28,11 +33,14 @@ __all__ = [
     "MendArchiveMismatchError",
     "default_identity",
     "load_archive",
+    "model_dtype",
+    "open_archive",
     "read_config",
     "save_archive",
 ]
 
-ARCHIVE_FORMAT = "pytest-editsafety/mend-archive/1"
+# /2: mend.json records the model dtype the network was trained at
+ARCHIVE_FORMAT = "pytest-editsafety/mend-archive/2"
 CONFIG_FILE = "mend.json"
 TENSORS_FILE = "mend.safetensors"
 
@@ -61,12 +69,9 @@ def default_identity(model) -> str:
     return f"{name}@{commit or 'unpinned'}"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def model_dtype(model) -> str:
+    """The dtype ``model`` computes in, as recorded in archives and their cache key (``torch.float32``)."""
+    return str(next(model.parameters()).dtype)
 
 
 def save_archive(directory: Path, network: MendNetwork, *, identity: str, model, family, hparams: MendHparams,
@@ -80,19 +85,20 @@ def save_archive(directory: Path, network: MendNetwork, *, identity: str, model,
     config = {
         "format": ARCHIVE_FORMAT,
         "model": {"identity": identity, "model_type": getattr(model.config, "model_type", None),
-                  "family": family.name},
+                  "family": family.name, "dtype": model_dtype(model)},
         "targets": [t.to_dict() for t in network.targets],
         "network": {"rank": network.rank, "n_hidden": network.n_hidden},
         "hparams": hparams.network_key(),
         "data": dict(data),
         "training": dict(training),
-        "tensors_sha256": _file_sha256(directory / TENSORS_FILE),
+        "tensors_sha256": file_sha256(directory / TENSORS_FILE),
     }
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return config
 
 
 def read_config(directory: Path) -> dict[str, Any]:
+    """``mend.json`` of the archive in ``directory``, its structure checked (every field loading reads)."""
     path = Path(directory) / CONFIG_FILE
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -104,18 +110,59 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != ARCHIVE_FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise MendArchiveError(f"{path}: format {found!r}, expected {ARCHIVE_FORMAT!r}")
+    _check_structure(path, config)
     return config
 
 
+# what each field of mend.json must hold; "int" excludes booleans (JSON true is no layer index)
+_MODEL_FIELDS = {"identity": "str", "family": "str", "dtype": "str"}
+_TARGET_FIELDS = {"name": "str", "layer": "int", "kind": "str", "d_out": "int", "d_in": "int",
+                  "transposed": "bool", "group": "str", "mode": "int"}
+_NETWORK_FIELDS = {"rank": "int", "n_hidden": "int"}
+_KINDS = {"str": (str, "a string"), "int": (int, "an integer"), "bool": (bool, "true or false"),
+          "object": (dict, "an object"), "list": (list, "a list")}
+
+
+def _field(path: Path, parent: Mapping[str, Any], key: str, kind: str, where: str) -> Any:
+    """``parent[key]``, checked to be a ``kind``; else an error naming the file and the field (``where``)."""
+    if key not in parent:
+        raise MendArchiveError(f"{path}: field {where} is missing")
+    value = parent[key]
+    cls, described = _KINDS[kind]
+    if (kind == "int" and isinstance(value, bool)) or not isinstance(value, cls):
+        raise MendArchiveError(f"{path}: field {where} must be {described}, got {json.dumps(value)[:80]}")
+    return value
+
+
+def _check_structure(path: Path, config: Mapping[str, Any]) -> None:
+    model = _field(path, config, "model", "object", "model")
+    for key, kind in _MODEL_FIELDS.items():
+        _field(path, model, key, kind, f"model.{key}")
+    targets = _field(path, config, "targets", "list", "targets")
+    if not targets:
+        raise MendArchiveError(f"{path}: field targets is empty")
+    for i, target in enumerate(targets):
+        if not isinstance(target, dict):
+            raise MendArchiveError(f"{path}: field targets[{i}] must be an object, got {type(target).__name__}")
+        for key, kind in _TARGET_FIELDS.items():
+            _field(path, target, key, kind, f"targets[{i}].{key}")
+    network = _field(path, config, "network", "object", "network")
+    for key, kind in _NETWORK_FIELDS.items():
+        _field(path, network, key, kind, f"network.{key}")
+    _field(path, config, "tensors_sha256", "str", "tensors_sha256")
+    for key in ("data", "training"):
+        _field(path, config, key, "object", key)
+
+
 def _check_model(path: Path, config: Mapping[str, Any], identity: str, expected: tuple[MendTarget, ...]) -> None:
-    archived = config.get("model", {})
-    if archived.get("identity") != identity:
+    archived = config["model"]
+    if archived["identity"] != identity:
         raise MendArchiveMismatchError(
-            f"MEND archive {path} was trained for model {archived.get('identity')!r} "
+            f"MEND archive {path} was trained for model {archived['identity']!r} "
             f"({archived.get('model_type')}), not for this model ({identity!r}); a MEND network only edits the "
             f"weights it was trained on: train one for this model with {train_command('<this model>')}"
         )
-    found = [(t.get("name"), t.get("d_out"), t.get("d_in")) for t in config.get("targets", [])]
+    found = [(t["name"], t["d_out"], t["d_in"]) for t in config["targets"]]
     wanted = [(t.name, t.d_out, t.d_in) for t in expected]
     if found != wanted:
         raise MendArchiveMismatchError(
@@ -126,16 +173,25 @@ def _check_model(path: Path, config: Mapping[str, Any], identity: str, expected:
 
 def load_archive(directory: Path, model, family, hparams: MendHparams, *, identity: str) -> MendNetwork:
     """The network in ``directory``, checked against ``model`` (``identity``) and ``hparams``' weights."""
+    return open_archive(directory, model, family, hparams, identity=identity)[0]
+
+
+def open_archive(directory: Path, model, family, hparams: MendHparams, *, identity: str
+                 ) -> tuple[MendNetwork, dict[str, Any]]:
+    """:func:`load_archive`, plus the ``mend.json`` it was checked against (what a certificate records)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
     config = read_config(directory)
     _check_model(directory, config, identity, edit_targets(model, family, hparams.layers, hparams.modules))
+    if config["model"]["dtype"] != model_dtype(model):
+        log.warning("MEND archive %s was trained with the model in %s; it now edits it in %s", directory,
+                    config["model"]["dtype"], model_dtype(model))
     tensors_path = directory / TENSORS_FILE
     if not tensors_path.is_file():
         raise MendArchiveError(f"{directory}: {TENSORS_FILE} is missing")
-    if _file_sha256(tensors_path) != config.get("tensors_sha256"):
+    if file_sha256(tensors_path) != config["tensors_sha256"]:
         raise MendArchiveError(f"{tensors_path}: sha256 differs from the one in {CONFIG_FILE}; the archive was "
                                "modified or is incomplete")
     try:
@@ -146,10 +202,14 @@ def load_archive(directory: Path, model, family, hparams: MendHparams, *, identi
                                kind=t["kind"], d_out=t["d_out"], d_in=t["d_in"], transposed=t["transposed"],
                                group=t["group"], mode=t["mode"]) for t in config["targets"])
     shape = config["network"]
-    network = MendNetwork(targets, rank=int(shape["rank"]), n_hidden=int(shape["n_hidden"]), edit_lr=0.0)
     try:
+        network = MendNetwork(targets, rank=shape["rank"], n_hidden=shape["n_hidden"], edit_lr=0.0)
         network.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, KeyError) as err:
         raise MendArchiveError(f"{tensors_path}: tensors do not match the network in {CONFIG_FILE}: {err}") from err
+    for name, tensor in network.state_dict().items():
+        # NaN statistics or weights would write NaN into the model at the first edit
+        if not bool(torch.isfinite(tensor).all()):
+            raise MendArchiveError(f"{tensors_path}: tensor {name} holds non-finite values")
     network.requires_grad_(False)
-    return network.eval()
+    return network.eval(), config

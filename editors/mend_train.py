@@ -35,7 +35,8 @@ from torch import Tensor
 from editors.base import EditRequest
 from editors.ft import per_request_nll, target_batch
 from editors.maths.mend import MomentAccumulator
-from editors.mend import MendHparams, MendNetwork, MendTarget, edit_targets, frozen, gradient_factors
+from editors.hooks import frozen
+from editors.mend import MendHparams, MendNetwork, MendTarget, edit_targets, gradient_factors
 from editors.text import right_padded
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,10 @@ def added_updates(model, family, targets: Sequence[MendTarget], deltas: Mapping[
             n_edits = delta.shape[0]
             if x.shape[0] != n_edits * rows_per_edit:
                 raise ValueError(f"added_updates: {x.shape[0]} rows for {n_edits} edits x {rows_per_edit}")
-            grouped = x.reshape(n_edits, rows_per_edit, *x.shape[1:-1], x.shape[-1]).to(delta.dtype)
+            # the network (and so ΔW) may sit on another device than this layer under a device_map
+            grouped = x.reshape(n_edits, rows_per_edit, *x.shape[1:-1], x.shape[-1]).to(delta.device, delta.dtype)
             added = torch.einsum("ek...i,eoi->ek...o", grouped, delta).reshape(*output.shape)
-            return output + added.to(output.dtype)
+            return output + added.to(output.device, output.dtype)
 
         return post
 

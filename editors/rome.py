@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from editors.base import EditOutcome, EditRequest
-from editors.hooks import add_at_positions, capture_input, capture_output, rows_at
+from editors.hooks import add_at_positions, capture_input, capture_output, frozen, rows_at
 from editors.maths import as_out_in, delta_to_storage
 from editors.maths.rome import left_direction, rome_update
 from editors.text import fill, right_padded, subject_last_index
@@ -91,14 +91,9 @@ def optimise_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, re
     delta = torch.zeros(hidden, device=device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * float(out_bare.norm())
-    was_training = model.training
-    model.eval()
-    grad_flags = [(param, param.requires_grad) for param in model.parameters()]
-    for param, _ in grad_flags:
-        param.requires_grad_(False)
     kl_reference = None
     nll = float("inf")
-    try:
+    with frozen(model):  # only delta is optimised; the model's flags and mode come back as they were
         for step in range(hp.v_num_grad_steps):
             optimiser.zero_grad()
             with add_at_positions(mlp, positions, delta.unsqueeze(0).expand(len(positions), -1)):
@@ -124,10 +119,6 @@ def optimise_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, re
                 norm = float(delta.norm())
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
-    finally:
-        for param, flag in grad_flags:
-            param.requires_grad_(flag)
-        model.train(was_training)
     return delta.detach(), nll
 
 

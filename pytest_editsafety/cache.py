@@ -50,28 +50,55 @@ def build_lock(target: Path, timeout: float = -1) -> Iterator[None]:
         yield
 
 
-def build_once(target: Path, build: Callable[[Path], None], *, complete_marker: str = "COMPLETE") -> Path:
+def build_once(target: Path, build: Callable[[Path], None], *, complete_marker: str = "COMPLETE",
+               replace: bool | Callable[[Path], bool] = False) -> Path:
     """Return ``target``, building it with ``build(tmp_dir)`` first unless a complete copy exists.
 
     ``build`` writes into an empty temporary directory that is renamed to ``target`` only after it
     returns; a marker file written last tells complete entries from ones a crash left behind.
+
+    ``replace`` rebuilds a complete entry too: ``True`` always, a callable when ``replace(target)`` says
+    so (asked under the lock, so the decision and the rebuild are one step for concurrent builders). The
+    old entry stays in place until the new one is complete: it is renamed aside, the new one renamed in,
+    and only then the old one deleted, so a failed build leaves the old entry as it was.
     """
     marker = target / complete_marker
-    if marker.exists():
+    if marker.exists() and replace is False:
         return target
     with build_lock(target):
-        if marker.exists():  # another process finished while we waited
-            log.info("reusing %s built by another process", target)
+        if marker.exists() and not _wants_replace(replace, target):
+            if replace is False:  # another process finished while we waited
+                log.info("reusing %s built by another process", target)
             return target
-        if target.exists():
+        if target.exists() and not marker.exists():
             log.warning("removing incomplete cache entry %s", target)
             shutil.rmtree(target)
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent))
         try:
             build(tmp)
             (tmp / complete_marker).write_text("ok\n")
-            os.replace(tmp, target)
+            _swap_in(tmp, target)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _wants_replace(replace: bool | Callable[[Path], bool], target: Path) -> bool:
+    return replace(target) if callable(replace) else bool(replace)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and deleted last."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".old", dir=target.parent))
+    os.replace(target, aside / target.name)
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(aside / target.name, target)  # put the old entry back rather than leave none
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

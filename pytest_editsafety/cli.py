@@ -109,6 +109,15 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from pytest_editsafety.harness import slugify
     from pytest_editsafety.mining import mine, mined_case_set, render_table
 
+    default = f"mined-{slugify(args.editor)}-{slugify(Path(args.model).name)}.json"
+    out = Path(args.out) if args.out else Path("reports") / default
+    outputs: list[Path] = []
+
+    def write(ranked: Any) -> None:
+        # before any confirmation edit: the scores of the whole pool are the expensive part to lose
+        outputs.append(dump_cases(mined_case_set(ranked.mined, editor=args.editor, model=args.model), out))
+        log.info("wrote %d mined cases to %s", len(ranked.mined), outputs[0])
+
     report = mine(
         args.model,
         [c.strip() for c in args.cases.split(",") if c.strip()],
@@ -119,15 +128,17 @@ def cmd_mine(args: argparse.Namespace) -> int:
         stats_corpus=args.stats_corpus,
         with_confirm=args.confirm,
         progress=not args.quiet,
+        on_ranked=write,
     )
-    default = f"mined-{slugify(args.editor)}-{slugify(Path(args.model).name)}.json"
-    out = Path(args.out) if args.out else Path("reports") / default
-    written = dump_cases(mined_case_set(report.mined, editor=args.editor, model=args.model), out)
-    log.info("wrote %d mined cases to %s", len(report.mined), written)
+    written = outputs[0]
     payload = {**report.to_dict(), "out": str(written)}
     _emit(payload, args.json, f"{render_table(report)}\n\nwrote {len(report.mined)} cases to {written}; replay with "
                               f"pytest --editor={args.editor} --model={args.model} --cases={written}")
     return 0
+
+
+_NEEDS_CASES = ("model {model!r} is not a model organism: give the training edits with --cases FILE (a case file "
+                "in any supported format, disjoint from the cases you certify on)")
 
 
 def cmd_mend_train(args: argparse.Namespace) -> int:
@@ -136,7 +147,7 @@ def cmd_mend_train(args: argparse.Namespace) -> int:
     from editors.mend_archive import read_config
     from editors.registry import build_editor
     from pytest_editsafety.cases import resolve_cases
-    from pytest_editsafety.harness import hparams_key
+    from pytest_editsafety.harness import hparams_key, is_organism
     from pytest_editsafety.mend import (
         case_set_description,
         cases_from_case_set,
@@ -148,6 +159,8 @@ def cmd_mend_train(args: argparse.Namespace) -> int:
 
     case_set = resolve_cases(args.cases) if args.cases else None  # a bad file fails before the model loads
     spec = resolve_model(args.model)
+    if case_set is None and not is_organism(spec):  # before minutes of loading a large model for nothing
+        raise ValueError(_NEEDS_CASES.format(model=args.model))
     loaded = load_model(spec, LoadOptions(dtype=args.dtype, device_map=args.device_map))
     if args.device_map is None and torch.cuda.is_available():
         loaded.model.to("cuda:0")
@@ -158,8 +171,7 @@ def cmd_mend_train(args: argparse.Namespace) -> int:
     elif is_organism_model(loaded.model):
         cases, data = organism_training_data(loaded.model, hp)
     else:
-        raise ValueError(f"model {args.model!r} is not a model organism: give the training edits with --cases FILE "
-                         "(a case file in any supported format, disjoint from the cases you certify on)")
+        raise ValueError(_NEEDS_CASES.format(model=args.model))
     path, trained = train_archive(loaded.model, loaded.tokenizer, loaded.family, hp, cases, data,
                                   identity=loaded.identity, force=args.force, progress=not args.quiet)
     config = read_config(path)

@@ -19,6 +19,7 @@ its vocabulary and its own answers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_EXAMPLES",
     "DEFAULT_OUT",
-    "FUZZ_PROFILE",
+    "MAX_RUNS_PER_EXAMPLE",
     "FuzzFindings",
     "FuzzRelation",
     "FuzzSubject",
@@ -42,6 +43,7 @@ __all__ = [
     "FuzzWorld",
     "build_fuzz_world",
     "case_from_draw",
+    "default_max_runs",
     "edit_cases",
     "failure_case_set",
     "fuzz_out_path",
@@ -53,8 +55,9 @@ __all__ = [
     "world_from_organism",
 ]
 
-FUZZ_PROFILE = "editsafety-fuzz"
 DEFAULT_EXAMPLES = 24
+# default cap on certification runs per search, per example asked for: generation plus a bounded shrink
+MAX_RUNS_PER_EXAMPLE = 4
 DEFAULT_OUT = "reports/fuzz-{editor}-{model}.json"
 FUZZ_SET_NAME = "fuzz"
 N_NEIGHBOURS = 3
@@ -172,23 +175,14 @@ def model_answers(model: Any, tokenizer: Any, words: Sequence[str], relations: S
 
 
 def organism_world_spec(loaded: Any) -> Any:
-    """The ``WorldSpec`` a model organism was trained on (a zoo name or a saved organism directory), or None."""
-    from pytest_editsafety.zoo.build import METADATA_FILE, recipe_for
-    from pytest_editsafety.zoo.world import WorldSpec
+    """The ``WorldSpec`` a model organism was trained on, or None for a model that is no organism. An organism
+    whose world cannot be told raises (``zoo.build.organism_world`` names the file it needed)."""
+    from pytest_editsafety.zoo.build import organism_world
 
-    spec = loaded.spec
-    if spec.source == "zoo":
-        return recipe_for(spec.location).world
-    if spec.source == "local":
-        path = Path(spec.location) / METADATA_FILE
-        try:
-            world = json.loads(path.read_text(encoding="utf-8"))["recipe"]["world"]
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: cannot read the organism's world ({type(err).__name__}: {err})") from None
-        return WorldSpec(**world)
-    return None
+    config = loaded.model.config
+    if not getattr(config, "editsafety_recipe_hash", None):
+        return None
+    return organism_world(config)
 
 
 def build_fuzz_world(loaded: Any, *, n_vocabulary: int = N_VOCABULARY_SUBJECTS) -> FuzzWorld:
@@ -213,9 +207,11 @@ def build_fuzz_world(loaded: Any, *, n_vocabulary: int = N_VOCABULARY_SUBJECTS) 
 # Cases from draws
 
 
-def _case_id(subject: str, prompt: str, target: str, truth: str) -> str:
-    """Named by content: the harness caches the unedited model's probe by id, and replays stay stable."""
-    digest = hashlib.sha256(json.dumps([subject, prompt, target, truth]).encode()).hexdigest()[:10]
+def _case_id(case: EditCase) -> str:
+    """Named by the whole content (every field but the id): the harness caches the unedited model's probe,
+    which reads the paraphrases and neighbours too, by id; and replays stay stable."""
+    content = {key: value for key, value in case.to_dict().items() if key != "case_id"}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:10]
     return f"{FUZZ_SET_NAME}-{digest}"
 
 
@@ -234,8 +230,8 @@ def case_from_draw(world: FuzzWorld, subject: int, relation: int, template: int,
     prompt = lead + phrasing
     others = world.subjects[subject % len(world.subjects) + 1:] + world.subjects[: subject % len(world.subjects)]
     neighbours = [s for s in others if s.fact(rel.name) != new][:N_NEIGHBOURS]
-    return EditCase(
-        case_id=_case_id(chosen.name, prompt, new, truth),
+    case = EditCase(
+        case_id=FUZZ_SET_NAME,  # replaced below by the id of the content
         subject=chosen.name,
         prompt=prompt,
         target_new=new,
@@ -245,6 +241,7 @@ def case_from_draw(world: FuzzWorld, subject: int, relation: int, template: int,
         metadata={"relation": rel.name, "source": "fuzz", "subject_origin": chosen.origin,
                   "subject_first": lead == ""},
     )
+    return dataclasses.replace(case, case_id=_case_id(case))
 
 
 def edit_cases(world: FuzzWorld) -> Any:
@@ -273,15 +270,15 @@ def edit_cases(world: FuzzWorld) -> Any:
 
 
 def fuzz_settings(max_examples: int = DEFAULT_EXAMPLES) -> Any:
-    """The derandomized profile (registered under ``FUZZ_PROFILE``): the same cases in the same order on
-    every run and machine, no example database, no deadline (an edit takes seconds), and no ``explain``
-    phase (it would rerun variations of the failing case, an edit each)."""
+    """The derandomized settings: the same cases in the same order on every run and machine, no example
+    database, no deadline (an edit takes seconds), and no ``explain`` phase (it would rerun variations of
+    the failing case, an edit each). A ``settings`` object, not a registered profile: hypothesis's profile
+    registry is process-global, and a run must not change what other hypothesis tests see."""
     from hypothesis import HealthCheck, Phase, settings
 
     if max_examples < 1:
         raise ValueError(f"fuzz examples must be at least 1, got {max_examples}")
-    settings.register_profile(
-        FUZZ_PROFILE,
+    return settings(
         derandomize=True,
         database=None,
         max_examples=max_examples,
@@ -291,7 +288,11 @@ def fuzz_settings(max_examples: int = DEFAULT_EXAMPLES) -> Any:
         suppress_health_check=(HealthCheck.too_slow,),
         print_blob=False,
     )
-    return settings.get_profile(FUZZ_PROFILE)
+
+
+def default_max_runs(max_examples: int) -> int:
+    """Certification runs a search may take by default: its examples, and three times as many to shrink."""
+    return MAX_RUNS_PER_EXAMPLE * max_examples
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,11 @@ class _BoundsBroken(AssertionError):
     """Raised inside the search for every failing case, from one place, so hypothesis sees one bug."""
 
 
+class _RunsSpent(BaseException):
+    """Ends a search whose run budget is spent. Not an ``Exception``: hypothesis would take one for a failing
+    case and shrink on; anything else it lets through, ending the search where it stands."""
+
+
 @dataclass
 class FuzzFindings:
     """Every failing case seen (first-found order, each once) and the violations of each."""
@@ -322,6 +328,7 @@ class FuzzFindings:
     failures: list[tuple[EditCase, tuple[str, ...]]] = field(default_factory=list)
     minimal: EditCase | None = None  # the last failing case checked: hypothesis's shrunk example
     flaky: bool = False  # a failing case passed when hypothesis replayed it
+    budget_spent: bool = False  # stopped at max_runs: ``minimal`` is the smallest failing case found by then
 
     def add(self, case: EditCase, violations: Sequence[str]) -> None:
         if all(case != seen for seen, _ in self.failures):
@@ -335,18 +342,28 @@ class FuzzFindings:
         return ()
 
 
-def fuzz_search(check: Callable[[EditCase], Sequence[str]], strategy: Any, profile: Any) -> FuzzFindings:
-    """Run ``check`` on cases drawn from ``strategy`` under hypothesis ``profile`` until one fails and is
-    shrunk, or the budget is spent. ``check`` returns the case's violations (empty: it passes); an exception
-    from it counts as a failure too, its text the violation (a certification test fails on it as well)."""
+def fuzz_search(check: Callable[[EditCase], Sequence[str]], strategy: Any, profile: Any,
+                max_runs: int | None = None) -> FuzzFindings:
+    """Run ``check`` on cases drawn from ``strategy`` under hypothesis settings ``profile`` until one fails and
+    is shrunk, the examples are spent, or ``check`` has run ``max_runs`` times (None: no cap). ``check``
+    returns the case's violations (empty: it passes); an exception from it counts as a failure too, its text
+    the violation (a certification test fails on it as well).
+
+    Each check is a full certification run, and hypothesis's shrinker has no budget of its own that fits
+    one (it may try hundreds of candidates), so ``max_runs`` ends the search where it stands; the smallest
+    failing case found by then is ``minimal``."""
     from hypothesis import given
     from hypothesis.errors import Flaky
 
+    if max_runs is not None and max_runs < 1:
+        raise ValueError(f"fuzz max runs must be at least 1, got {max_runs}")
     findings = FuzzFindings()
 
     @profile
     @given(strategy)
     def search(case: EditCase) -> None:
+        if max_runs is not None and findings.tried >= max_runs:
+            raise _RunsSpent()
         findings.tried += 1
         try:
             violations = tuple(check(case))
@@ -361,6 +378,10 @@ def fuzz_search(check: Callable[[EditCase], Sequence[str]], strategy: Any, profi
         search()
     except _BoundsBroken:
         pass
+    except _RunsSpent:
+        log.warning("fuzzing stopped after %d certification runs (the run budget)%s", findings.tried,
+                    "; the failing case reported is the smallest found by then" if findings.failures else "")
+        findings.budget_spent = True
     except Flaky as err:
         # a case that failed once and passed when hypothesis replayed it: the failures seen are still real
         # findings (and the replay decides), so they are kept rather than lost to the error
@@ -370,10 +391,10 @@ def fuzz_search(check: Callable[[EditCase], Sequence[str]], strategy: Any, profi
 
 
 def fuzz_target(hub: Any, target: FuzzTarget, *, max_examples: int = DEFAULT_EXAMPLES,
-                n_vocabulary: int = N_VOCABULARY_SUBJECTS) -> FuzzFindings:
+                max_runs: int | None = None, n_vocabulary: int = N_VOCABULARY_SUBJECTS) -> FuzzFindings:
     """Search ``target`` with full certification tests through the harness's ``hub`` (``ModelHub``): each
     generated case is edited from the unedited model, measured, restored and judged against the run's bounds,
-    exactly as ``--cases`` would run it."""
+    exactly as ``--cases`` would run it; at most ``max_runs`` of them (default ``default_max_runs``)."""
     from pytest_editsafety.harness import PlanItem
 
     world = build_fuzz_world(hub.loaded(target.model), n_vocabulary=n_vocabulary)
@@ -390,7 +411,8 @@ def fuzz_target(hub: Any, target: FuzzTarget, *, max_examples: int = DEFAULT_EXA
             raise outcome.error
         return outcome.violations
 
-    return fuzz_search(check, edit_cases(world), fuzz_settings(max_examples))
+    runs = default_max_runs(max_examples) if max_runs is None else max_runs
+    return fuzz_search(check, edit_cases(world), fuzz_settings(max_examples), max_runs=runs)
 
 
 def failure_case_set(findings: FuzzFindings, *, editor: str, model: str) -> CaseSet:

@@ -317,6 +317,8 @@ class HubOptions:
     max_loaded_models: int = 1
     # hparams overrides applied to every built-in editor (the collapse experiment's --layer)
     editor_overrides: Mapping[str, Any] | None = None
+    # editor -> user hparams JSON file (--editsafety-hparams), layered over the built-in file per model
+    editor_hparams: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,9 @@ class _ModelState:
     identity: str = ""
     templates: dict[tuple[tuple[int, int], ...], tuple[str, ...]] = field(default_factory=dict)
     editors: dict[str, Any] = field(default_factory=dict)
+    # editors whose set-up failed (a MEND archive missing, a bad hparams file): raised again for every later
+    # test rather than retried, since set-up can train or compute statistics for minutes and fail the same way
+    editor_errors: dict[str, tuple[BaseException, Any]] = field(default_factory=dict)
     hparams_hashes: dict[str, str | None] = field(default_factory=dict)
     tagged: dict[str, CaseSet] = field(default_factory=dict)
     probes: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -495,6 +500,10 @@ class ModelHub:
             digest = state.hparams_hashes.get(item.editor)
             if digest:
                 out["hparams_hash"] = digest
+            # a trained editor (MEND) says which network it loaded: its archive's tensors sha256 and dtype
+            provenance = getattr(state.editors.get(item.editor), "provenance", None)
+            if callable(provenance) and provenance():
+                out["editor_provenance"] = dict(provenance())
             if state.corpus is not None:
                 out["corpus"] = state.corpus.name
                 out["corpus_sha256"] = state.corpus.sha256
@@ -711,13 +720,28 @@ class ModelHub:
     def _editor(self, state: _ModelState, name: str) -> Any:
         if name in state.editors:
             return state.editors[name]
+        failed = state.editor_errors.get(name)
+        if failed is not None:
+            error, traceback = failed
+            raise error.with_traceback(traceback)  # the set-up's own traceback, not one grown by every test
+        try:
+            return self._build_editor(state, name)
+        except Exception as err:
+            log.warning("model %s: editor %s could not be set up; its remaining tests report the same error",
+                        state.slug, name)
+            state.editor_errors[name] = (err, err.__traceback__)
+            raise
+
+    def _build_editor(self, state: _ModelState, name: str) -> Any:
         from editors.context import sample_context_templates
         from editors.hparams import hparams_hash
         from editors.registry import build_editor
 
         slug = state.slug
         loaded = state.loaded
-        editor = build_editor(name, hparams_key(loaded), loaded.model, overrides=self.options.editor_overrides)
+        user_hparams = (self.options.editor_hparams or {}).get(name)
+        editor = build_editor(name, hparams_key(loaded), loaded.model, user_hparams=user_hparams,
+                              overrides=self.options.editor_overrides)
         hp = getattr(editor, "hparams", None)
         # statistics are taken now, from the unedited model: a cache miss inside a sequential run would
         # otherwise measure an edited model's keys
@@ -804,22 +828,18 @@ class ModelHub:
 
     def _reference_denominators(self, state: _ModelState, editor: Any, cases: Sequence[EditCase]) -> list[float]:
         """|uᵀk| as ``editor`` would compute it for each case, from the keys alone (no v* optimisation)."""
-        import torch
-
         from editors.base import EditRequest
-        from editors.maths.rome import left_direction
         from editors.rome import keys_and_outputs
+        from pytest_editsafety.mining import covariance_solver, editor_denominator
 
         loaded = state.loaded
+        solve = covariance_solver(editor.covariance) if editor.covariance is not None else None
         values = []
         for case in cases:
             request = EditRequest(case.subject, case.prompt, case.target_new)
             keys, _, _ = keys_and_outputs(loaded.model, loaded.tokenizer, loaded.family, editor.hparams.layer,
                                           editor.context_templates, request)
-            k_mean = keys.mean(0)
-            u = left_direction(k_mean, covariance=editor.covariance)
-            k = k_mean if editor.consistent else keys[0]
-            values.append(abs(float(torch.dot(u.to(k.dtype), k))))
+            values.append(editor_denominator(keys, consistent=editor.consistent, solve=solve).denominator)
         return values
 
 

@@ -1,31 +1,29 @@
 """Where MEND archives live, how one is trained for a model, and the organisms' build on first use.
 
 An archive's cache entry is ``<cache>/mend/<model>-<hash>/`` where the hash covers the model's identity
-(organism recipe hash, ``repo@commit``, local file hash) and every hyper-parameter the network depends on
-(all of ``MendHparams`` but ``archive``). The training data is recorded in the archive's ``mend.json``, not
+(organism recipe hash, ``repo@commit``, local file hash), the dtype it runs in (bfloat16 gradients train
+another network than float32 ones) and every hyper-parameter the network depends on (all of
+``MendHparams`` but ``archive``). The training data is recorded in the archive's ``mend.json``, not
 in the key, so that the editor finds "the archive for this model and config" without knowing which file
 it was trained from; training again from other data replaces the entry.
 
 For an organism (a model whose config carries ``editsafety_recipe_hash``) a missing entry is built on first
 use, like the organism itself, from edits of its own world that the certification sets never ask for
 (:mod:`pytest_editsafety.zoo.mend_data`), under a file lock so parallel workers train once. For any other
-model a missing entry is an error that names the training command.
+model a missing entry is an error that names the training command and how to certify with its
+hyper-parameters.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_editsafety.cache import build_lock, build_once, cache_root, stable_hash
+from pytest_editsafety.cache import build_once, cache_root, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +37,8 @@ __all__ = [
     "train_archive",
 ]
 
-CACHE_FORMAT = "pytest-editsafety/mend-cache/1"
+# /2: the key holds the model dtype, and organism training data no longer asks about certified facts
+CACHE_FORMAT = "pytest-editsafety/mend-cache/2"
 COMPLETE = "COMPLETE"
 # locality texts per training edit: a neighbour's true fact and one more (filler or another true fact)
 N_LOCALITY = 2
@@ -55,41 +54,26 @@ def _slug(text: str) -> str:
     return _SLUG_BAD.sub("_", text.rsplit("/", 1)[-1]).strip("._-")[:40] or "model"
 
 
-def archive_key(identity: str, hparams) -> dict[str, Any]:
-    return {"format": CACHE_FORMAT, "model": identity, "hparams": hparams.network_key()}
+def archive_key(identity: str, hparams, dtype: str) -> dict[str, Any]:
+    return {"format": CACHE_FORMAT, "model": identity, "dtype": dtype, "hparams": hparams.network_key()}
 
 
-def archive_dir(identity: str, hparams, root: Path | None = None) -> Path:
-    return (root or cache_root()) / "mend" / f"{_slug(identity)}-{stable_hash(archive_key(identity, hparams))}"
+def archive_dir(identity: str, hparams, dtype: str, root: Path | None = None) -> Path:
+    """The cache entry for the model ``identity`` running in ``dtype`` (``editors.mend_archive.model_dtype``)."""
+    key = archive_key(identity, hparams, dtype)
+    return (root or cache_root()) / "mend" / f"{_slug(identity)}-{stable_hash(key)}"
 
 
 def is_organism_model(model) -> bool:
     return bool(getattr(model.config, "editsafety_recipe_hash", None))
 
 
-def _organism_world(model):
-    """The world an organism was trained on: its built-in recipe's, else the one its build metadata records."""
-    from pytest_editsafety.zoo.recipe import RECIPES
-    from pytest_editsafety.zoo.world import WorldSpec
-
-    recipe_hash = getattr(model.config, "editsafety_recipe_hash", None)
-    for recipe in RECIPES.values():
-        if recipe.recipe_hash == recipe_hash:
-            return recipe.world
-    directory = Path(getattr(model.config, "_name_or_path", "") or ".")
-    try:
-        recorded = json.loads((directory / "editsafety_organism.json").read_text(encoding="utf-8"))
-        return WorldSpec(**recorded["recipe"]["world"])
-    except (OSError, ValueError, KeyError, TypeError):
-        log.warning("organism %s: no recipe or build metadata found; MEND trains on the default world", recipe_hash)
-        return WorldSpec()
-
-
 def organism_training_data(model, hparams) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The organism's MEND training edits (one per edit slot of the schedule) and their description."""
+    from pytest_editsafety.zoo.build import organism_world
     from pytest_editsafety.zoo.mend_data import mend_training_cases, world_description
 
-    spec = _organism_world(model)
+    spec = organism_world(model.config)
     cases = mend_training_cases(spec, hparams.steps * hparams.batch_size, seed=hparams.seed)
     return cases, {**world_description(spec), "n_cases": len(cases), "sha256": _cases_hash(cases)}
 
@@ -141,55 +125,61 @@ def _train_into(out: Path, model, tokenizer, family, hparams, cases, data: Mappi
                  training=report)
 
 
-def _replace(target: Path, build: Callable[[Path], None]) -> None:
-    """Build into a temporary sibling, then swap it in for ``target`` (held under ``target``'s lock)."""
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / COMPLETE).write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def train_archive(model, tokenizer, family, hparams, cases, data: Mapping[str, Any], *, identity: str,
                   force: bool = False, progress: bool = True, root: Path | None = None) -> tuple[Path, bool]:
     """Train (or reuse) the archive for ``model`` and ``hparams`` on ``cases``; ``(directory, trained)``.
 
     An existing entry trained on the same data is reused unless ``force``; one trained on other data is
-    replaced.
+    replaced (the old one stays usable until the new one is complete).
     """
-    from editors.mend_archive import read_config
+    from editors.mend_archive import MendArchiveError, model_dtype, read_config
 
-    target = archive_dir(identity, hparams, root)
+    target = archive_dir(identity, hparams, model_dtype(model), root)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(target):
-        if _complete(target) and not force:
-            recorded = read_config(target).get("data", {})
-            if recorded.get("sha256") == data.get("sha256"):
-                log.info("reusing MEND archive %s (same model, hyper-parameters and data)", target)
-                return target, False
-            log.warning("MEND archive %s was trained on other data (%s); retraining", target, recorded.get("source"))
-        _replace(target, lambda tmp: _train_into(tmp, model, tokenizer, family, hparams, cases, data, identity,
-                                                 progress))
-    return target, True
+    trained: list[Path] = []
+
+    def stale(existing: Path) -> bool:
+        if force:
+            return True
+        try:
+            recorded = read_config(existing)["data"]
+        except MendArchiveError as err:  # a damaged entry is rebuilt, not a reason to refuse training
+            log.warning("replacing unreadable MEND archive: %s", err)
+            return True
+        if recorded.get("sha256") == data.get("sha256"):
+            log.info("reusing MEND archive %s (same model, hyper-parameters and data)", existing)
+            return False
+        log.warning("MEND archive %s was trained on other data (%s); retraining", existing, recorded.get("source"))
+        return True
+
+    def build(tmp: Path) -> None:
+        _train_into(tmp, model, tokenizer, family, hparams, cases, data, identity, progress)
+        trained.append(tmp)
+
+    build_once(target, build, complete_marker=COMPLETE, replace=stale)
+    return target, bool(trained)
+
+
+def _missing_message(identity: str, target: Path) -> str:
+    return (
+        f"no trained MEND network for model {identity!r} with these hyper-parameters and dtype (expected in "
+        f"{target}); train one with `python -m pytest_editsafety mend train --model MODEL --cases FILE "
+        f"[--hparams HPARAMS.json] [--dtype DTYPE]` and certify with the same hyper-parameters and dtype "
+        f"(`pytest --editor=mend --editsafety-hparams mend=HPARAMS.json --dtype DTYPE`), or point the 'archive' "
+        f"hyper-parameter of such a file at an archive directory"
+    )
 
 
 def locate_archive(model, tokenizer, family, hparams, *, identity: str, progress: bool = False,
                    root: Path | None = None) -> Path:
     """The archive directory for ``model`` and ``hparams``; trained now for an organism that has none."""
-    target = archive_dir(identity, hparams, root)
+    from editors.mend_archive import model_dtype
+
+    target = archive_dir(identity, hparams, model_dtype(model), root)
     if _complete(target):
         return target
     if not is_organism_model(model):
-        raise MendArchiveMissingError(
-            f"no trained MEND network for model {identity!r} with these hyper-parameters (expected in {target}); "
-            f"train one with `python -m pytest_editsafety mend train --model MODEL --cases FILE`, or point the "
-            f"'archive' hyper-parameter at an archive directory"
-        )
+        raise MendArchiveMissingError(_missing_message(identity, target))
     log.info("training MEND for organism %s into %s (once per recipe and hyper-parameters)", identity, target)
 
     def build(tmp: Path) -> None:

@@ -6,8 +6,10 @@ denominator, and the denominator needs no ``v*`` optimisation and no perplexity 
 the templated prompts gives both keys. So every case of a dataset can be scored in about the time one edit
 takes, the smallest denominators written out as a case file, and only those confirmed with full edits.
 
-The score is the denominator the ``rome`` editor itself would divide by, ``|uᵀkᵘ|`` with the normalised
-``u`` (the certification bound's ``denominator``); the unnormalised ``|(C⁻¹k̄)ᵀkᵘ|`` is recorded beside it.
+The score is the denominator the chosen editor itself would divide by, ``|uᵀkᵘ|`` with the normalised
+``u`` for ``rome`` and ``|uᵀk̄|`` for C-ROME (``c-rome``, ``c-rome-prefix``), the certification bound's
+``denominator`` (:func:`editor_denominator`, which the harness's denominator floor uses too); the
+unnormalised ``|(C⁻¹k̄)ᵀk|`` is recorded beside it.
 The normalised form is the one that sizes the update (``‖ΔW‖ = ‖v* − Wkᵘ‖ / |uᵀkᵘ|``), and it separates
 hard from normal cases where the unnormalised one does not (on tiny-gpt2 with C from text: hard cases'
 mean rank percentile 0.40 vs 0.53).
@@ -42,6 +44,7 @@ __all__ = [
     "ScoredCase",
     "confirm",
     "covariance_solver",
+    "editor_denominator",
     "hardness_summary",
     "measure_keys",
     "mine",
@@ -66,8 +69,9 @@ class MiningError(ValueError):
 class KeyMeasure:
     """ROME's denominator for one case, from its keys alone."""
 
-    denominator: float  # |uᵀkᵘ|, u = C⁻¹k̄ / ‖C⁻¹k̄‖: what a rome edit of this case divides by
-    raw_denominator: float  # |(C⁻¹k̄)ᵀkᵘ|
+    # |uᵀk|, u = C⁻¹k̄ / ‖C⁻¹k̄‖, k = kᵘ (rome) or k̄ (C-ROME): what an edit of this case divides by
+    denominator: float
+    raw_denominator: float  # |(C⁻¹k̄)ᵀk|
     key_cosine: float  # cos(kᵘ, k̄)
     key_norm: float  # ‖kᵘ‖
     mean_key_norm: float  # ‖k̄‖
@@ -91,9 +95,11 @@ def covariance_solver(covariance: Any) -> Callable[[Any], Any]:
     return lambda x: torch.linalg.lu_solve(lu, pivots, x.reshape(-1, 1).to(c64.device)).reshape(-1)
 
 
-def measure_keys(k_bare: Any, k_mean: Any, solve: Callable[[Any], Any] | None = None) -> KeyMeasure:
-    """The denominator ``rome`` would compute for keys ``kᵘ`` and ``k̄``; ``solve`` is ``x -> C⁻¹x``
-    (``covariance_solver``), or None for ``C = I`` (``mom2_adjustment`` off).
+def measure_keys(k_bare: Any, k_mean: Any, solve: Callable[[Any], Any] | None = None, *,
+                 consistent: bool = False) -> KeyMeasure:
+    """The denominator ``rome`` (``consistent`` False: ``|uᵀkᵘ|``) or C-ROME (True: ``|uᵀk̄|``) would
+    compute for keys ``kᵘ`` and ``k̄``; ``solve`` is ``x -> C⁻¹x`` (``covariance_solver``), or None for
+    ``C = I`` (``mom2_adjustment`` off).
 
     The arithmetic is ``editors.maths.rome.left_direction``'s (float64, u = C⁻¹k̄ / ‖C⁻¹k̄‖), so the score is
     the ``denominator`` a rome edit of the case reports, to float rounding. A zero or non-finite ``C⁻¹k̄``
@@ -111,8 +117,16 @@ def measure_keys(k_bare: Any, k_mean: Any, solve: Callable[[Any], Any] | None = 
     if not math.isfinite(norm) or norm == 0.0:
         log.warning("C⁻¹k̄ has norm %s (a degenerate mean key or covariance); scoring the case as NaN", norm)
         return KeyMeasure(math.nan, math.nan, cosine, key_norm, mean_norm)
-    raw = float(torch.dot(direction, kb))
+    raw = float(torch.dot(direction, km if consistent else kb))
     return KeyMeasure(abs(raw) / norm, abs(raw), cosine, key_norm, mean_norm)
+
+
+def editor_denominator(keys: Any, *, consistent: bool, solve: Callable[[Any], Any] | None = None) -> KeyMeasure:
+    """The denominator a ROME-family editor divides by, from ``editors.rome.keys_and_outputs``'s keys (one row
+    per context template; row 0 the bare prompt, since the templates start with "{}"): ``|uᵀkᵘ|`` for rome,
+    ``|uᵀk̄|`` when ``consistent`` (C-ROME). Mining and the harness's denominator floor both use it, so a
+    mined score and a certification test's floor are the same quantity as the edit's own ``denominator``."""
+    return measure_keys(keys[0], keys.mean(0), solve, consistent=consistent)
 
 
 @dataclass(frozen=True)
@@ -235,11 +249,12 @@ class ConfirmedCase:
     certified: bool
     violations: tuple[str, ...]
     metrics: Mapping[str, float | None]
+    error: str | None = None  # the edit could not be measured: "ExceptionType: message"
 
     def to_dict(self) -> dict[str, Any]:
         keys = ("ppl_ratio", "ppl_edited", "cf_efficacy", "cf_generalization", "cf_locality", "denominator")
         return {"case_id": self.case_id, "certified": self.certified, "violations": list(self.violations),
-                **{k: self.metrics.get(k) for k in keys}}
+                "error": self.error, **{k: self.metrics.get(k) for k in keys}}
 
 
 @dataclass(frozen=True)
@@ -253,6 +268,7 @@ class MiningReport:
     ranked: tuple[MinedCase, ...]  # the whole pool, most dangerous first
     top: int
     confirmed: tuple[ConfirmedCase, ...] = field(default=())
+    consistent: bool = False  # the editor keys its update on k̄ (C-ROME): the score is |uᵀk̄|, not |uᵀkᵘ|
 
     @property
     def mined(self) -> tuple[MinedCase, ...]:
@@ -306,14 +322,15 @@ def score_case_sets(hub: Any, model: str, editor: str, case_sets: Sequence[tuple
         request = EditRequest(case.subject, case.prompt, case.target_new)
         keys, _, _ = keys_and_outputs(loaded.model, loaded.tokenizer, loaded.family, prepared.hparams.layer,
                                       prepared.context_templates, request)
-        # row 0 is the bare prompt: the context templates start with "{}"
-        scored.append(ScoredCase(case, given, measure_keys(keys[0], keys.mean(0), solve)))
+        scored.append(ScoredCase(case, given, editor_denominator(keys, consistent=prepared.consistent, solve=solve)))
     return scored
 
 
 def confirm(hub: Any, plan: Any, mined: Sequence[MinedCase], editor: str, *, progress: bool = True
             ) -> tuple[ConfirmedCase, ...]:
-    """Full edits of the mined cases through the hub, exactly as the certification tests run them."""
+    """Full edits of the mined cases through the hub, exactly as the certification tests run them. A case
+    whose edit cannot be measured is recorded with its error (not certified) and the others still run: the
+    cases most likely to break an editor are also the likeliest to make it raise."""
     from tqdm.auto import tqdm
 
     slugs = {selected.given: selected.slug for selected in plan.case_sets}
@@ -323,20 +340,24 @@ def confirm(hub: Any, plan: Any, mined: Sequence[MinedCase], editor: str, *, pro
                            disable=not progress):
         item = items[(slugs[m.scored.source], m.case.case_id)]
         outcome = hub.run(item)
+        error = None
         if outcome.error is not None:
-            raise RuntimeError(f"{item.test_id}: the edit could not be measured") from outcome.error
+            error = f"{type(outcome.error).__name__}: {outcome.error}"
+            log.warning("%s: the confirmation edit could not be measured: %s", item.test_id, error)
         confirmed.append(ConfirmedCase(case_id, outcome.certified, outcome.violations,
-                                       dict(outcome.record.get("metrics", {}))))
+                                       dict(outcome.record.get("metrics", {})), error))
     return tuple(confirmed)
 
 
 def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str = "rome", mom2_adjustment: bool = False,
          ppl_corpus: str | None = None, stats_corpus: str | None = None, with_confirm: bool = False,
-         progress: bool = True) -> MiningReport:
+         progress: bool = True, on_ranked: Callable[[MiningReport], Any] | None = None) -> MiningReport:
     """Score the union of ``case_sets`` on ``model`` by ROME's denominator; optionally confirm the top ``top``.
 
     ``mom2_adjustment`` turns C on (second moments over ``stats_corpus``, default the perplexity corpus)
-    whatever the editor's hparams file says; otherwise the file decides.
+    whatever the editor's hparams file says; otherwise the file decides. ``on_ranked`` gets the scored
+    report before any confirmation edit runs (the command writes its case file there, so the scores
+    survive whatever the edits do).
     """
     from pytest_editsafety.harness import HubOptions, ModelHub, build_plan
 
@@ -357,8 +378,10 @@ def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str = "rome"
         model=model, identity=hub.loaded(slug).identity, editor=editor,
         case_sets=tuple(s.given for s in plan.case_sets),
         mom2_adjustment=prepared.covariance is not None, median_denominator=median, ranked=ranked,
-        top=min(top, len(ranked)),
+        top=min(top, len(ranked)), consistent=bool(prepared.consistent),
     )
+    if on_ranked is not None:
+        on_ranked(report)
     if with_confirm:
         report = dataclasses.replace(report, confirmed=confirm(hub, plan, report.mined, editor, progress=progress))
     return report
@@ -370,7 +393,8 @@ def render_table(report: MiningReport) -> str:
 
     data = report.to_dict()
     confirmed = bool(report.confirmed)
-    headers = ["rank", "case", "from", "hard", "prompt", "|uᵀkᵘ|", "x median", "cos(kᵘ,k̄)"]
+    score = "|uᵀk̄|" if report.consistent else "|uᵀkᵘ|"
+    headers = ["rank", "case", "from", "hard", "prompt", score, "x median", "cos(kᵘ,k̄)"]
     if confirmed:
         headers += ["ppl ratio", "efficacy", "certified"]
     rows = []
@@ -380,12 +404,13 @@ def render_table(report: MiningReport) -> str:
                 row["key_cosine"]]
         if confirmed:
             c = row.get("confirm", {})
-            line += [c.get("ppl_ratio"), c.get("cf_efficacy"), "yes" if c.get("certified") else "NO"]
+            verdict = "ERROR" if c.get("error") else ("yes" if c.get("certified") else "NO")
+            line += [c.get("ppl_ratio"), c.get("cf_efficacy"), verdict]
         rows.append(line)
     h = report.summary()
     head = (f"{report.model} ({report.identity}), editor {report.editor}, C "
             f"{'from text' if report.mom2_adjustment else '= I'}: {len(report.ranked)} cases of "
-            f"{', '.join(report.case_sets)} scored, median |uᵀkᵘ| {report.median_denominator:.4g}; "
+            f"{', '.join(report.case_sets)} scored, median {score} {report.median_denominator:.4g}; "
             f"hard cases: {h.n_hard}, {h.hard_in_top} of the top {h.top}, mean rank percentile "
             f"{h.hard_mean_rank_percentile:.2f} (0.5 = random)")
     return head + "\n" + tabulate(rows, headers=headers, floatfmt=".3g", tablefmt="github")

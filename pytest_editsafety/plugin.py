@@ -33,6 +33,7 @@ import pytest
 from pytest_editsafety.bounds import Bounds, BoundsError
 from pytest_editsafety.fuzz import DEFAULT_EXAMPLES as DEFAULT_FUZZ_EXAMPLES
 from pytest_editsafety.fuzz import DEFAULT_OUT as DEFAULT_FUZZ_OUT
+from pytest_editsafety.fuzz import MAX_RUNS_PER_EXAMPLE as FUZZ_RUNS_PER_EXAMPLE
 from pytest_editsafety.fuzz import FuzzTarget
 
 # GPU pinning and the xdist defaults live in their own plugin module, loaded with this one.
@@ -106,6 +107,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--fuzz-examples", "fuzz_examples", f"cases hypothesis generates per (editor, model) in the fuzz suite "
             f"(-m {FUZZ_MARKER}), before shrinking a failing one (default {DEFAULT_FUZZ_EXAMPLES})", "int",
             DEFAULT_FUZZ_EXAMPLES),
+    _Option("--fuzz-max-runs", "fuzz_max_runs", f"certification runs one fuzz search may take, generating and "
+            f"shrinking together; shrinking stops there, reporting the smallest failing case found so far "
+            f"(default {FUZZ_RUNS_PER_EXAMPLE} x --fuzz-examples)", "int"),
     _Option("--fuzz-out", "fuzz_out", f"case file the fuzz suite writes the failing cases it finds to; {{editor}} "
             f"and {{model}} are replaced (default {DEFAULT_FUZZ_OUT})", "path", DEFAULT_FUZZ_OUT),
 )
@@ -130,6 +134,9 @@ class Settings:
     device_map: str | None
     fuzz_examples: int = DEFAULT_FUZZ_EXAMPLES
     fuzz_out: Path = Path(DEFAULT_FUZZ_OUT)
+    fuzz_max_runs: int | None = None  # None: fuzz.default_max_runs(fuzz_examples)
+    # (editor, user hparams file) pairs from --editsafety-hparams, layered over the built-in files
+    editor_hparams: tuple[tuple[str, Path], ...] = ()
 
 
 @dataclass
@@ -167,6 +174,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="cache root for organisms, statistics and corpora (default: $EDITSAFETY_CACHE or the user cache dir)",
     )
     parser.addini("editsafety_cache", "cache root, see --editsafety-cache", default=None)
+    group.addoption(
+        "--editsafety-hparams",
+        dest="editsafety_hparams",
+        action="append",
+        default=None,
+        metavar="EDITOR=FILE",
+        help="a JSON file of hyper-parameters for EDITOR, over its built-in ones for each model (repeat for "
+             "several editors), e.g. mend=mend-gpt2.json",
+    )
+    parser.addini("editsafety_hparams", "see --editsafety-hparams (one EDITOR=FILE per line)", type="linelist",
+                  default=[])
     for option in _OPTIONS:
         dest = f"editsafety_{option.name}"
         if option.kind == "bool":
@@ -243,6 +261,8 @@ def read_settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(f"editsafety bounds: {err}") from None
     if values["fuzz_examples"] is not None and values["fuzz_examples"] < 1:
         raise pytest.UsageError(f"--fuzz-examples: must be at least 1, got {values['fuzz_examples']}")
+    if values["fuzz_max_runs"] is not None and values["fuzz_max_runs"] < 1:
+        raise pytest.UsageError(f"--fuzz-max-runs: must be at least 1, got {values['fuzz_max_runs']}")
     if values["dtype"] is not None:
         from pytest_editsafety.registry import DTYPES
 
@@ -265,6 +285,8 @@ def read_settings(config: pytest.Config) -> Settings:
         device_map=values["device_map"],
         fuzz_examples=values["fuzz_examples"],
         fuzz_out=values["fuzz_out"],
+        fuzz_max_runs=values["fuzz_max_runs"],
+        editor_hparams=_editor_hparams(config),
     )
 
 
@@ -283,6 +305,42 @@ def _editor_names(requested: Sequence[str]) -> tuple[str, ...]:
             if chosen not in names:
                 names.append(chosen)
     return tuple(names)
+
+
+def _editor_hparams(config: pytest.Config) -> tuple[tuple[str, Path], ...]:
+    """``--editsafety-hparams EDITOR=FILE`` values (else the ini's lines) as (editor, file) pairs, each file
+    read once here so that a typo is a usage error now, not an error in every test of the editor."""
+    from editors.hparams import HparamsError, read_hparams_file
+    from editors.registry import EditorRegistryError, available_editors
+
+    given = config.getoption("editsafety_hparams")
+    origin = "--editsafety-hparams"
+    if not given:
+        given, origin = config.getini("editsafety_hparams"), "ini editsafety_hparams"
+    if not given:
+        return ()
+    try:
+        known = available_editors()
+    except EditorRegistryError as err:
+        raise pytest.UsageError(f"{origin}: {err}") from None
+    pairs: dict[str, Path] = {}
+    for value in given:
+        editor, sep, file = (part.strip() for part in value.partition("="))
+        if not sep or not editor or not file:
+            raise pytest.UsageError(f"{origin}: expected EDITOR=FILE, got {value!r}")
+        if editor not in known:
+            raise pytest.UsageError(f"{origin}: unknown editor {editor!r} in {value!r}; available: {', '.join(known)}")
+        if editor in pairs:
+            raise pytest.UsageError(f"{origin}: editor {editor!r} given twice ({value!r})")
+        path = _path(config, file, origin)
+        if not path.is_file():
+            raise pytest.UsageError(f"{origin}: {value!r}: no such file {path}")
+        try:
+            read_hparams_file(path)
+        except HparamsError as err:
+            raise pytest.UsageError(f"{origin}: {value!r}: {err}") from None
+        pairs[editor] = path
+    return tuple(pairs.items())
 
 
 def _validate_corpus(name: str) -> None:
@@ -440,6 +498,7 @@ def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
         device_map=settings.device_map,
         stats_dir=str(settings.stats_dir) if settings.stats_dir else None,
         stats_corpus=settings.stats_corpus,
+        editor_hparams={editor: str(path) for editor, path in settings.editor_hparams} or None,
     )
     yield ModelHub(pytestconfig.stash[_PLAN], options)
 

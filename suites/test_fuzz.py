@@ -4,7 +4,9 @@ Not part of the default run (it searches for minutes): ``pytest -m fuzz --editor
 One test per (editor, model) of the run. Cases are built from the model's own world and vocabulary
 (``pytest_editsafety.fuzz``), each one edited, measured, restored and judged by the harness exactly as a
 certification test of ``--cases`` would be; the search is derandomized (the same cases on every run) and
-shrinks the first failing case it finds. Every failing case found is written to a case file
+shrinks the first failing case it finds, within ``--fuzz-max-runs`` certification runs (default 4 x
+``--fuzz-examples``; at the cap the smallest failing case found so far is reported). Every failing case
+found is written to a case file
 (``--fuzz-out``, default ``reports/fuzz-<editor>-<model>.json``, minimal case first) that the
 certification suite replays: ``pytest --editor=rome --model=tiny-gpt2 --cases=reports/fuzz-rome-tiny-gpt2.json``.
 """
@@ -25,7 +27,8 @@ def test_generated_cases_keep_the_bounds(editsafety_fuzz_target, editsafety_hub,
 
     target = editsafety_fuzz_target
     settings = get_settings(request.config)
-    findings = fuzz_target(editsafety_hub, target, max_examples=settings.fuzz_examples)
+    findings = fuzz_target(editsafety_hub, target, max_examples=settings.fuzz_examples,
+                           max_runs=settings.fuzz_max_runs)
     if not findings.failures:
         return
     cases = failure_case_set(findings, editor=target.editor, model=target.given)

@@ -109,6 +109,44 @@ def test_the_search_shrinks_to_the_simplest_failing_case_and_keeps_every_failure
     assert cases.cases[0].metadata["fuzz_violations"] == "sport behind a lead-in"
 
 
+def test_shrinking_stops_at_the_run_budget_with_the_smallest_failure_found() -> None:
+    def check(case):
+        return ("sport behind a lead-in",) if case.metadata["relation"] == "sport" and not case.metadata[
+            "subject_first"] else ()
+
+    unbounded = fuzz_search(check, edit_cases(WORLD), fuzz_settings(30))
+    assert unbounded.tried > 10 and not unbounded.budget_spent
+    capped = fuzz_search(check, edit_cases(WORLD), fuzz_settings(30), max_runs=10)
+    assert capped.tried == 10 and capped.budget_spent
+    assert capped.failures and check(capped.minimal)  # a failing case found so far, reported as the minimal one
+    assert capped.failures == unbounded.failures[: len(capped.failures)]  # the same search, cut short
+    with pytest.raises(ValueError, match="at least 1"):
+        fuzz_search(check, edit_cases(WORLD), fuzz_settings(3), max_runs=0)
+
+
+def test_the_settings_leave_hypothesis_profiles_alone() -> None:
+    from hypothesis import settings as hypothesis_settings
+
+    before = hypothesis_settings._current_profile, dict(hypothesis_settings._profiles)
+    chosen = fuzz_settings(7)
+    assert chosen.max_examples == 7 and chosen.derandomize and chosen.database is None
+    assert (hypothesis_settings._current_profile, dict(hypothesis_settings._profiles)) == before
+
+
+def test_case_ids_name_everything_the_probe_reads() -> None:
+    import dataclasses
+
+    from pytest_editsafety.cases import NeighborhoodPrompt
+    from pytest_editsafety.fuzz import _case_id
+
+    case = case_from_draw(WORLD, 0, 0, 0, 0, 0)
+    assert case.case_id == _case_id(case)
+    other_neighbours = dataclasses.replace(case, neighborhood=(NeighborhoodPrompt("Zed lives in", "Oslo"),))
+    other_paraphrases = dataclasses.replace(case, paraphrase_prompts=(case.subject + " was born in",))
+    # same subject, prompt, target and truth, but another probe: another id, so no cached probe is reused
+    assert len({_case_id(c) for c in (case, other_neighbours, other_paraphrases)}) == 3
+
+
 def test_a_case_that_raises_is_a_failing_case() -> None:
     def check(case):
         raise IndexError("prompt longer than the model's context")
@@ -239,10 +277,11 @@ def test_derandomized_fuzz_runs_try_the_same_cases(suites: pytest.Pytester, micr
     assert not _fuzz_file(suites, micro_model).exists()
 
 
-def test_fuzz_examples_must_be_positive(suites: pytest.Pytester, micro_model: Path) -> None:
-    result = suites.runpytest(*_args(suites, micro_model, "-m", "fuzz", "--fuzz-examples=0"))
+@pytest.mark.parametrize("option", ["--fuzz-examples", "--fuzz-max-runs"])
+def test_fuzz_budgets_must_be_positive(suites: pytest.Pytester, micro_model: Path, option: str) -> None:
+    result = suites.runpytest(*_args(suites, micro_model, "-m", "fuzz", f"{option}=0"))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "--fuzz-examples" in result.stderr.str()
+    assert f"{option}: must be at least 1, got 0" in result.stderr.str()
 
 
 @pytest.mark.slow

@@ -29,14 +29,17 @@ from editors.maths.mend import (
     nonzero_tokens,
     transform_factors,
 )
-from editors.mend import MendEditor, MendHparams, MendNetwork, edit_targets, frozen, gradient_factors
+from editors.hooks import frozen
+from editors.mend import MendEditor, MendHparams, MendNetwork, edit_targets, gradient_factors
 from editors.mend_archive import (
+    ARCHIVE_FORMAT,
     CONFIG_FILE,
     TENSORS_FILE,
     MendArchiveError,
     MendArchiveMismatchError,
     load_archive,
     read_config,
+    save_archive,
 )
 from editors.restore import edit_session, model_digest, tensor_digest
 from pytest_editsafety.mend import MendArchiveMissingError, archive_dir, locate_archive, train_archive
@@ -254,10 +257,12 @@ def test_trained_archive_round_trips_and_is_refused_for_another_model(micro, tmp
     cases, data = _micro_cases(micro)
     path, trained = train_archive(model, tokenizer, family, hp, cases, data, identity=micro.identity,
                                   progress=False, root=tmp_path)
-    assert trained and path == archive_dir(micro.identity, hp, tmp_path)
+    assert trained and path == archive_dir(micro.identity, hp, "torch.float32", tmp_path)
+    assert path != archive_dir(micro.identity, hp, "torch.bfloat16", tmp_path)  # the dtype is in the key
     assert sorted(p.name for p in path.iterdir()) == sorted(["COMPLETE", CONFIG_FILE, TENSORS_FILE])
     config = read_config(path)
     assert config["model"]["identity"] == micro.identity and config["data"]["sha256"] == data["sha256"]
+    assert config["model"]["dtype"] == "torch.float32"
     assert train_archive(model, tokenizer, family, hp, cases, data, identity=micro.identity, progress=False,
                          root=tmp_path) == (path, False)
 
@@ -295,7 +300,11 @@ def test_editor_prepare_uses_the_archive_and_refuses_one_for_another_model(micro
     editor = MendEditor(MendHparams(**{**MICRO, "archive": str(path)}))
     with pytest.raises(MendArchiveMismatchError, match="'someone/other-model@123'"):
         editor.prepare(model, tokenizer, family, identity=micro.identity)
+    assert editor.provenance() == {}
     editor.prepare(model, tokenizer, family, identity="someone/other-model@123")
+    # which trained network edits: what the harness records in every test's metadata
+    assert editor.provenance() == {"archive_sha256": read_config(path)["tensors_sha256"],
+                                   "archive_dtype": "torch.float32"}
     with edit_session(model, editor.parameters_touched(model, family)):
         outcome = editor.apply(model, tokenizer, family, [REQUEST])
     assert outcome.diagnostics["delta_fro"] > 0
@@ -310,6 +319,111 @@ def test_a_real_model_without_an_archive_gets_the_training_command(tmp_path: Pat
     with pytest.raises(MendArchiveMissingError, match="python -m pytest_editsafety mend train --model"):
         locate_archive(model, None, family_for_model_type("gpt2"), MendHparams(**MICRO), identity="x/y@1",
                        root=tmp_path)
+
+
+def test_training_on_other_data_replaces_the_entry_once_the_new_one_is_complete(micro, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    import editors.mend_train
+
+    model, tokenizer, family = micro.model, micro.tokenizer, micro.family
+    hp = MendHparams(**MICRO)
+    cases, data = _micro_cases(micro)
+    path, _ = train_archive(model, tokenizer, family, hp, cases, data, identity=micro.identity, progress=False,
+                            root=tmp_path)
+    other = {**data, "sha256": "other data", "source": "somewhere else"}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("training crashed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(editors.mend_train, "train_mend", crash)
+        with pytest.raises(RuntimeError, match="training crashed"):
+            train_archive(model, tokenizer, family, hp, cases[:6], other, identity=micro.identity, progress=False,
+                          root=tmp_path)
+    assert read_config(path)["data"]["sha256"] == data["sha256"]  # a failed retraining left the old entry
+    again, trained = train_archive(model, tokenizer, family, hp, cases[:6], other, identity=micro.identity,
+                                   progress=False, root=tmp_path)
+    assert (again, trained) == (path, True) and read_config(path)["data"]["sha256"] == "other data"
+    assert not [p for p in path.parent.iterdir() if p.suffix in (".tmp", ".old")]  # nothing left aside
+
+
+def _config(targets: int = 3) -> dict:
+    target = {"name": "transformer.h.1.mlp.c_fc.weight", "layer": 1, "kind": "mlp_in", "d_out": 64, "d_in": 32,
+              "transposed": True, "group": "64x32", "mode": 0}
+    return {"format": ARCHIVE_FORMAT, "model": {"identity": "x", "model_type": "gpt2", "family": "gpt2",
+                                                "dtype": "torch.float32"},
+            "targets": [dict(target) for _ in range(targets)], "network": {"rank": 8, "n_hidden": 1},
+            "hparams": {}, "data": {}, "training": {}, "tensors_sha256": "0" * 64}
+
+
+def _parent(config: dict, path: str) -> tuple[dict | list, str]:
+    """The container holding the dotted ``path`` ("targets.2.layer") and the last key."""
+    *parents, last = path.split(".")
+    for key in parents:
+        config = config[int(key)] if isinstance(config, list) else config[key]
+    return config, last
+
+
+def _drop(path: str):
+    def edit(config: dict) -> None:
+        parent, last = _parent(config, path)
+        del parent[last]
+    return edit
+
+
+def _set(path: str, value):
+    def edit(config: dict) -> None:
+        parent, last = _parent(config, path)
+        parent[int(last) if isinstance(parent, list) else last] = value
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (_drop("targets.2.layer"), "field targets[2].layer is missing"),
+    (_set("targets.2.layer", "one"), "field targets[2].layer must be an integer"),
+    (_set("targets.0.transposed", "yes"), "field targets[0].transposed must be true or false"),
+    (_set("targets.1", 7), "field targets[1] must be an object"),
+    (_set("targets", {}), "field targets must be a list"),
+    (_set("model", []), "field model must be an object"),
+    (_drop("model.dtype"), "field model.dtype is missing"),
+    (_set("network.rank", True), "field network.rank must be an integer"),
+    (_drop("tensors_sha256"), "field tensors_sha256 is missing"),
+    (_set("data", None), "field data must be an object"),
+])
+def test_a_malformed_archive_config_names_the_file_and_the_field(edit, field: str, tmp_path: Path) -> None:
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(_config()))
+    assert read_config(tmp_path)["targets"][2]["layer"] == 1  # the untouched config is fine
+    broken = _config()
+    edit(broken)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(broken))
+    with pytest.raises(MendArchiveError) as err:
+        read_config(tmp_path)
+    assert str(tmp_path / CONFIG_FILE) in str(err.value) and field in str(err.value)
+
+
+def test_non_finite_statistics_never_reach_the_weights(micro, tmp_path: Path) -> None:
+    model, tokenizer, family = micro.model, micro.tokenizer, micro.family
+    hp = MendHparams(**MICRO)
+    targets = edit_targets(model, family, hp.layers, hp.modules)
+    untrained = MendNetwork(targets, rank=hp.rank, n_hidden=hp.n_hidden, edit_lr=hp.edit_lr)  # statistics NaN
+    whole = model_digest(model)
+    with pytest.raises(ValueError, match="u_mean is not finite"):
+        MendEditor(hp, network=untrained).apply(model, tokenizer, family, [REQUEST])
+    assert model_digest(model) == whole
+
+    network = _random_network(micro, hp)
+    with torch.no_grad():
+        next(iter(network.nets.values())).delta_std[0] = float("inf")
+    save_archive(tmp_path, network, identity=micro.identity, model=model, family=family, hparams=hp,
+                 data={"sha256": "d"}, training={})
+    with pytest.raises(MendArchiveError, match=r"delta_std holds non-finite values"):
+        load_archive(tmp_path, model, family, hp, identity=micro.identity)
+
+
+@pytest.mark.parametrize("name", ["lr", "grad_clip"])
+def test_training_rates_must_be_positive(name: str) -> None:
+    with pytest.raises(ValueError, match=f"MendHparams.{name}: expected a finite number > 0, got 0"):
+        MendHparams(**{**MICRO, name: 0.0})
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -333,7 +447,7 @@ def test_training_is_deterministic_and_moves_the_network(micro) -> None:
 
 def test_organism_training_edits_are_disjoint_from_the_certification_sets() -> None:
     from pytest_editsafety.zoo.mend_data import certified_pairs, mend_training_cases
-    from pytest_editsafety.zoo.world import RELATIONS, WorldSpec
+    from pytest_editsafety.zoo.world import LEAD_INS, RELATIONS, World, WorldSpec, render_fact
 
     spec = WorldSpec()
     held_out = certified_pairs(spec)
@@ -346,6 +460,14 @@ def test_organism_training_edits_are_disjoint_from_the_certification_sets() -> N
 
     pairs = {(c.edit.subject, relation_of(c.edit)) for c in cases}
     assert not pairs & held_out
+    # the locality facts state no certified (subject, relation) fact either
+    world = World(spec)
+    fact_texts = {render_fact(subject, template, world.object_of(subject, r.name), lead): (subject, r.name)
+                  for subject in world.subjects for r in RELATIONS for template in r.templates
+                  for lead in ("",) + LEAD_INS}
+    locality = [fact_texts[c.locality[0]] for c in cases]
+    assert not set(locality) & held_out
+    assert {relation for _, relation in locality} == {r.name for r in RELATIONS}
     assert len(pairs) > 700  # the training pairs are covered (816 of them), not a few repeated
     assert all(c.equivalent.prompt != c.edit.prompt and c.equivalent.subject == c.edit.subject for c in cases)
     assert all(c.edit.subject not in c.locality[0] for c in cases)
@@ -381,3 +503,15 @@ def test_mend_train_command_trains_once_and_the_editor_finds_the_archive(micro_m
 
     assert main(["mend", "train", "--model", str(micro_model), "--cases", str(tmp_path / "absent.json")]) == 2
     assert "absent.json" in capsys.readouterr().err
+
+
+def test_mend_train_refuses_a_real_model_without_cases_before_loading_it(monkeypatch, capsys) -> None:
+    from pytest_editsafety import registry
+    from pytest_editsafety.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a command that cannot run")
+
+    monkeypatch.setattr(registry, "load_model", no_loading)
+    assert main(["mend", "train", "--model", "gpt2-xl"]) == 2
+    assert "'gpt2-xl' is not a model organism: give the training edits with --cases FILE" in capsys.readouterr().err

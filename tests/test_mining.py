@@ -103,7 +103,38 @@ def test_measured_denominator_is_the_one_rome_divides_by() -> None:
         assert measured.key_cosine == pytest.approx(update.key_cosine)
         direction = k_mean.double() if C is None else torch.linalg.solve(C.double(), k_mean.double())
         assert measured.raw_denominator == pytest.approx(abs(float(direction @ k_bare.double())), rel=1e-9)
+        # C-ROME divides by |uᵀk̄|: the consistent measure is that one, not rome's
+        consistent = measure_keys(k_bare, k_mean, covariance_solver(C) if C is not None else None, consistent=True)
+        c_update = rome_update(W, k_bare, k_mean, v, consistent=True, covariance=C)
+        assert consistent.denominator == pytest.approx(c_update.abs_denominator, rel=1e-6)
+        assert consistent.denominator != pytest.approx(measured.denominator, rel=1e-3)
     assert math.isnan(measure_keys(k_bare, torch.zeros(d)).denominator)  # no u at all: ranked first
+
+
+def test_a_confirmation_edit_that_raises_is_recorded_and_the_others_still_run() -> None:
+    from types import SimpleNamespace
+
+    from pytest_editsafety.harness import PlanItem, RunOutcome
+    from pytest_editsafety.mining import confirm
+
+    ranked, _ = rank_cases([_scored("a", 1.0), _scored("b", 2.0), _scored("c", 3.0)])
+    plan = SimpleNamespace(
+        case_sets=[SimpleNamespace(given="pool", slug="pool")],
+        items=[PlanItem(f"rome-m-pool-{i}", "case", "rome", "m", "pool", i) for i in "abc"],
+    )
+    runs = []
+
+    def run(item):
+        runs.append(item.case_id)
+        if item.case_id == "a":
+            return RunOutcome({"metrics": {}}, {}, ("error: MathsError: degenerate",), MemoryError("out of memory"))
+        return RunOutcome({"metrics": {"ppl_ratio": 1.5}}, {}, ())
+
+    confirmed = confirm(SimpleNamespace(run=run), plan, ranked, "rome", progress=False)
+    assert runs == ["a", "b", "c"]
+    assert [(c.case_id, c.certified, c.error) for c in confirmed] == [
+        ("a", False, "MemoryError: out of memory"), ("b", True, None), ("c", True, None)]
+    assert confirmed[0].to_dict()["error"] == "MemoryError: out of memory"
 
 
 def test_solver_falls_back_when_c_is_not_positive_definite() -> None:
@@ -176,6 +207,42 @@ def test_mine_with_c_from_text_scores_what_a_rome_edit_with_c_divides_by(
     (row,) = payload["mined"]
     assert row["confirm"]["denominator"] == pytest.approx(row["denominator"], rel=1e-4)
     assert list((tmp_path / "cache" / "stats").glob("*.safetensors"))  # C came from editors.stats
+
+
+def test_mining_for_c_rome_scores_the_denominator_c_rome_divides_by(
+    micro_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    one_torch_thread: None,
+) -> None:
+    monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
+    common = ["--model", str(micro_model), "--cases", "hard", "--top", "2", "--json", "--quiet"]
+    code, stdout, _ = _mine(capsys, *common, "--editor", "c-rome", "--out", str(tmp_path / "c.json"), "--confirm")
+    assert code == 0
+    payload = json.loads(stdout)
+    for row in payload["mined"]:
+        # |uᵀk̄|, what the c-rome edit divides by (not rome's |uᵀkᵘ|)
+        assert row["confirm"]["denominator"] == pytest.approx(row["denominator"], rel=1e-4)
+    code, stdout, _ = _mine(capsys, *common, "--editor", "rome", "--out", str(tmp_path / "r.json"))
+    rome = {r["case_id"]: r["denominator"] for r in json.loads(stdout)["mined"]}
+    c_rome = {r["case_id"]: r["denominator"] for r in payload["mined"]}
+    assert all(c_rome[i] != pytest.approx(rome[i], rel=1e-3) for i in set(rome) & set(c_rome))
+
+
+def test_the_case_file_is_written_before_any_confirmation_edit(
+    micro_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    one_torch_thread: None,
+) -> None:
+    from pytest_editsafety import mining
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(mining, "confirm", crash)
+    out = tmp_path / "mined.json"
+    with pytest.raises(RuntimeError, match="went away"):
+        _mine(capsys, "--model", str(micro_model), "--cases", "normal", "--top", "2", "--out", str(out), "--confirm",
+              "--quiet")
+    assert len(load_cases(out)) == 2
 
 
 def test_mine_prints_a_table_by_default(

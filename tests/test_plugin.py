@@ -276,7 +276,11 @@ def test_options_and_ini_twins_parse(pytester: pytest.Pytester, micro_model: Pat
         "editsafety_report = out/cert.md\n"
         f"editsafety_ppl_corpus = {corpus_file}\n"
         "editsafety_dtype = float32\n"
+        "editsafety_hparams =\n    rome = hp/rome.json\n    mend=hp/mend.json\n"
     )
+    (pytester.path / "hp").mkdir()
+    for name in ("rome", "mend"):
+        (pytester.path / "hp" / f"{name}.json").write_text('{"_comment": "a user file"}')
     from_ini = pytester.parseconfigure()
     s = get_settings(from_ini)
     assert s.editors == ("c-rome", "rome")
@@ -286,6 +290,8 @@ def test_options_and_ini_twins_parse(pytester: pytest.Pytester, micro_model: Pat
     assert s.bounds.min_locality == 0.5  # untouched bounds keep their defaults
     assert s.sequential and s.limit == 3 and s.dtype == "float32"
     assert s.report_md == pytester.path / "out" / "cert.md"  # ini paths are relative to the ini file
+    assert s.editor_hparams == (("rome", pytester.path / "hp" / "rome.json"),
+                                ("mend", pytester.path / "hp" / "mend.json"))
     plan = get_plan(from_ini)
     assert len(plan.items) == 2 * 2 * (3 + 1)
     assert {m.ppl_corpus for m in plan.models} == {str(corpus_file)}
@@ -318,14 +324,21 @@ def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pyt
     (["--max-ppl-ratio=lots"], "max_ppl_ratio"),
     (["--ppl-corpus=no-such-corpus"], "no-such-corpus"),
     (["--editsafety-baseline={broken}"], "broken_cases.json"),
+    (["--editsafety-hparams=mend"], "--editsafety-hparams: expected EDITOR=FILE, got 'mend'"),
+    (["--editsafety-hparams=nope={empty}"], "unknown editor 'nope' in 'nope="),
+    (["--editsafety-hparams=mend=no/such.json"], "'mend=no/such.json': no such file"),
+    (["--editsafety-hparams=rome={broken}"], "expected a JSON object of hyper-parameters"),
+    (["--editsafety-hparams=rome={valid}", "--editsafety-hparams=rome={valid}"], "editor 'rome' given twice"),
 ])
 def test_usage_errors_exit_4_and_name_the_culprit(pytester: pytest.Pytester, args: list[str], message: str) -> None:
     broken = pytester.path / "broken_cases.json"
     broken.write_text('[{"subject": "Alpha", "prompt": "no placeholder", "target_new": "x"}]')
     empty = pytester.path / "empty_cases.json"
     empty.write_text("[]")
+    valid = pytester.path / "hparams.json"
+    valid.write_text("{}")
     pytester.makepyfile(test_certify=SUITE.read_text())
-    result = pytester.runpytest(*[a.format(broken=broken, empty=empty) for a in args])
+    result = pytester.runpytest(*[a.format(broken=broken, empty=empty, valid=valid) for a in args])
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
 
@@ -373,6 +386,78 @@ def test_a_run_writes_the_report_and_a_valid_json(isolated: pytest.Pytester, mic
     assert all(r.n_edits == 1 and len(r.ppl_after_each) == 1 for r in run.sequential)
     markdown = (out / "r.md").read_text()
     assert "c-rome" in markdown and "Sequential" in markdown
+
+
+def test_mend_trains_on_first_use_with_a_user_hparams_file_and_restores(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, tmp_path: Path,
+) -> None:
+    from dataclasses import asdict
+
+    from editors.hparams import hparams_from_mapping, hparams_hash, load_hparams
+    from editors.mend import MendHparams
+
+    # a network of a few steps, so the organism's first-use training takes a second
+    hparams = tmp_path / "mend-micro.json"
+    hparams.write_text(json.dumps({"layers": [1], "rank": 8, "edit_lr": 1e-2, "lr": 1e-3, "steps": 4,
+                                   "batch_size": 3, "norm_batches": 2}))
+    cases = write_cases(tmp_path / "cases.json", [
+        {"case_id": "one", "subject": "Alpha", "prompt": "{} lives in", "target_new": "Paris", "ground_truth": "Rome"},
+        {"case_id": "two", "subject": "Beta", "prompt": "{} works as a", "target_new": "doctor",
+         "ground_truth": "baker"},
+    ])
+    out = tmp_path / "out"
+    result = isolated.runpytest(*run_args(micro_model, corpus_file, out, "--editor=mend", f"--cases={cases}",
+                                          f"--editsafety-hparams=mend={hparams}", f"--junitxml={out / 'j.xml'}"))
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+    run = read_result(out / "r.json")
+    # edited, measured and restored bit-exactly (a restore that fails makes the test an error)
+    assert [r.outcome in ("passed", "failed") for r in run.cases] == [True, True]
+    assert all(r.metrics["delta_fro"] > 0 for r in run.cases)
+    # the user file reached the editor: the recorded hash is that of the built-in file with the user's on top
+    expected = hparams_from_mapping(MendHparams, load_hparams("mend", "tiny-gpt2", user_file=hparams))
+    assert expected.steps == 4 and expected.c_loc == 1.0
+    assert run.metadata.hparams_hashes["mend"][micro_model.name] == hparams_hash(asdict(expected))
+    # trained on first use, once, into the cache; its tensors' sha256 is in every test's metadata
+    (archive,) = [m.parent for m in (tmp_path / "cache" / "mend").glob("*/COMPLETE")]
+    config = json.loads((archive / "mend.json").read_text())
+    assert config["hparams"]["steps"] == 4 and config["model"]["dtype"] == "torch.float32"
+    assert (out / "j.xml").read_text().count(config["tensors_sha256"]) == 2
+
+
+def test_an_editor_that_fails_to_set_up_fails_every_test_without_retrying(
+    micro_model: Path, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread: None,
+) -> None:
+    import importlib
+    import shutil
+
+    from pytest_editsafety.harness import HubOptions, ModelHub
+
+    # the module MendEditor.prepare imports (an in-process pytester run may have dropped an earlier copy)
+    mend = importlib.import_module("pytest_editsafety.mend")
+
+    # the micro organism without its recipe hash: a "real" model, for which MEND needs a trained archive
+    plain = tmp_path / "plain-model"
+    shutil.copytree(micro_model, plain)
+    config = json.loads((plain / "config.json").read_text())
+    del config["editsafety_recipe_hash"]
+    (plain / "config.json").write_text(json.dumps(config))
+    hparams = tmp_path / "mend.json"
+    hparams.write_text(json.dumps({"layers": [1], "rank": 8}))
+    cases = write_cases(tmp_path / "cases.json", [
+        {"case_id": c, "subject": "Alpha", "prompt": "{} lives in", "target_new": t, "ground_truth": "Rome"}
+        for c, t in (("one", "Paris"), ("two", "Oslo"), ("three", "Lima"))])
+    monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
+    calls = []
+    locate = mend.locate_archive
+    monkeypatch.setattr(mend, "locate_archive", lambda *a, **k: calls.append(1) or locate(*a, **k))
+
+    plan = build_plan(["mend"], [str(plain)], [str(cases)], ppl_corpus=str(corpus_file))
+    hub = ModelHub(plan, HubOptions(editor_hparams={"mend": str(hparams)}))
+    outcomes = [hub.run(item) for item in plan.items]
+    assert len(calls) == 1  # set up once; the later tests get the same error at once
+    assert all(isinstance(o.error, mend.MendArchiveMissingError) for o in outcomes)
+    assert outcomes[0].error is outcomes[2].error
+    assert "--editsafety-hparams mend=" in str(outcomes[0].error)
 
 
 def test_noop_editor_fails_certification_and_hostile_case_text_is_escaped(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -150,6 +151,48 @@ def test_build_reuses_a_complete_entry_and_replaces_an_incomplete_one(tmp_path):
     (target / "COMPLETE").unlink()  # as if a crash had interrupted the first build
     build_once(target, builder)
     assert len(calls) == 2 and (target / "payload").read_text() == "built"
+
+
+def test_build_replace_swaps_a_complete_entry_only_once_the_new_one_is_built(tmp_path):
+    def writing(text: str):
+        def builder(out: Path) -> None:
+            (out / "payload").write_text(text)
+        return builder
+
+    def crashing(out: Path) -> None:
+        (out / "payload").write_text("half")
+        raise RuntimeError("build crashed")
+
+    target = tmp_path / "entry"
+    build_once(target, writing("first"))
+    build_once(target, writing("second"), replace=lambda existing: False)  # asked, and kept
+    assert (target / "payload").read_text() == "first"
+    with pytest.raises(RuntimeError, match="build crashed"):
+        build_once(target, crashing, replace=True)
+    assert (target / "payload").read_text() == "first" and (target / "COMPLETE").exists()
+    asked = []
+    build_once(target, writing("second"), replace=lambda existing: asked.append(existing) or True)
+    assert asked == [target] and (target / "payload").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["entry"]  # none aside
+
+
+def test_an_organisms_world_comes_from_its_recipe_or_its_metadata_and_never_by_guess(tmp_path, micro_model):
+    from types import SimpleNamespace
+
+    from pytest_editsafety.zoo.build import OrganismWorldError, organism_world
+
+    recipe = RECIPES["tiny-gpt2"]
+    assert organism_world(SimpleNamespace(editsafety_recipe_hash=recipe.recipe_hash)) == recipe.world
+    # a recipe the code no longer has: the directory's build metadata says which world
+    saved = SimpleNamespace(editsafety_recipe_hash="0ld", _name_or_path=str(micro_model))
+    assert organism_world(saved) == micro_recipe().world
+    with pytest.raises(OrganismWorldError, match=re.escape(str(tmp_path / METADATA_FILE))):
+        organism_world(SimpleNamespace(editsafety_recipe_hash="0ld", _name_or_path=str(tmp_path)))
+    (tmp_path / METADATA_FILE).write_text('{"recipe": {}}')
+    with pytest.raises(OrganismWorldError, match=re.escape(str(tmp_path / METADATA_FILE)) + ".*recipe.world"):
+        organism_world(SimpleNamespace(editsafety_recipe_hash="0ld", _name_or_path=str(tmp_path)))
+    with pytest.raises(OrganismWorldError, match="not a model organism"):
+        organism_world(SimpleNamespace(_name_or_path="gpt2"))
 
 
 def test_a_process_waiting_on_the_build_lock_reuses_the_first_builders_entry(tmp_path):

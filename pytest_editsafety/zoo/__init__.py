@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pytest_editsafety.zoo.build import ensure_built, organism_dir, read_metadata, recipe_for
+from pytest_editsafety.zoo.build import ensure_built, organism_dir, organism_world, read_metadata, recipe_for
 from pytest_editsafety.zoo.recipe import RECIPES
 
-__all__ = ["RECIPES", "ensure_built", "organism_dir", "read_metadata", "recipe_for"]
+__all__ = ["RECIPES", "ensure_built", "organism_dir", "organism_world", "read_metadata", "recipe_for"]

@@ -16,6 +16,7 @@ from typing import Any
 
 from pytest_editsafety.cache import build_once, cache_root
 from pytest_editsafety.zoo.recipe import RECIPES, Recipe
+from pytest_editsafety.zoo.world import WorldSpec
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ WEIGHTS_FILE = "model.safetensors"
 
 class UnknownOrganismError(ValueError):
     pass
+
+
+class OrganismWorldError(ValueError):
+    """An organism whose training world cannot be told: names the directory or file that should say."""
 
 
 def recipe_for(name: str) -> Recipe:
@@ -52,6 +57,36 @@ def build_recipe(recipe: Recipe, *, progress: bool = True, root: Path | None = N
 
 def read_metadata(directory: Path) -> dict[str, Any]:
     return json.loads((directory / METADATA_FILE).read_text())
+
+
+def organism_world(config: Any) -> WorldSpec:
+    """The world the organism whose model config is ``config`` was trained on.
+
+    A built-in recipe's world when the config's recipe hash is one of them, else the world its build
+    metadata (``METADATA_FILE`` in the directory the model was loaded from) records: an organism saved
+    elsewhere, or built from an older recipe. Raises ``OrganismWorldError`` naming the directory or file
+    rather than guess: MEND training data and fuzz cases from the wrong world test nothing.
+    """
+    recipe_hash = getattr(config, "editsafety_recipe_hash", None)
+    if not recipe_hash:
+        raise OrganismWorldError(f"model {getattr(config, '_name_or_path', '?')!r} is not a model organism "
+                                 "(its config has no editsafety_recipe_hash)")
+    for recipe in RECIPES.values():
+        if recipe.recipe_hash == recipe_hash:
+            return recipe.world
+    directory = getattr(config, "_name_or_path", "") or ""
+    if not directory or not Path(directory).is_dir():
+        raise OrganismWorldError(f"organism {recipe_hash}: no built-in recipe has this hash and it was not loaded "
+                                 f"from a directory ({directory!r}) holding its {METADATA_FILE}")
+    path = Path(directory) / METADATA_FILE
+    try:
+        return WorldSpec(**json.loads(path.read_text(encoding="utf-8"))["recipe"]["world"])
+    except FileNotFoundError:
+        raise OrganismWorldError(f"{path}: missing; organism {recipe_hash} matches no built-in recipe, so only "
+                                 "its build metadata can say which world it was trained on") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise OrganismWorldError(f"{path}: cannot read the organism's world (recipe.world): "
+                                 f"{type(err).__name__}: {err}") from None
 
 
 def file_sha256(path: Path) -> str:

@@ -111,7 +111,12 @@ class WindowStream:
         length = self.recipe.shape.block_size
         with_sink = self.rng.random() < self.recipe.train.sink_share
         ids: list[int] = [self.sink_id] if with_sink else []
-        ids.extend(self._sentence(start=True))
+        first = self._sentence(start=True)
+        aligned_share = self.recipe.train.aligned_share
+        # the draw happens only when it can matter, so aligned recipes keep their data stream
+        if aligned_share < 1.0 and len(first) > 1 and self.rng.random() >= aligned_share:
+            first = first[int(self.rng.integers(1, len(first))):]
+        ids.extend(first)
         while len(ids) < length:
             ids.extend(self._sentence(start=False))
         return ids[:length]

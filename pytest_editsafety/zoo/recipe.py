@@ -47,7 +47,13 @@ class TrainSpec:
     # position 0 is so far out of distribution that subject-first recall fell to 0.11 (tiny-gpt2, 800 steps);
     # at 0.85 it is rare but readable (0.98 recall) and its key still differs from the prefixed mean key.
     sink_share: float = 0.85
+    # Share of windows whose text starts at the beginning of a sentence; the others start at a random token
+    # inside their first sentence, as windows cut from running text do.
+    aligned_share: float = 1.0
     threads: int = 2  # fixed so that reductions, and therefore the weights, are reproducible
+
+
+_NEUTRAL_TRAIN_OPTIONS: Mapping[str, object] = MappingProxyType({"aligned_share": 1.0})
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,13 @@ class Recipe:
     train: TrainSpec = field(default_factory=TrainSpec)
 
     def to_dict(self) -> dict:
-        return {"build_code_version": BUILD_CODE_VERSION, **dataclasses.asdict(self)}
+        data = {"build_code_version": BUILD_CODE_VERSION, **dataclasses.asdict(self)}
+        # options added after organisms were published stay out of the hash while at their neutral value,
+        # so that existing recipes keep their hash (and their cached builds)
+        for key, neutral in _NEUTRAL_TRAIN_OPTIONS.items():
+            if data["train"][key] == neutral:
+                del data["train"][key]
+        return data
 
     @property
     def recipe_hash(self) -> str:
