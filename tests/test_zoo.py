@@ -102,6 +102,34 @@ def test_training_windows_are_deterministic_and_sunk(micro_tokenizer_and_world):
     assert 0.4 < sum(starts) / len(starts) < 0.6
 
 
+def test_unaligned_windows_start_inside_sentences(micro_tokenizer_and_world):
+    from pytest_editsafety.zoo.data import WindowStream, build_pools
+
+    recipe, world, tokenizer = micro_tokenizer_and_world
+    pools = build_pools(world, tokenizer)
+    sink = tokenizer.convert_tokens_to_ids(recipe.sink_token)
+
+    starts = {tuple(sentence[:3]) for sentence in pools.fact_start}
+
+    def sentence_start_share(aligned_share: float) -> float:
+        train = dataclasses.replace(recipe.train, sink_share=0.0, aligned_share=aligned_share)
+        stream = WindowStream(dataclasses.replace(recipe, train=train), pools, sink)
+        windows = [stream.window() for _ in range(300)]
+        return sum(tuple(w[:3]) in starts for w in windows) / len(windows)
+
+    aligned, unaligned = sentence_start_share(1.0), sentence_start_share(0.0)
+    assert aligned > 0.2  # fact sentences open most aligned windows
+    assert unaligned < aligned / 4
+
+
+def test_training_options_at_their_neutral_value_keep_the_recipe_hash():
+    recipe = micro_recipe()
+    assert "aligned_share" not in recipe.to_dict()["train"]
+    shifted = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, aligned_share=0.5))
+    assert shifted.to_dict()["train"]["aligned_share"] == 0.5
+    assert shifted.recipe_hash != recipe.recipe_hash
+
+
 def test_llama_organism_tokenizer_prepends_bos_like_llama(micro_tokenizer_and_world):
     from pytest_editsafety.zoo.data import tokenizer_training_texts
     from pytest_editsafety.zoo.tokenizer import train_tokenizer
