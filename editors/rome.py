@@ -105,8 +105,10 @@ def optimise_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, re
             kl_log_probs = log_probs[n_rewrite, kl_pos]
             if kl_reference is None:
                 kl_reference = kl_log_probs.detach()
-            kl = torch.nn.functional.kl_div(kl_log_probs, kl_reference, log_target=True, reduction="sum")
-            decay = hp.v_weight_decay * delta.norm() ** 2 / out_bare.norm() ** 2
+            # KL(edited || unedited) on the KL prompt, and a decay linear in ||δ|| over ||out||²: both exactly as
+            # ROME's compute_v writes them (a squared decay holds v* back once δ outgrows the output it edits)
+            kl = torch.nn.functional.kl_div(kl_reference, kl_log_probs, log_target=True, reduction="sum")
+            decay = hp.v_weight_decay * delta.norm() / out_bare.norm() ** 2
             loss = nll_loss + hp.kl_factor * kl + decay
             nll = float(nll_loss.detach())
             if nll < hp.early_stop_nll:
