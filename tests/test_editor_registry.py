@@ -204,7 +204,7 @@ def test_papers_numbers() -> None:
     ft = load_hparams("ft-linf", "gpt2-xl")
     assert (ft["layer"], ft["lr"], ft["num_steps"], ft["eps"]) == (0, 5e-4, 25, 5e-4)
     organism = load_hparams("ft-linf", "tiny-gpt2")
-    assert (organism["layer"], organism["lr"], organism["eps"]) == ("causal", 5e-3, 5e-3)
+    assert (organism["layer"], organism["lr"], organism["eps"]) == ("causal", 0.02, 0.02)
     assert load_hparams("memit", "tiny-llama")["layers"] == ["causal", "causal+1"]
     mend = load_hparams("mend", "gpt2-xl")
     assert (mend["layers"], mend["modules"], mend["rank"], mend["edit_lr"]) == ([45, 46, 47], ["mlp_in", "mlp_out"], 1920, 1e-4)
@@ -299,7 +299,7 @@ def test_build_editor_resolves_the_causal_layer_from_the_model_config() -> None:
                           overrides={"mom2_update_weight": 5.0})
     assert memit0.hparams.layers == (0, 1) and memit0.hparams.mom2_update_weight == 5.0
     ft = build_editor("ft-linf", "tiny-gpt2", model, user_hparams={"layer": 0})
-    assert ft.hparams.layer == 0 and ft.hparams.eps == 5e-3
+    assert ft.hparams.layer == 0 and ft.hparams.eps == 0.02
     # a model this repo has no file for falls back to its architecture family's defaults
     big = build_editor("rome", "someone/gpt2-big", SimpleNamespace(config=_config(24)))
     assert big.hparams.layer == 17
