@@ -14,3 +14,15 @@ def micro_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.zoo_helpers import micro_recipe
 
     return build_recipe(micro_recipe(), progress=False, root=tmp_path_factory.mktemp("micro-zoo"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module of tiny-tensor tests: on a shared 2-core machine a second thread only
+    adds contention (seen: 100x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

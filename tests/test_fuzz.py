@@ -26,6 +26,7 @@ from pytest_editsafety.fuzz import (
     world_from_organism,
 )
 from pytest_editsafety.zoo.world import World
+from tests.editor_packages import write_editor_package
 from tests.zoo_helpers import micro_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,13 +185,8 @@ def test_vocabulary_subjects_are_single_tokens_at_the_start_and_mid_text(micro_m
 @pytest.fixture(scope="module")
 def noop_editor(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory that, on sys.path, installs the editor ``fuzz-noop`` through the editors' entry point."""
-    root = tmp_path_factory.mktemp("fuzz-editor")
-    (root / "editsafety_fuzz_noop.py").write_text(FAKE_EDITOR)
-    info = root / "editsafety_fuzz_noop-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: editsafety-fuzz-noop\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[pytest_editsafety.editors]\nfuzz-noop = editsafety_fuzz_noop:make_noop\n")
-    return root
+    return write_editor_package(tmp_path_factory.mktemp("fuzz-editor"), "editsafety_fuzz_noop", FAKE_EDITOR,
+                                {"fuzz-noop": "make_noop"})
 
 
 @pytest.fixture()

@@ -38,13 +38,7 @@ CORPUS = (
 MEMIT_HP = dict(clamp_norm_factor=4.0, v_weight_decay=1e-3, mom2_update_weight=100.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices on a shared 2-core machine: a second thread only adds contention (seen: 100x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tokenizer(arch: str) -> PreTrainedTokenizerFast:

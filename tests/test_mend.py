@@ -50,12 +50,7 @@ MICRO = dict(layers=(1,), modules=("mlp_in", "mlp_out"), rank=8, n_hidden=1, edi
              steps=6, batch_size=3, norm_batches=2, seed=7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

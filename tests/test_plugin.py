@@ -27,6 +27,7 @@ from pytest_editsafety.cases import CaseSet, EditCase
 from pytest_editsafety.harness import PlanError, build_plan, slugify
 from pytest_editsafety.plugin import get_plan, get_settings
 from pytest_editsafety.results import read_result, write_result
+from tests.editor_packages import write_editor_package
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "suites" / "test_certify.py"
@@ -79,17 +80,8 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def fake_editors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory that, on sys.path, makes the editors ``noop`` and ``noop-crash`` installed."""
-    root = tmp_path_factory.mktemp("fake-editors")
-    (root / "editsafety_fake_editors.py").write_text(FAKE_EDITORS)
-    info = root / "editsafety_fake_editors-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: editsafety-fake-editors\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[pytest_editsafety.editors]\n"
-        "noop = editsafety_fake_editors:make_noop\n"
-        "noop-crash = editsafety_fake_editors:make_crasher\n"
-    )
-    return root
+    return write_editor_package(tmp_path_factory.mktemp("fake-editors"), "editsafety_fake_editors", FAKE_EDITORS,
+                                {"noop": "make_noop", "noop-crash": "make_crasher"})
 
 
 @pytest.fixture()

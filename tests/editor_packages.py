@@ -1,0 +1,18 @@
+"""Install throwaway editor packages for tests: a module plus a dist-info whose entry points register editors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def write_editor_package(root: Path, module: str, source: str, editors: Mapping[str, str]) -> Path:
+    """Make ``root`` (put it on ``sys.path``) hold ``module`` and register ``editors`` (name -> factory)
+    under the ``pytest_editsafety.editors`` entry-point group, as an installed distribution would."""
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {module}:{factory}\n" for name, factory in editors.items())
+    (info / "entry_points.txt").write_text("[pytest_editsafety.editors]\n" + lines)
+    return root
