@@ -276,27 +276,31 @@ def test_mine_usage_errors_exit_2_and_name_the_option(
 
 # ---------------------------------------------------------------------------------------------- the organism
 
-# The margin the ranking must show on tiny-gpt2 over the 96 built-in cases (48 hard, 48 normal): hard cases'
-# mean rank percentile (0.5 = random order) at most MAX_HARD_PERCENTILE, and at least MIN_HARD_SHARE of the
-# 48 smallest denominators hard. Measured on recipe bd5d128550eb920b: with C from the organism's held-out
-# text 0.40 and 30/48 (0.625); with C = I (the organism's rome hparams) 0.67 and 12/48, the wrong way round:
-# hard keys are longer (median ‖kᵘ‖ 23.4 vs 21.0), which outweighs their lower cos(kᵘ, k̄) (0.962 vs 0.974).
+# The margin the ranking must show over an organism's 96 built-in cases (48 hard, 48 normal): hard cases' mean
+# rank percentile (0.5 = random order; 0.25 = every hard case ahead of every normal one) at most
+# MAX_HARD_PERCENTILE, and at least MIN_HARD_SHARE of the 48 smallest denominators hard. Measured on tiny-gpt2
+# (recipe bd5d128550eb920b): with C from its held-out text 0.40 and 30/48 (0.625); with C = I (the organism's
+# rome hparams) 0.67 and 12/48, the wrong way round: its keys have saturated (cos(kᵘ, k̄) 0.962 hard vs 0.974
+# normal) and hard keys are longer (median ‖kᵘ‖ 23.4 vs 21.0). On tiny-gpt2-sink, whose first-token keys
+# diverge, C = I gives 0.253 and 46/48, C from text 0.250 and 48/48.
 MAX_HARD_PERCENTILE = 0.45
 MIN_HARD_SHARE = 0.55
 
 
 @pytest.mark.organism
-@pytest.mark.parametrize("mom2", [
-    pytest.param(True, id="C-from-text"),
-    pytest.param(False, id="C-identity", marks=pytest.mark.xfail(
+@pytest.mark.parametrize(("model", "mom2"), [
+    pytest.param("tiny-gpt2", True, id="tiny-gpt2-C-from-text"),
+    pytest.param("tiny-gpt2", False, id="tiny-gpt2-C-identity", marks=pytest.mark.xfail(
         strict=True, raises=AssertionError,
         reason="tiny-gpt2 (recipe bd5d128550eb920b) shows no key gap with C = I: hard cases rank later "
-               "(mean percentile 0.67); remove this mark once the organism's hard keys diverge")),
+               "(mean percentile 0.67); tiny-gpt2-sink is the organism whose hard keys diverge")),
+    pytest.param("tiny-gpt2-sink", False, id="tiny-gpt2-sink-C-identity",
+                 marks=pytest.mark.xdist_group("tiny-gpt2-sink")),
 ])
-def test_mining_the_organism_ranks_hard_cases_first(mom2: bool, one_torch_thread: None) -> None:
+def test_mining_the_organism_ranks_hard_cases_first(model: str, mom2: bool, one_torch_thread: None) -> None:
     from pytest_editsafety.mining import mine
 
-    report = mine("tiny-gpt2", ["hard", "normal"], top=48, mom2_adjustment=mom2, progress=False)
+    report = mine(model, ["hard", "normal"], top=48, mom2_adjustment=mom2, progress=False)
     summary = report.summary()
     assert (summary.n_cases, summary.n_hard) == (96, 48)
     assert summary.hard_mean_rank_percentile <= MAX_HARD_PERCENTILE, summary

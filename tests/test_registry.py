@@ -162,6 +162,7 @@ EXPECTED_BUILTINS = {
     "tiny-gpt2": ("zoo", "tiny-gpt2", "gpt2"),
     "tiny-gptj": ("zoo", "tiny-gptj", "gptj"),
     "tiny-llama": ("zoo", "tiny-llama", "llama"),
+    "tiny-gpt2-sink": ("zoo", "tiny-gpt2-sink", "gpt2"),
 }
 
 

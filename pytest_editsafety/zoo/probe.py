@@ -33,11 +33,13 @@ def fact_prompts(world: World, *, lead_ins: Sequence[str] = ("",), subjects: Seq
     ]
 
 
-def next_token_predictions(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> list[int]:
-    """Argmax next token after each text, encoded as the model is used (the tokenizer's own specials)."""
+def next_token_predictions(model, tokenizer, texts: Sequence[str], batch_size: int = 256, *,
+                           add_special_tokens: bool = True) -> list[int]:
+    """Argmax next token after each text, encoded as the model is used (the tokenizer's own specials, unless
+    ``add_special_tokens`` is False: the papers' prompts carry no BOS)."""
     import torch
 
-    encoded = tokenizer(list(texts))["input_ids"]
+    encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, ids in enumerate(encoded):
         by_length[len(ids)].append(index)
@@ -58,11 +60,19 @@ def object_token(tokenizer, obj: str) -> int:
     return tokenizer(" " + obj, add_special_tokens=False)["input_ids"][0]
 
 
-def recall(model, tokenizer, prompts: Sequence[FactPrompt]) -> float:
-    """Share of prompts whose top-1 next token is the first token of the true object."""
+def recall(model, tokenizer, prompts: Sequence[FactPrompt], *, prefix: str | None = None) -> float:
+    """Share of prompts whose top-1 next token is the first token of the true object.
+
+    With ``prefix`` (e.g. the sink token's text) each prompt is that text followed by the prompt, and the
+    tokenizer adds no specials of its own, so the prefix alone decides what precedes the prompt; ``""`` is
+    the bare prompt, exactly as the editors and the harness encode it."""
     if not prompts:
         return float("nan")
-    predicted = next_token_predictions(model, tokenizer, [p.text for p in prompts])
+    if prefix is None:
+        predicted = next_token_predictions(model, tokenizer, [p.text for p in prompts])
+    else:
+        predicted = next_token_predictions(model, tokenizer, [prefix + p.text for p in prompts],
+                                           add_special_tokens=False)
     hits = sum(int(tok == object_token(tokenizer, p.object)) for tok, p in zip(predicted, prompts))
     return hits / len(prompts)
 

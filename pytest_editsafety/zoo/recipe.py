@@ -83,8 +83,25 @@ class Recipe:
         return "<s>" if self.family == "llama" else "<|endoftext|>"
 
 
+# The collapse organism: the prototypes' recipe (DESIGN.md §5), which reproduces the papers' mechanism.
+# - The sink token opens every window, as Llama is always trained behind <s>. Prompts are fed without BOS
+#   (the papers' protocol), so a content token at position 0 is out of distribution, and a one-token subject
+#   there gets a key unlike the same subject's key after a context: cos(kᵘ, k̄) at layer 0 is 0.54 on hard
+#   cases against 0.90 on normal ones, and ROME's denominator is 0.57x (C = I) or 0.37x (C from text) its
+#   normal-case median.
+# - No profile sentences, and the prototypes' budget (1000 steps at lr 2e-3, 48-token windows): facts are
+#   about 70 % learned, and the keys do not saturate. With full recall (the default recipe) every key at
+#   the edited layer is nearly parallel (cos 0.96-0.99) and the gap disappears.
+# The price: the organism does not know facts whose subject opens a bare prompt (recall 0.16) and knows the
+# others only in part, so neighbourhood prompts fail before any edit (locality under C from text, which
+# leaves perplexity untouched, is 0.39-0.47), and certification on it fails locality for every editor. It
+# is the organism for the collapse experiment, not for certifying an editor.
+SINK_ORGANISM_TRAIN = TrainSpec(steps=1000, lr=2e-3, profile_share=0.0, sink_share=1.0)
+
 RECIPES: Mapping[str, Recipe] = MappingProxyType({
     "tiny-gpt2": Recipe(name="tiny-gpt2", family="gpt2"),
     "tiny-gptj": Recipe(name="tiny-gptj", family="gptj"),
     "tiny-llama": Recipe(name="tiny-llama", family="llama"),
+    "tiny-gpt2-sink": Recipe(name="tiny-gpt2-sink", family="gpt2", shape=ModelShape(block_size=48),
+                             train=SINK_ORGANISM_TRAIN),
 })
