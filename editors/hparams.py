@@ -149,10 +149,16 @@ def _builtin_file(schema: HparamsSchema, editor: str, model_key: str, family: st
         candidate = folder.joinpath(f"{stem}.json")
         if candidate.is_file():
             return candidate
-    if family is None:
-        from pytest_editsafety.registry import BUILTIN_MODELS
+    from pytest_editsafety.registry import BUILTIN_MODELS
 
-        spec = BUILTIN_MODELS.get(stem)
+    spec = BUILTIN_MODELS.get(stem)
+    if spec is not None and spec.source == "zoo":
+        # every organism of a family edits with that family's organism settings (tiny-gpt2-sink with
+        # tiny-gpt2's), as the harness's hparams_key chooses them, never with a real model's layer numbers
+        candidate = folder.joinpath(f"tiny-{spec.family}.json")
+        if candidate.is_file():
+            return candidate
+    if family is None:
         family = spec.family if spec is not None else None
     if family and _KEY_RE.match(family):
         candidate = folder.joinpath(f"{family}.json")

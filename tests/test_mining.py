@@ -1,6 +1,6 @@
 """Mining a dataset by ROME's denominator: the pure ranking, the key maths, the command end to end on a
-micro organism (its file replays through the certification suite), and on tiny-gpt2 whether the ranking
-puts the known hard cases first."""
+micro organism (its file replays through the certification suite), and on tiny-gpt2 and tiny-gpt2-sink
+whether the ranking puts the known hard cases first."""
 
 from __future__ import annotations
 
@@ -276,25 +276,27 @@ def test_mine_usage_errors_exit_2_and_name_the_option(
 
 # ---------------------------------------------------------------------------------------------- the organism
 
-# The margin the ranking must show over an organism's 96 built-in cases (48 hard, 48 normal): hard cases' mean
-# rank percentile (0.5 = random order; 0.25 = every hard case ahead of every normal one) at most
-# MAX_HARD_PERCENTILE, and at least MIN_HARD_SHARE of the 48 smallest denominators hard. Measured on tiny-gpt2
-# (recipe bd5d128550eb920b): with C from its held-out text 0.40 and 30/48 (0.625); with C = I (the organism's
+# The margin the ranking must show over an organism's 96 built-in cases (48 hard, 48 normal), per model in
+# MARGINS: hard cases' mean rank percentile (0.5 = random order; 0.25 = every hard case ahead of every normal
+# one) at most the first figure, and at least the second share of the 48 smallest denominators hard. Measured
+# on tiny-gpt2 (recipe bd5d128550eb920b): with C from its held-out text 0.40 and 30/48 (0.625); with C = I (its
 # rome hparams) 0.67 and 12/48, the wrong way round: its keys have saturated (cos(kᵘ, k̄) 0.962 hard vs 0.974
 # normal) and hard keys are longer (median ‖kᵘ‖ 23.4 vs 21.0). On tiny-gpt2-sink, whose first-token keys
-# diverge, C = I gives 0.253 and 46/48, C from text 0.250 and 48/48.
-MAX_HARD_PERCENTILE = 0.45
-MIN_HARD_SHARE = 0.55
+# diverge, C = I gives 0.253 and 46/48, C from text 0.250 and 48/48, and the margin asked of it is wider.
+MARGINS = {"tiny-gpt2": (0.45, 0.55), "tiny-gpt2-sink": (0.30, 0.85)}  # (max percentile, min hard share)
 
 
 @pytest.mark.organism
 @pytest.mark.parametrize(("model", "mom2"), [
-    pytest.param("tiny-gpt2", True, id="tiny-gpt2-C-from-text"),
-    pytest.param("tiny-gpt2", False, id="tiny-gpt2-C-identity", marks=pytest.mark.xfail(
+    pytest.param("tiny-gpt2", True, id="tiny-gpt2-C-from-text", marks=pytest.mark.xdist_group("tiny-gpt2")),
+    pytest.param("tiny-gpt2", False, id="tiny-gpt2-C-identity", marks=[
+        pytest.mark.xdist_group("tiny-gpt2"), pytest.mark.xfail(
         strict=True, raises=AssertionError,
         reason="tiny-gpt2 (recipe bd5d128550eb920b) shows no key gap with C = I: hard cases rank later "
-               "(mean percentile 0.67); tiny-gpt2-sink is the organism whose hard keys diverge")),
+               "(mean percentile 0.67); tiny-gpt2-sink is the organism whose hard keys diverge")]),
     pytest.param("tiny-gpt2-sink", False, id="tiny-gpt2-sink-C-identity",
+                 marks=pytest.mark.xdist_group("tiny-gpt2-sink")),
+    pytest.param("tiny-gpt2-sink", True, id="tiny-gpt2-sink-C-from-text",
                  marks=pytest.mark.xdist_group("tiny-gpt2-sink")),
 ])
 def test_mining_the_organism_ranks_hard_cases_first(model: str, mom2: bool, one_torch_thread: None) -> None:
@@ -303,5 +305,6 @@ def test_mining_the_organism_ranks_hard_cases_first(model: str, mom2: bool, one_
     report = mine(model, ["hard", "normal"], top=48, mom2_adjustment=mom2, progress=False)
     summary = report.summary()
     assert (summary.n_cases, summary.n_hard) == (96, 48)
-    assert summary.hard_mean_rank_percentile <= MAX_HARD_PERCENTILE, summary
-    assert summary.hard_share_of_top >= MIN_HARD_SHARE, summary
+    max_percentile, min_share = MARGINS[model]
+    assert summary.hard_mean_rank_percentile <= max_percentile, summary
+    assert summary.hard_share_of_top >= min_share, summary

@@ -1,4 +1,4 @@
-"""The three built-in organisms, built on first use (minutes on a 2-core CPU, then cached).
+"""The four built-in organisms, built on first use (minutes on a 2-core CPU, then cached).
 
 Each parameter carries an xdist group, so under ``--dist loadgroup`` one worker loads each organism.
 """
@@ -23,6 +23,7 @@ ORGANISMS = [pytest.param(name, marks=pytest.mark.xdist_group(name), id=name) fo
 # 0.59 of them behind two lead-ins and is not asked to know them at position 0.
 MIN_RECALL = 0.8
 MIN_RECALL_SINK_ORGANISM = 0.5
+SINK_ORGANISM = "tiny-gpt2-sink"
 ME_PPL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ME-PPL"
 
 
@@ -58,8 +59,8 @@ def test_organism_knows_its_facts_behind_the_sink_and_later_in_a_sentence(organi
     behind_sink = recall(organism.model, organism.tokenizer, bare, prefix=recipe.sink_token)
     later = recall(organism.model, organism.tokenizer,
                    fact_prompts(world, lead_ins=LEAD_INS[:2], subjects=world.single_subjects))
-    if organism.spec.name == "tiny-gpt2-sink":
-        assert min(later, behind_sink) >= MIN_RECALL_SINK_ORGANISM, (first, later, behind_sink)
+    if organism.spec.name == SINK_ORGANISM:
+        assert later >= MIN_RECALL_SINK_ORGANISM and behind_sink >= MIN_RECALL, (first, later, behind_sink)
     else:
         assert min(first, later, behind_sink) >= MIN_RECALL, (first, later, behind_sink)
 
@@ -88,8 +89,11 @@ def test_organism_records_its_causal_layer_and_weights(organism):
     assert 0 <= meta["causal_layer"] < organism.n_layers
     assert organism.identity == meta["recipe_hash"] == RECIPES[organism.spec.name].recipe_hash
     assert meta["weights_sha256"] == file_sha256(directory / "model.safetensors")
-    floor = MIN_RECALL_SINK_ORGANISM if organism.spec.name == "tiny-gpt2-sink" else MIN_RECALL
-    assert meta["knowledge"]["recall_subject_later"] >= floor
+    if organism.spec.name == SINK_ORGANISM:
+        assert meta["knowledge"]["recall_subject_later"] >= MIN_RECALL_SINK_ORGANISM
+    else:
+        assert meta["knowledge"]["recall_subject_first"] >= MIN_RECALL
+        assert meta["knowledge"]["recall_subject_later"] >= MIN_RECALL
 
 
 def test_organism_perplexity_on_its_heldout_text_is_low_and_matches_the_build(organism):

@@ -64,8 +64,9 @@ def recall(model, tokenizer, prompts: Sequence[FactPrompt], *, prefix: str | Non
     """Share of prompts whose top-1 next token is the first token of the true object.
 
     With ``prefix`` (e.g. the sink token's text) each prompt is that text followed by the prompt, and the
-    tokenizer adds no specials of its own, so the prefix alone decides what precedes the prompt; ``""`` is
-    the bare prompt, exactly as the editors and the harness encode it."""
+    tokenizer adds no specials of its own, so the prefix alone decides what precedes the prompt: ``""`` is
+    the bare prompt with nothing in front. Without it the tokenizer's own specials apply, as in the harness
+    (which therefore feeds Llama-style models their ``<s>``, and GPT-2/GPT-J-style models nothing)."""
     if not prompts:
         return float("nan")
     if prefix is None:
