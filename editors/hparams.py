@@ -37,6 +37,7 @@ __all__ = [
     "hparams_from_mapping",
     "hparams_hash",
     "load_hparams",
+    "organism_hparams_key",
     "read_hparams_file",
     "resolve_hparams_layers",
     "resolve_layers",
@@ -141,6 +142,11 @@ def _check_keys(data: Mapping[str, Any], known: Sequence[str], source: str, edit
             )
 
 
+def organism_hparams_key(family: str) -> str:
+    """The hparams key every model organism of ``family`` edits with (tiny-gpt2-sink uses tiny-gpt2's)."""
+    return f"tiny-{family}"
+
+
 def _builtin_file(schema: HparamsSchema, editor: str, model_key: str, family: str | None):
     """The built-in file for ``model_key``, else the one for its family."""
     folder = _builtin_root().joinpath(schema.directory)
@@ -153,9 +159,8 @@ def _builtin_file(schema: HparamsSchema, editor: str, model_key: str, family: st
 
     spec = BUILTIN_MODELS.get(stem)
     if spec is not None and spec.source == "zoo":
-        # every organism of a family edits with that family's organism settings (tiny-gpt2-sink with
-        # tiny-gpt2's), as the harness's hparams_key chooses them, never with a real model's layer numbers
-        candidate = folder.joinpath(f"tiny-{spec.family}.json")
+        # a built-in organism edits with its family's organism settings, never a real model's layer numbers
+        candidate = folder.joinpath(f"{organism_hparams_key(spec.family)}.json")
         if candidate.is_file():
             return candidate
     if family is None:

@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo = commands.add_parser("zoo", help="the built-in model organisms").add_subparsers(dest="zoo_command", required=True)
     build = zoo.add_parser("build", help="build (or reuse) organisms and report their measurements")
-    build.add_argument("name", nargs="?", default="all", help="tiny-gpt2, tiny-gptj, tiny-llama, tiny-gpt2-sink or all (default)")
+    build.add_argument("name", nargs="?", default="all",
+                       help="tiny-gpt2, tiny-gptj, tiny-llama, tiny-gpt2-sink or all (default)")
     build.add_argument("--json", action="store_true")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_zoo_build)

@@ -360,7 +360,9 @@ def hparams_key(loaded: Any) -> str:
     """The key hparams files are looked up by: an organism saved anywhere (a local copy, an older recipe)
     uses its family's organism settings, recognised by the recipe hash its config carries."""
     if getattr(loaded.model.config, "editsafety_recipe_hash", None):
-        return f"tiny-{loaded.family.name}"
+        from editors.hparams import organism_hparams_key
+
+        return organism_hparams_key(loaded.family.name)
     return loaded.spec.name
 
 

@@ -179,6 +179,10 @@ def test_builtin_alias_resolves(name: str, tmp_path: Path, monkeypatch: pytest.M
 
 def test_builtin_table_is_exactly_the_documented_one() -> None:
     assert set(BUILTIN_MODELS) == set(EXPECTED_BUILTINS)
+    with pytest.raises(TypeError):
+        BUILTIN_MODELS["mine"] = BUILTIN_MODELS["gpt2"]  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        BUILTIN_MODELS["gpt2"].location = "elsewhere"  # type: ignore[misc]
 
 
 def test_every_builtin_organism_has_a_recipe_of_its_family_and_edits_with_organism_hparams() -> None:
@@ -191,10 +195,6 @@ def test_every_builtin_organism_has_a_recipe_of_its_family_and_edits_with_organi
         assert RECIPES[name].family == spec.family
         # an organism never falls back to a real model's numbers (GPT-2's layer 17 on a 6-layer model)
         assert load_hparams("rome", name)["layer"] == "causal", name
-    with pytest.raises(TypeError):
-        BUILTIN_MODELS["mine"] = BUILTIN_MODELS["gpt2"]  # type: ignore[index]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        BUILTIN_MODELS["gpt2"].location = "elsewhere"  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("name", ["nope", "GPT2", "gpt3-xl", "a b/c", "", "   ", "./no/such/dir", "owner/na--me"])
