@@ -233,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     mining.add_argument("--out", default=None, help="case file to write (default reports/mined-<editor>-<model>.json)")
     mining.add_argument("--editor", default="rome", help="ROME-family editor whose layer, context templates and C "
                                                          "are used, and whose edits --confirm runs (default rome)")
-    mining.add_argument("--mom2", action="store_true", help="score with C from text (mom2_adjustment on) whatever "
-                                                            "the editor's hparams say")
+    mining.add_argument("--mom2", action=argparse.BooleanOptionalAction, default=None,
+                        help="score with C from text (--mom2) or C = I (--no-mom2) whatever the editor's hparams "
+                             "say (default: the hparams decide)")
     mining.add_argument("--stats-corpus", default=None, help="corpus for C (default: the perplexity corpus)")
     mining.add_argument("--ppl-corpus", default=None, help="perplexity corpus for --confirm (default "
                                                            "organism-heldout for organisms, me-ppl-50 otherwise)")

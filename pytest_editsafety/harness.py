@@ -357,11 +357,17 @@ class _ModelState:
 
 
 def hparams_key(loaded: Any) -> str:
-    """The key hparams files are looked up by: an organism saved anywhere (a local copy, an older recipe)
-    uses its family's organism settings, recognised by the recipe hash its config carries."""
-    if getattr(loaded.model.config, "editsafety_recipe_hash", None):
+    """The key hparams files are looked up by. An organism is recognised by the recipe hash its config
+    carries, wherever it was saved: a built-in recipe's build (a local copy included) uses that organism's
+    settings, and any other organism (an older recipe) its family's organism settings."""
+    recipe_hash = getattr(loaded.model.config, "editsafety_recipe_hash", None)
+    if recipe_hash:
         from editors.hparams import organism_hparams_key
+        from pytest_editsafety.zoo.recipe import RECIPES
 
+        for recipe in RECIPES.values():
+            if recipe.recipe_hash == recipe_hash:
+                return recipe.name
         return organism_hparams_key(loaded.family.name)
     return loaded.spec.name
 

@@ -349,13 +349,13 @@ def confirm(hub: Any, plan: Any, mined: Sequence[MinedCase], editor: str, *, pro
     return tuple(confirmed)
 
 
-def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str = "rome", mom2_adjustment: bool = False,
+def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str = "rome", mom2_adjustment: bool | None = None,
          ppl_corpus: str | None = None, stats_corpus: str | None = None, with_confirm: bool = False,
          progress: bool = True, on_ranked: Callable[[MiningReport], Any] | None = None) -> MiningReport:
     """Score the union of ``case_sets`` on ``model`` by ROME's denominator; optionally confirm the top ``top``.
 
-    ``mom2_adjustment`` turns C on (second moments over ``stats_corpus``, default the perplexity corpus)
-    whatever the editor's hparams file says; otherwise the file decides. ``on_ranked`` gets the scored
+    ``mom2_adjustment`` True turns C on (second moments over ``stats_corpus``, default the perplexity corpus)
+    and False turns it off (C = I), whatever the editor's hparams file says; None lets the file decide. ``on_ranked`` gets the scored
     report before any confirmation edit runs (the command writes its case file there, so the scores
     survive whatever the edits do).
     """
@@ -368,7 +368,7 @@ def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str = "rome"
     if editor not in available_editors():  # before a model is loaded for nothing
         raise MiningError(f"--editor: unknown editor {editor!r}; available: {', '.join(available_editors())}")
     plan = build_plan([editor], [model], list(case_sets), ppl_corpus=ppl_corpus)
-    overrides = {"mom2_adjustment": True} if mom2_adjustment else None
+    overrides = None if mom2_adjustment is None else {"mom2_adjustment": mom2_adjustment}
     hub = ModelHub(plan, HubOptions(stats_corpus=stats_corpus, editor_overrides=overrides))
     slug = plan.models[0].slug
     scored = score_case_sets(hub, slug, editor, [(s.slug, s.given) for s in plan.case_sets], progress=progress)

@@ -45,6 +45,8 @@ EXAMPLE_PKG = Path(__file__).parent / "example_editor_pkg"
 BUILTINS = ("rome", "c-rome", "c-rome-prefix", "memit", "ft-linf", "mend")
 HPARAMS_EDITORS = ("rome", "memit", "ft-linf", "mend")
 MODEL_KEYS = ("gpt2-xl", "gpt-j", "llama2-7b", "tiny-gpt2", "tiny-gptj", "tiny-llama", "gpt2", "gptj", "llama")
+# organisms with settings of their own; the others edit with their family's organism file
+OWN_KEYS = {"rome": ("tiny-gpt2-sink",)}
 
 
 @pytest.fixture()
@@ -177,8 +179,9 @@ def _config(n_layers: int, causal: int | None = None) -> SimpleNamespace:
 def test_every_builtin_file_is_documented_complete_and_buildable(editor: str) -> None:
     schema = schema_for(editor)
     fields = set(schema.field_names())
-    assert set(builtin_hparams_keys(editor)) == set(MODEL_KEYS)
-    for key in MODEL_KEYS:
+    keys = MODEL_KEYS + OWN_KEYS.get(editor, ())
+    assert set(builtin_hparams_keys(editor)) == set(keys)
+    for key in keys:
         raw = json.loads((Path(registry.__file__).parent / "hparams" / schema.directory / f"{key}.json").read_text())
         comment = raw.pop("_comment")
         assert isinstance(comment, str) and len(comment) > 80, f"{editor}/{key}.json: explain the numbers"
@@ -293,9 +296,10 @@ def test_build_editor_resolves_the_causal_layer_from_the_model_config() -> None:
     model = SimpleNamespace(config=_config(2, causal=1))
     rome = build_editor("c-rome", "tiny-gpt2", model)
     assert rome.hparams.layer == 1 and rome.consistent
-    memit = build_editor("memit", "tiny-gpt2", model)
-    assert memit.hparams.layers == (1,)
-    memit0 = build_editor("memit", "tiny-gpt2", SimpleNamespace(config=_config(2, causal=0)),
+    assert build_editor("memit", "tiny-gpt2", model).hparams.layers == (1,)  # tiny-gpt2 edits its causal layer only
+    memit = build_editor("memit", "tiny-llama", model)
+    assert memit.hparams.layers == (1,)  # 'causal+1' is dropped past the last layer
+    memit0 = build_editor("memit", "tiny-llama", SimpleNamespace(config=_config(2, causal=0)),
                           overrides={"mom2_update_weight": 5.0})
     assert memit0.hparams.layers == (0, 1) and memit0.hparams.mom2_update_weight == 5.0
     ft = build_editor("ft-linf", "tiny-gpt2", model, user_hparams={"layer": 0})

@@ -195,6 +195,26 @@ def test_every_builtin_organism_has_a_recipe_of_its_family_and_edits_with_organi
         assert RECIPES[name].family == spec.family
         # an organism never falls back to a real model's numbers (GPT-2's layer 17 on a 6-layer model)
         assert load_hparams("rome", name)["layer"] == "causal", name
+    # the collapse organism keeps C = I, where its damage shows; the certification organisms whiten with C
+    assert load_hparams("rome", "tiny-gpt2-sink")["mom2_adjustment"] is False
+    assert load_hparams("rome", "tiny-gpt2")["mom2_adjustment"] is True
+    assert load_hparams("memit", "tiny-gpt2-sink") == load_hparams("memit", "tiny-gpt2")
+
+
+def test_an_organism_is_told_apart_by_its_recipe_hash_wherever_it_was_saved() -> None:
+    from types import SimpleNamespace
+
+    from pytest_editsafety.harness import hparams_key
+    from pytest_editsafety.zoo.recipe import RECIPES
+
+    def loaded(recipe_hash: str | None, family: str = "gpt2") -> SimpleNamespace:
+        return SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(editsafety_recipe_hash=recipe_hash)),
+                               family=SimpleNamespace(name=family), spec=SimpleNamespace(name="/copies/organism"))
+
+    for name, recipe in RECIPES.items():  # a local copy of a built-in organism keeps that organism's settings
+        assert hparams_key(loaded(recipe.recipe_hash, recipe.family)) == name
+    assert hparams_key(loaded("0123456789abcdef", "llama")) == "tiny-llama"  # an older recipe: its family's
+    assert hparams_key(loaded(None)) == "/copies/organism"  # not an organism
 
 
 @pytest.mark.parametrize("name", ["nope", "GPT2", "gpt3-xl", "a b/c", "", "   ", "./no/such/dir", "owner/na--me"])

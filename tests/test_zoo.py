@@ -124,10 +124,37 @@ def test_unaligned_windows_start_inside_sentences(micro_tokenizer_and_world):
 
 def test_training_options_at_their_neutral_value_keep_the_recipe_hash():
     recipe = micro_recipe()
-    assert "aligned_share" not in recipe.to_dict()["train"]
-    shifted = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, aligned_share=0.5))
-    assert shifted.to_dict()["train"]["aligned_share"] == 0.5
-    assert shifted.recipe_hash != recipe.recipe_hash
+    for option, value in (("aligned_share", 0.5), ("subject_embedding_norm", 2.0)):
+        assert option not in recipe.to_dict()["train"]
+        shifted = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, **{option: value}))
+        assert shifted.to_dict()["train"][option] == value
+        assert shifted.recipe_hash != recipe.recipe_hash
+
+
+def test_fixed_subject_embeddings_keep_their_rescaled_init_while_other_tokens_train(micro_tokenizer_and_world):
+    import torch
+
+    from pytest_editsafety.zoo.architectures import build_untrained
+    from pytest_editsafety.zoo.data import WindowStream, build_pools
+    from pytest_editsafety.zoo.tokenizer import subject_token_ids
+    from pytest_editsafety.zoo.train import train
+
+    _, world, tokenizer = micro_tokenizer_and_world
+    recipe = micro_recipe(subject_embedding_norm=1.5)
+    model = build_untrained(recipe, tokenizer)
+    before = model.get_input_embeddings().weight.detach().clone()
+    subjects = subject_token_ids(tokenizer, world.single_subjects)
+    assert len(subjects) == 2 * len(world.single_subjects)  # "Name" and " Name" are distinct tokens
+    stream = WindowStream(recipe, build_pools(world, tokenizer), tokenizer.convert_tokens_to_ids(recipe.sink_token))
+    train(model, recipe, stream, progress=False, frozen_token_ids=subjects)
+
+    after = model.get_input_embeddings().weight.detach()
+    rows = torch.tensor(subjects)
+    expected = before[rows] * (1.5 / before[rows].norm(dim=1, keepdim=True))
+    assert torch.equal(after[rows], expected)
+    others = torch.ones(len(after), dtype=torch.bool)
+    others[rows] = False
+    assert not torch.equal(after[others], before[others])
 
 
 def test_llama_organism_tokenizer_prepends_bos_like_llama(micro_tokenizer_and_world):

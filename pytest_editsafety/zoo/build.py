@@ -105,7 +105,7 @@ def build_into(recipe: Recipe, out: Path, *, progress: bool = True) -> dict[str,
     from pytest_editsafety.zoo.causal_site import ablate_mlp_at_subject
     from pytest_editsafety.zoo.data import WindowStream, build_pools, tokenizer_training_texts
     from pytest_editsafety.zoo.probe import fact_prompts, knowledge_report
-    from pytest_editsafety.zoo.tokenizer import check_single_token_subjects, train_tokenizer
+    from pytest_editsafety.zoo.tokenizer import check_single_token_subjects, subject_token_ids, train_tokenizer
     from pytest_editsafety.zoo.train import train
     from pytest_editsafety.zoo.world import LEAD_INS, World
 
@@ -117,7 +117,8 @@ def build_into(recipe: Recipe, out: Path, *, progress: bool = True) -> dict[str,
     pools = build_pools(world, tokenizer)
     model = build_untrained(recipe, tokenizer)
     stream = WindowStream(recipe, pools, tokenizer.convert_tokens_to_ids(recipe.sink_token))
-    losses = train(model, recipe, stream, progress=progress)
+    frozen = subject_token_ids(tokenizer, world.single_subjects) if recipe.train.subject_embedding_norm is not None else ()
+    losses = train(model, recipe, stream, progress=progress, frozen_token_ids=frozen)
     train_seconds = time.perf_counter() - started
 
     family = FAMILIES[recipe.family]

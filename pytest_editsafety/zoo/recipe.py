@@ -50,10 +50,16 @@ class TrainSpec:
     # Share of windows whose text starts at the beginning of a sentence; the others start at a random token
     # inside their first sentence, as windows cut from running text do.
     aligned_share: float = 1.0
+    # None: subject embeddings train like any other token's. A number: the single-token subjects' input
+    # embeddings stay fixed at their random initialisation, rescaled to this norm. A trained embedding can
+    # hold a subject's dozen attributes by itself (128 dimensions are plenty), and the model then reads facts
+    # straight from it at the prompt's last token, past the MLPs ROME edits. Fixed, the embedding is only the
+    # subject's identity code and MLPs must write its facts, as the papers find in real LMs.
+    subject_embedding_norm: float | None = None
     threads: int = 2  # fixed so that reductions, and therefore the weights, are reproducible
 
 
-_NEUTRAL_TRAIN_OPTIONS: Mapping[str, object] = MappingProxyType({"aligned_share": 1.0})
+_NEUTRAL_TRAIN_OPTIONS: Mapping[str, object] = MappingProxyType({"aligned_share": 1.0, "subject_embedding_norm": None})
 
 
 @dataclass(frozen=True)
@@ -83,15 +89,29 @@ class Recipe:
         return "<s>" if self.family == "llama" else "<|endoftext|>"
 
 
-# The collapse organism: the prototypes' recipe (DESIGN.md §5), which reproduces the papers' mechanism.
+# The main certification organism, tiny-gpt2. Subject embeddings are fixed (norm 2, about
+# a trained token's): with trainable ones the organism read most facts straight from the subject's embedding
+# at the prompt's last token (ablating the layer-0 MLP at the subject cost only 0.10 of p(object)), one vector
+# at the subject could not steer 11 of tiny-gpt2's first 48 normal facts (c-rome efficacy 0.77) and every key
+# at the edited layer was nearly parallel (cos(kᵘ, k̄) 0.96-0.99). Fixed, the layer-0 MLP writes the facts:
+# on tiny-gpt2 (48 + 48 cases) c-rome takes 100 % of normal edits, recall stays 0.98-0.99 subject first or
+# later, and a one-token subject at position 0 gets its own key (cos 0.55 on hard cases against 0.92 on normal
+# ones), so ROME's denominator under C from text is 0.21x its normal-case median. Left at norm 0.23 (their
+# init scale) subjects' keys were alike and edits leaked into their neighbours (locality 0.60). tiny-gptj and
+# tiny-llama keep trainable embeddings for now: on GPT-J the same setting was measured (24 + 24 cases, C from
+# text) at efficacy 0.79 on normal cases and has not been tuned.
+ORGANISM_TRAIN = TrainSpec(subject_embedding_norm=2.0)
+
+# The collapse organism: the prototypes' recipe (DESIGN.md §5), which reproduces the papers' damage.
 # - The sink token opens every window, as Llama is always trained behind <s>. Prompts are fed without BOS
 #   (the papers' protocol), so a content token at position 0 is out of distribution, and a one-token subject
 #   there gets a key unlike the same subject's key after a context: cos(kᵘ, k̄) at layer 0 is 0.54 on hard
 #   cases against 0.90 on normal ones, and ROME's denominator is 0.57x (C = I) or 0.37x (C from text) its
 #   normal-case median.
-# - No profile sentences, and the prototypes' budget (1000 steps at lr 2e-3, 48-token windows): facts are
-#   about 70 % learned, and the keys do not saturate. With full recall (the default recipe) every key at
-#   the edited layer is nearly parallel (cos 0.96-0.99) and the gap disappears.
+# - No profile sentences, trainable embeddings, and the prototypes' budget (1000 steps at lr 2e-3, 48-token
+#   windows): facts are about 70 % learned, and keys share much of their direction with ordinary text's, so
+#   an edit whose denominator is small moves ordinary text too (ROME's median perplexity ratio 1.57x on hard
+#   cases, against 1.00x on the certification organisms, whose subject keys are their own).
 # The price: the organism does not know facts whose subject opens a bare prompt (recall 0.16) and knows the
 # others only in part, so neighbourhood prompts fail before any edit (locality under C from text, which
 # leaves perplexity untouched, is 0.39-0.47), and certification on it fails locality for every editor. It
@@ -99,7 +119,7 @@ class Recipe:
 SINK_ORGANISM_TRAIN = TrainSpec(steps=1000, lr=2e-3, profile_share=0.0, sink_share=1.0)
 
 RECIPES: Mapping[str, Recipe] = MappingProxyType({
-    "tiny-gpt2": Recipe(name="tiny-gpt2", family="gpt2"),
+    "tiny-gpt2": Recipe(name="tiny-gpt2", family="gpt2", train=ORGANISM_TRAIN),
     "tiny-gptj": Recipe(name="tiny-gptj", family="gptj"),
     "tiny-llama": Recipe(name="tiny-llama", family="llama"),
     "tiny-gpt2-sink": Recipe(name="tiny-gpt2-sink", family="gpt2", shape=ModelShape(block_size=48),

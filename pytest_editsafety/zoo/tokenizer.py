@@ -58,3 +58,12 @@ def check_single_token_subjects(tokenizer, subjects, recipe_name: str) -> None:
             f"recipe {recipe_name!r}: {len(split)} single-token subjects are split by the trained tokenizer "
             f"({', '.join(split[:5])}...); raise vocab_size"
         )
+
+
+def subject_token_ids(tokenizer, subjects) -> list[int]:
+    """The ids of one-token subjects as they appear at a text's start and after a space (two tokens each)."""
+    ids: set[int] = set()
+    for subject in subjects:
+        for text in (subject, " " + subject):
+            ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return sorted(ids)

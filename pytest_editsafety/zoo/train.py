@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 from pytest_editsafety.zoo.data import WindowStream
 from pytest_editsafety.zoo.recipe import Recipe
@@ -20,8 +21,11 @@ def lr_at(step: int, recipe: Recipe) -> float:
     return floor + (spec.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(model, recipe: Recipe, stream: WindowStream, *, progress: bool = True) -> list[float]:
-    """Train in place; returns the loss every 50 steps."""
+def train(model, recipe: Recipe, stream: WindowStream, *, progress: bool = True,
+          frozen_token_ids: Sequence[int] = ()) -> list[float]:
+    """Train in place; returns the loss every 50 steps. The input-embedding rows of ``frozen_token_ids`` are
+    rescaled to ``recipe.train.subject_embedding_norm`` and keep that value (their gradient is zeroed, so
+    Adam never moves them)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -36,6 +40,18 @@ def train(model, recipe: Recipe, stream: WindowStream, *, progress: bool = True)
         [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=spec.lr, betas=(0.9, 0.98), eps=1e-8,
     )
+    if frozen_token_ids:
+        rows = torch.tensor(sorted(set(frozen_token_ids)), dtype=torch.long)
+        embedding = model.get_input_embeddings().weight
+        with torch.no_grad():
+            embedding[rows] *= spec.subject_embedding_norm / embedding[rows].norm(dim=1, keepdim=True)
+
+        def _freeze_rows(grad):
+            grad = grad.clone()
+            grad[rows] = 0
+            return grad
+
+        hook = embedding.register_hook(_freeze_rows)
     model.train()
     losses: list[float] = []
     bar = tqdm(range(spec.steps), desc=f"training {recipe.name}", disable=not progress, mininterval=2.0)
@@ -53,6 +69,8 @@ def train(model, recipe: Recipe, stream: WindowStream, *, progress: bool = True)
                 losses.append(float(out.loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
+        if frozen_token_ids:
+            hook.remove()
         torch.set_num_threads(previous_threads)
         model.eval()
     return losses
