@@ -143,7 +143,8 @@ def _check_keys(data: Mapping[str, Any], known: Sequence[str], source: str, edit
 
 
 def organism_hparams_key(family: str) -> str:
-    """The hparams key every model organism of ``family`` edits with (tiny-gpt2-sink uses tiny-gpt2's)."""
+    """The hparams key a model organism of ``family`` falls back to when no file is named after it (an organism
+    with its own files, such as tiny-gpt2-sink's rome settings, is looked up by its own name first)."""
     return f"tiny-{family}"
 
 

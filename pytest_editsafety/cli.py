@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     collapse.add_argument("--model", default="tiny-gpt2")
     collapse.add_argument("--editors", default="rome,c-rome,c-rome-prefix")
     collapse.add_argument("--cases", default="hard,normal", help="case sets (names or files), comma separated")
-    collapse.add_argument("--corpus", default="organism-heldout", help="perplexity corpus (name or path)")
+    collapse.add_argument("--corpus", default=None, help="perplexity corpus, name or path (default organism-ppl "
+                                                           "for organisms, me-ppl-50 otherwise)")
     collapse.add_argument("--limit", type=int, default=None, help="at most this many cases per set")
     collapse.add_argument("--layer", type=int, default=None, help="edit this layer instead of the hparams' one")
     collapse.add_argument("--json", action="store_true")
@@ -236,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     mining.add_argument("--mom2", action=argparse.BooleanOptionalAction, default=None,
                         help="score with C from text (--mom2) or C = I (--no-mom2) whatever the editor's hparams "
                              "say (default: the hparams decide)")
-    mining.add_argument("--stats-corpus", default=None, help="corpus for C (default: the perplexity corpus)")
+    mining.add_argument("--stats-corpus", default=None, help="corpus for C (default organism-heldout for "
+                                                              "organisms, the perplexity corpus otherwise)")
     mining.add_argument("--ppl-corpus", default=None, help="perplexity corpus for --confirm (default "
-                                                           "organism-heldout for organisms, me-ppl-50 otherwise)")
+                                                           "organism-ppl for organisms, me-ppl-50 otherwise)")
     mining.add_argument("--confirm", action="store_true", help="also run full edits of the top K through the "
                                                                "harness and report perplexity ratio and efficacy")
     mining.add_argument("--json", action="store_true")
@@ -265,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ppl = commands.add_parser("ppl", help="perplexity of a model on a corpus")
     ppl.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
-    ppl.add_argument("--corpus", default="organism-heldout", help="me-ppl-50, me-ppl-1k, me-ppl-10k, organism-heldout or a path")
+    ppl.add_argument("--corpus", default="organism-ppl",
+                     help="me-ppl-50, me-ppl-1k, me-ppl-10k, organism-ppl, organism-heldout or a path")
     ppl.add_argument("--batch-size", type=int, default=16)
     ppl.add_argument("--add-bos", action="store_true", help="prepend BOS (BOS families) and score every token")
     ppl.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")

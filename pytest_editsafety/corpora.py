@@ -29,8 +29,6 @@ DOWNLOAD_TIMEOUT_S = 30.0
 ME_PPL_REPO = "WanliYoung/Collapse-in-Model-Editing"
 ME_PPL_COMMIT = "678beddf656385b660281de93a6650bb1b485ee9"
 ME_PPL_FOLDER = "data/ME-PPL"
-# Reserved for the model organism's held-out text; the zoo registers the loader.
-ORGANISM_NAMES = ("organism", "organism-heldout")
 
 
 class CorpusError(ValueError):
@@ -274,16 +272,24 @@ def _builtin_loader(name: str) -> CorpusLoader:
     return load
 
 
-# A registry of loaders (not a cache): the zoo adds ``organism-heldout`` with ``register_corpus``.
+# A registry of loaders (not a cache); ``register_corpus`` adds more. The model organisms' corpora
+# (pytest_editsafety.zoo.corpus) are generated, never downloaded, and shared, as the organisms share one world:
+# "organism" and "organism-ppl" are their perplexity corpus, "organism-heldout" the generic text C comes from.
+def _organism_ppl(*, cache_dir: Path | None = None, offline: bool | None = None) -> Corpus:
+    from pytest_editsafety.zoo.corpus import perplexity_corpus
+
+    return perplexity_corpus()
+
+
 def _organism_heldout(*, cache_dir: Path | None = None, offline: bool | None = None) -> Corpus:
-    # The organisms share one world, so they share one held-out text; it is generated, never downloaded.
     from pytest_editsafety.zoo.corpus import heldout_corpus
 
     return heldout_corpus()
 
 
 CORPUS_LOADERS: dict[str, CorpusLoader] = {name: _builtin_loader(name) for name in ME_PPL_FILES}
-CORPUS_LOADERS.update({name: _organism_heldout for name in ORGANISM_NAMES})
+CORPUS_LOADERS.update({"organism": _organism_ppl, "organism-ppl": _organism_ppl,
+                       "organism-heldout": _organism_heldout})
 
 
 def register_corpus(name: str, loader: CorpusLoader | Callable[..., Corpus], *, replace: bool = False) -> None:

@@ -59,7 +59,7 @@ def run_collapse(
     *,
     editors: Sequence[str] = ("rome", "c-rome", "c-rome-prefix"),
     case_sets: Sequence[str] = ("hard", "normal"),
-    corpus: str = "organism-heldout",
+    corpus: str | None = None,
     limit: int | None = None,
     layer: int | None = None,
     progress: bool = True,
@@ -86,7 +86,7 @@ def run_collapse(
         summary.setdefault(editor, {})[set_name] = summarise(metrics)
     first = next(iter(by_group.values()))[0]
     meta = hub.meta(plan.items[0])
-    summary["_baseline"] = {"model": model_name, "identity": meta.get("identity"), "corpus": corpus,
+    summary["_baseline"] = {"model": model_name, "identity": meta.get("identity"), "corpus": plan.models[0].ppl_corpus,
                             "mean_ppl": first.get("ppl_unedited"), "layer": layer}
     return summary
 

@@ -55,7 +55,10 @@ __all__ = [
 ]
 
 SEQUENTIAL_TAG = "seq"
-ORGANISM_CORPUS = "organism-heldout"
+ORGANISM_CORPUS = "organism-ppl"
+# C for the organisms comes from other text than the perplexity corpus (ROME: Wikipedia, scored on ME-PPL);
+# real models take it from their perplexity corpus unless --stats-corpus or --stats-dir says otherwise.
+ORGANISM_STATS_CORPUS = "organism-heldout"
 REAL_CORPUS = "me-ppl-50"
 # The case sets whose normal cases define a model's reference ROME denominator.
 ORGANISM_REFERENCE_SET = "normal"
@@ -121,6 +124,7 @@ class ModelChoice:
     spec: ModelSpec
     organism: bool
     ppl_corpus: str
+    stats_corpus: str  # the default sample for C (--stats-corpus overrides it)
     # the case set whose normal cases give the reference denominator (organism or real-text cases)
     reference_set: str
 
@@ -225,6 +229,7 @@ def build_plan(
         choices.append(ModelChoice(
             given=given, slug=slug, spec=spec, organism=organism,
             ppl_corpus=ppl_corpus or (ORGANISM_CORPUS if organism else REAL_CORPUS),
+            stats_corpus=ORGANISM_STATS_CORPUS if organism else (ppl_corpus or REAL_CORPUS),
             reference_set=ORGANISM_REFERENCE_SET if organism else REAL_REFERENCE_SET,
         ))
 
@@ -359,17 +364,30 @@ class _ModelState:
 def hparams_key(loaded: Any) -> str:
     """The key hparams files are looked up by. An organism is recognised by the recipe hash its config
     carries, wherever it was saved: a built-in recipe's build (a local copy included) uses that organism's
-    settings, and any other organism (an older recipe) its family's organism settings."""
+    settings; any other organism (an older recipe) those of the built-in organism its build metadata names,
+    else its family's organism settings."""
     recipe_hash = getattr(loaded.model.config, "editsafety_recipe_hash", None)
     if recipe_hash:
         from editors.hparams import organism_hparams_key
-        from pytest_editsafety.zoo.recipe import RECIPES
+        from pytest_editsafety.zoo.recipe import RECIPES, builtin_recipe_with_hash
 
-        for recipe in RECIPES.values():
-            if recipe.recipe_hash == recipe_hash:
-                return recipe.name
-        return organism_hparams_key(loaded.family.name)
+        builtin = builtin_recipe_with_hash(recipe_hash)
+        if builtin is not None:
+            return builtin.name
+        named = _metadata_name(getattr(loaded.model.config, "_name_or_path", "") or "")
+        return named if named in RECIPES else organism_hparams_key(loaded.family.name)
     return loaded.spec.name
+
+
+def _metadata_name(directory: str) -> str | None:
+    """The organism name an organism's build metadata records, or None where there is none to read."""
+    from pytest_editsafety.zoo.build import METADATA_FILE
+
+    try:
+        name = json.loads((Path(directory) / METADATA_FILE).read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -718,7 +736,7 @@ class ModelHub:
         from editors.stats import covariance_for
 
         loaded = state.loaded
-        corpus_name = self.options.stats_corpus or self.plan.model(slug).ppl_corpus
+        corpus_name = self.options.stats_corpus or self.plan.model(slug).stats_corpus
         return covariance_for(
             loaded.model, loaded.tokenizer, loaded.family, layer, identity=loaded.identity,
             corpus=self._corpus(corpus_name), cache=self._stats(), stats_dir=self.options.stats_dir,

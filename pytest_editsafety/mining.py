@@ -11,8 +11,8 @@ The score is the denominator the chosen editor itself would divide by, ``|uᵀk�
 ``denominator`` (:func:`editor_denominator`, which the harness's denominator floor uses too); the
 unnormalised ``|(C⁻¹k̄)ᵀk|`` is recorded beside it.
 The normalised form is the one that sizes the update (``‖ΔW‖ = ‖v* − Wkᵘ‖ / |uᵀkᵘ|``), and it separates
-hard from normal cases where the unnormalised one does not (on tiny-gpt2 with C from text: hard cases'
-mean rank percentile 0.40 vs 0.53).
+hard from normal cases where the unnormalised one does not (on an earlier tiny-gpt2 with C from text: hard
+cases' mean rank percentile 0.40 vs 0.53).
 
 Layout: the ranking, the summaries and the output case set are plain functions of plain data (no torch);
 ``measure_keys`` is the maths on two key vectors; ``score_case_sets``, ``mine`` and ``confirm`` do the model
@@ -354,8 +354,8 @@ def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str = "rome"
          progress: bool = True, on_ranked: Callable[[MiningReport], Any] | None = None) -> MiningReport:
     """Score the union of ``case_sets`` on ``model`` by ROME's denominator; optionally confirm the top ``top``.
 
-    ``mom2_adjustment`` True turns C on (second moments over ``stats_corpus``, default the perplexity corpus)
-    and False turns it off (C = I), whatever the editor's hparams file says; None lets the file decide. ``on_ranked`` gets the scored
+    ``mom2_adjustment`` True turns C on (second moments over ``stats_corpus``; by default organism-heldout
+    for organisms, else the perplexity corpus) and False turns it off (C = I), whatever the editor's hparams file says; None lets the file decide. ``on_ranked`` gets the scored
     report before any confirmation edit runs (the command writes its case file there, so the scores
     survive whatever the edits do).
     """

@@ -71,9 +71,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--cases", "cases", f"case set(s): built-in names or case files, comma-separated (default "
             f"{DEFAULT_CASES})", "list", DEFAULT_CASES),
     _Option("--ppl-corpus", "ppl_corpus", "perplexity corpus: a built-in name or an ME-PPL JSON file (default "
-            "organism-heldout for the model organisms, me-ppl-50 otherwise)", metavar="NAME|PATH"),
+            "organism-ppl for the model organisms, me-ppl-50 otherwise)", metavar="NAME|PATH"),
     _Option("--stats-corpus", "stats_corpus", "corpus for the second-moment statistics of editors with "
-            "mom2_adjustment (default: the perplexity corpus)", metavar="NAME|PATH"),
+            "mom2_adjustment (default organism-heldout for the model organisms, the perplexity corpus "
+            "otherwise)", metavar="NAME|PATH"),
     _Option("--max-ppl-ratio", "max_ppl_ratio", f"largest edited/unedited perplexity ratio (default "
             f"{_BOUNDS.max_ppl_ratio}; collapsed edits in the papers are >= 15x)", "float"),
     _Option("--collapse-ppl", "collapse_ppl", f"absolute perplexity above which an edit counts as a collapse "

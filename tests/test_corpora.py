@@ -304,7 +304,7 @@ def test_unknown_name_lists_known_names(cache):
         resolve_corpus("wikitext-103")
     message = str(info.value)
     assert "wikitext-103" in message
-    for name in ("me-ppl-50", "me-ppl-1k", "me-ppl-10k", "organism-heldout"):
+    for name in ("me-ppl-50", "me-ppl-1k", "me-ppl-10k", "organism-ppl", "organism-heldout"):
         assert name in message
 
 
@@ -314,13 +314,52 @@ def test_path_wins_over_a_name(tmp_path, monkeypatch, cache):
     assert resolve_corpus("me-ppl-50", offline=True).texts == (" local file",)
 
 
-def test_organism_heldout_is_built_in_and_generated_not_downloaded(registry, cache, monkeypatch):
+def test_organism_corpora_are_built_in_and_generated_not_downloaded(registry, cache, monkeypatch):
     monkeypatch.setenv("EDITSAFETY_OFFLINE", "1")
-    corpus = resolve_corpus("organism-heldout")
-    assert len(corpus.texts) == 400 and corpus.texts == resolve_corpus("organism").texts
-    assert resolve_corpus("organism-heldout").sha256 == corpus.sha256  # generated deterministically
-    with pytest.raises(ValueError, match="already registered"):
-        register_corpus("organism-heldout", lambda **_: corpus)
+    heldout = resolve_corpus("organism-heldout")
+    assert len(heldout.texts) == 400
+    assert resolve_corpus("organism-heldout").sha256 == heldout.sha256  # generated deterministically
+    ppl = resolve_corpus("organism-ppl")
+    assert ppl.texts == resolve_corpus("organism").texts and ppl.sha256 == resolve_corpus("organism-ppl").sha256
+    for name in ("organism", "organism-ppl", "organism-heldout"):
+        with pytest.raises(ValueError, match="already registered"):
+            register_corpus(name, lambda **_: heldout)
+
+
+def test_organism_ppl_mixes_the_worlds_text_as_training_did_and_shares_nothing_with_c_or_training(registry, cache):
+    from pytest_editsafety.zoo.recipe import TrainSpec
+    from pytest_editsafety.zoo.world import LEAD_INS, World, WorldSpec
+
+    ppl = resolve_corpus("organism-ppl")
+    world = World(WorldSpec())
+    training, heldout = world.filler_sentences()
+    generic = [t for t, s in zip(ppl.texts, ppl.sources) if s == "organism-generic"]
+    facts = [t for t, s in zip(ppl.texts, ppl.sources) if s == "organism-facts"]
+    assert len(set(ppl.texts)) == len(ppl.texts) == 500
+    assert len(facts) / len(ppl.texts) == pytest.approx(TrainSpec().fact_share)
+    # generic sentences: never trained on, and not in organism-heldout, the organisms' sample for C
+    assert generic and not set(generic) & (set(training) | set(heldout))
+    subjects = set(world.subjects)
+    assert all(any(s in text for s in subjects) for text in facts)
+    # the rest open with their subject, as in training: the first-position keys ROME's hard cases stress
+    behind_lead_in = sum(text.startswith(LEAD_INS) for text in facts) / len(facts)
+    assert behind_lead_in == pytest.approx(TrainSpec().lead_in_share, abs=0.06)
+    assert all(text.startswith(LEAD_INS) or any(text.startswith(s + " ") for s in subjects) for text in facts)
+    # no sentence states a fact the built-in cases rewrite (its rising perplexity would be the edit working)
+    from pytest_editsafety.zoo.cases import organism_cases
+
+    edited = {(c.subject, c.ground_truth) for c in organism_cases("hard").cases}
+    assert not [t for t in facts for subject, obj in edited if subject in t.split() and t.endswith(f" {obj}.")]
+
+
+def test_fresh_filler_sentences_continue_the_generic_stream():
+    from pytest_editsafety.zoo.world import World, WorldSpec
+
+    world = World(WorldSpec())
+    training, heldout = world.filler_sentences()
+    fresh = world.fresh_filler_sentences(50)
+    assert len(set(fresh)) == 50 and not set(fresh) & (set(training) | set(heldout))
+    assert world.fresh_filler_sentences(10) == fresh[:10]
 
 
 def test_register_corpus_adds_and_replaces_names(registry, cache):

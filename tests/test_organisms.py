@@ -127,5 +127,5 @@ def test_ppl_command_prints_json(organism):
     )
     payload = json.loads(out.stdout)
     assert payload["identity"] == organism.identity
-    assert payload["corpus"] == "organism-heldout" and payload["n_sentences"] == 400
+    assert payload["corpus"] == "organism-ppl" and payload["n_sentences"] == 500
     assert math.isfinite(payload["mean_ppl"]) and payload["corpus_ppl"] <= payload["mean_ppl"] * 1.5

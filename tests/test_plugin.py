@@ -172,6 +172,17 @@ def test_plan_ids_follow_the_documented_shape() -> None:
     assert ids.index("rome-tiny-gpt2-seq-hard") < ids.index("c-rome-tiny-gpt2-hard-0000")  # editor-major
 
 
+def test_organisms_take_c_from_other_text_than_their_perplexity_corpus() -> None:
+    # ROME takes C from Wikipedia and the papers score ME-PPL: C fitted to the scored sentences would whiten
+    # the update against exactly the keys perplexity reads
+    organism = build_plan(["rome"], ["tiny-gpt2"], ["hard"]).models[0]
+    assert (organism.ppl_corpus, organism.stats_corpus) == ("organism-ppl", "organism-heldout")
+    chosen = build_plan(["rome"], ["tiny-gpt2"], ["hard"], ppl_corpus="me-ppl-50").models[0]
+    assert (chosen.ppl_corpus, chosen.stats_corpus) == ("me-ppl-50", "organism-heldout")
+    real = build_plan(["rome"], ["gpt2-xl"], ["real-hard"]).models[0]
+    assert (real.ppl_corpus, real.stats_corpus) == ("me-ppl-50", "me-ppl-50")  # unless --stats-corpus/--stats-dir
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"editors": []}, "no editor"),
     ({"models": [""]}, "no model"),
@@ -303,7 +314,8 @@ def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pyt
     s = get_settings(pytester.parseconfigure())
     assert s.editors == available_editors() and s.models == ("tiny-gpt2",) and s.cases == ("hard", "normal")
     assert s.report_json == pytester.path / "reports" / "editsafety.json"
-    assert get_plan(pytester.parseconfigure()).models[0].ppl_corpus == "organism-heldout"
+    model = get_plan(pytester.parseconfigure()).models[0]
+    assert model.ppl_corpus == "organism-ppl" and model.stats_corpus == "organism-heldout"
 
 
 @pytest.mark.parametrize(("args", "message"), [

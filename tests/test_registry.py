@@ -195,26 +195,35 @@ def test_every_builtin_organism_has_a_recipe_of_its_family_and_edits_with_organi
         assert RECIPES[name].family == spec.family
         # an organism never falls back to a real model's numbers (GPT-2's layer 17 on a 6-layer model)
         assert load_hparams("rome", name)["layer"] == "causal", name
-    # the collapse organism keeps C = I, where its damage shows; the certification organisms whiten with C
+    # the collapse organism keeps C = I, where its damage shows; tiny-gpt2 (fixed subject embeddings) whitens with C
     assert load_hparams("rome", "tiny-gpt2-sink")["mom2_adjustment"] is False
     assert load_hparams("rome", "tiny-gpt2")["mom2_adjustment"] is True
     assert load_hparams("memit", "tiny-gpt2-sink") == load_hparams("memit", "tiny-gpt2")
 
 
-def test_an_organism_is_told_apart_by_its_recipe_hash_wherever_it_was_saved() -> None:
+def test_an_organism_is_told_apart_by_its_recipe_hash_wherever_it_was_saved(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from pytest_editsafety.harness import hparams_key
+    from pytest_editsafety.zoo.build import METADATA_FILE
     from pytest_editsafety.zoo.recipe import RECIPES
 
-    def loaded(recipe_hash: str | None, family: str = "gpt2") -> SimpleNamespace:
-        return SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(editsafety_recipe_hash=recipe_hash)),
-                               family=SimpleNamespace(name=family), spec=SimpleNamespace(name="/copies/organism"))
+    def loaded(recipe_hash: str | None, family: str = "gpt2", directory: Path | None = None) -> SimpleNamespace:
+        config = SimpleNamespace(editsafety_recipe_hash=recipe_hash, _name_or_path=str(directory or tmp_path / "none"))
+        return SimpleNamespace(model=SimpleNamespace(config=config), family=SimpleNamespace(name=family),
+                               spec=SimpleNamespace(name="/copies/organism"))
 
     for name, recipe in RECIPES.items():  # a local copy of a built-in organism keeps that organism's settings
         assert hparams_key(loaded(recipe.recipe_hash, recipe.family)) == name
     assert hparams_key(loaded("0123456789abcdef", "llama")) == "tiny-llama"  # an older recipe: its family's
     assert hparams_key(loaded(None)) == "/copies/organism"  # not an organism
+    # an older build of an organism with settings of its own (tiny-gpt2-sink's rome file) keeps them by name
+    old_sink = tmp_path / "old-sink"
+    old_sink.mkdir()
+    (old_sink / METADATA_FILE).write_text(json.dumps({"name": "tiny-gpt2-sink"}))
+    assert hparams_key(loaded("0123456789abcdef", "gpt2", old_sink)) == "tiny-gpt2-sink"
+    (old_sink / METADATA_FILE).write_text(json.dumps({"name": "someone-elses"}))
+    assert hparams_key(loaded("0123456789abcdef", "gpt2", old_sink)) == "tiny-gpt2"
 
 
 @pytest.mark.parametrize("name", ["nope", "GPT2", "gpt3-xl", "a b/c", "", "   ", "./no/such/dir", "owner/na--me"])

@@ -152,9 +152,28 @@ def test_fixed_subject_embeddings_keep_their_rescaled_init_while_other_tokens_tr
     rows = torch.tensor(subjects)
     expected = before[rows] * (1.5 / before[rows].norm(dim=1, keepdim=True))
     assert torch.equal(after[rows], expected)
-    others = torch.ones(len(after), dtype=torch.bool)
-    others[rows] = False
-    assert not torch.equal(after[others], before[others])
+    # every other token the training text uses moved (a trained row, not just one stray change)
+    seen = {token for sentence in build_pools(world, tokenizer).fact_mid[:50] for token in sentence} - set(subjects)
+    assert seen and all(not torch.equal(after[t], before[t]) for t in seen)
+    assert not model.get_input_embeddings().weight._backward_hooks  # the freezing hook is gone after training
+
+
+def test_fixed_subject_ids_need_a_norm_and_leave_the_thread_count_alone(micro_tokenizer_and_world):
+    import torch
+
+    from pytest_editsafety.zoo.architectures import build_untrained
+    from pytest_editsafety.zoo.data import WindowStream, build_pools
+    from pytest_editsafety.zoo.tokenizer import subject_token_ids
+    from pytest_editsafety.zoo.train import train
+
+    _, world, tokenizer = micro_tokenizer_and_world
+    recipe = micro_recipe()  # subject_embedding_norm None
+    model = build_untrained(recipe, tokenizer)
+    stream = WindowStream(recipe, build_pools(world, tokenizer), tokenizer.convert_tokens_to_ids(recipe.sink_token))
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match="subject_embedding_norm"):
+        train(model, recipe, stream, progress=False, frozen_token_ids=subject_token_ids(tokenizer, world.single_subjects))
+    assert torch.get_num_threads() == threads
 
 
 def test_llama_organism_tokenizer_prepends_bos_like_llama(micro_tokenizer_and_world):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_editsafety.cache import build_once, cache_root
-from pytest_editsafety.zoo.recipe import RECIPES, Recipe
+from pytest_editsafety.zoo.recipe import RECIPES, Recipe, builtin_recipe_with_hash
 from pytest_editsafety.zoo.world import WorldSpec
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,9 @@ def organism_world(config: Any) -> WorldSpec:
     if not recipe_hash:
         raise OrganismWorldError(f"model {getattr(config, '_name_or_path', '?')!r} is not a model organism "
                                  "(its config has no editsafety_recipe_hash)")
-    for recipe in RECIPES.values():
-        if recipe.recipe_hash == recipe_hash:
-            return recipe.world
+    builtin = builtin_recipe_with_hash(recipe_hash)
+    if builtin is not None:
+        return builtin.world
     directory = getattr(config, "_name_or_path", "") or ""
     if not directory or not Path(directory).is_dir():
         raise OrganismWorldError(f"organism {recipe_hash}: no built-in recipe has this hash and it was not loaded "

@@ -1,11 +1,55 @@
-"""The organism's held-out generic text: the perplexity corpus for the built-in models."""
+"""The organisms' two generated corpora: the perplexity corpus and the text their second moments come from.
+
+``organism-ppl`` plays ME-PPL's part: ordinary text of the organisms' world, mixed as the organisms were
+trained (80 % fact sentences, 35 % of them behind a lead-in, none stating a fact the built-in cases edit; the
+rest generic sentences none of which was seen in training or is in ``organism-heldout``). ``organism-heldout``
+is the held-out generic text, the organisms' default sample for ROME's ``C = E[kkᵀ]``, as ROME takes C from
+Wikipedia and the papers score perplexity on a different set of sentences. Generic text alone is a poor perplexity corpus: every sentence opens with "The"
+and names no subject, so an edit that wrecks how the model reads its subjects leaves it untouched (ROME's hard
+edits on tiny-gpt2 moved it by at most 0.4 %).
+"""
 
 from __future__ import annotations
 
+import random
+
 from pytest_editsafety.corpora import Corpus
-from pytest_editsafety.zoo.world import World, WorldSpec
+from pytest_editsafety.zoo.cases import organism_cases
+from pytest_editsafety.zoo.recipe import TrainSpec
+from pytest_editsafety.zoo.world import LEAD_INS, World, WorldSpec, render_fact
+
+HELDOUT_NAME = "organism-heldout"
+PPL_NAME = "organism-ppl"
+PPL_GENERIC_SENTENCES = 100
 
 
 def heldout_corpus(spec: WorldSpec | None = None) -> Corpus:
+    """The held-out generic sentences (none seen in training)."""
     _, heldout = World(spec or WorldSpec()).filler_sentences()
-    return Corpus.from_texts("organism-heldout", heldout, ["organism"] * len(heldout))
+    return Corpus.from_texts(HELDOUT_NAME, heldout, ["organism"] * len(heldout))
+
+
+def perplexity_corpus(spec: WorldSpec | None = None, *, generic: int = PPL_GENERIC_SENTENCES) -> Corpus:
+    """``generic`` unseen generic sentences and fact sentences in the training mix's proportions, shuffled."""
+    world = World(spec or WorldSpec())
+    mix = TrainSpec()  # the default recipe's proportions; the organisms share one world and one corpus
+    n_facts = round(generic * mix.fact_share / (1.0 - mix.fact_share))
+    # The facts the built-in cases rewrite stay out: after an edit their old statement ought to read as
+    # false, and that intended change is not damage (ME-PPL is not about the edited facts either).
+    edited = {(case.subject, case.metadata["relation"]) for case in organism_cases("hard", world.spec).cases}
+    candidates = [fact for fact in world.facts if (fact.subject, fact.relation) not in edited]
+    rng = random.Random(f"editsafety-ppl-{world.spec.seed}")
+    facts: list[str] = []
+    seen: set[str] = set()
+    while len(facts) < n_facts:
+        fact = rng.choice(candidates)
+        template = rng.choice(world.relations[fact.relation].templates)
+        lead_in = rng.choice(LEAD_INS) if rng.random() < mix.lead_in_share else ""
+        sentence = render_fact(fact.subject, template, fact.object, lead_in)
+        if sentence not in seen:
+            seen.add(sentence)
+            facts.append(sentence)
+    rows = [(text, "organism-facts") for text in facts]
+    rows += [(text, "organism-generic") for text in world.fresh_filler_sentences(generic)]
+    rng.shuffle(rows)
+    return Corpus.from_texts(PPL_NAME, [text for text, _ in rows], [source for _, source in rows])

@@ -125,3 +125,8 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType({
     "tiny-gpt2-sink": Recipe(name="tiny-gpt2-sink", family="gpt2", shape=ModelShape(block_size=48),
                              train=SINK_ORGANISM_TRAIN),
 })
+
+
+def builtin_recipe_with_hash(recipe_hash: str) -> Recipe | None:
+    """The built-in recipe whose hash is ``recipe_hash`` (a model config's ``editsafety_recipe_hash``), if any."""
+    return next((recipe for recipe in RECIPES.values() if recipe.recipe_hash == recipe_hash), None)

@@ -154,16 +154,25 @@ class World:
 
     def filler_sentences(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Generic sentences: (training, held-out). Held-out sentences never occur in training."""
+        out = self._generic_stream(self.spec.n_filler_train + self.spec.n_filler_heldout)
+        return tuple(out[: self.spec.n_filler_train]), tuple(out[self.spec.n_filler_train:])
+
+    def fresh_filler_sentences(self, count: int) -> tuple[str, ...]:
+        """``count`` more generic sentences, none of them among ``filler_sentences()`` (training or held-out)."""
+        known = self.spec.n_filler_train + self.spec.n_filler_heldout
+        return tuple(self._generic_stream(known + count)[known:])
+
+    def _generic_stream(self, count: int) -> list[str]:
+        # one seeded stream of distinct sentences: a longer prefix never reorders a shorter one
         rng = random.Random(f"editsafety-filler-{self.spec.seed}")
-        total = self.spec.n_filler_train + self.spec.n_filler_heldout
         seen: set[str] = set()
         out: list[str] = []
-        while len(out) < total:
+        while len(out) < count:
             sentence = _generic_sentence(rng)
             if sentence not in seen:
                 seen.add(sentence)
                 out.append(sentence)
-        return tuple(out[: self.spec.n_filler_train]), tuple(out[self.spec.n_filler_train:])
+        return out
 
 
 def _generic_sentence(rng: random.Random) -> str:
