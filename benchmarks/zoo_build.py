@@ -4,7 +4,7 @@
     python benchmarks/zoo_build.py tiny-gpt2 --twice  # also rebuild and compare weight hashes
 
 Targets (read, not asserted): each build <= 300 s on 2 CPU cores; recall >= 0.8 with the subject first
-and later (not for tiny-gpt2-sink, the collapse organism, which by design knows few facts whose subject
+and later (not for tiny-gpt2-sink, the prototypes' organism, which by design knows few facts whose subject
 opens a bare prompt: 0.16 first, 0.71 later); rebuilding gives the same sha256.
 """
 

@@ -71,11 +71,13 @@ def cmd_zoo_causal_site(args: argparse.Namespace) -> int:
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     from pytest_editsafety.corpora import resolve_corpus
+    from pytest_editsafety.harness import default_ppl_corpus
     from pytest_editsafety.perplexity import perplexity
     from pytest_editsafety.registry import LoadOptions, load_model, resolve_model
 
-    corpus = resolve_corpus(args.corpus)
-    loaded = load_model(resolve_model(args.model), LoadOptions(dtype=args.dtype, device_map=args.device_map))
+    spec = resolve_model(args.model)
+    corpus = resolve_corpus(args.corpus or default_ppl_corpus(spec))
+    loaded = load_model(spec, LoadOptions(dtype=args.dtype, device_map=args.device_map))
     result = perplexity(loaded.model, loaded.tokenizer, list(corpus.texts), batch_size=args.batch_size,
                         add_bos=args.add_bos, progress=not args.quiet)
     payload = {"model": args.model, "identity": loaded.identity, "corpus": corpus.name,
@@ -267,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ppl = commands.add_parser("ppl", help="perplexity of a model on a corpus")
     ppl.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
-    ppl.add_argument("--corpus", default="organism-ppl",
-                     help="me-ppl-50, me-ppl-1k, me-ppl-10k, organism-ppl, organism-heldout or a path")
+    ppl.add_argument("--corpus", default=None,
+                     help="me-ppl-50, me-ppl-1k, me-ppl-10k, organism-ppl, organism-heldout or a path "
+                          "(default organism-ppl for organisms, me-ppl-50 otherwise)")
     ppl.add_argument("--batch-size", type=int, default=16)
     ppl.add_argument("--add-bos", action="store_true", help="prepend BOS (BOS families) and score every token")
     ppl.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")

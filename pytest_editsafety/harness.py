@@ -49,6 +49,7 @@ __all__ = [
     "SelectedCaseSet",
     "build_plan",
     "controller_identity",
+    "default_ppl_corpus",
     "error_record",
     "is_organism",
     "slugify",
@@ -98,6 +99,11 @@ def is_organism(spec: ModelSpec) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(config, dict) and bool(config.get("editsafety_recipe_hash"))
+
+
+def default_ppl_corpus(spec: ModelSpec) -> str:
+    """The perplexity corpus a model is scored on unless the caller names one."""
+    return ORGANISM_CORPUS if is_organism(spec) else REAL_CORPUS
 
 
 def _model_slug(spec: ModelSpec) -> str:
@@ -228,7 +234,7 @@ def build_plan(
         organism = is_organism(spec)
         choices.append(ModelChoice(
             given=given, slug=slug, spec=spec, organism=organism,
-            ppl_corpus=ppl_corpus or (ORGANISM_CORPUS if organism else REAL_CORPUS),
+            ppl_corpus=ppl_corpus or default_ppl_corpus(spec),
             stats_corpus=ORGANISM_STATS_CORPUS if organism else (ppl_corpus or REAL_CORPUS),
             reference_set=ORGANISM_REFERENCE_SET if organism else REAL_REFERENCE_SET,
         ))

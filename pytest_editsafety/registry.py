@@ -117,7 +117,7 @@ BUILTIN_MODELS: Mapping[str, ModelSpec] = MappingProxyType(
             _zoo("tiny-gpt2", "gpt2", "model organism: tiny GPT-2 trained by the project on a synthetic world"),
             _zoo("tiny-gptj", "gptj", "model organism: tiny GPT-J trained by the project on a synthetic world"),
             _zoo("tiny-llama", "llama", "model organism: tiny Llama trained by the project on a synthetic world"),
-            _zoo("tiny-gpt2-sink", "gpt2", "model organism for the collapse experiment: tiny GPT-2 trained behind a "
+            _zoo("tiny-gpt2-sink", "gpt2", "model organism of the prototypes' recipe: tiny GPT-2 trained behind a "
                  "sink token in every window, so a prompt's first token is out of distribution"),
         )
     }

@@ -183,6 +183,20 @@ def test_organisms_take_c_from_other_text_than_their_perplexity_corpus() -> None
     assert (real.ppl_corpus, real.stats_corpus) == ("me-ppl-50", "me-ppl-50")  # unless --stats-corpus/--stats-dir
 
 
+@pytest.mark.parametrize(("stats_corpus", "expected"), [(None, "organism-heldout"), ("organism-ppl", "organism-ppl")])
+def test_the_hub_computes_c_over_the_models_stats_corpus(monkeypatch: pytest.MonkeyPatch, stats_corpus, expected):
+    import editors.stats
+    from pytest_editsafety.harness import HubOptions, ModelHub
+
+    seen: dict = {}
+    monkeypatch.setattr(editors.stats, "covariance_for",
+                        lambda *args, corpus, **kwargs: seen.setdefault("corpus", corpus))
+    hub = ModelHub(build_plan(["rome"], ["tiny-gpt2"], ["hard"], limit=1), HubOptions(stats_corpus=stats_corpus))
+    state = types.SimpleNamespace(loaded=types.SimpleNamespace(model=None, tokenizer=None, family=None, identity="x"))
+    hub._covariance(state, "tiny-gpt2", 0, 10)
+    assert seen["corpus"].name == expected
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"editors": []}, "no editor"),
     ({"models": [""]}, "no model"),

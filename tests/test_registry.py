@@ -195,7 +195,7 @@ def test_every_builtin_organism_has_a_recipe_of_its_family_and_edits_with_organi
         assert RECIPES[name].family == spec.family
         # an organism never falls back to a real model's numbers (GPT-2's layer 17 on a 6-layer model)
         assert load_hparams("rome", name)["layer"] == "causal", name
-    # the collapse organism keeps C = I, where its damage shows; tiny-gpt2 (fixed subject embeddings) whitens with C
+    # the prototypes' organism keeps C = I, where its damage showed; tiny-gpt2 whitens with C
     assert load_hparams("rome", "tiny-gpt2-sink")["mom2_adjustment"] is False
     assert load_hparams("rome", "tiny-gpt2")["mom2_adjustment"] is True
     assert load_hparams("memit", "tiny-gpt2-sink") == load_hparams("memit", "tiny-gpt2")

@@ -158,9 +158,7 @@ def test_fixed_subject_embeddings_keep_their_rescaled_init_while_other_tokens_tr
     assert not model.get_input_embeddings().weight._backward_hooks  # the freezing hook is gone after training
 
 
-def test_fixed_subject_ids_need_a_norm_and_leave_the_thread_count_alone(micro_tokenizer_and_world):
-    import torch
-
+def test_fixed_subject_ids_need_a_norm(micro_tokenizer_and_world):
     from pytest_editsafety.zoo.architectures import build_untrained
     from pytest_editsafety.zoo.data import WindowStream, build_pools
     from pytest_editsafety.zoo.tokenizer import subject_token_ids
@@ -170,10 +168,8 @@ def test_fixed_subject_ids_need_a_norm_and_leave_the_thread_count_alone(micro_to
     recipe = micro_recipe()  # subject_embedding_norm None
     model = build_untrained(recipe, tokenizer)
     stream = WindowStream(recipe, build_pools(world, tokenizer), tokenizer.convert_tokens_to_ids(recipe.sink_token))
-    threads = torch.get_num_threads()
     with pytest.raises(ValueError, match="subject_embedding_norm"):
         train(model, recipe, stream, progress=False, frozen_token_ids=subject_token_ids(tokenizer, world.single_subjects))
-    assert torch.get_num_threads() == threads
 
 
 def test_llama_organism_tokenizer_prepends_bos_like_llama(micro_tokenizer_and_world):

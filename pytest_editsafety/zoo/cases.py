@@ -14,6 +14,7 @@ from pytest_editsafety.cases.model import CaseSet, EditCase, NeighborhoodPrompt
 from pytest_editsafety.zoo.world import LEAD_INS, RELATIONS, World, WorldSpec
 
 N_NEIGHBOURS = 3
+CERTIFICATION_SETS = ("hard", "normal")
 
 
 def organism_cases(kind: str, spec: WorldSpec | None = None) -> CaseSet:
@@ -44,3 +45,9 @@ def organism_cases(kind: str, spec: WorldSpec | None = None) -> CaseSet:
             metadata={"relation": relation.name, "source": "organism"},
         ))
     return CaseSet(name=kind, cases=tuple(cases), source="organism world", format="organism")
+
+
+def certified_pairs(spec: WorldSpec | None = None) -> frozenset[tuple[str, str]]:
+    """The (subject, relation) pairs the built-in certification sets edit."""
+    return frozenset((c.subject, str(c.metadata["relation"])) for kind in CERTIFICATION_SETS
+                     for c in organism_cases(kind, spec).cases)

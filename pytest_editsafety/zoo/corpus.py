@@ -1,8 +1,9 @@
 """The organisms' two generated corpora: the perplexity corpus and the text their second moments come from.
 
-``organism-ppl`` plays ME-PPL's part: ordinary text of the organisms' world, mixed as the organisms were
-trained (80 % fact sentences, 35 % of them behind a lead-in, none stating a fact the built-in cases edit; the
-rest generic sentences none of which was seen in training or is in ``organism-heldout``). ``organism-heldout``
+``organism-ppl`` plays ME-PPL's part: ordinary text of the organisms' world in the training mix's proportions
+(80 % fact sentences, each behind a lead-in with the training probability of 35 %, none stating a fact the
+built-in cases edit; no profile sentences; the rest generic sentences none of which was seen in training or
+is in ``organism-heldout``). ``organism-heldout``
 is the held-out generic text, the organisms' default sample for ROME's ``C = E[kkᵀ]``, as ROME takes C from
 Wikipedia and the papers score perplexity on a different set of sentences. Generic text alone is a poor perplexity corpus: every sentence opens with "The"
 and names no subject, so an edit that wrecks how the model reads its subjects leaves it untouched (ROME's hard
@@ -14,7 +15,7 @@ from __future__ import annotations
 import random
 
 from pytest_editsafety.corpora import Corpus
-from pytest_editsafety.zoo.cases import organism_cases
+from pytest_editsafety.zoo.cases import certified_pairs
 from pytest_editsafety.zoo.recipe import TrainSpec
 from pytest_editsafety.zoo.world import LEAD_INS, World, WorldSpec, render_fact
 
@@ -35,13 +36,17 @@ def perplexity_corpus(spec: WorldSpec | None = None, *, generic: int = PPL_GENER
     mix = TrainSpec()  # the default recipe's proportions; the organisms share one world and one corpus
     n_facts = round(generic * mix.fact_share / (1.0 - mix.fact_share))
     # The facts the built-in cases rewrite stay out: after an edit their old statement ought to read as
-    # false, and that intended change is not damage (ME-PPL is not about the edited facts either).
-    edited = {(case.subject, case.metadata["relation"]) for case in organism_cases("hard", world.spec).cases}
+    # false, and that intended change is not damage. The edited subjects' other facts stay in: an edit that
+    # unsettles them is damage (on two of tiny-gpt2's most damaging edits, leaving them out moved the ratio by
+    # under 1 %).
+    edited = certified_pairs(world.spec)
     candidates = [fact for fact in world.facts if (fact.subject, fact.relation) not in edited]
     rng = random.Random(f"editsafety-ppl-{world.spec.seed}")
     facts: list[str] = []
     seen: set[str] = set()
-    while len(facts) < n_facts:
+    for _ in range(100 * n_facts):  # bounded: a world too small for n_facts distinct sentences raises below
+        if len(facts) == n_facts:
+            break
         fact = rng.choice(candidates)
         template = rng.choice(world.relations[fact.relation].templates)
         lead_in = rng.choice(LEAD_INS) if rng.random() < mix.lead_in_share else ""
@@ -49,6 +54,9 @@ def perplexity_corpus(spec: WorldSpec | None = None, *, generic: int = PPL_GENER
         if sentence not in seen:
             seen.add(sentence)
             facts.append(sentence)
+    if len(facts) < n_facts:
+        raise ValueError(f"the world renders only {len(facts)} distinct fact sentences outside the edited facts; "
+                         f"{n_facts} were asked for")
     rows = [(text, "organism-facts") for text in facts]
     rows += [(text, "organism-generic") for text in world.fresh_filler_sentences(generic)]
     rng.shuffle(rows)

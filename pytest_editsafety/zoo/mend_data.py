@@ -18,18 +18,10 @@ import random
 
 from editors.base import EditRequest
 from editors.mend_train import MendTrainingCase
-from pytest_editsafety.zoo.cases import organism_cases
+from pytest_editsafety.zoo.cases import certified_pairs
 from pytest_editsafety.zoo.world import LEAD_INS, World, WorldSpec, render_fact
 
 __all__ = ["certified_pairs", "mend_training_cases", "training_pairs"]
-
-CERTIFICATION_SETS = ("hard", "normal")
-
-
-def certified_pairs(spec: WorldSpec) -> frozenset[tuple[str, str]]:
-    """The (subject, relation) pairs the built-in certification sets edit."""
-    return frozenset((c.subject, str(c.metadata["relation"])) for kind in CERTIFICATION_SETS
-                     for c in organism_cases(kind, spec).cases)
 
 
 def training_pairs(world: World, held_out: frozenset[tuple[str, str]] | None = None) -> tuple[tuple[str, str], ...]:

@@ -102,7 +102,8 @@ class Recipe:
 # text) at efficacy 0.79 on normal cases and has not been tuned.
 ORGANISM_TRAIN = TrainSpec(subject_embedding_norm=2.0)
 
-# The collapse organism: the prototypes' recipe (DESIGN.md §5), which reproduces the papers' damage.
+# The prototypes' recipe (DESIGN.md §5), kept as their record: on the generic held-out text it showed the
+# papers' damage before tiny-gpt2 did; on organism-ppl its facts are too poorly known for that to show.
 # - The sink token opens every window, as Llama is always trained behind <s>. Prompts are fed without BOS
 #   (the papers' protocol), so a content token at position 0 is out of distribution, and a one-token subject
 #   there gets a key unlike the same subject's key after a context: cos(kᵘ, k̄) at layer 0 is 0.54 on hard
@@ -111,11 +112,12 @@ ORGANISM_TRAIN = TrainSpec(subject_embedding_norm=2.0)
 # - No profile sentences, trainable embeddings, and the prototypes' budget (1000 steps at lr 2e-3, 48-token
 #   windows): facts are about 70 % learned, and keys share much of their direction with ordinary text's, so
 #   an edit whose denominator is small moves ordinary text too (ROME's median perplexity ratio 1.57x on hard
-#   cases, against 1.00x on the certification organisms, whose subject keys are their own).
+#   cases on the generic held-out text, where tiny-gpt2 showed 1.00x; on organism-ppl, which tiny-gpt2 moves
+#   2.19x, this organism's edits mostly lower perplexity: median ratio 0.76-1.0).
 # The price: the organism does not know facts whose subject opens a bare prompt (recall 0.16) and knows the
 # others only in part, so neighbourhood prompts fail before any edit (locality under C from text, which
 # leaves perplexity untouched, is 0.39-0.47), and certification on it fails locality for every editor. It
-# is the organism for the collapse experiment, not for certifying an editor.
+# is not an organism for certifying an editor.
 SINK_ORGANISM_TRAIN = TrainSpec(steps=1000, lr=2e-3, profile_share=0.0, sink_share=1.0)
 
 RECIPES: Mapping[str, Recipe] = MappingProxyType({

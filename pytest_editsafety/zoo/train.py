@@ -41,18 +41,18 @@ def train(model, recipe: Recipe, stream: WindowStream, *, progress: bool = True,
     embedding = model.get_input_embeddings().weight
     if frozen_token_ids and any(param is embedding for param in decay):
         raise ValueError(f"recipe {recipe.name}: the input embedding would get weight decay, which moves fixed rows")
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(spec.threads)
-    torch.manual_seed(spec.seed)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=spec.lr, betas=(0.9, 0.98), eps=1e-8,
     )
     hook = None
-    model.train()
     losses: list[float] = []
     bar = tqdm(range(spec.steps), desc=f"training {recipe.name}", disable=not progress, mininterval=2.0)
+    previous_threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(spec.threads)
+        torch.manual_seed(spec.seed)
+        model.train()
         if frozen_token_ids:
             rows = torch.tensor(sorted(set(frozen_token_ids)), dtype=torch.long)
             with torch.no_grad():

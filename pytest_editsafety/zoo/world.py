@@ -10,7 +10,8 @@ editing research, not just for smoke tests (see DESIGN.md section 5 for the prot
   subjects built from shared first/last-name pools (neither token alone identifies the subject);
 - relation phrasing after the subject, several paraphrases per relation, and lead-in phrases that put the
   subject later in the sentence (the "normal" case shape);
-- generic filler sentences from a small grammar, with a held-out set for perplexity.
+- generic filler sentences from a small grammar, with a held-out set (the organisms' sample for C;
+  their perplexity corpus, ``organism-ppl``, mixes facts and unseen filler: ``zoo/corpus.py``).
 """
 
 from __future__ import annotations
@@ -167,11 +168,15 @@ class World:
         rng = random.Random(f"editsafety-filler-{self.spec.seed}")
         seen: set[str] = set()
         out: list[str] = []
-        while len(out) < count:
+        for _ in range(100 * count):  # the grammar holds far more sentences; the bound only stops a runaway
+            if len(out) == count:
+                break
             sentence = _generic_sentence(rng)
             if sentence not in seen:
                 seen.add(sentence)
                 out.append(sentence)
+        if len(out) < count:
+            raise ValueError(f"could not draw {count} distinct generic sentences")
         return out
 
 
