@@ -234,7 +234,7 @@ def build_plan(
         organism = is_organism(spec)
         choices.append(ModelChoice(
             given=given, slug=slug, spec=spec, organism=organism,
-            ppl_corpus=ppl_corpus or default_ppl_corpus(spec),
+            ppl_corpus=ppl_corpus or (ORGANISM_CORPUS if organism else REAL_CORPUS),
             stats_corpus=ORGANISM_STATS_CORPUS if organism else (ppl_corpus or REAL_CORPUS),
             reference_set=ORGANISM_REFERENCE_SET if organism else REAL_REFERENCE_SET,
         ))
@@ -387,10 +387,10 @@ def hparams_key(loaded: Any) -> str:
 
 def _metadata_name(directory: str) -> str | None:
     """The organism name an organism's build metadata records, or None where there is none to read."""
-    from pytest_editsafety.zoo.build import METADATA_FILE
+    from pytest_editsafety.zoo.build import read_metadata
 
     try:
-        name = json.loads((Path(directory) / METADATA_FILE).read_text(encoding="utf-8")).get("name")
+        name = read_metadata(Path(directory)).get("name")
     except (OSError, ValueError, AttributeError):
         return None
     return name if isinstance(name, str) else None

@@ -355,9 +355,9 @@ def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str = "rome"
     """Score the union of ``case_sets`` on ``model`` by ROME's denominator; optionally confirm the top ``top``.
 
     ``mom2_adjustment`` True turns C on (second moments over ``stats_corpus``; by default organism-heldout
-    for organisms, else the perplexity corpus) and False turns it off (C = I), whatever the editor's hparams file says; None lets the file decide. ``on_ranked`` gets the scored
-    report before any confirmation edit runs (the command writes its case file there, so the scores
-    survive whatever the edits do).
+    for organisms, else the perplexity corpus) and False turns it off (C = I), whatever the editor's hparams
+    file says; None lets the file decide. ``on_ranked`` gets the scored report before any confirmation edit
+    runs (the command writes its case file there, so the scores survive whatever the edits do).
     """
     from pytest_editsafety.harness import HubOptions, ModelHub, build_plan
 

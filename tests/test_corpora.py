@@ -374,3 +374,14 @@ def test_register_corpus_adds_and_replaces_names(registry, cache):
     assert corpus.texts == (" held out one", " held out two")
     assert seen == [{"cache_dir": cache, "offline": True}]
     assert "organism-heldout" in corpora.known_corpus_names()
+
+
+def test_draw_distinct_keeps_first_seen_order_and_names_a_pool_too_small():
+    from itertools import cycle
+
+    from pytest_editsafety.zoo.world import draw_distinct
+
+    values = cycle(["a", "b", "a", "c"])
+    assert draw_distinct(lambda: next(values), 3, "letters") == ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"could not draw 4 distinct letters \(found 3\)"):
+        draw_distinct(lambda: next(values), 4, "letters")

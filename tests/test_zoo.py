@@ -169,7 +169,8 @@ def test_fixed_subject_ids_need_a_norm(micro_tokenizer_and_world):
     model = build_untrained(recipe, tokenizer)
     stream = WindowStream(recipe, build_pools(world, tokenizer), tokenizer.convert_tokens_to_ids(recipe.sink_token))
     with pytest.raises(ValueError, match="subject_embedding_norm"):
-        train(model, recipe, stream, progress=False, frozen_token_ids=subject_token_ids(tokenizer, world.single_subjects))
+        train(model, recipe, stream, progress=False,
+              frozen_token_ids=subject_token_ids(tokenizer, world.single_subjects))
 
 
 def test_llama_organism_tokenizer_prepends_bos_like_llama(micro_tokenizer_and_world):

@@ -117,7 +117,8 @@ def build_into(recipe: Recipe, out: Path, *, progress: bool = True) -> dict[str,
     pools = build_pools(world, tokenizer)
     model = build_untrained(recipe, tokenizer)
     stream = WindowStream(recipe, pools, tokenizer.convert_tokens_to_ids(recipe.sink_token))
-    frozen = subject_token_ids(tokenizer, world.single_subjects) if recipe.train.subject_embedding_norm is not None else ()
+    fixed_embeddings = recipe.train.subject_embedding_norm is not None
+    frozen = subject_token_ids(tokenizer, world.single_subjects) if fixed_embeddings else ()
     losses = train(model, recipe, stream, progress=progress, frozen_token_ids=frozen)
     train_seconds = time.perf_counter() - started
 

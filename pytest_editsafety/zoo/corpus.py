@@ -3,11 +3,11 @@
 ``organism-ppl`` plays ME-PPL's part: ordinary text of the organisms' world in the training mix's proportions
 (80 % fact sentences, each behind a lead-in with the training probability of 35 %, none stating a fact the
 built-in cases edit; no profile sentences; the rest generic sentences none of which was seen in training or
-is in ``organism-heldout``). ``organism-heldout``
-is the held-out generic text, the organisms' default sample for ROME's ``C = E[kkᵀ]``, as ROME takes C from
-Wikipedia and the papers score perplexity on a different set of sentences. Generic text alone is a poor perplexity corpus: every sentence opens with "The"
-and names no subject, so an edit that wrecks how the model reads its subjects leaves it untouched (ROME's hard
-edits on tiny-gpt2 moved it by at most 0.4 %).
+is in ``organism-heldout``). ``organism-heldout`` is the held-out generic text, the organisms' default sample
+for ROME's ``C = E[kkᵀ]``, as ROME takes C from Wikipedia and the papers score perplexity on a different set
+of sentences. Generic text alone is a poor perplexity corpus: every sentence opens with "The" and names no
+subject, so an edit that wrecks how the model reads its subjects leaves it untouched (ROME's hard edits on
+tiny-gpt2 moved it by at most 0.4 %).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import random
 from pytest_editsafety.corpora import Corpus
 from pytest_editsafety.zoo.cases import certified_pairs
 from pytest_editsafety.zoo.recipe import TrainSpec
-from pytest_editsafety.zoo.world import LEAD_INS, World, WorldSpec, render_fact
+from pytest_editsafety.zoo.world import LEAD_INS, World, WorldSpec, draw_distinct, render_fact
 
 HELDOUT_NAME = "organism-heldout"
 PPL_NAME = "organism-ppl"
@@ -42,21 +42,14 @@ def perplexity_corpus(spec: WorldSpec | None = None, *, generic: int = PPL_GENER
     edited = certified_pairs(world.spec)
     candidates = [fact for fact in world.facts if (fact.subject, fact.relation) not in edited]
     rng = random.Random(f"editsafety-ppl-{world.spec.seed}")
-    facts: list[str] = []
-    seen: set[str] = set()
-    for _ in range(100 * n_facts):  # bounded: a world too small for n_facts distinct sentences raises below
-        if len(facts) == n_facts:
-            break
+
+    def fact_sentence() -> str:
         fact = rng.choice(candidates)
         template = rng.choice(world.relations[fact.relation].templates)
         lead_in = rng.choice(LEAD_INS) if rng.random() < mix.lead_in_share else ""
-        sentence = render_fact(fact.subject, template, fact.object, lead_in)
-        if sentence not in seen:
-            seen.add(sentence)
-            facts.append(sentence)
-    if len(facts) < n_facts:
-        raise ValueError(f"the world renders only {len(facts)} distinct fact sentences outside the edited facts; "
-                         f"{n_facts} were asked for")
+        return render_fact(fact.subject, template, fact.object, lead_in)
+
+    facts = draw_distinct(fact_sentence, n_facts, "fact sentences outside the edited facts")
     rows = [(text, "organism-facts") for text in facts]
     rows += [(text, "organism-generic") for text in world.fresh_filler_sentences(generic)]
     rng.shuffle(rows)

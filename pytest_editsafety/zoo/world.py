@@ -17,6 +17,7 @@ editing research, not just for smoke tests (see DESIGN.md section 5 for the prot
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -166,18 +167,24 @@ class World:
     def _generic_stream(self, count: int) -> list[str]:
         # one seeded stream of distinct sentences: a longer prefix never reorders a shorter one
         rng = random.Random(f"editsafety-filler-{self.spec.seed}")
-        seen: set[str] = set()
-        out: list[str] = []
-        for _ in range(100 * count):  # the grammar holds far more sentences; the bound only stops a runaway
-            if len(out) == count:
-                break
-            sentence = _generic_sentence(rng)
-            if sentence not in seen:
-                seen.add(sentence)
-                out.append(sentence)
-        if len(out) < count:
-            raise ValueError(f"could not draw {count} distinct generic sentences")
-        return out
+        return draw_distinct(lambda: _generic_sentence(rng), count, "generic sentences")
+
+
+def draw_distinct(draw: Callable[[], str], count: int, what: str) -> list[str]:
+    """The first ``count`` distinct values of ``draw()``, in order; raises ValueError (naming ``what``) when
+    100 draws per value do not find that many, rather than looping forever on a pool too small."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for _ in range(100 * count):
+        if len(out) == count:
+            break
+        value = draw()
+        if value not in seen:
+            seen.add(value)
+            out.append(value)
+    if len(out) < count:
+        raise ValueError(f"could not draw {count} distinct {what} (found {len(out)})")
+    return out
 
 
 def _generic_sentence(rng: random.Random) -> str:
