@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from editors.mend import MendHparams, MendNetwork, MendTarget, edit_targets
-from pytest_editsafety.zoo.build import file_sha256
+from editors.storage import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from editors.hooks import capture_input
 from editors.maths.rome import SecondMomentAccumulator
-from pytest_editsafety.cache import build_lock, cache_root, stable_hash
+from editors.storage import build_lock, stable_hash
+from pytest_editsafety.cache import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pytest_editsafety.cache import build_lock, cache_root
+from editors.storage import build_lock
+from pytest_editsafety.cache import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -330,6 +330,9 @@ class HubOptions:
     editor_overrides: Mapping[str, Any] | None = None
     # editor -> user hparams JSON file (--editsafety-hparams), layered over the built-in file per model
     editor_hparams: Mapping[str, str] | None = None
+    # cache root for organisms, statistics, corpora, trained editors and floors (None: pytest_editsafety.cache's
+    # default, $EDITSAFETY_CACHE or the user cache directory)
+    cache_root: str | None = None
 
 
 @dataclass(frozen=True)
@@ -821,8 +824,9 @@ class ModelHub:
 
     def _cached_median(self, state: _ModelState, slug: str, name: str, editor: Any) -> float | None:
         from editors.restore import tensor_digest
-        from pytest_editsafety.cache import build_lock, cache_root, stable_hash
-        from pytest_editsafety.results import atomic_write_text
+        from editors.storage import build_lock, stable_hash
+        from pytest_editsafety.cache import cache_root
+        from editors.storage import atomic_write_text
 
         choice = self.plan.model(slug)
         # the whole reference set, whatever --editsafety-limit says: the floor must not depend on the selection

@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_editsafety.cache import build_once, cache_root, stable_hash
+from editors.storage import build_once, stable_hash
+from pytest_editsafety.cache import cache_root
 
 log = logging.getLogger(__name__)
 

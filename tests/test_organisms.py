@@ -81,7 +81,7 @@ def test_organism_leaks_no_future_tokens(organism):
 
 def test_organism_records_its_causal_layer_and_weights(organism):
     from pytest_editsafety.zoo import ensure_built, read_metadata
-    from pytest_editsafety.zoo.build import file_sha256
+    from editors.storage import file_sha256
 
     directory = ensure_built(organism.spec.name, progress=False)
     meta = read_metadata(directory)

@@ -34,7 +34,7 @@ from editors.stats import (
     read_entry,
     write_entry,
 )
-from pytest_editsafety.cache import build_lock
+from editors.storage import build_lock
 from pytest_editsafety.corpora import Corpus
 from pytest_editsafety.families import FAMILIES
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_editsafety.cache import build_lock, build_once
+from editors.storage import build_lock, build_once
 from pytest_editsafety.zoo.build import METADATA_FILE, UnknownOrganismError, build_recipe, file_sha256, recipe_for
 from pytest_editsafety.zoo.recipe import RECIPES
 from pytest_editsafety.zoo.world import LEAD_INS, HELDOUT_LEAD_INS, World, WorldSpec
@@ -272,7 +272,7 @@ def test_a_process_waiting_on_the_build_lock_reuses_the_first_builders_entry(tmp
     waiter = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from pytest_editsafety.cache import build_once
+        from editors.storage import build_once
         built = []
         build_once(Path({str(target)!r}), lambda out: built.append(out))
         print("BUILT" if built else "REUSED")

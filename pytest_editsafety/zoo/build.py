@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_editsafety.cache import build_once, cache_root
+from editors.storage import build_once, file_sha256
+from pytest_editsafety.cache import cache_root
 from pytest_editsafety.zoo.recipe import RECIPES, Recipe, builtin_recipe_with_hash
 from pytest_editsafety.zoo.world import WorldSpec
 
@@ -87,14 +88,6 @@ def organism_world(config: Any) -> WorldSpec:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise OrganismWorldError(f"{path}: cannot read the organism's world (recipe.world): "
                                  f"{type(err).__name__}: {err}") from None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_into(recipe: Recipe, out: Path, *, progress: bool = True) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from pytest_editsafety.cache import stable_hash
+from editors.storage import stable_hash
 from pytest_editsafety.zoo.world import WorldSpec
 
 # Bump when the build code changes in a way that changes weights for an unchanged recipe.
