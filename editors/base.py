@@ -1,10 +1,42 @@
-"""The editor protocol: what every editing method takes and returns."""
+"""The editor contract: what an editing method declares, what it is given, what it takes and returns.
+
+An editor is set up once per loaded model and then edits it many times:
+
+1. ``needs(model, family)`` declares what the editor needs beyond the model (:class:`Needs`): second moments
+   ``C`` of an MLP output projection's inputs at some layers, ROME-style context templates, a trained network.
+2. The caller provides exactly that (:class:`Provided`) through ``setup(model, tokenizer, family, provided)``,
+   measured on the *unedited* model. The harness is one such caller (C over the model's statistics corpus or
+   ROME's ``.npz`` files, templates sampled once per model, networks from its cache); a platform with a loaded
+   model is another (:func:`editors.provision.set_up` with its own provider).
+3. ``apply(model, tokenizer, family, requests)`` edits the model in place; the caller snapshots and restores
+   the parameters named by ``parameters_touched``.
+
+Optional reports have defaults in :class:`EditorBase`, so a third-party editor that subclasses it implements
+only what it has: ``denominator(...)`` (the rank-one update's ``|uᵀk|``, from keys alone; the certification's
+denominator floor, case mining and pre-flight checks read it; None when the method has no such quantity) and
+``provenance()`` (which trained artefact edits, for the certificate). Nothing here imports torch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "EditOutcome",
+    "EditRequest",
+    "Editor",
+    "EditorBase",
+    "Needs",
+    "Provided",
+    "SecondMomentNeed",
+    "TrainedNetworkNeed",
+    "TrainingCase",
+    "TrainingJob",
+]
 
 
 @dataclass(frozen=True)
@@ -31,27 +63,144 @@ class EditRequest:
 @dataclass(frozen=True)
 class EditOutcome:
     """What an edit did. ``diagnostics`` holds plain floats/ints/strs (it crosses xdist boundaries);
-    ``edited`` names the parameters changed in place; ``test_prefix`` asks the harness to prepend that text to
-    test prompts of hard cases (C-ROME + prefix)."""
+    ``denominator`` there is a magnitude ``|uᵀk|`` when the method has one. ``edited`` names the parameters
+    changed in place; ``test_prefix`` asks the caller to prepend that text to test prompts of hard cases
+    (C-ROME + prefix)."""
 
     edited: tuple[str, ...]
     diagnostics: Mapping[str, float | int | str] = field(default_factory=dict)
     test_prefix: str | None = None
 
 
+@dataclass(frozen=True)
+class TrainingCase:
+    """One training edit for a trained editor: the edit, an equivalent phrasing that should follow it, and
+    texts whose predictions should not move (locality)."""
+
+    edit: EditRequest
+    equivalent: EditRequest
+    locality: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.locality or not all(isinstance(t, str) and t.strip() for t in self.locality):
+            raise ValueError(f"TrainingCase {self.edit.text!r}: needs non-empty locality texts")
+        if self.equivalent.target_new != self.edit.target_new:
+            raise ValueError(f"TrainingCase {self.edit.text!r}: the equivalent request has another target")
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """What a :class:`TrainedNetworkNeed`'s ``train`` callable gets: the unedited model, the training edits and
+    their description (recorded with the network), and the empty directory to write the network into."""
+
+    model: Any
+    tokenizer: Any
+    family: Any
+    cases: tuple[TrainingCase, ...]
+    data: Mapping[str, Any]
+    identity: str
+    directory: Path
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class SecondMomentNeed:
+    """``C = E[k kᵀ]`` of the MLP output projection's inputs at ``layers``, over at most ``n_samples`` texts of
+    the statistics corpus (ROME's ``mom2_n_samples``)."""
+
+    layers: tuple[int, ...]
+    n_samples: int = 100000
+
+
+@dataclass(frozen=True)
+class TrainedNetworkNeed:
+    """A network trained for this model (MEND's hypernetwork).
+
+    ``kind`` names the family of artefact (a folder of the cache), ``key`` everything the network depends on
+    besides the model's identity and dtype (the hyper-parameters that shape and train it). Where no trained
+    network exists, a caller that can make training edits for the model (the harness, for its model organisms)
+    calls ``train`` with ``n_training_cases`` of them drawn with ``seed``; any other caller reports what is
+    missing and ``train_hint``, the command that trains one.
+    """
+
+    kind: str
+    key: Mapping[str, Any]
+    # trains and writes the network into job.directory; returns a summary of the training (plain values)
+    train: Callable[[TrainingJob], Mapping[str, Any]]
+    n_training_cases: int
+    seed: int = 0
+    train_hint: str = ""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an editor needs from its caller; None or empty fields are not needed."""
+
+    second_moments: SecondMomentNeed | None = None
+    # ROME's (length, count) recipe for context templates, e.g. ((5, 10), (10, 10))
+    context_templates: tuple[tuple[int, int], ...] | None = None
+    trained_network: TrainedNetworkNeed | None = None
+
+
+@dataclass(frozen=True)
+class Provided:
+    """What the caller provides for :class:`Needs`, measured on the unedited model. ``identity`` names the
+    weights (an organism's recipe hash, ``repo@commit``, a local file hash); ``second_moments`` maps a layer to
+    its ``C`` (a torch tensor), ``trained_network`` is the directory holding the network."""
+
+    identity: str = ""
+    second_moments: Mapping[int, Any] = field(default_factory=lambda: MappingProxyType({}))
+    context_templates: tuple[str, ...] | None = None
+    trained_network: Path | None = None
+
+
 @runtime_checkable
 class Editor(Protocol):
-    """What the harness needs from an editor. An editor may also define
-    ``prepare(model, tokenizer, family, *, identity)``, which the harness calls once per model on the unedited
-    model before any edit, with the model registry's identity of the weights (MEND loads its trained network
-    there); it is optional, so not part of this protocol."""
+    """What a caller needs from an editor (subclass :class:`EditorBase` for the optional parts)."""
 
     name: str
+    # the editor's hyper-parameters (a frozen dataclass or a mapping of JSON values): hashed into certificates
+    hparams: Any
+
+    def needs(self, model: Any, family: Any) -> Needs: ...
+
+    def setup(self, model: Any, tokenizer: Any, family: Any, provided: Provided) -> None: ...
+
+    def parameters_touched(self, model: Any, family: Any) -> tuple[str, ...]:
+        """Names of the parameters ``apply`` may change (snapshotted before the edit)."""
+        ...
 
     def apply(self, model: Any, tokenizer: Any, family: Any, requests: list[EditRequest]) -> EditOutcome:
         """Edit ``model`` in place; the caller snapshots and restores the parameters the editor names."""
         ...
 
-    def parameters_touched(self, model: Any, family: Any) -> tuple[str, ...]:
-        """Names of the parameters ``apply`` may change (snapshotted before the edit)."""
+    def denominator(self, model: Any, tokenizer: Any, family: Any, request: EditRequest) -> Mapping[str, float] | None:
+        """``{"denominator": |uᵀk|, ...}`` the edit of ``request`` would divide by, from keys alone (no
+        optimisation, no weight change), plus any other key measures; None for a method without one."""
         ...
+
+    def provenance(self) -> Mapping[str, str]:
+        """Which trained artefact edits (e.g. an archive's sha256); empty for an untrained method."""
+        ...
+
+
+class EditorBase:
+    """Defaults for the optional parts of :class:`Editor`: no needs, ``setup`` keeps what it is given, no
+    denominator, no provenance. Subclasses set ``name`` and ``hparams`` and implement ``parameters_touched``
+    and ``apply``."""
+
+    name: str = ""
+    hparams: Any = None
+    provided: Provided = Provided()
+
+    def needs(self, model: Any, family: Any) -> Needs:
+        return Needs()
+
+    def setup(self, model: Any, tokenizer: Any, family: Any, provided: Provided) -> None:
+        self.provided = provided
+
+    def denominator(self, model: Any, tokenizer: Any, family: Any, request: EditRequest) -> Mapping[str, float] | None:
+        return None
+
+    def provenance(self) -> Mapping[str, str]:
+        return {}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from editors.base import EditOutcome, EditRequest
+from editors.base import EditorBase, EditOutcome, EditRequest
 from editors.hooks import frozen
 from editors.maths.ft import clamp_to_linf_ball, linf_distance
 
@@ -103,7 +103,7 @@ def target_nll(model, tokenizer, requests: Sequence[EditRequest]) -> list[float]
         return [float(x) for x in per_request_nll(model, batch, len(requests))]
 
 
-class FtLinfEditor:
+class FtLinfEditor(EditorBase):
     """``ft-linf``: constrained fine-tuning of one layer's MLP output weight (one or many requests)."""
 
     def __init__(self, hparams: FtHparams, *, name: str = "ft-linf"):

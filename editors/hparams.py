@@ -37,7 +37,6 @@ __all__ = [
     "hparams_from_mapping",
     "hparams_hash",
     "load_hparams",
-    "organism_hparams_key",
     "read_hparams_file",
     "resolve_hparams_layers",
     "resolve_layers",
@@ -142,36 +141,21 @@ def _check_keys(data: Mapping[str, Any], known: Sequence[str], source: str, edit
             )
 
 
-def organism_hparams_key(family: str) -> str:
-    """The hparams key a model organism of ``family`` falls back to when no file is named after it (an organism
-    with its own files, such as tiny-gpt2-sink's rome settings, is looked up by its own name first)."""
-    return f"tiny-{family}"
-
-
-def _builtin_file(schema: HparamsSchema, editor: str, model_key: str, family: str | None):
-    """The built-in file for ``model_key``, else the one for its family."""
+def _builtin_file(schema: HparamsSchema, editor: str, model_keys: Sequence[str], family: str | None):
+    """The built-in file for the first of ``model_keys`` that has one, else the one for ``family``."""
     folder = _builtin_root().joinpath(schema.directory)
-    stem = model_key.partition("@")[0]  # a pinned revision edits with the same numbers
-    if _KEY_RE.match(stem):
-        candidate = folder.joinpath(f"{stem}.json")
-        if candidate.is_file():
-            return candidate
-    from pytest_editsafety.registry import BUILTIN_MODELS
-
-    spec = BUILTIN_MODELS.get(stem)
-    if spec is not None and spec.source == "zoo":
-        # a built-in organism edits with its family's organism settings, never a real model's layer numbers
-        candidate = folder.joinpath(f"{organism_hparams_key(spec.family)}.json")
-        if candidate.is_file():
-            return candidate
-    if family is None:
-        family = spec.family if spec is not None else None
+    for key in model_keys:
+        stem = key.partition("@")[0]  # a pinned revision edits with the same numbers
+        if _KEY_RE.match(stem):
+            candidate = folder.joinpath(f"{stem}.json")
+            if candidate.is_file():
+                return candidate
     if family and _KEY_RE.match(family):
         candidate = folder.joinpath(f"{family}.json")
         if candidate.is_file():
             return candidate
     raise HparamsError(
-        f"no built-in {editor!r} hyper-parameters for model {model_key!r}"
+        f"no built-in {editor!r} hyper-parameters for model {' or '.join(map(repr, model_keys))}"
         + (f" (family {family!r})" if family else " (unknown family: pass family=...)")
         + f"; built-in keys: {', '.join(builtin_hparams_keys(editor))}; give a user hparams file instead"
     )
@@ -179,7 +163,7 @@ def _builtin_file(schema: HparamsSchema, editor: str, model_key: str, family: st
 
 def load_hparams(
     editor: str,
-    model_key: str,
+    model_key: str | Sequence[str],
     *,
     user_file: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -187,14 +171,15 @@ def load_hparams(
 ) -> dict[str, Any]:
     """Hyper-parameters for ``editor`` on ``model_key``: built-in file, then ``user_file``, then ``overrides``.
 
-    The built-in file is ``<editor>/<model_key>.json`` when it exists, else the family default
-    ``<editor>/<family>.json``; ``family`` defaults to the built-in model's family (pass it for Hugging
-    Face ids and local directories). Later sources replace earlier keys; unknown keys are errors that name
+    The built-in file is ``<editor>/<model_key>.json`` when it exists (``model_key`` may list several keys,
+    tried in order: a model organism's own name, then its family's organism settings), else the family
+    default ``<editor>/<family>.json`` (``family``: the model's architecture family, e.g. ``gpt2``). Later sources replace earlier keys; unknown keys are errors that name
     the source. The result has no ``_comment`` and may hold symbolic layers (see :func:`resolve_layers`).
     """
     schema = _require_schema(editor)
     known = schema.field_names()
-    path = _builtin_file(schema, editor, model_key, family)
+    keys = (model_key,) if isinstance(model_key, str) else tuple(model_key)
+    path = _builtin_file(schema, editor, keys, family)
     merged = read_hparams_file(path)
     _check_keys(merged, known, str(path), editor)
     if user_file is not None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from editors.base import EditOutcome, EditRequest
+from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, SecondMomentNeed
 from editors.ft import target_nll
 from editors.hooks import capture_output, rows_at
 from editors.maths import as_out_in, delta_to_storage
@@ -27,9 +27,6 @@ from editors.rome import RomeHparams, keys_and_outputs, optimise_value_delta
 from editors.text import right_padded, subject_last_index
 
 log = logging.getLogger(__name__)
-
-CovarianceProvider = Callable[[int], Tensor]
-
 
 @dataclass(frozen=True)
 class MemitHparams:
@@ -97,16 +94,27 @@ def isotropic_second_moment(keys: Tensor) -> Tensor:
     return torch.eye(d, dtype=torch.float64, device=keys.device) * scale
 
 
-class MemitEditor:
-    """``memit``: mass editing over ``hparams.layers`` (one or many requests per call)."""
+class MemitEditor(EditorBase):
+    """``memit``: mass editing over ``hparams.layers`` (one or many requests per call).
 
-    def __init__(self, hparams: MemitHparams, *, name: str = "memit",
-                 context_templates: tuple[str, ...] | None = None,
-                 covariance_provider: CovarianceProvider | None = None):
+    Needs context templates and, with ``mom2_adjustment``, C at every edited layer; without C (used outside
+    :func:`editors.provision.set_up`, or ``mom2_adjustment`` off) it takes the isotropic stand-in."""
+
+    def __init__(self, hparams: MemitHparams, *, name: str = "memit"):
         self.name = name
         self.hparams = hparams
-        self.context_templates = context_templates
-        self.covariance_provider = covariance_provider
+        self.context_templates: tuple[str, ...] | None = None
+        self.second_moments: Mapping[int, Tensor] = {}
+
+    def needs(self, model, family) -> Needs:
+        hp = self.hparams
+        moments = SecondMomentNeed(hp.layers, hp.mom2_n_samples) if hp.mom2_adjustment else None
+        return Needs(second_moments=moments, context_templates=hp.context_templates)
+
+    def setup(self, model, tokenizer, family, provided: Provided) -> None:
+        super().setup(model, tokenizer, family, provided)
+        self.context_templates = provided.context_templates
+        self.second_moments = dict(provided.second_moments)
 
     def parameters_touched(self, model, family) -> tuple[str, ...]:
         return tuple(family.layer_name("mlp_out", layer) + ".weight" for layer in self.hparams.layers)
@@ -117,22 +125,6 @@ class MemitEditor:
 
             self.context_templates = sample_context_templates(model, tokenizer, self.hparams.context_templates)
         return self.context_templates
-
-    def _provided_second_moments(self, model, family) -> dict[int, Tensor]:
-        """C per layer from the provider, fetched before any weight changes: a provider that computes
-        statistics on a cache miss must see the unedited model, or it would cache an edited model's keys."""
-        if not (self.hparams.mom2_adjustment and self.covariance_provider is not None):
-            return {}
-        out: dict[int, Tensor] = {}
-        for layer in self.hparams.layers:
-            weight = family.get_module(model, family.layer_name("mlp_out", layer)).weight
-            d = as_out_in(weight.detach(), family.weight_transposed).shape[1]
-            C = self.covariance_provider(layer)
-            if tuple(C.shape) != (d, d):
-                raise ValueError(f"{self.name}: covariance for layer {layer} has shape {tuple(C.shape)}, "
-                                 f"expected ({d}, {d})")
-            out[layer] = C
-        return out
 
     def targets(self, model, tokenizer, family, requests: Sequence[EditRequest]) -> tuple[Tensor, list[float]]:
         """``z`` per request (``d × n``) at the last edited layer, and each optimisation's final NLL."""
@@ -162,7 +154,7 @@ class MemitEditor:
         n_layers = family.n_layers(model.config)
         if hp.layers[-1] >= n_layers:
             raise ValueError(f"{self.name}: layer {hp.layers[-1]} out of range for a model with {n_layers} layers")
-        provided = self._provided_second_moments(model, family)
+        provided = self.second_moments if hp.mom2_adjustment else {}
         contexts = self._contexts(model, tokenizer)
         z, z_nlls = self.targets(model, tokenizer, family, requests)
         last = hp.layers[-1]

@@ -5,7 +5,7 @@ tokens' mean NLL), reads the gradient's rank-one factors of every edited weight 
 ``u_t`` and the gradient at its output ``δ_t``, per token), maps them through the editor network and adds
 ``ΔW = −α Σ_t δ̃_t ũ_tᵀ`` to the weight in place (:mod:`editors.maths.mend`). No optimisation at edit time:
 everything MEND knows is in its trained network, an *archive* (safetensors tensors plus a JSON config) made
-by ``python -m pytest_editsafety mend train`` (:mod:`editors.mend_train`, :mod:`editors.mend_archive`), or
+by the ``editsafety mend train`` command (:mod:`editors.mend_train`, :mod:`editors.mend_archive`), or
 built on first use for the model organisms.
 
 The edited weights are the MLP matrices of the last layers (``layers`` × ``modules``); ``modules`` holds
@@ -17,327 +17,92 @@ size.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
-from editors.base import EditOutcome, EditRequest
-from editors.ft import TargetBatch, per_request_nll, target_batch, target_nll
+from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, TrainedNetworkNeed, TrainingJob
+from editors.ft import target_batch, target_nll
 from editors.hooks import frozen
-from editors.maths import as_out_in, delta_to_storage
-from editors.maths.mend import FactorNorm, ResidualBlock, mend_update, nonzero_tokens
+from editors.maths import delta_to_storage
+from editors.mend_network import MendHparams, MendNetwork, edit_targets, gradient_factors, plain_key
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "GradientFactors",
-    "MendEditor",
-    "MendHparams",
-    "MendNetwork",
-    "MendTarget",
-    "edit_targets",
-    "gradient_factors",
-]
-
-_FAMILY_KINDS = ("mlp_in", "mlp_out")
+__all__ = ["TRAIN_HINT", "MendEditor", "MendHparams", "train_network"]
 
 
-@dataclass(frozen=True)
-class MendHparams:
-    """What the network looks like (``layers``, ``modules``, ``rank``, ``n_hidden``), how it is trained (the
-    rest) and where a trained one is (``archive``: a directory; empty = the cache entry for this model and
-    these hyper-parameters). Names follow the reference configs (``edit_lr``, ``lr_lr``, ``cedit``/``cloc``
-    as ``c_edit``/``c_loc``); ``batch_size`` is their ``accumulate_bs``, edits per outer step."""
-
-    layers: tuple[int, ...]
-    modules: tuple[str, ...] = _FAMILY_KINDS
-    rank: int = 1920
-    n_hidden: int = 1
-    edit_lr: float = 1e-4
-    lr: float = 1e-6
-    lr_lr: float = 1e-4
-    c_edit: float = 0.1
-    c_loc: float = 1.0
-    steps: int = 10000
-    batch_size: int = 10
-    grad_clip: float = 100.0
-    norm_batches: int = 100
-    seed: int = 42
-    threads: int = 1
-    archive: str = ""
-
-    def __post_init__(self) -> None:
-        layers = tuple(self.layers)
-        if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):
-            raise ValueError(f"MendHparams.layers: expected layer indices >= 0, got {self.layers!r}")
-        if list(layers) != sorted(set(layers)):
-            raise ValueError(f"MendHparams.layers: expected increasing, distinct layers, got {self.layers!r}")
-        object.__setattr__(self, "layers", layers)
-        modules = tuple(self.modules)
-        if not modules or len(set(modules)) != len(modules) or not all(isinstance(m, str) and m for m in modules):
-            raise ValueError(f"MendHparams.modules: expected distinct non-empty names, got {self.modules!r}")
-        object.__setattr__(self, "modules", modules)
-        for name in ("rank", "steps", "batch_size", "norm_batches", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MendHparams.{name}: expected >= 1, got {getattr(self, name)}")
-        if self.n_hidden < 0:
-            raise ValueError(f"MendHparams.n_hidden: expected >= 0, got {self.n_hidden}")
-        for name in ("edit_lr", "lr_lr", "c_edit", "c_loc"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"MendHparams.{name}: expected a finite number >= 0, got {value}")
-        # lr 0 trains nothing and grad_clip 0 zeroes every step: both would train a network that never moves
-        for name in ("lr", "grad_clip"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"MendHparams.{name}: expected a finite number > 0, got {value}")
-
-    def network_key(self) -> dict[str, Any]:
-        """Everything a trained archive depends on: all fields but ``archive`` (where to find one)."""
-        from dataclasses import asdict
-
-        out = asdict(self)
-        out.pop("archive")
-        out["layers"] = list(self.layers)
-        out["modules"] = list(self.modules)
-        return out
+TRAIN_HINT = ("train one with `editsafety train --editor mend --model MODEL --cases FILE [--hparams HPARAMS.json] "
+              "[--dtype DTYPE]` and certify with the same hyper-parameters and dtype, or point the 'archive' "
+              "hyper-parameter at an archive directory")
 
 
-@dataclass(frozen=True)
-class MendTarget:
-    """One edited weight: its parameter name, shape as ``(d_out, d_in)`` and place in the shared networks."""
+def train_network(hparams: MendHparams, job: TrainingJob) -> dict[str, Any]:
+    """Train a MEND network for ``job.model`` on ``job.cases`` and write its archive into ``job.directory``;
+    returns the training report (steps, seconds, first and last losses)."""
+    from editors.mend_archive import save_archive
+    from editors.mend_train import train_mend
 
-    name: str
-    module: str
-    layer: int
-    kind: str
-    d_out: int
-    d_in: int
-    transposed: bool
-    group: str  # the shape key, "d_out x d_in": weights of one shape share a network
-    mode: int  # index among the weights of its group
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "layer": self.layer, "kind": self.kind, "d_out": self.d_out, "d_in": self.d_in,
-                "transposed": self.transposed, "group": self.group, "mode": self.mode}
+    network, report = train_mend(job.model, job.tokenizer, job.family, hparams, job.cases, progress=job.progress,
+                                 description=f"training MEND for {job.identity}")
+    save_archive(job.directory, network, identity=job.identity, model=job.model, family=job.family,
+                 hparams=hparams, data=job.data, training=report)
+    return dict(report)
 
 
-def module_name(family, kind: str, layer: int) -> str:
-    """Dotted module name of ``kind`` at ``layer``: a family kind, else a child of the layer's MLP module."""
-    if kind in _FAMILY_KINDS:
-        return family.layer_name(kind, layer)
-    return f"{family.layer_name('mlp', layer)}.{kind}"
+class MendEditor(EditorBase):
+    """``mend``: one gradient, transformed by a trained editor network, added to the last MLP layers.
 
+    Needs a network trained for the model and these hyper-parameters (unless ``archive`` names one); set it up
+    with :func:`editors.provision.set_up` before the first edit."""
 
-def edit_targets(model, family, layers: Sequence[int], modules: Sequence[str]) -> tuple[MendTarget, ...]:
-    """The weights MEND edits on ``model``, layer-major, with their share groups and modes."""
-    targets: list[MendTarget] = []
-    modes: dict[str, int] = {}
-    for layer in layers:
-        for kind in modules:
-            name = module_name(family, kind, layer)
-            weight = getattr(family.get_module(model, name), "weight", None)
-            if not isinstance(weight, Tensor) or weight.dim() != 2:
-                raise ValueError(f"MEND: module {name!r} has no 2-D weight to edit")
-            d_out, d_in = as_out_in(weight, family.weight_transposed).shape
-            group = f"{d_out}x{d_in}"
-            mode = modes.get(group, 0)
-            modes[group] = mode + 1
-            targets.append(MendTarget(name + ".weight", name, layer, kind, d_out, d_in, family.weight_transposed,
-                                      group, mode))
-    return tuple(targets)
-
-
-class _SharedNet(nn.Module):
-    """The editor network of one weight shape: residual blocks, factor statistics, one mode per weight."""
-
-    def __init__(self, d_in: int, d_out: int, n_modes: int, rank: int, n_hidden: int,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.d_in, self.d_out, self.n_modes, self.n_blocks = d_in, d_out, n_modes, n_hidden + 1
-        dim = d_in + d_out
-        mid = min(rank, dim)  # the reference code's min(rank, inf)
-        for j in range(self.n_blocks):
-            # U starts at zero, so every block starts as the identity. V is scaled by 1/sqrt(dim) (the
-            # reference code leaves it at unit variance): with unit-variance inputs the pre-activations are
-            # then O(1) whatever the width, so one outer learning rate suits the organisms and large models.
-            self.register_parameter(f"u{j}", nn.Parameter(torch.zeros(dim, mid)))
-            self.register_parameter(f"v{j}", nn.Parameter(torch.randn(mid, dim, generator=generator) / math.sqrt(dim)))
-            self.register_parameter(f"bias{j}", nn.Parameter(torch.zeros(dim)))
-            self.register_parameter(f"scale{j}", nn.Parameter(torch.ones(n_modes, dim)))
-            self.register_parameter(f"shift{j}", nn.Parameter(torch.zeros(n_modes, dim)))
-        # NaN until set from data: an unnormalised network must not edit anything
-        for name, width in (("u_mean", d_in), ("u_std", d_in), ("delta_mean", d_out), ("delta_std", d_out)):
-            self.register_buffer(name, torch.full((width,), float("nan")))
-
-    def blocks(self) -> list[ResidualBlock]:
-        return [ResidualBlock(getattr(self, f"u{j}"), getattr(self, f"v{j}"), getattr(self, f"bias{j}"),
-                              getattr(self, f"scale{j}"), getattr(self, f"shift{j}")) for j in range(self.n_blocks)]
-
-    def norm(self) -> FactorNorm:
-        return FactorNorm(self.u_mean, self.u_std, self.delta_mean, self.delta_std)
-
-
-def _check_norm(group: str, norm: FactorNorm) -> None:
-    """Raise unless the factor statistics are finite: NaN ones (never set, or taken from degenerate factors)
-    would write NaN into the model's weights."""
-    for name in ("u_mean", "u_std", "delta_mean", "delta_std"):
-        if not bool(torch.isfinite(getattr(norm, name)).all()):
-            raise ValueError(f"MEND network {group}: normalisation statistic {name} is not finite (statistics "
-                             "never taken, or taken from degenerate factors); refusing to edit with it")
-
-
-class MendNetwork(nn.Module):
-    """The trained part of MEND for one model: a shared network per weight shape plus a step size per weight."""
-
-    def __init__(self, targets: Sequence[MendTarget], *, rank: int, n_hidden: int, edit_lr: float,
-                 seed: int = 0) -> None:
-        super().__init__()
-        self.targets = tuple(targets)
-        if not self.targets:
-            raise ValueError("MendNetwork: no weights to edit")
-        self.rank, self.n_hidden = rank, n_hidden
-        generator = torch.Generator().manual_seed(seed)
-        shapes: dict[str, tuple[int, int, int]] = {}
-        for t in self.targets:
-            shapes[t.group] = (t.d_in, t.d_out, max(shapes.get(t.group, (0, 0, 0))[2], t.mode + 1))
-        self.nets = nn.ModuleDict({
-            group: _SharedNet(d_in, d_out, n_modes, rank, n_hidden, generator)
-            for group, (d_in, d_out, n_modes) in shapes.items()
-        })
-        self.edit_lrs = nn.Parameter(torch.full((len(self.targets),), float(edit_lr)))
-
-    def set_norm(self, group: str, u_mean: Tensor, u_std: Tensor, delta_mean: Tensor, delta_std: Tensor) -> None:
-        net = self.nets[group]
-        with torch.no_grad():
-            for name, value in (("u_mean", u_mean), ("u_std", u_std), ("delta_mean", delta_mean),
-                                ("delta_std", delta_std)):
-                getattr(net, name).copy_(value)
-
-    def update(self, index: int, u: Tensor, delta: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``ΔW`` (``(..., d_out, d_in)``, float32, on the network's device) of target ``index`` from its
-        factors (``(..., T, d)``, on any device: a model spread by ``device_map`` has its layers on several)."""
-        target = self.targets[index]
-        net = self.nets[target.group]
-        norm = net.norm()
-        _check_norm(target.group, norm)
-        device = self.edit_lrs.device
-        if mask is not None:
-            mask = mask.to(device)
-        return mend_update(u.to(device=device, dtype=torch.float32), delta.to(device=device, dtype=torch.float32),
-                           norm, net.blocks(), target.mode, self.edit_lrs[index], mask)
-
-
-@dataclass(frozen=True)
-class GradientFactors:
-    """The rank-one factors of one weight's gradient: inputs ``u`` ``(B, T, d_in)``, output gradients
-    ``delta`` ``(B, T, d_out)`` (float32, detached) and the tokens that carry a term, ``mask`` ``(B, T)``."""
-
-    u: Tensor
-    delta: Tensor
-    mask: Tensor
-
-
-def gradient_factors(model, family, targets: Sequence[MendTarget], batch: TargetBatch, n_requests: int
-                     ) -> tuple[dict[str, GradientFactors], Tensor]:
-    """Factors of ``∇W`` of ``Σ_requests mean target NLL`` for every target, and the per-request NLL.
-
-    The loss is a sum over requests of each one's mean, so a request's factors are those it has alone (rows
-    do not interact). Call inside :func:`frozen`: no parameter gradient is formed; the gradient is taken with
-    respect to the targets' outputs, which the forward hooks make differentiable where nothing upstream is.
-    """
-    inputs: dict[str, Tensor] = {}
-    outputs: dict[str, Tensor] = {}
-    handles = []
-
-    def hooks(name: str):
-        def pre(_module, args):
-            inputs[name] = args[0].detach()
-
-        def post(_module, _args, output):
-            if not output.requires_grad:  # the first edited module: nothing before it needs a gradient
-                output = output.detach().requires_grad_(True)
-            outputs[name] = output
-            return output
-
-        return pre, post
-
-    try:
-        for t in targets:
-            module = family.get_module(model, t.module)
-            pre, post = hooks(t.name)
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(post))
-        with torch.enable_grad():
-            nll = per_request_nll(model, batch, n_requests)
-            names = [t.name for t in targets]
-            grads = torch.autograd.grad(nll.sum(), [outputs[n] for n in names], allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    factors = {}
-    for name, grad in zip(names, grads):
-        u = inputs[name].float()
-        delta = torch.zeros_like(outputs[name], dtype=torch.float32) if grad is None else grad.detach().float()
-        factors[name] = GradientFactors(u, delta, nonzero_tokens(u, delta))
-    return factors, nll.detach()
-
-
-def _plain(key: str) -> str:
-    return key.replace(".", "_")
-
-
-class MendEditor:
-    """``mend``: one gradient, transformed by a trained editor network, added to the last MLP layers."""
-
-    def __init__(self, hparams: MendHparams, *, name: str = "mend", network: MendNetwork | None = None,
-                 model_identity: str | None = None):
+    def __init__(self, hparams: MendHparams, *, name: str = "mend", network: MendNetwork | None = None):
         self.name = name
         self.hparams = hparams
         self.network = network
-        # the identity the archive must have been trained for; the harness sets it (its model registry's)
-        self.model_identity = model_identity
         self.archive_path: Path | None = None
         self._provenance: dict[str, str] = {}
+
+    def needs(self, model, family) -> Needs:
+        if self.hparams.archive:
+            return Needs()
+        hp = self.hparams
+        return Needs(trained_network=TrainedNetworkNeed(
+            kind="mend", key=hp.network_key(), train=functools.partial(train_network, hp),
+            n_training_cases=hp.steps * hp.batch_size, seed=hp.seed, train_hint=TRAIN_HINT))
+
+    def setup(self, model, tokenizer, family, provided: Provided) -> None:
+        """Load the archive (``archive``, else the provided network) and check it was trained for these
+        weights (``provided.identity``, else the identity the model's config implies)."""
+        from editors.mend_archive import default_identity, open_archive
+
+        super().setup(model, tokenizer, family, provided)
+        path = Path(self.hparams.archive).expanduser() if self.hparams.archive else provided.trained_network
+        if path is None:
+            raise ValueError(f"{self.name}: no trained network was provided; {TRAIN_HINT}")
+        identity = provided.identity or default_identity(model)
+        network, config = open_archive(path, model, family, self.hparams, identity=identity)
+        self.network = network.to(next(model.parameters()).device)
+        self.archive_path = path
+        self._provenance = {"archive_sha256": config["tensors_sha256"], "archive_dtype": config["model"]["dtype"]}
 
     def parameters_touched(self, model, family) -> tuple[str, ...]:
         return tuple(t.name for t in edit_targets(model, family, self.hparams.layers, self.hparams.modules))
 
-    def prepare(self, model, tokenizer, family, *, identity: str | None = None, progress: bool = False) -> None:
-        """Load the archive for ``model`` (training it first for an organism without one); call it on the
-        unedited model. ``identity`` names the weights (the registry's ``LoadedModel.identity``)."""
-        from editors.mend_archive import default_identity, open_archive
-
-        identity = identity or self.model_identity or default_identity(model)
-        self.model_identity = identity
-        if self.hparams.archive:
-            path = Path(self.hparams.archive).expanduser()
-        else:
-            from pytest_editsafety.mend import locate_archive
-
-            path = locate_archive(model, tokenizer, family, self.hparams, identity=identity, progress=progress)
-        device = next(model.parameters()).device
-        network, config = open_archive(path, model, family, self.hparams, identity=identity)
-        self.network = network.to(device)
-        self.archive_path = path
-        self._provenance = {"archive_sha256": config["tensors_sha256"], "archive_dtype": config["model"]["dtype"]}
-
     def provenance(self) -> dict[str, str]:
         """Which trained network edits (for a certificate's metadata): the sha256 of the archive's tensors and
-        the model dtype it was trained at; empty until :meth:`prepare` loaded one."""
+        the model dtype it was trained at; empty until :meth:`setup` loaded one."""
         return dict(self._provenance)
 
     def apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
         if not requests:
             raise ValueError(f"{self.name}: no edit requests")
         if self.network is None:
-            self.prepare(model, tokenizer, family)
+            raise ValueError(f"{self.name}: set the editor up first (editors.provision.set_up) to load its network")
         network = self.network
         targets = edit_targets(model, family, self.hparams.layers, self.hparams.modules)
         if tuple(t.name for t in targets) != tuple(t.name for t in network.targets):
@@ -359,7 +124,7 @@ class MendEditor:
                 weight.add_(delta_to_storage(delta_w, target.transposed).to(device=weight.device, dtype=weight.dtype))
                 fro = float(torch.linalg.matrix_norm(delta_w))
                 total += fro * fro
-                diagnostics[f"delta_fro_{_plain(target.kind)}_l{target.layer}"] = fro
+                diagnostics[f"delta_fro_{plain_key(target.kind)}_l{target.layer}"] = fro
             diagnostics["n_tokens"] = int(factors[targets[0].name].mask.sum())
         diagnostics["delta_fro"] = math.sqrt(total)
         diagnostics["final_nll"] = float(sum(target_nll(model, tokenizer, requests)) / len(requests))

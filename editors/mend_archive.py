@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from editors.mend import MendHparams, MendNetwork, MendTarget, edit_targets
+from editors.mend_network import MendHparams, MendNetwork, MendTarget, edit_targets
 from editors.storage import file_sha256
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ class MendArchiveError(ValueError):
 
 class MendArchiveMismatchError(MendArchiveError):
     """An archive trained for another model, or for other weights than the hyper-parameters name."""
-
-
-def train_command(model_hint: str) -> str:
-    return f"python -m pytest_editsafety mend train --model {model_hint} --cases FILE"
 
 
 def default_identity(model) -> str:
@@ -104,7 +100,7 @@ def read_config(directory: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MendArchiveError(f"{directory}: not a MEND archive (no {CONFIG_FILE}); make one with "
-                               f"{train_command('MODEL')}") from None
+                               f"editsafety train --editor mend --model MODEL --cases FILE") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MendArchiveError(f"{path}: unreadable: {err}") from err
     if not isinstance(config, dict) or config.get("format") != ARCHIVE_FORMAT:
@@ -160,7 +156,7 @@ def _check_model(path: Path, config: Mapping[str, Any], identity: str, expected:
         raise MendArchiveMismatchError(
             f"MEND archive {path} was trained for model {archived['identity']!r} "
             f"({archived.get('model_type')}), not for this model ({identity!r}); a MEND network only edits the "
-            f"weights it was trained on: train one for this model with {train_command('<this model>')}"
+            f"weights it was trained on: train one for this model with `editsafety train --editor mend --model <this model> --cases FILE`"
         )
     found = [(t["name"], t["d_out"], t["d_in"]) for t in config["targets"]]
     wanted = [(t.name, t.d_out, t.d_in) for t in expected]

@@ -32,37 +32,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from editors.base import EditRequest
+from editors.base import TrainingCase
 from editors.ft import per_request_nll, target_batch
 from editors.maths.mend import MomentAccumulator
 from editors.hooks import frozen
-from editors.mend import MendHparams, MendNetwork, MendTarget, edit_targets, gradient_factors
+from editors.mend_network import MendHparams, MendNetwork, MendTarget, edit_targets, gradient_factors
 from editors.text import right_padded
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MendTrainingCase", "added_updates", "plain_text_request", "train_mend"]
-
-
-@dataclass(frozen=True)
-class MendTrainingCase:
-    """One training edit: the request, an equivalent request (same target, other wording) and texts whose
-    predictions must not move. Every case of a training set has the same number of locality texts."""
-
-    edit: EditRequest
-    equivalent: EditRequest
-    locality: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if not self.locality or not all(isinstance(t, str) and t.strip() for t in self.locality):
-            raise ValueError(f"MendTrainingCase {self.edit.text!r}: needs non-empty locality texts")
-        if self.equivalent.target_new != self.edit.target_new:
-            raise ValueError(f"MendTrainingCase {self.edit.text!r}: the equivalent request has another target")
-
-
-def plain_text_request(text: str, target: str) -> EditRequest:
-    """A request for a whole text with no separate subject (a paraphrase is scored as a text + target)."""
-    return EditRequest(subject=text, prompt="{}", target_new=target)
+__all__ = ["added_updates", "train_mend"]
 
 
 @contextlib.contextmanager
@@ -134,7 +113,7 @@ class _Step:
 
 
 def _train_step(network: MendNetwork, model, tokenizer, family, targets: Sequence[MendTarget],
-                batch_cases: Sequence[MendTrainingCase], hp: MendHparams, device) -> tuple[Tensor, _Step]:
+                batch_cases: Sequence[TrainingCase], hp: MendHparams, device) -> tuple[Tensor, _Step]:
     n_edits = len(batch_cases)
     edits = [c.edit for c in batch_cases]
     factors, nll_before = gradient_factors(model, family, targets, target_batch(tokenizer, edits, device), n_edits)
@@ -167,7 +146,7 @@ def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else float("nan")
 
 
-def train_mend(model, tokenizer, family, hparams: MendHparams, cases: Sequence[MendTrainingCase], *,
+def train_mend(model, tokenizer, family, hparams: MendHparams, cases: Sequence[TrainingCase], *,
                progress: bool = True, description: str = "training MEND") -> tuple[MendNetwork, dict[str, Any]]:
     """Train an editor network for ``model`` on ``cases``; returns it and a report of plain numbers."""
     from tqdm.auto import tqdm

@@ -8,14 +8,15 @@ templates, and the target value ``v*`` found by optimising a vector added to the
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from editors.base import EditOutcome, EditRequest
+from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, SecondMomentNeed
 from editors.hooks import add_at_positions, capture_input, capture_output, frozen, rows_at
 from editors.maths import as_out_in, delta_to_storage
-from editors.maths.rome import left_direction, rome_update
+from editors.maths.rome import covariance_solver, measure_keys, rome_update
 from editors.text import fill, right_padded, subject_last_index
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class RomeHparams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     mom2_adjustment: bool = False
+    # texts of the statistics corpus behind C; read by whoever provides C, part of its cache key
+    mom2_n_samples: int = 100000
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     kl_prompt: str = "{} is a"
     early_stop_nll: float = 0.05
@@ -124,17 +127,32 @@ def optimise_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, re
     return delta.detach(), nll
 
 
-class RomeEditor:
-    """``rome`` (bare key ``k^u`` in the update), ``c-rome`` (mean key ``k̄``) and ``c-rome-prefix``."""
+class RomeEditor(EditorBase):
+    """``rome`` (bare key ``k^u`` in the update), ``c-rome`` (mean key ``k̄``) and ``c-rome-prefix``.
 
-    def __init__(self, name: str, hparams: RomeHparams, *, consistent: bool, test_prefix: bool = False,
-                 context_templates: tuple[str, ...] | None = None, covariance: torch.Tensor | None = None):
+    Needs its context templates and, with ``mom2_adjustment``, C at its layer; reports ``|uᵀk|`` from keys.
+    Used without :func:`editors.provision.set_up`, it samples its own templates on first use and takes
+    ``C = I``."""
+
+    def __init__(self, name: str, hparams: RomeHparams, *, consistent: bool, test_prefix: bool = False):
         self.name = name
         self.hparams = hparams
         self.consistent = consistent
         self.test_prefix = test_prefix
-        self.context_templates = context_templates
-        self.covariance = covariance
+        self.context_templates: tuple[str, ...] | None = None
+        self.covariance: torch.Tensor | None = None
+        self._solve: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def needs(self, model, family) -> Needs:
+        hp = self.hparams
+        moments = SecondMomentNeed((hp.layer,), hp.mom2_n_samples) if hp.mom2_adjustment else None
+        return Needs(second_moments=moments, context_templates=hp.context_templates)
+
+    def setup(self, model, tokenizer, family, provided: Provided) -> None:
+        super().setup(model, tokenizer, family, provided)
+        self.context_templates = provided.context_templates
+        self.covariance = provided.second_moments.get(self.hparams.layer)
+        self._solve = None
 
     def parameters_touched(self, model, family) -> tuple[str, ...]:
         return (family.layer_name("mlp_out", self.hparams.layer) + ".weight",)
@@ -152,6 +170,15 @@ class RomeEditor:
         delta, nll = optimise_value_delta(model, tokenizer, family, self.hparams, contexts, request, outputs[0])
         return RomeInputs(k_bare=keys[0], k_mean=keys.mean(0), out_bare=outputs[0], out_mean=outputs.mean(0),
                           delta=delta, final_nll=nll, subject_positions=tuple(positions))
+
+    def denominator(self, model, tokenizer, family, request: EditRequest) -> dict[str, float]:
+        """``|uᵀkᵘ|`` (rome) or ``|uᵀk̄|`` (C-ROME) for ``request``, one forward pass over the templated
+        prompts (row 0 is the bare prompt: the templates start with ``"{}"``), C factorised once per set-up."""
+        keys, _, _ = keys_and_outputs(model, tokenizer, family, self.hparams.layer,
+                                      self._contexts(model, tokenizer), request)
+        if self.covariance is not None and self._solve is None:
+            self._solve = covariance_solver(self.covariance)
+        return measure_keys(keys[0], keys.mean(0), self._solve, consistent=self.consistent).as_dict()
 
     def apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
         if len(requests) != 1:

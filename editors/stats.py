@@ -34,7 +34,6 @@ from torch import Tensor
 from editors.hooks import capture_input
 from editors.maths.rome import SecondMomentAccumulator
 from editors.storage import build_lock, stable_hash
-from pytest_editsafety.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +330,11 @@ def read_entry(path: Path, key: StatsKey) -> SecondMomentEntry:
 
 
 class SecondMomentCache:
-    """Second moments on disk under ``root`` (default ``cache_root()/"stats"``), plus what this instance
-    has already loaded, so repeated edits in one process read each file once."""
+    """Second moments on disk under ``root`` (the owner's choice, e.g. ``<cache root>/stats``), plus what this
+    instance has already loaded, so repeated edits in one process read each file once."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(root) if root is not None else cache_root() / "stats"
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
         self._entries: dict[str, SecondMomentEntry] = {}
         self._rome: dict[tuple[str, int, int], Tensor] = {}
 
@@ -497,7 +496,7 @@ def covariance_for(
     """``C`` for the MLP output projection of ``layer``: a ROME ``.npz`` when ``stats_dir`` holds one,
     else the cached statistic over the first ``n_samples`` texts of ``corpus``.
 
-    ``corpus`` is a :class:`~pytest_editsafety.corpora.Corpus` or a name/path for ``resolve_corpus``.
+    ``corpus`` is any object with ``texts``, ``name`` and ``sha256`` (the corpus loaders' ``Corpus``).
     ``identity`` names the weights (an organism recipe hash, ``repo@commit``); the model's parameter dtype
     is added to it, since keys computed in half precision differ. ``rome_model_name`` defaults to the
     model's ``name_or_path``, which is how ROME names its directories.
@@ -526,10 +525,6 @@ def covariance_for(
             "no ROME statistics for %s of %s under %s (looked for %s); computing them instead",
             module_name, name, stats_dir, rome_stats_filename(module_name, sample_size=n_samples),
         )
-    if isinstance(corpus, (str, os.PathLike)):
-        from pytest_editsafety.corpora import resolve_corpus
-
-        corpus = resolve_corpus(corpus)
     texts = tuple(corpus.texts)
     if n_samples < 1:
         raise StatsError(f"n_samples: expected >= 1, got {n_samples}")

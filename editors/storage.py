@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -29,8 +30,20 @@ __all__ = [
     "build_lock",
     "build_once",
     "file_sha256",
+    "slugify",
     "stable_hash",
 ]
+
+_SLUG_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slugify(text: str, *, fallback: str = "x", max_length: int | None = None) -> str:
+    """``text`` as a file-name or test-id fragment: letters, digits, ``.``, ``_`` and ``-`` only, no edge
+    punctuation, at most ``max_length`` characters; ``fallback`` when nothing is left."""
+    slug = _SLUG_BAD.sub("_", text).strip("._-")
+    if max_length is not None:
+        slug = slug[:max_length].strip("._-")
+    return slug or fallback
 
 
 def stable_hash(value: Any, length: int = 16) -> str:

@@ -1,5 +1,5 @@
-"""``python -m pytest_editsafety``: build the organisms, measure perplexity, rerun the causal-site check,
-train MEND's editor network, mine a dataset for the cases most likely to collapse ROME.
+"""``editsafety`` (or ``python -m pytest_editsafety``): build the organisms, measure perplexity, rerun the
+causal-site check, train a trained editor's network, mine a dataset for the cases most likely to collapse ROME.
 
 Each command prints a human summary, or one JSON object with ``--json``. Errors the user can fix (an
 unknown model, a missing corpus file) exit with status 2 and a one-line message, never a stack trace.
@@ -71,7 +71,7 @@ def cmd_zoo_causal_site(args: argparse.Namespace) -> int:
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     from pytest_editsafety.corpora import resolve_corpus
-    from pytest_editsafety.harness import default_ppl_corpus
+    from pytest_editsafety.plan import default_ppl_corpus
     from pytest_editsafety.perplexity import perplexity
     from pytest_editsafety.registry import LoadOptions, load_model, resolve_model
 
@@ -108,7 +108,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pytest_editsafety.cases import dump_cases
-    from pytest_editsafety.harness import slugify
+    from editors.storage import slugify
     from pytest_editsafety.mining import mine, mined_case_set, render_table
 
     default = f"mined-{slugify(args.editor)}-{slugify(Path(args.model).name)}.json"
@@ -143,55 +143,56 @@ _NEEDS_CASES = ("model {model!r} is not a model organism: give the training edit
                 "in any supported format, disjoint from the cases you certify on)")
 
 
-def cmd_mend_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from editors.mend_archive import read_config
     from editors.registry import build_editor
+    from pytest_editsafety.cache import cache_root
     from pytest_editsafety.cases import resolve_cases
-    from pytest_editsafety.harness import hparams_key, is_organism
-    from pytest_editsafety.mend import (
+    from pytest_editsafety.organisms import hparams_keys, is_organism, is_organism_model
+    from pytest_editsafety.registry import LoadOptions, load_model, resolve_model
+    from pytest_editsafety.trained import (
         case_set_description,
         cases_from_case_set,
-        is_organism_model,
         organism_training_data,
-        train_archive,
+        read_record,
+        train_network,
     )
-    from pytest_editsafety.registry import LoadOptions, load_model, resolve_model
 
     case_set = resolve_cases(args.cases) if args.cases else None  # a bad file fails before the model loads
     spec = resolve_model(args.model)
     if case_set is None and not is_organism(spec):  # before minutes of loading a large model for nothing
         raise ValueError(_NEEDS_CASES.format(model=args.model))
-    loaded = load_model(spec, LoadOptions(dtype=args.dtype, device_map=args.device_map))
+    root = cache_root(args.cache)
+    loaded = load_model(spec, LoadOptions(dtype=args.dtype, device_map=args.device_map, cache_root=str(root)))
     if args.device_map is None and torch.cuda.is_available():
         loaded.model.to("cuda:0")
-    hp = build_editor("mend", hparams_key(loaded), loaded.model, user_hparams=args.hparams).hparams
+    editor = build_editor(args.editor, hparams_keys(loaded), loaded.model, user_hparams=args.hparams)
+    need = editor.needs(loaded.model, loaded.family).trained_network
+    if need is None:
+        raise ValueError(f"editor {args.editor!r} needs no trained network with these hyper-parameters")
     if case_set is not None:
-        cases = cases_from_case_set(case_set, seed=hp.seed)
+        cases = cases_from_case_set(case_set, seed=need.seed)
         data = case_set_description(case_set, cases)
     elif is_organism_model(loaded.model):
-        cases, data = organism_training_data(loaded.model, hp)
+        cases, data = organism_training_data(loaded.model, need)
     else:
         raise ValueError(_NEEDS_CASES.format(model=args.model))
-    path, trained = train_archive(loaded.model, loaded.tokenizer, loaded.family, hp, cases, data,
-                                  identity=loaded.identity, force=args.force, progress=not args.quiet)
-    config = read_config(path)
-    report = config["training"]
-    payload = {"model": args.model, "identity": loaded.identity, "archive": str(path), "trained": trained,
-               "data": config["data"], "training": report}
+    path, trained = train_network(need, loaded.model, loaded.tokenizer, loaded.family, cases, data,
+                                  identity=loaded.identity, root=root, force=args.force, progress=not args.quiet)
+    record = read_record(path)
+    report = record.get("training", {})
+    payload = {"model": args.model, "editor": args.editor, "identity": loaded.identity, "network": str(path),
+               "trained": trained, "data": record["data"], "training": report}
     verb = "trained" if trained else "reused (same model, hyper-parameters and data; --force retrains)"
-    _emit(payload, args.json, f"MEND for {args.model}: {verb} -> {path}\n"
-                              f"  {report['n_cases']} training edits, {report['steps']} steps in "
-                              f"{report['seconds']:.0f} s; "
-                              f"edit NLL {report['edit_nll_first']:.3f} -> {report['edit_nll_last']:.3f}, "
-                              f"locality KL {report['loc_kl_first']:.4f} -> {report['loc_kl_last']:.4f}")
+    details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(report.items()))
+    _emit(payload, args.json, f"{args.editor} for {args.model}: {verb} -> {path}\n  {details}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pytest_editsafety",
+        prog="editsafety",
         description="Build the model organisms, measure perplexity, run the papers' experiments, merge reports.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (and tracebacks of errors)")
@@ -215,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="experiment_command", required=True)
     collapse = experiment.add_parser("collapse", help="single ROME / C-ROME edits on hard vs normal cases")
     collapse.add_argument("--model", default="tiny-gpt2")
-    collapse.add_argument("--editors", default="rome,c-rome,c-rome-prefix")
+    collapse.add_argument("--editors", required=True, help="editors to compare, comma separated (the papers': "
+                                                           "rome,c-rome,c-rome-prefix)")
     collapse.add_argument("--cases", default="hard,normal", help="case sets (names or files), comma separated")
     collapse.add_argument("--corpus", default=None, help="perplexity corpus, name or path (default organism-ppl "
                                                            "for organisms, me-ppl-50 otherwise)")
@@ -234,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "scored as one pool")
     mining.add_argument("--top", type=int, required=True, help="how many of the most dangerous cases to write")
     mining.add_argument("--out", default=None, help="case file to write (default reports/mined-<editor>-<model>.json)")
-    mining.add_argument("--editor", default="rome", help="ROME-family editor whose layer, context templates and C "
-                                                         "are used, and whose edits --confirm runs (default rome)")
+    mining.add_argument("--editor", required=True, help="an editor that reports a denominator (e.g. rome, "
+                                                        "c-rome): its layer, context templates and C are used, and "
+                                                        "--confirm runs its edits")
     mining.add_argument("--mom2", action=argparse.BooleanOptionalAction, default=None,
                         help="score with C from text (--mom2) or C = I (--no-mom2) whatever the editor's hparams "
                              "say (default: the hparams decide)")
@@ -249,23 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
     mining.add_argument("--quiet", action="store_true", help="no progress bar")
     mining.set_defaults(func=cmd_mine)
 
-    mend = commands.add_parser("mend", help="the MEND editor's trained network").add_subparsers(
-        dest="mend_command", required=True)
-    mend_train = mend.add_parser(
-        "train", help="train MEND's editor network for a model (cached; the mend editor loads it)",
-        description="Train MEND's hypernetwork on edit requests with locality samples and save it (safetensors plus "
-                    "a JSON config) under the cache, keyed by the model's identity and the hyper-parameters.")
-    mend_train.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
-    mend_train.add_argument("--cases", default=None, help="training edits: a case set name or file (required "
-                                                          "except for the organisms, which train on their world)")
-    mend_train.add_argument("--hparams", default=None,
-                            help="a JSON file of mend hyper-parameters over the built-in ones")
-    mend_train.add_argument("--force", action="store_true", help="retrain even if the cache holds this archive")
-    mend_train.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
-    mend_train.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda:0")
-    mend_train.add_argument("--json", action="store_true")
-    mend_train.add_argument("--quiet", action="store_true", help="no progress bar")
-    mend_train.set_defaults(func=cmd_mend_train)
+    train = commands.add_parser(
+        "train", help="train the network a trained editor (mend) needs for a model (cached; the editor loads it)",
+        description="Train the network an editor declares it needs (MEND's hypernetwork) on edit requests with "
+                    "locality samples and save it under the cache, keyed by the model's identity and the "
+                    "hyper-parameters; certification runs with the same hyper-parameters and dtype find it.")
+    train.add_argument("--editor", required=True, help="an editor that needs a trained network, e.g. mend")
+    train.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
+    train.add_argument("--cases", default=None, help="training edits: a case set name or file (required "
+                                                     "except for the organisms, which train on their world)")
+    train.add_argument("--hparams", default=None, help="a JSON file of the editor's hyper-parameters over the "
+                                                       "built-in ones")
+    train.add_argument("--force", action="store_true", help="retrain even if the cache holds this network")
+    train.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    train.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda:0")
+    train.add_argument("--cache", default=None, help="cache root (default $EDITSAFETY_CACHE or the user cache dir)")
+    train.add_argument("--json", action="store_true")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
 
     ppl = commands.add_parser("ppl", help="perplexity of a model on a corpus")
     ppl.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")

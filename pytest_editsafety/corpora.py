@@ -15,11 +15,12 @@ import logging
 import os
 import tempfile
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from editors.corpus import Corpus
 from editors.storage import build_lock
 from pytest_editsafety.cache import cache_root
 
@@ -46,32 +47,6 @@ class CorpusUnavailableError(CorpusError):
 
 class CorpusIntegrityError(CorpusError):
     """A corpus file's sha256 differs from its pin."""
-
-
-@dataclass(frozen=True)
-class Corpus:
-    name: str
-    texts: tuple[str, ...]
-    sources: tuple[str, ...]
-    sha256: str
-
-    def __post_init__(self) -> None:
-        if len(self.texts) != len(self.sources):
-            raise ValueError(
-                f"corpus {self.name!r}: {len(self.texts)} texts but {len(self.sources)} sources"
-            )
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    @classmethod
-    def from_texts(cls, name: str, texts: Sequence[str], sources: Sequence[str] | None = None) -> Corpus:
-        """A corpus built in-process; its hash covers texts and sources, encoded unambiguously."""
-        texts = tuple(texts)
-        sources = tuple(sources) if sources is not None else (name,) * len(texts)
-        # JSON, not a plain join: ("a\nb",) and ("a", "b") must not hash alike.
-        blob = json.dumps([list(texts), list(sources)], ensure_ascii=False, separators=(",", ":"))
-        return cls(name=name, texts=texts, sources=sources, sha256=hashlib.sha256(blob.encode()).hexdigest())
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def summarise(metrics: Sequence[Mapping[str, float | None]]) -> dict[str, Any]:
 def run_collapse(
     model_name: str,
     *,
-    editors: Sequence[str] = ("rome", "c-rome", "c-rome-prefix"),
+    editors: Sequence[str],
     case_sets: Sequence[str] = ("hard", "normal"),
     corpus: str | None = None,
     limit: int | None = None,
@@ -67,7 +67,8 @@ def run_collapse(
     """``{editor: {case set: summary}}`` plus ``"_baseline"``; raises if any edit could not be measured."""
     from tqdm.auto import tqdm
 
-    from pytest_editsafety.harness import HubOptions, ModelHub, build_plan
+    from pytest_editsafety.hub import HubOptions, ModelHub
+    from pytest_editsafety.plan import build_plan
     from pytest_editsafety.results import CaseRecord
 
     plan = build_plan(editors, [model_name], case_sets, ppl_corpus=corpus, limit=limit)

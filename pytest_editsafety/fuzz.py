@@ -306,7 +306,7 @@ class FuzzTarget:
 
     @property
     def test_id(self) -> str:
-        from pytest_editsafety.harness import slugify
+        from editors.storage import slugify
 
         return f"{slugify(self.editor)}-{self.model}"
 
@@ -395,7 +395,7 @@ def fuzz_target(hub: Any, target: FuzzTarget, *, max_examples: int = DEFAULT_EXA
     """Search ``target`` with full certification tests through the harness's ``hub`` (``ModelHub``): each
     generated case is edited from the unedited model, measured, restored and judged against the run's bounds,
     exactly as ``--cases`` would run it; at most ``max_runs`` of them (default ``default_max_runs``)."""
-    from pytest_editsafety.harness import PlanItem
+    from pytest_editsafety.plan import PlanItem
 
     world = build_fuzz_world(hub.loaded(target.model), n_vocabulary=n_vocabulary)
     log.info("fuzzing %s on %s: %d subjects, %d relations, %d lead-ins, %d examples", target.editor, target.model,
@@ -434,7 +434,7 @@ def failure_case_set(findings: FuzzFindings, *, editor: str, model: str) -> Case
 
 def fuzz_out_path(template: str | Path, target: FuzzTarget) -> Path:
     """Where ``target``'s failing cases go: ``{editor}`` and ``{model}`` in ``template`` are replaced."""
-    from pytest_editsafety.harness import slugify
+    from editors.storage import slugify
 
     text = str(template)
     return Path(text.replace("{editor}", slugify(target.editor)).replace("{model}", slugify(target.model)))

@@ -6,18 +6,16 @@ denominator, and the denominator needs no ``v*`` optimisation and no perplexity 
 the templated prompts gives both keys. So every case of a dataset can be scored in about the time one edit
 takes, the smallest denominators written out as a case file, and only those confirmed with full edits.
 
-The score is the denominator the chosen editor itself would divide by, ``|uᵀkᵘ|`` with the normalised
-``u`` for ``rome`` and ``|uᵀk̄|`` for C-ROME (``c-rome``, ``c-rome-prefix``), the certification bound's
-``denominator`` (:func:`editor_denominator`, which the harness's denominator floor uses too); the
-unnormalised ``|(C⁻¹k̄)ᵀk|`` is recorded beside it.
-The normalised form is the one that sizes the update (``‖ΔW‖ = ‖v* − Wkᵘ‖ / |uᵀkᵘ|``), and it separates
-hard from normal cases where the unnormalised one does not (on an earlier tiny-gpt2 with C from text: hard
-cases' mean rank percentile 0.40 vs 0.53).
+The score is the denominator the chosen editor itself reports (its ``denominator()``, :mod:`editors.base`):
+for ROME ``|uᵀkᵘ|`` with the normalised ``u`` (:func:`editors.maths.rome.measure_keys`), for C-ROME ``|uᵀk̄|``;
+the certification's denominator floor reads the same report, so a mined score and a test's floor are the same
+quantity as the edit's own ``denominator``. The normalised form is the one that sizes the update
+(``‖ΔW‖ = ‖v* − Wkᵘ‖ / |uᵀkᵘ|``), and it separates hard from normal cases where the unnormalised one does not
+(on an earlier tiny-gpt2 with C from text: hard cases' mean rank percentile 0.40 vs 0.53).
 
 Layout: the ranking, the summaries and the output case set are plain functions of plain data (no torch);
-``measure_keys`` is the maths on two key vectors; ``score_case_sets``, ``mine`` and ``confirm`` do the model
-I/O through the harness's ``ModelHub``, so the keys, context templates, hparams and C are exactly those of
-the certification tests.
+``score_case_sets``, ``mine`` and ``confirm`` do the model I/O through the hub (:mod:`pytest_editsafety.hub`),
+so the keys, context templates, hparams and C are exactly those of the certification tests.
 """
 
 from __future__ import annotations
@@ -37,16 +35,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ConfirmedCase",
     "HardnessSummary",
-    "KeyMeasure",
     "MinedCase",
     "MiningError",
     "MiningReport",
     "ScoredCase",
     "confirm",
-    "covariance_solver",
-    "editor_denominator",
     "hardness_summary",
-    "measure_keys",
     "mine",
     "mined_case_set",
     "rank_cases",
@@ -66,76 +60,20 @@ class MiningError(ValueError):
 
 
 @dataclass(frozen=True)
-class KeyMeasure:
-    """ROME's denominator for one case, from its keys alone."""
-
-    # |uᵀk|, u = C⁻¹k̄ / ‖C⁻¹k̄‖, k = kᵘ (rome) or k̄ (C-ROME): what an edit of this case divides by
-    denominator: float
-    raw_denominator: float  # |(C⁻¹k̄)ᵀk|
-    key_cosine: float  # cos(kᵘ, k̄)
-    key_norm: float  # ‖kᵘ‖
-    mean_key_norm: float  # ‖k̄‖
-
-
-def covariance_solver(covariance: Any) -> Callable[[Any], Any]:
-    """``x -> C⁻¹x`` in float64 for a second moment C, factorised once for the whole pool.
-
-    A pool of thousands of cases on a large model would otherwise pay a full solve (O(d³), d = 6400 for
-    GPT-2-XL) per case; a Cholesky factor makes each case O(d²). C estimated from text can be singular
-    enough to defeat Cholesky; an LU factor takes over then, as ``left_direction``'s plain solve would.
-    """
-    import torch
-
-    c64 = covariance.detach().to(torch.float64)
-    factor, info = torch.linalg.cholesky_ex(c64)
-    if int(info) == 0:
-        return lambda x: torch.cholesky_solve(x.reshape(-1, 1).to(c64.device), factor).reshape(-1)
-    log.info("C is not positive definite to float64 precision; solving with an LU factor")
-    lu, pivots = torch.linalg.lu_factor(c64)
-    return lambda x: torch.linalg.lu_solve(lu, pivots, x.reshape(-1, 1).to(c64.device)).reshape(-1)
-
-
-def measure_keys(k_bare: Any, k_mean: Any, solve: Callable[[Any], Any] | None = None, *,
-                 consistent: bool = False) -> KeyMeasure:
-    """The denominator ``rome`` (``consistent`` False: ``|uᵀkᵘ|``) or C-ROME (True: ``|uᵀk̄|``) would
-    compute for keys ``kᵘ`` and ``k̄``; ``solve`` is ``x -> C⁻¹x`` (``covariance_solver``), or None for
-    ``C = I`` (``mom2_adjustment`` off).
-
-    The arithmetic is ``editors.maths.rome.left_direction``'s (float64, u = C⁻¹k̄ / ‖C⁻¹k̄‖), so the score is
-    the ``denominator`` a rome edit of the case reports, to float rounding. A zero or non-finite ``C⁻¹k̄``
-    gives NaN, which ranks as most dangerous: an edit of such a case cannot be computed at all.
-    """
-    import torch
-
-    from editors.maths.rome import key_cosine
-
-    kb = k_bare.detach().reshape(-1).to(torch.float64)
-    km = k_mean.detach().reshape(-1).to(torch.float64)
-    direction = km if solve is None else solve(km).to(km.device)
-    norm = float(torch.linalg.vector_norm(direction))
-    cosine, key_norm, mean_norm = key_cosine(kb, km), float(kb.norm()), float(km.norm())
-    if not math.isfinite(norm) or norm == 0.0:
-        log.warning("C⁻¹k̄ has norm %s (a degenerate mean key or covariance); scoring the case as NaN", norm)
-        return KeyMeasure(math.nan, math.nan, cosine, key_norm, mean_norm)
-    raw = float(torch.dot(direction, km if consistent else kb))
-    return KeyMeasure(abs(raw) / norm, abs(raw), cosine, key_norm, mean_norm)
-
-
-def editor_denominator(keys: Any, *, consistent: bool, solve: Callable[[Any], Any] | None = None) -> KeyMeasure:
-    """The denominator a ROME-family editor divides by, from ``editors.rome.keys_and_outputs``'s keys (one row
-    per context template; row 0 the bare prompt, since the templates start with "{}"): ``|uᵀkᵘ|`` for rome,
-    ``|uᵀk̄|`` when ``consistent`` (C-ROME). Mining and the harness's denominator floor both use it, so a
-    mined score and a certification test's floor are the same quantity as the edit's own ``denominator``."""
-    return measure_keys(keys[0], keys.mean(0), solve, consistent=consistent)
-
-
-@dataclass(frozen=True)
 class ScoredCase:
     """A case of the pool with the case set it came from (as given on the command line) and its keys' score."""
 
     case: EditCase
     source: str
-    measure: KeyMeasure
+    # the editor's denominator report: "denominator" (|uᵀk|) and whatever key measures it adds
+    measure: Mapping[str, float]
+
+    @property
+    def denominator(self) -> float:
+        return float(self.measure["denominator"])
+
+    def get(self, key: str) -> float:
+        return float(self.measure.get(key, math.nan))
 
 
 @dataclass(frozen=True)
@@ -151,7 +89,7 @@ class MinedCase:
 
 def _danger_key(item: tuple[int, ScoredCase]) -> tuple[int, float, int]:
     position, scored = item
-    value = scored.measure.denominator
+    value = scored.denominator
     # NaN first (an edit that cannot be computed), then ascending denominator; the pool's order breaks ties
     return (0, 0.0, position) if math.isnan(value) else (1, value, position)
 
@@ -160,11 +98,11 @@ def rank_cases(scored: Sequence[ScoredCase]) -> tuple[tuple[MinedCase, ...], flo
     """Every case, most dangerous (smallest ``|uᵀkᵘ|``) first, and the pool's median denominator."""
     if not scored:
         raise MiningError("--cases: the pool holds no cases to score")
-    finite = [s.measure.denominator for s in scored if math.isfinite(s.measure.denominator)]
+    finite = [s.denominator for s in scored if math.isfinite(s.denominator)]
     median = statistics.median(finite) if finite else math.nan
     ordered = sorted(enumerate(scored), key=_danger_key)
     ranked = tuple(
-        MinedCase(rank=i + 1, scored=s, median_ratio=_ratio(s.measure.denominator, median))
+        MinedCase(rank=i + 1, scored=s, median_ratio=_ratio(s.denominator, median))
         for i, (_, s) in enumerate(ordered)
     )
     return ranked, median
@@ -223,9 +161,9 @@ def mined_case_set(mined: Sequence[MinedCase], *, editor: str, model: str, name:
     for m, case_id in zip(mined, _unique_ids(mined)):
         notes: dict[str, Any] = {"mined_rank": m.rank, "mined_from": m.scored.source, "mined_editor": editor,
                                  "mined_model": model}
-        for key, value in (("mined_denominator", m.scored.measure.denominator),
+        for key, value in (("mined_denominator", m.scored.denominator),
                            ("mined_median_ratio", m.median_ratio),
-                           ("mined_key_cosine", m.scored.measure.key_cosine)):
+                           ("mined_key_cosine", m.scored.get("key_cosine"))):
             if math.isfinite(value):  # case metadata holds finite numbers only
                 notes[key] = value
         metadata = {**dict(m.case.metadata), **notes}
@@ -268,7 +206,6 @@ class MiningReport:
     ranked: tuple[MinedCase, ...]  # the whole pool, most dangerous first
     top: int
     confirmed: tuple[ConfirmedCase, ...] = field(default=())
-    consistent: bool = False  # the editor keys its update on k̄ (C-ROME): the score is |uᵀk̄|, not |uᵀkᵘ|
 
     @property
     def mined(self) -> tuple[MinedCase, ...]:
@@ -283,9 +220,9 @@ class MiningReport:
         for m, case_id in zip(self.mined, _unique_ids(self.mined)):
             row = {"rank": m.rank, "case_id": case_id, "source": m.scored.source, "is_hard": m.case.is_hard,
                    "subject": m.case.subject, "prompt": m.case.prompt, "target_new": m.case.target_new,
-                   "denominator": m.scored.measure.denominator,
-                   "raw_denominator": m.scored.measure.raw_denominator,
-                   "key_cosine": m.scored.measure.key_cosine, "median_ratio": m.median_ratio}
+                   "denominator": m.scored.denominator,
+                   "raw_denominator": m.scored.get("raw_denominator"),
+                   "key_cosine": m.scored.get("key_cosine"), "median_ratio": m.median_ratio}
             if case_id in confirmed:
                 row["confirm"] = confirmed[case_id]
             rows.append(row)
@@ -297,32 +234,24 @@ class MiningReport:
 
 def score_case_sets(hub: Any, model: str, editor: str, case_sets: Sequence[tuple[str, str]], *,
                     progress: bool = True) -> list[ScoredCase]:
-    """Score every case of the planned ``case_sets`` (``(plan slug, name as given)`` pairs) on ``model``.
-
-    Keys come from ``editors.rome.keys_and_outputs`` with the editor's layer and context templates, and C from
-    the editor the hub prepared (``editors.stats`` when ``mom2_adjustment`` is on), so the scores are the
-    denominators the certification tests would report.
-    """
+    """Score every case of the planned ``case_sets`` (``(plan slug, name as given)`` pairs) on ``model`` by the
+    editor's own ``denominator`` report, with the editor set up exactly as the hub's certification tests set it
+    up (hparams, context templates, C), so the scores are the denominators those tests would report."""
     from tqdm.auto import tqdm
 
     from editors.base import EditRequest
-    from editors.rome import RomeEditor, keys_and_outputs
 
     prepared = hub.prepared_editor(model, editor)
-    if not isinstance(prepared, RomeEditor):
-        raise MiningError(f"--editor: {editor!r} has no ROME denominator to mine by; use rome (or c-rome, c-rome-prefix)")
     loaded = hub.loaded(model)
     pool = [(case, given) for slug, given in case_sets for case in hub.cases(model, slug).cases]
-    log.info("scoring %d cases on %s at layer %d (%d context templates, C %s)", len(pool), model,
-             prepared.hparams.layer, len(prepared.context_templates),
-             "from text" if prepared.covariance is not None else "= I")
-    solve = covariance_solver(prepared.covariance) if prepared.covariance is not None else None
+    log.info("scoring %d cases on %s with %s", len(pool), model, editor)
     scored = []
     for case, given in tqdm(pool, desc=f"mining {model}", unit="case", disable=not progress):
         request = EditRequest(case.subject, case.prompt, case.target_new)
-        keys, _, _ = keys_and_outputs(loaded.model, loaded.tokenizer, loaded.family, prepared.hparams.layer,
-                                      prepared.context_templates, request)
-        scored.append(ScoredCase(case, given, editor_denominator(keys, consistent=prepared.consistent, solve=solve)))
+        measure = prepared.denominator(loaded.model, loaded.tokenizer, loaded.family, request)
+        if measure is None:
+            raise MiningError(f"--editor: {editor!r} reports no denominator to mine by (its denominator() is None)")
+        scored.append(ScoredCase(case, given, dict(measure)))
     return scored
 
 
@@ -349,7 +278,7 @@ def confirm(hub: Any, plan: Any, mined: Sequence[MinedCase], editor: str, *, pro
     return tuple(confirmed)
 
 
-def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str = "rome", mom2_adjustment: bool | None = None,
+def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str, mom2_adjustment: bool | None = None,
          ppl_corpus: str | None = None, stats_corpus: str | None = None, with_confirm: bool = False,
          progress: bool = True, on_ranked: Callable[[MiningReport], Any] | None = None) -> MiningReport:
     """Score the union of ``case_sets`` on ``model`` by ROME's denominator; optionally confirm the top ``top``.
@@ -359,7 +288,8 @@ def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str = "rome"
     file says; None lets the file decide. ``on_ranked`` gets the scored report before any confirmation edit
     runs (the command writes its case file there, so the scores survive whatever the edits do).
     """
-    from pytest_editsafety.harness import HubOptions, ModelHub, build_plan
+    from pytest_editsafety.hub import HubOptions, ModelHub
+    from pytest_editsafety.plan import build_plan
 
     from editors.registry import available_editors
 
@@ -373,12 +303,11 @@ def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str = "rome"
     slug = plan.models[0].slug
     scored = score_case_sets(hub, slug, editor, [(s.slug, s.given) for s in plan.case_sets], progress=progress)
     ranked, median = rank_cases(scored)
-    prepared = hub.prepared_editor(slug, editor)
     report = MiningReport(
         model=model, identity=hub.loaded(slug).identity, editor=editor,
         case_sets=tuple(s.given for s in plan.case_sets),
-        mom2_adjustment=prepared.covariance is not None, median_denominator=median, ranked=ranked,
-        top=min(top, len(ranked)), consistent=bool(prepared.consistent),
+        mom2_adjustment=bool(hub.provided(slug, editor).second_moments), median_denominator=median, ranked=ranked,
+        top=min(top, len(ranked)),
     )
     if on_ranked is not None:
         on_ranked(report)
@@ -393,7 +322,7 @@ def render_table(report: MiningReport) -> str:
 
     data = report.to_dict()
     confirmed = bool(report.confirmed)
-    score = "|uᵀk̄|" if report.consistent else "|uᵀkᵘ|"
+    score = "|uᵀk|"
     headers = ["rank", "case", "from", "hard", "prompt", score, "x median", "cos(kᵘ,k̄)"]
     if confirmed:
         headers += ["ppl ratio", "efficacy", "certified"]

@@ -363,7 +363,7 @@ def _validate_corpus(name: str) -> None:
 
 def _build_plan(settings: Settings) -> Any:
     from pytest_editsafety.cases import CaseValidationError
-    from pytest_editsafety.harness import PlanError, build_plan
+    from pytest_editsafety.plan import PlanError, build_plan
 
     try:
         plan = build_plan(settings.editors, settings.models, settings.cases, ppl_corpus=settings.ppl_corpus,
@@ -427,7 +427,7 @@ def get_settings(config: pytest.Config) -> Settings:
 
 
 def get_plan(config: pytest.Config) -> Any:
-    """The plan (``pytest_editsafety.harness.Plan``) of a configured run."""
+    """The plan (``pytest_editsafety.plan.Plan``) of a configured run."""
     return config.stash[_PLAN]
 
 
@@ -483,14 +483,14 @@ def xdist_group(item: Any) -> str:
 
 @pytest.fixture(scope="session")
 def editsafety_plan(pytestconfig: pytest.Config) -> Any:
-    """The run's plan (editors, models, case sets, items): ``pytest_editsafety.harness.Plan``."""
+    """The run's plan (editors, models, case sets, items): ``pytest_editsafety.plan.Plan``."""
     return pytestconfig.stash[_PLAN]
 
 
 @pytest.fixture(scope="session")
 def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
     """This worker's ``ModelHub``: loads each model once and runs certification tests against it."""
-    from pytest_editsafety.harness import HubOptions, ModelHub
+    from pytest_editsafety.hub import HubOptions, ModelHub
 
     settings = pytestconfig.stash[_SETTINGS]
     options = HubOptions(
@@ -554,7 +554,7 @@ def _on_report(config: pytest.Config, controller: _Controller, report: pytest.Te
             record["outcome"] = "failed"
         controller.records[item.test_id] = record
     elif report.failed:  # setup or teardown errors, a call that failed before attaching, a dead worker
-        from pytest_editsafety.harness import error_record
+        from pytest_editsafety.plan import error_record
 
         if known is not None:
             known["outcome"] = "error"
@@ -606,7 +606,7 @@ def _corpus_summary(plan: Any, controller: _Controller) -> tuple[str, str]:
 
 
 def build_result(config: pytest.Config, controller: _Controller) -> Any:
-    from pytest_editsafety.harness import controller_identity
+    from pytest_editsafety.plan import controller_identity
     from pytest_editsafety.results import CaseRecord, RunMetadata, RunResult, SequentialRecord
 
     plan = config.stash[_PLAN]

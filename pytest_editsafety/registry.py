@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from pytest_editsafety.families import (
+from editors.families import (
     ArchitectureFamily,
     UnsupportedArchitectureError,
     family_for_model_type,
@@ -219,6 +219,8 @@ class LoadOptions:
     revision: str | None = None
     # None follows HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set when load_model runs
     local_files_only: bool | None = None
+    # where organisms are built and kept (None: pytest_editsafety.cache.cache_root()'s default)
+    cache_root: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -430,7 +432,8 @@ def load_model(spec: ModelSpec | str, options: LoadOptions | None = None) -> Loa
     if spec.source == "zoo":
         from pytest_editsafety.zoo import ensure_built
 
-        directory = Path(ensure_built(spec.location))
+        root = Path(options.cache_root) if options.cache_root else None
+        directory = Path(ensure_built(spec.location, root=root))
         identity = _organism_identity(directory, spec.name)
         _check_tokenizer_files(spec, directory)
         location = str(directory)

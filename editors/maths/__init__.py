@@ -40,36 +40,4 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """The dtype the rank-one arithmetic runs in: float64 if any input is, else float32 (never half)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
-
-# The submodules import MathsError and compute_dtype from this package, so these re-exports must come after
-# those definitions.
-from editors.maths.ft import clamp_to_linf_ball, linf_distance  # noqa: E402
-from editors.maths.memit import MemitUpdate, distribute_residual, memit_layer_update  # noqa: E402
-from editors.maths.rome import (  # noqa: E402
-    RankOneUpdate,
-    RomeUpdate,
-    SecondMomentAccumulator,
-    left_direction,
-    rank_one_update,
-    rome_update,
-    second_moment,
-)
-
-__all__ = [
-    "MathsError",
-    "MemitUpdate",
-    "RankOneUpdate",
-    "RomeUpdate",
-    "SecondMomentAccumulator",
-    "as_out_in",
-    "clamp_to_linf_ball",
-    "compute_dtype",
-    "delta_to_storage",
-    "distribute_residual",
-    "left_direction",
-    "linf_distance",
-    "memit_layer_update",
-    "rank_one_update",
-    "rome_update",
-    "second_moment",
-]
+__all__ = ["MathsError", "as_out_in", "compute_dtype", "delta_to_storage"]

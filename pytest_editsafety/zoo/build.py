@@ -7,7 +7,6 @@ and shells wait on a file lock while the first process builds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -92,7 +91,7 @@ def organism_world(config: Any) -> WorldSpec:
 
 def build_into(recipe: Recipe, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Train ``recipe`` and write the organism into the empty directory ``out``; returns its metadata."""
-    from pytest_editsafety.families import FAMILIES
+    from editors.families import FAMILIES
     from pytest_editsafety.perplexity import perplexity
     from pytest_editsafety.zoo.architectures import build_untrained
     from pytest_editsafety.zoo.causal_site import ablate_mlp_at_subject

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from pytest_editsafety.corpora import Corpus
+from editors.corpus import Corpus
 from pytest_editsafety.zoo.cases import certified_pairs
 from pytest_editsafety.zoo.recipe import TrainSpec
 from pytest_editsafety.zoo.world import LEAD_INS, World, WorldSpec, draw_distinct, render_fact

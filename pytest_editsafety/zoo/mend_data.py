@@ -17,7 +17,7 @@ import dataclasses
 import random
 
 from editors.base import EditRequest
-from editors.mend_train import MendTrainingCase
+from editors.base import TrainingCase
 from pytest_editsafety.zoo.cases import certified_pairs
 from pytest_editsafety.zoo.world import LEAD_INS, World, WorldSpec, render_fact
 
@@ -35,7 +35,7 @@ def _phrasing(rng: random.Random, templates: tuple[str, ...]) -> tuple[str, str]
     return lead_in, rng.choice(templates)
 
 
-def mend_training_cases(spec: WorldSpec, n: int, *, seed: int) -> tuple[MendTrainingCase, ...]:
+def mend_training_cases(spec: WorldSpec, n: int, *, seed: int) -> tuple[TrainingCase, ...]:
     """``n`` training edits, drawn in seeded shuffled passes over the training pairs."""
     world = World(spec)
     held_out = certified_pairs(spec)
@@ -45,7 +45,7 @@ def mend_training_cases(spec: WorldSpec, n: int, *, seed: int) -> tuple[MendTrai
     fillers, _ = world.filler_sentences()
     rng = random.Random(f"editsafety-mend-data-{spec.seed}-{seed}")
     order: list[tuple[str, str]] = []
-    cases: list[MendTrainingCase] = []
+    cases: list[TrainingCase] = []
     while len(cases) < n:
         if not order:
             order = pairs[:]
@@ -65,7 +65,7 @@ def mend_training_cases(spec: WorldSpec, n: int, *, seed: int) -> tuple[MendTrai
         neighbour = rng.choice([s for s in world.subjects if s != subject and (s, relation_name) not in held_out])
         n_lead, n_template = _phrasing(rng, relation.templates)
         neighbour_text = render_fact(neighbour, n_template, world.object_of(neighbour, relation_name), n_lead)
-        cases.append(MendTrainingCase(edit, equivalent, (neighbour_text, rng.choice(fillers))))
+        cases.append(TrainingCase(edit, equivalent, (neighbour_text, rng.choice(fillers))))
     return tuple(cases)
 
 

@@ -132,3 +132,11 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType({
 def builtin_recipe_with_hash(recipe_hash: str) -> Recipe | None:
     """The built-in recipe whose hash is ``recipe_hash`` (a model config's ``editsafety_recipe_hash``), if any."""
     return next((recipe for recipe in RECIPES.values() if recipe.recipe_hash == recipe_hash), None)
+
+
+def organism_recipe_hash(config) -> str | None:
+    """The recipe hash a model config carries when the model is one of the project's organisms, else None.
+
+    The one test of "is this an organism?" for a loaded model (wherever it was saved or copied to)."""
+    recipe_hash = getattr(config, "editsafety_recipe_hash", None)
+    return str(recipe_hash) if recipe_hash else None

@@ -1,0 +1,52 @@
+"""Factories of the built-in editors, registered as entry points in the group ``editsafety.editors`` of this
+distribution's metadata exactly as a third-party editor registers its own (see :mod:`editors.registry`).
+
+Each takes the editor's hyper-parameters as a mapping (layers resolved) and returns a new editor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from editors.hparams import hparams_from_mapping
+
+
+def _rome(name: str, hparams: Mapping[str, Any], *, consistent: bool, test_prefix: bool = False):
+    from editors.rome import RomeEditor, RomeHparams
+
+    hp = hparams_from_mapping(RomeHparams, hparams, source=f"{name} hparams")
+    return RomeEditor(name, hp, consistent=consistent, test_prefix=test_prefix)
+
+
+def make_rome(hparams: Mapping[str, Any]):
+    """Original ROME: the update keyed on the bare prompt's key ``kᵘ``."""
+    return _rome("rome", hparams, consistent=False)
+
+
+def make_c_rome(hparams: Mapping[str, Any]):
+    """C-ROME: consistent keys, the mean key ``k̄`` over the context templates everywhere."""
+    return _rome("c-rome", hparams, consistent=True)
+
+
+def make_c_rome_prefix(hparams: Mapping[str, Any]):
+    """C-ROME plus the papers' test-time prefix on hard cases' prompts."""
+    return _rome("c-rome-prefix", hparams, consistent=True, test_prefix=True)
+
+
+def make_memit(hparams: Mapping[str, Any]):
+    from editors.memit import MemitEditor, MemitHparams
+
+    return MemitEditor(hparams_from_mapping(MemitHparams, hparams, source="memit hparams"))
+
+
+def make_ft_linf(hparams: Mapping[str, Any]):
+    from editors.ft import FtHparams, FtLinfEditor
+
+    return FtLinfEditor(hparams_from_mapping(FtHparams, hparams, source="ft-linf hparams"))
+
+
+def make_mend(hparams: Mapping[str, Any]):
+    from editors.mend import MendEditor, MendHparams
+
+    return MendEditor(hparams_from_mapping(MendHparams, hparams, source="mend hparams"))

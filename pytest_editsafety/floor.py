@@ -1,0 +1,92 @@
+"""The denominator floor: an editor's median ``|uᵀk|`` over a model's normal reference cases.
+
+A certification test fails an edit whose denominator falls below a fraction of that median (the papers'
+collapse cases divide by ~100x less than normal ones). The median is measured from keys alone through the
+editor's own ``denominator`` report (:mod:`editors.base`), once per (editor, model), and kept on disk under the
+cache root, keyed by everything it depends on, so other workers and later runs read it instead of measuring
+again. An editor without a denominator has no floor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from editors.base import EditRequest
+from editors.storage import atomic_write_text, build_lock, slugify, stable_hash
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FLOOR_CACHE_FORMAT", "denominator_median", "provided_digest"]
+
+# /2: keyed by the editor's provided resources (templates, C per layer) instead of ROME's attributes
+FLOOR_CACHE_FORMAT = "pytest-editsafety/denominator-median/2"
+
+
+def provided_digest(provided: Any) -> dict[str, Any]:
+    """What an editor was given, as plain digests: its context templates and each layer's C."""
+    from editors.restore import tensor_digest
+
+    return {
+        "templates": stable_hash(list(provided.context_templates or ())),
+        "second_moments": {str(layer): tensor_digest(c) for layer, c in sorted(provided.second_moments.items())},
+        "trained_network": str(provided.trained_network) if provided.trained_network is not None else None,
+    }
+
+
+def _read(path: Path, key_fields: Mapping[str, Any]) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("ignoring unreadable denominator cache %s: %s", path, err)
+        return None
+    if not isinstance(data, dict) or data.get("key") != dict(key_fields):
+        return None
+    median = data.get("median")
+    if median is not None and not isinstance(median, (int, float)):
+        return None
+    return data
+
+
+def _denominators(editor: Any, loaded: Any, cases: Sequence[Any]) -> list[float] | None:
+    """``|uᵀk|`` as ``editor`` reports it for each case, or None for an editor without a denominator."""
+    values = []
+    for case in cases:
+        report = editor.denominator(loaded.model, loaded.tokenizer, loaded.family,
+                                    EditRequest(case.subject, case.prompt, case.target_new))
+        if report is None:
+            return None
+        values.append(float(report["denominator"]))
+    return values
+
+
+def denominator_median(editor: Any, loaded: Any, normal_cases: Sequence[Any], *, key_fields: Mapping[str, Any],
+                       root: Path) -> float | None:
+    """Median ``|uᵀk|`` of ``editor`` over ``normal_cases`` on ``loaded``, from the cache under ``root`` when
+    an entry with exactly ``key_fields`` (plus this module's format) is there; None without a denominator."""
+    if not normal_cases:
+        return None
+    key = {"format": FLOOR_CACHE_FORMAT, **key_fields}
+    path = root / "denominators" / f"{slugify(str(key_fields.get('editor', 'editor')))}-{stable_hash(key)}.json"
+    cached = _read(path, key)
+    if cached is not None:
+        return cached["median"]
+    with build_lock(path):
+        cached = _read(path, key)
+        if cached is not None:
+            return cached["median"]
+        values = _denominators(editor, loaded, normal_cases)
+        if values is None:  # the first case already said so: nothing is written for such an editor
+            return None
+        finite = [v for v in values if math.isfinite(v)]
+        median = statistics.median(finite) if finite else None
+        atomic_write_text(path, json.dumps({"key": key, "median": median, "n": len(finite)}, indent=1))
+        log.info("%s: median |uᵀk| over %d normal cases = %s", key_fields.get("editor"), len(finite), median)
+        return median

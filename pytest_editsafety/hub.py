@@ -1,0 +1,533 @@
+"""The model hub: how one certification test runs, with no pytest in sight.
+
+``ModelHub`` (owned by a session fixture, one per worker) loads each model once, caches what every test of that
+model shares (baseline perplexity, editors set up through their declared needs, unedited probes, the denominator
+floor) and runs one single-edit case (``run_case``) or one sequential run (``run_sequential``), returning the
+record as plain JSON-able data plus its verdict. torch, transformers and the editors are imported inside its
+methods only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from editors.storage import stable_hash
+from pytest_editsafety.bounds import Bounds, Verdict, judge
+from pytest_editsafety.cache import cache_root
+from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
+from pytest_editsafety.plan import Plan, PlanItem
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HubOptions", "ModelHub", "RunOutcome"]
+
+PPL_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    bounds: Bounds = field(default_factory=Bounds)
+    dtype: str | None = None
+    device_map: str | None = None
+    # ROME/MEMIT .npz statistics directory; without it, C is computed over the statistics corpus
+    stats_dir: str | None = None
+    # corpus for second-moment statistics; None = each model's perplexity corpus
+    stats_corpus: str | None = None
+    ppl_batch_size: int = PPL_BATCH_SIZE
+    # loaded models kept at once: large models on one GPU do not fit twice
+    max_loaded_models: int = 1
+    # hparams overrides applied to every built-in editor (the collapse experiment's --layer)
+    editor_overrides: Mapping[str, Any] | None = None
+    # editor -> user hparams JSON file (--editsafety-hparams), layered over the built-in file per model
+    editor_hparams: Mapping[str, str] | None = None
+    # cache root for organisms, statistics, corpora, trained editors and floors (None: pytest_editsafety.cache's
+    # default, $EDITSAFETY_CACHE or the user cache directory)
+    cache_root: str | None = None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a test attaches and asserts: the record (plain data), run metadata, the verdict, any error."""
+
+    record: dict[str, Any]
+    meta: dict[str, Any]
+    violations: tuple[str, ...]
+    error: BaseException | None = None
+
+    @property
+    def certified(self) -> bool:
+        return self.error is None and not self.violations
+
+
+@dataclass
+class _ModelState:
+    """Everything cached for one model in this worker; the heavy parts go when the model is evicted."""
+
+    slug: str
+    loaded: Any = None
+    device: str = "cpu"
+    baseline: dict[str, float] | None = None
+    corpus: Any = None
+    identity: str = ""
+    # what editors' needs are met with (C, templates, trained networks), while the model is loaded
+    resources: Any = None
+    editors: dict[str, Any] = field(default_factory=dict)
+    # what each editor was given at set-up (editors.base.Provided), for cache keys that depend on it
+    provided: dict[str, Any] = field(default_factory=dict)
+    # editors whose set-up failed (a MEND archive missing, a bad hparams file): raised again for every later
+    # test rather than retried, since set-up can train or compute statistics for minutes and fail the same way
+    editor_errors: dict[str, tuple[BaseException, Any]] = field(default_factory=dict)
+    hparams_hashes: dict[str, str | None] = field(default_factory=dict)
+    tagged: dict[str, CaseSet] = field(default_factory=dict)
+    probes: dict[tuple[str, str], Any] = field(default_factory=dict)
+    floor_medians: dict[str, float | None] = field(default_factory=dict)
+
+
+def _float_or_none(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def _worst(values: Sequence[float]) -> float:
+    """Max where NaN counts as the worst outcome."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values) if values else math.nan
+
+
+def _ratio(edited: float, unedited: float) -> float:
+    if unedited == 0 or math.isnan(unedited) or math.isnan(edited):
+        return math.nan
+    return edited / unedited
+
+
+class ModelHub:
+    """Loads models once per process and runs certification tests against them.
+
+    Not thread-safe; one hub per xdist worker (a session fixture). Models are evicted least recently used
+    beyond ``options.max_loaded_models``; what was measured on them (baselines, templates, probes, floors)
+    stays, since it is a pure function of the weights.
+    """
+
+    def __init__(self, plan: Plan, options: HubOptions | None = None) -> None:
+        self.plan = plan
+        self.options = options or HubOptions()
+        self._states: dict[str, _ModelState] = {}
+        # slugs of the loaded models, least recently used first
+        self._lru: list[str] = []
+        self._stats_cache: Any = None
+        self._root = cache_root(self.options.cache_root)
+        self._corpora: dict[str, Any] = {}
+        self._hardware: str | None = None
+
+    # ---- public entry points ---------------------------------------------------------------------
+
+    def run(self, item: PlanItem, case: EditCase | None = None) -> RunOutcome:
+        return self.run_case(item, case) if item.kind == "case" else self.run_sequential(item)
+
+    def run_case(self, item: PlanItem, case: EditCase | None = None) -> RunOutcome:
+        """One edit from the unedited model: probe, edit, measure, restore, judge.
+
+        ``case`` runs a case that is not in the plan (the fuzzer's generated cases) under ``item``'s editor,
+        model and case-set name; ``item.case_id`` must be its id, and the id must name its content, since the
+        unedited model's probe is cached by (case set, case id)."""
+        from pytest_editsafety.results import CaseRecord
+
+        started = time.perf_counter()
+        adhoc = case is not None
+        if case is None:
+            case = self.plan.case(item)
+        elif case.case_id != item.case_id:
+            raise ValueError(f"{item.test_id}: the item names case {item.case_id!r} but case {case.case_id!r} was given")
+        metrics: dict[str, float | None] = {}
+        is_hard = bool(case.is_hard)
+        error: BaseException | None = None
+        verdict = Verdict(certified=False, collapse=False, violations=())
+        try:
+            state = self._state(item.model)
+            case = self._tag_case(state, case) if adhoc else self._tagged(item.model, item.case_set).by_id(item.case_id)
+            is_hard = bool(case.is_hard)
+            metrics, verdict = self._edit_and_measure(state, item, case)
+        except Exception as err:  # the record says what happened; the test re-raises it with its traceback
+            log.warning("%s: the edit could not be measured: %s: %s", item.test_id, type(err).__name__, err)
+            error = err
+        violations = verdict.violations if error is None else (f"error: {type(error).__name__}: {error}",)
+        outcome = "error" if error is not None else ("passed" if verdict.certified else "failed")
+        record = CaseRecord(
+            test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set,
+            case_id=case.case_id, is_hard=is_hard, subject=case.subject, prompt=case.prompt,
+            target_new=case.target_new, ground_truth=case.ground_truth, metrics=metrics,
+            certified=error is None and verdict.certified, collapse=verdict.collapse, violations=violations,
+            outcome=outcome, duration_s=time.perf_counter() - started,
+        )
+        return RunOutcome(record.to_dict(), self.meta(item), violations, error)
+
+    def run_sequential(self, item: PlanItem) -> RunOutcome:
+        """The case set's edits in order without restoring, perplexity after each; restored at the end.
+
+        Judged on the perplexity ratio after the last edit and on collapse at any step (the papers'
+        sequential protocol); efficacy is the single-edit tests' job."""
+        from pytest_editsafety.results import SequentialRecord
+
+        started = time.perf_counter()
+        cases = self.plan.case_set(item.case_set).case_set.cases
+        ppls: list[float] = []
+        unedited = math.nan
+        error: BaseException | None = None
+        verdict = Verdict(certified=False, collapse=False, violations=())
+        try:
+            state = self._state(item.model)
+            unedited = self._baseline(state)["mean"]
+            verdict = self._sequential_edits(state, item, ppls)
+        except Exception as err:
+            log.warning("%s: the sequential run stopped after %d edits: %s: %s", item.test_id, len(ppls),
+                        type(err).__name__, err)
+            error = err
+        violations = verdict.violations if error is None else (
+            f"error after {len(ppls)} of {len(cases)} edits: {type(error).__name__}: {error}",)
+        outcome = "error" if error is not None else ("passed" if verdict.certified else "failed")
+        record = SequentialRecord(
+            test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set,
+            n_edits=len(cases), ppl_after_each=tuple(ppls), ppl_unedited=unedited,
+            certified=error is None and verdict.certified, collapse=verdict.collapse, violations=violations,
+            outcome=outcome, duration_s=time.perf_counter() - started,
+        )
+        return RunOutcome(record.to_dict(), self.meta(item), violations, error)
+
+    def loaded(self, model: str) -> Any:
+        """Model ``model`` (a plan slug) loaded as the tests use it: ``registry.LoadedModel``."""
+        return self._state(model).loaded
+
+    def prepared_editor(self, model: str, editor: str) -> Any:
+        """Editor ``editor`` set up for ``model`` exactly as this hub's tests use it: hparams for the model and
+        everything it declared it needs (:func:`editors.provision.set_up`)."""
+        return self._editor(self._state(model), editor)
+
+    def provided(self, model: str, editor: str) -> Any:
+        """What ``editor`` was given at set-up on ``model`` (:class:`editors.base.Provided`)."""
+        state = self._state(model)
+        self._editor(state, editor)
+        return state.provided[editor]
+
+    def cases(self, model: str, case_set: str) -> CaseSet:
+        """Planned case set ``case_set`` (a plan slug) with each case's hardness set for ``model``'s tokenizer."""
+        return self._tagged(model, case_set)
+
+    def meta(self, item: PlanItem) -> dict[str, Any]:
+        """Run metadata known to this worker about ``item``'s model and editor (plain values)."""
+        state = self._states.get(item.model)
+        out: dict[str, Any] = {"model": item.model, "editor": item.editor, "hardware": self.hardware()}
+        if state is not None:
+            if state.identity:
+                out["identity"] = state.identity
+            digest = state.hparams_hashes.get(item.editor)
+            if digest:
+                out["hparams_hash"] = digest
+            # a trained editor (MEND) says which network it loaded: its archive's tensors sha256 and dtype
+            editor = state.editors.get(item.editor)
+            provenance = dict(editor.provenance()) if editor is not None else {}
+            if provenance:
+                out["editor_provenance"] = provenance
+            if state.corpus is not None:
+                out["corpus"] = state.corpus.name
+                out["corpus_sha256"] = state.corpus.sha256
+        return out
+
+    def hardware(self) -> str:
+        if self._hardware is None:
+            self._hardware = _describe_hardware()
+        return self._hardware
+
+    # ---- the measurements ------------------------------------------------------------------------
+
+    def _edit_and_measure(self, state: _ModelState, item: PlanItem, case: EditCase
+                          ) -> tuple[dict[str, float | None], Verdict]:
+        from editors.base import EditRequest
+        from editors.restore import RestoreError, edit_session
+        from pytest_editsafety.metrics import edit_metrics
+
+        loaded = state.loaded
+        model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
+        editor = self._editor(state, item.editor)
+        baseline = self._baseline(state)
+        floor_median = self._floor_median(state, item.editor)
+        floor = self.options.bounds.relative_denominator_floor(floor_median)
+        probe = self._probe(state, item.case_set, case)
+        request = EditRequest(case.subject, case.prompt, case.target_new)
+        try:
+            with edit_session(model, editor.parameters_touched(model, family)):
+                outcome = editor.apply(model, tokenizer, family, [request])
+                prefix = outcome.test_prefix if case.is_hard else None
+                measured = edit_metrics(model, tokenizer, case, probe, test_prefix=prefix)
+                if prefix:
+                    measured["cf_efficacy_without_prefix"] = edit_metrics(model, tokenizer, case, probe)["cf_efficacy"]
+                edited = self._perplexity(state)
+        except RestoreError:
+            self._evict(item.model)  # the weights in memory are not the model any more
+            raise
+        metrics: dict[str, float | None] = {"denominator": None}  # None: a method without a denominator
+        for key, value in outcome.diagnostics.items():
+            number = _float_or_none(value)
+            if number is not None and key not in _HARNESS_METRICS:
+                metrics[key] = number
+        metrics["denominator_floor"] = floor
+        metrics.update(measured)
+        metrics.update({
+            "ppl_unedited": baseline["mean"],
+            "ppl_edited": edited["mean"],
+            "ppl_ratio": _ratio(edited["mean"], baseline["mean"]),
+            "ppl_corpus_unedited": baseline["corpus"],
+            "ppl_corpus_edited": edited["corpus"],
+            "ppl_corpus_ratio": _ratio(edited["corpus"], baseline["corpus"]),
+            "ppl_median_edited": edited["median"],
+            "ppl_max_edited": edited["max"],
+        })
+        return metrics, judge(self.options.bounds, metrics, denominator_floor=floor)
+
+    def _sequential_edits(self, state: _ModelState, item: PlanItem, ppls: list[float]) -> Verdict:
+        from editors.base import EditRequest
+        from editors.restore import RestoreError, edit_session
+
+        loaded = state.loaded
+        model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
+        editor = self._editor(state, item.editor)
+        baseline = self._baseline(state)["mean"]
+        cases = self._tagged(item.model, item.case_set).cases
+        try:
+            # the editor names the same parameters whatever the request, so one snapshot covers every edit
+            with edit_session(model, editor.parameters_touched(model, family)):
+                for case in cases:
+                    editor.apply(model, tokenizer, family, [EditRequest(case.subject, case.prompt, case.target_new)])
+                    ppls.append(self._perplexity(state)["mean"])
+        except RestoreError:
+            self._evict(item.model)
+            raise
+        bounds = dataclasses.replace(self.options.bounds, min_efficacy=0.0, min_generalization=0.0, min_locality=0.0)
+        metrics = {"ppl_ratio": _ratio(ppls[-1], baseline), "ppl_edited": _worst(ppls)}
+        return judge(bounds, metrics, denominator_floor=None)
+
+    # ---- per-model caches ------------------------------------------------------------------------
+
+    def _state(self, slug: str) -> _ModelState:
+        state = self._states.setdefault(slug, _ModelState(slug))
+        if state.loaded is None:
+            # free the least recently used models first: two large models rarely fit one GPU
+            while len(self._lru) >= max(1, self.options.max_loaded_models):
+                self._evict(self._lru[0])
+            self._load(state)
+        if slug in self._lru:
+            self._lru.remove(slug)
+        self._lru.append(slug)
+        return state
+
+    def _load(self, state: _ModelState) -> None:
+        import torch
+
+        from pytest_editsafety.registry import LoadOptions, load_model
+
+        slug = state.slug
+        choice = self.plan.model(slug)
+        options = LoadOptions(dtype=self.options.dtype, device_map=self.options.device_map,
+                              cache_root=str(self._root))
+        log.info("loading model %s (%s)", slug, choice.given)
+        loaded = load_model(choice.spec, options)
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        if self.options.device_map is None:
+            loaded.model.to(device)
+        else:
+            device = str(next(loaded.model.parameters()).device)
+        state.loaded = loaded
+        state.device = device
+        state.identity = loaded.identity
+
+    def _evict(self, slug: str) -> None:
+        state = self._states.get(slug)
+        if state is None or state.loaded is None:
+            return
+        log.info("releasing model %s", slug)
+        state.loaded = None
+        state.resources = None
+        state.editors.clear()  # they may hold covariances on the device
+        state.provided.clear()
+        if slug in self._lru:
+            self._lru.remove(slug)
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # freeing memory is a courtesy
+            log.debug("could not empty the CUDA cache", exc_info=True)
+
+    def _corpus(self, name: str) -> Any:
+        if name not in self._corpora:
+            from pytest_editsafety.corpora import resolve_corpus
+
+            self._corpora[name] = resolve_corpus(name)
+        return self._corpora[name]
+
+    def _perplexity(self, state: _ModelState) -> dict[str, float]:
+        from pytest_editsafety.perplexity import perplexity
+
+        loaded = state.loaded
+        result = perplexity(loaded.model, loaded.tokenizer, state.corpus.texts, batch_size=self.options.ppl_batch_size)
+        return {"mean": result.mean_ppl, "corpus": result.corpus_ppl, "median": result.median_ppl, "max": result.max_ppl}
+
+    def _baseline(self, state: _ModelState) -> dict[str, float]:
+        if state.baseline is None:
+            slug = state.slug
+            state.corpus = self._corpus(self.plan.model(slug).ppl_corpus)
+            state.baseline = self._perplexity(state)
+            log.info("model %s: unedited mean ppl %.4g on %s", slug, state.baseline["mean"], state.corpus.name)
+        return state.baseline
+
+    def _tagged(self, slug: str, set_slug: str) -> CaseSet:
+        """A planned case set with hardness set for this model's tokenizer."""
+        return self._tag(self._state(slug), set_slug, lambda: self.plan.case_set(set_slug).case_set)
+
+    def _tag(self, state: _ModelState, key: str, source: Callable[[], CaseSet]) -> CaseSet:
+        if key not in state.tagged:
+            from pytest_editsafety.cases.classify import TokenizerOffsetsError, default_prepends_bos, tag_hardness
+
+            cases = source()
+            tokenizer = state.loaded.tokenizer
+            try:
+                # hardness as the harness runs the model: with whatever the tokenizer adds by default
+                state.tagged[key] = tag_hardness(cases, tokenizer, prepends_bos=default_prepends_bos(tokenizer))
+            except TokenizerOffsetsError as err:
+                log.warning("model %s: cannot classify hard cases (%s); keeping the case file's flags", state.slug, err)
+                state.tagged[key] = cases
+        return state.tagged[key]
+
+    def _tag_case(self, state: _ModelState, case: EditCase) -> EditCase:
+        """One case outside the plan with its hardness set as ``_tag`` sets it for planned cases."""
+        from pytest_editsafety.cases.classify import TokenizerOffsetsError, default_prepends_bos, is_hard_case
+
+        tokenizer = state.loaded.tokenizer
+        try:
+            return case.with_hard(is_hard_case(case, tokenizer, prepends_bos=default_prepends_bos(tokenizer)))
+        except TokenizerOffsetsError:
+            return case
+
+    def _probe(self, state: _ModelState, set_slug: str, case: EditCase) -> Any:
+        key = (set_slug, case.case_id)
+        if key not in state.probes:
+            from pytest_editsafety.metrics import probe_before
+
+            state.probes[key] = probe_before(state.loaded.model, state.loaded.tokenizer, case)
+        return state.probes[key]
+
+    def _resources(self, state: _ModelState) -> Any:
+        """What this model provides to editors' needs (:mod:`pytest_editsafety.resources`)."""
+        if state.resources is None:
+            from editors.stats import SecondMomentCache
+            from pytest_editsafety.resources import ModelResources
+
+            if self._stats_cache is None:
+                self._stats_cache = SecondMomentCache(self._root / "stats")
+            corpus_name = self.options.stats_corpus or self.plan.model(state.slug).stats_corpus
+            state.resources = ModelResources(state.loaded, cache_root=self._root, stats_corpus=self._corpus(corpus_name),
+                                             stats_cache=self._stats_cache, stats_dir=self.options.stats_dir)
+        return state.resources
+
+    def _editor(self, state: _ModelState, name: str) -> Any:
+        if name in state.editors:
+            return state.editors[name]
+        failed = state.editor_errors.get(name)
+        if failed is not None:
+            error, traceback = failed
+            raise error.with_traceback(traceback)  # the set-up's own traceback, not one grown by every test
+        try:
+            return self._build_editor(state, name)
+        except Exception as err:
+            log.warning("model %s: editor %s could not be set up; its remaining tests report the same error",
+                        state.slug, name)
+            state.editor_errors[name] = (err, err.__traceback__)
+            raise
+
+    def _build_editor(self, state: _ModelState, name: str) -> Any:
+        from editors.provision import set_up
+        from editors.registry import build_editor
+        from pytest_editsafety.organisms import hparams_keys
+
+        loaded = state.loaded
+        user_hparams = (self.options.editor_hparams or {}).get(name)
+        editor = build_editor(name, hparams_keys(loaded), loaded.model, user_hparams=user_hparams,
+                              overrides=self.options.editor_overrides)
+        # everything the editor needs is measured now, on the unedited model: a statistics cache miss inside a
+        # sequential run would otherwise measure an edited model's keys
+        state.provided[name] = set_up(editor, loaded.model, loaded.tokenizer, loaded.family, self._resources(state))
+        state.editors[name] = editor
+        state.hparams_hashes[name] = _hparams_digest(editor.hparams)
+        return editor
+
+    # ---- the denominator floor ------------------------------------------------------------------
+
+    def _floor_median(self, state: _ModelState, name: str) -> float | None:
+        """The editor's median |uᵀk| over the model's normal reference cases (None without a denominator)."""
+        if name in state.floor_medians:
+            return state.floor_medians[name]
+        from pytest_editsafety.floor import denominator_median, provided_digest
+
+        editor = self._editor(state, name)
+        median = None
+        if self.options.bounds.min_denominator_fraction != 0:
+            choice = self.plan.model(state.slug)
+            # the whole reference set, whatever --editsafety-limit says: the floor must not depend on the selection
+            reference = self._tag(state, f"reference:{choice.reference_set}",
+                                  lambda: resolve_cases(choice.reference_set))
+            normal = [c for c in reference.cases if c.is_hard is False]
+            if not normal:
+                log.warning("model %s: no normal cases in %r; no relative denominator floor", state.slug,
+                            choice.reference_set)
+            loaded = state.loaded
+            key_fields = {
+                "model": loaded.identity,
+                "dtype": str(next(loaded.model.parameters()).dtype),
+                "editor": name,
+                "hparams": state.hparams_hashes.get(name),
+                "cases": stable_hash([c.to_dict() for c in normal]),
+                "provided": provided_digest(state.provided[name]),
+            }
+            median = denominator_median(editor, loaded, normal, key_fields=key_fields, root=self._root)
+        state.floor_medians[name] = median
+        return median
+
+
+# metric names the harness owns: an editor's diagnostic of the same name is dropped, never mistaken for them
+_HARNESS_METRICS = frozenset({
+    "denominator_floor", "ppl_ratio", "ppl_edited", "ppl_unedited", "ppl_corpus_unedited", "ppl_corpus_edited",
+    "ppl_corpus_ratio", "ppl_median_edited", "ppl_max_edited",
+})
+
+
+def _hparams_digest(hp: Any) -> str | None:
+    from editors.hparams import hparams_hash
+
+    try:
+        if dataclasses.is_dataclass(hp) and not isinstance(hp, type):
+            return hparams_hash(dataclasses.asdict(hp))
+        if isinstance(hp, Mapping):
+            return hparams_hash(dict(hp))
+    except ValueError as err:  # a third-party editor's hparams that are not JSON values
+        log.warning("cannot hash hyper-parameters: %s", err)
+    return None
+
+
+def _describe_hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"

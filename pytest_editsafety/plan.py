@@ -1,0 +1,265 @@
+"""The plan: what a certification run runs, as plain data (no torch, no pytest).
+
+The selected editors × models × case sets become ``PlanItem``s with stable ids (``rome-tiny-gpt2-hard-0007``;
+sequential runs ``rome-tiny-gpt2-seq-hard``), built the same way on the controller and on every xdist worker
+from the options alone: nothing random, timed or device-dependent. The plugin validates options and collects
+with it without loading a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from editors.storage import slugify
+from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
+from pytest_editsafety.organisms import is_organism
+from pytest_editsafety.registry import ModelSpec, resolve_model
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ModelChoice",
+    "Plan",
+    "PlanError",
+    "PlanItem",
+    "SelectedCaseSet",
+    "build_plan",
+    "controller_identity",
+    "default_ppl_corpus",
+    "error_record",
+]
+
+SEQUENTIAL_TAG = "seq"
+ORGANISM_CORPUS = "organism-ppl"
+# C for the organisms comes from other text than the perplexity corpus (ROME: Wikipedia, scored on ME-PPL);
+# real models take it from their perplexity corpus unless --editsafety-stats-corpus or --editsafety-stats-dir
+# says otherwise.
+ORGANISM_STATS_CORPUS = "organism-heldout"
+REAL_CORPUS = "me-ppl-50"
+# The case sets whose normal cases define a model's reference ROME denominator.
+ORGANISM_REFERENCE_SET = "normal"
+REAL_REFERENCE_SET = "real-normal"
+
+
+class PlanError(ValueError):
+    """The selection cannot form a run: an empty selection, a bad limit; the message names the option."""
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def default_ppl_corpus(spec: ModelSpec) -> str:
+    """The perplexity corpus a model is scored on unless the caller names one."""
+    return ORGANISM_CORPUS if is_organism(spec) else REAL_CORPUS
+
+
+def _model_slug(spec: ModelSpec) -> str:
+    if spec.source == "zoo" or spec.name in _builtin_names():
+        return slugify(spec.name)
+    if spec.source == "hub":
+        text = spec.location.rsplit("/", 1)[-1]
+        return slugify(f"{text}-{spec.revision}" if spec.revision else text)
+    return slugify(Path(spec.location).name)
+
+
+def _builtin_names() -> frozenset[str]:
+    from pytest_editsafety.registry import BUILTIN_MODELS
+
+    return frozenset(BUILTIN_MODELS)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One ``--model`` value: its spec, the slug tests and reports call it by, and its corpora."""
+
+    given: str
+    slug: str
+    spec: ModelSpec
+    organism: bool
+    ppl_corpus: str
+    stats_corpus: str  # the default sample for C (--stats-corpus overrides it)
+    # the case set whose normal cases give the reference denominator (organism or real-text cases)
+    reference_set: str
+
+
+@dataclass(frozen=True)
+class SelectedCaseSet:
+    given: str
+    slug: str
+    case_set: CaseSet  # already limited to --editsafety-limit cases
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    """One certification test; plain strings only, so it is hashable and identical on every worker."""
+
+    test_id: str
+    kind: Literal["case", "sequential"]
+    editor: str
+    model: str  # ModelChoice.slug
+    case_set: str  # SelectedCaseSet.slug
+    case_id: str = ""  # empty for sequential runs
+
+
+@dataclass(frozen=True)
+class Plan:
+    editors: tuple[str, ...]
+    models: tuple[ModelChoice, ...]
+    case_sets: tuple[SelectedCaseSet, ...]
+    items: tuple[PlanItem, ...]
+    # lookups the controller makes once per test report: kept as indexes, not scans
+    _items_by_id: Mapping[str, PlanItem] = field(init=False, repr=False, compare=False)
+    _cases: Mapping[tuple[str, str], EditCase] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_items_by_id", {item.test_id: item for item in self.items})
+        object.__setattr__(self, "_cases", {
+            (selected.slug, case.case_id): case for selected in self.case_sets for case in selected.case_set.cases
+        })
+
+    def model(self, slug: str) -> ModelChoice:
+        for choice in self.models:
+            if choice.slug == slug:
+                return choice
+        raise KeyError(f"no model {slug!r} in the plan")
+
+    def case_set(self, slug: str) -> SelectedCaseSet:
+        for selected in self.case_sets:
+            if selected.slug == slug:
+                return selected
+        raise KeyError(f"no case set {slug!r} in the plan")
+
+    def case(self, item: PlanItem) -> EditCase:
+        return self._cases[(item.case_set, item.case_id)]
+
+    def item(self, test_id: str) -> PlanItem | None:
+        return self._items_by_id.get(test_id)
+
+
+def _unique(slugs: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """Disambiguate equal slugs of different inputs with a short hash of the input (stable per input)."""
+    counts: dict[str, int] = {}
+    for slug in slugs:
+        counts[slug] = counts.get(slug, 0) + 1
+    return [f"{slug}-{_short_hash(key)}" if counts[slug] > 1 else slug for slug, key in zip(slugs, keys)]
+
+
+def _dedupe(values: Sequence[str]) -> tuple[str, ...]:
+    seen: list[str] = []
+    for value in values:
+        if value not in seen:
+            seen.append(value)
+    return tuple(seen)
+
+
+def build_plan(
+    editors: Sequence[str],
+    models: Sequence[str],
+    case_sets: Sequence[str],
+    *,
+    ppl_corpus: str | None = None,
+    limit: int | None = None,
+    sequential: bool = False,
+    resolve: Callable[[str], CaseSet] = resolve_cases,
+) -> Plan:
+    """The run's items, model-major (a worker finishes one model before the next), then editor, case set
+    and the case file's order. Raises ``UnknownModelError``/``CaseValidationError`` from the resolvers and
+    ``PlanError`` for an empty selection; editors are validated by the caller (the registry)."""
+    editors = _dedupe([e for e in editors if e])
+    models = _dedupe([m for m in models if m])
+    case_sets = _dedupe([c for c in case_sets if c])
+    if limit is not None and limit < 1:
+        raise PlanError(f"--editsafety-limit must be at least 1, got {limit}")
+    for what, values in (("editor", editors), ("model", models), ("case set", case_sets)):
+        if not values:
+            raise PlanError(f"empty selection: no {what} selected")
+
+    specs = [resolve_model(m) for m in models]
+    model_slugs = _unique([_model_slug(s) for s in specs], [s.location for s in specs])
+    choices = []
+    for given, spec, slug in zip(models, specs, model_slugs):
+        organism = is_organism(spec)
+        choices.append(ModelChoice(
+            given=given, slug=slug, spec=spec, organism=organism,
+            ppl_corpus=ppl_corpus or (ORGANISM_CORPUS if organism else REAL_CORPUS),
+            stats_corpus=ORGANISM_STATS_CORPUS if organism else (ppl_corpus or REAL_CORPUS),
+            reference_set=ORGANISM_REFERENCE_SET if organism else REAL_REFERENCE_SET,
+        ))
+
+    loaded = [resolve(c) for c in case_sets]
+    set_slugs = _unique([slugify(s.name, fallback="cases") for s in loaded], [str(s.source) for s in loaded])
+    selected = []
+    for given, case_set, slug in zip(case_sets, loaded, set_slugs):
+        cases = case_set.cases[:limit] if limit is not None else case_set.cases
+        if not cases:
+            raise PlanError(f"empty selection: case set {given!r} ({case_set.source}) holds no cases")
+        selected.append(SelectedCaseSet(given=given, slug=slug, case_set=case_set.with_cases(cases)))
+
+    items: list[PlanItem] = []
+    for choice in choices:
+        for editor in editors:
+            prefix = f"{slugify(editor)}-{choice.slug}"
+            for chosen in selected:
+                ids = [slugify(c.case_id, fallback="case") for c in chosen.case_set.cases]
+                # the organism's ids already name their set ("hard-0007"); others get it prepended so two
+                # files numbered from 0 cannot collide
+                parts = [i if i.startswith(f"{chosen.slug}-") else f"{chosen.slug}-{i}" for i in ids]
+                parts = _unique(parts, [c.case_id for c in chosen.case_set.cases])
+                for case, part in zip(chosen.case_set.cases, parts):
+                    items.append(PlanItem(f"{prefix}-{part}", "case", editor, choice.slug, chosen.slug, case.case_id))
+            if sequential:
+                for chosen in selected:
+                    items.append(PlanItem(f"{prefix}-{SEQUENTIAL_TAG}-{chosen.slug}", "sequential", editor,
+                                          choice.slug, chosen.slug))
+    counts = Counter(item.test_id for item in items)
+    duplicates = sorted(test_id for test_id, n in counts.items() if n > 1)
+    if duplicates:  # only reachable with hostile names; refuse rather than merge two tests' records
+        raise PlanError(f"test ids collide: {', '.join(duplicates[:5])}")
+    return Plan(tuple(editors), tuple(choices), tuple(selected), tuple(items))
+
+
+def controller_identity(choice: ModelChoice) -> str:
+    """The model's identity without loading weights, for metadata when no worker reported it."""
+    spec = choice.spec
+    try:
+        if spec.source == "zoo":
+            from pytest_editsafety.zoo import recipe_for
+
+            return recipe_for(spec.location).recipe_hash
+        if spec.source == "local":
+            from pytest_editsafety.registry import local_identity
+
+            return local_identity(Path(spec.location))
+    except Exception as err:  # metadata is best effort once the tests have run
+        log.warning("cannot compute the identity of model %s: %s", choice.slug, err)
+        return "unknown"
+    return f"{spec.location}@{spec.revision or 'unresolved'}"
+
+
+def error_record(plan: Plan, item: PlanItem, message: str, *, duration_s: float = 0.0) -> dict[str, Any]:
+    """A record for a test that produced none itself (a setup error, a crashed worker)."""
+    from pytest_editsafety.results import CaseRecord, SequentialRecord
+
+    violations = (f"error: {message}",)
+    if item.kind == "sequential":
+        n_edits = len(plan.case_set(item.case_set).case_set.cases)
+        return SequentialRecord(
+            test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set, n_edits=n_edits,
+            ppl_after_each=(), ppl_unedited=math.nan, certified=False, collapse=False, violations=violations,
+            outcome="error", duration_s=duration_s,
+        ).to_dict()
+    case = plan.case(item)
+    return CaseRecord(
+        test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set, case_id=case.case_id,
+        is_hard=bool(case.is_hard), subject=case.subject, prompt=case.prompt, target_new=case.target_new,
+        ground_truth=case.ground_truth, metrics={}, certified=False, collapse=False, violations=violations,
+        outcome="error", duration_s=duration_s,
+    ).to_dict()
