@@ -54,12 +54,10 @@ class MendArchiveMismatchError(MendArchiveError):
 
 
 def default_identity(model) -> str:
-    """The identity of ``model`` when no registry identity is at hand: an organism's recipe hash, else the
-    Hugging Face name and commit its config carries (what the registry reports for a hub model)."""
+    """The identity of ``model`` when its caller provides none: the Hugging Face name and commit its config
+    carries (what the registry reports for a hub model). Callers that know better (the harness: an organism's
+    recipe hash, a local directory's file hash) pass ``Provided.identity``."""
     config = model.config
-    recipe_hash = getattr(config, "editsafety_recipe_hash", None)
-    if recipe_hash:
-        return str(recipe_hash)
     name = getattr(config, "_name_or_path", "") or type(model).__name__
     commit = getattr(config, "_commit_hash", None)
     return f"{name}@{commit or 'unpinned'}"

@@ -177,12 +177,12 @@ def model_answers(model: Any, tokenizer: Any, words: Sequence[str], relations: S
 def organism_world_spec(loaded: Any) -> Any:
     """The ``WorldSpec`` a model organism was trained on, or None for a model that is no organism. An organism
     whose world cannot be told raises (``zoo.build.organism_world`` names the file it needed)."""
+    from pytest_editsafety.organisms import is_organism_model
     from pytest_editsafety.zoo.build import organism_world
 
-    config = loaded.model.config
-    if not getattr(config, "editsafety_recipe_hash", None):
+    if not is_organism_model(loaded.model):
         return None
-    return organism_world(config)
+    return organism_world(loaded.model.config)
 
 
 def build_fuzz_world(loaded: Any, *, n_vocabulary: int = N_VOCABULARY_SUBJECTS) -> FuzzWorld:

@@ -15,7 +15,7 @@ from typing import Any
 
 from editors.storage import build_once, file_sha256
 from pytest_editsafety.cache import cache_root
-from pytest_editsafety.zoo.recipe import RECIPES, Recipe, builtin_recipe_with_hash
+from pytest_editsafety.zoo.recipe import RECIPES, Recipe, builtin_recipe_with_hash, organism_recipe_hash
 from pytest_editsafety.zoo.world import WorldSpec
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def organism_world(config: Any) -> WorldSpec:
     elsewhere, or built from an older recipe. Raises ``OrganismWorldError`` naming the directory or file
     rather than guess: MEND training data and fuzz cases from the wrong world test nothing.
     """
-    recipe_hash = getattr(config, "editsafety_recipe_hash", None)
+    recipe_hash = organism_recipe_hash(config)
     if not recipe_hash:
         raise OrganismWorldError(f"model {getattr(config, '_name_or_path', '?')!r} is not a model organism "
                                  "(its config has no editsafety_recipe_hash)")
