@@ -10,15 +10,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pytest_editsafety.cases.model import (
-    CaseProblem,
     CaseSet,
-    CaseValidationError,
     EditCase,
     FrozenMetadata,
     NeighborhoodPrompt,
     case_problems,
     template_problems,
 )
+from pytest_editsafety.cases.problems import CaseProblem, CaseValidationError
 
 
 def make_case(**overrides: object) -> EditCase:

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_editsafety import report, report_cli
-from pytest_editsafety.report import escape_md, exit_code, render_markdown, write_outputs
+from pytest_editsafety import report_cli
+from pytest_editsafety.report import escape_md, exit_code, plots, render_markdown, write_outputs
 from pytest_editsafety.results import RunResult, compare, read_result, write_result
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -189,7 +189,7 @@ def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path: Path, run: R
     def missing() -> None:
         raise ImportError("No module named 'matplotlib'")
 
-    monkeypatch.setattr(report, "_load_matplotlib", missing)
+    monkeypatch.setattr(plots, "_load_matplotlib", missing)
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
     out = write_outputs(run, tmp_path / "a.json", tmp_path / "a.md")
     md = out.md_path.read_text(encoding="utf-8")
@@ -208,7 +208,7 @@ def test_no_plots_without_sequential_records(tmp_path: Path, run: RunResult,
 
 def test_github_step_summary_is_appended(tmp_path: Path, run: RunResult, baseline: RunResult,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(report, "_load_matplotlib", lambda: (_ for _ in ()).throw(ImportError("no")))
+    monkeypatch.setattr(plots, "_load_matplotlib", lambda: (_ for _ in ()).throw(ImportError("no")))
     summary = tmp_path / "summary.md"
     summary.write_text("previous step\n", encoding="utf-8")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
@@ -235,7 +235,7 @@ def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 def quiet_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
     # plots are covered above; the CLI tests need not pay for matplotlib
-    monkeypatch.setattr(report, "_load_matplotlib", lambda: (_ for _ in ()).throw(ImportError("skip")))
+    monkeypatch.setattr(plots, "_load_matplotlib", lambda: (_ for _ in ()).throw(ImportError("skip")))
 
 
 @pytest.mark.usefixtures("quiet_cli")

@@ -14,26 +14,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from pytest_editsafety.cases.formats import (
-    CANONICAL,
-    COUNTERFACT,
-    EASYEDIT,
-    KNOWN_FORMATS,
-    ZSRE,
-    detect_format,
-    dump_cases,
-    dumps_cases,
-    load_cases,
-)
-from pytest_editsafety.cases.model import (
-    CaseFormatError,
-    CaseProblem,
-    CaseSet,
-    CaseValidationError,
-    EditCase,
-    FrozenMetadata,
-    NeighborhoodPrompt,
-)
+from pytest_editsafety.cases.files import dump_cases, dumps_cases, load_cases
+from pytest_editsafety.cases.formats import CANONICAL, COUNTERFACT, EASYEDIT, KNOWN_FORMATS, ZSRE, detect_format
+from pytest_editsafety.cases.model import CaseSet, EditCase, FrozenMetadata, NeighborhoodPrompt
+from pytest_editsafety.cases.problems import CaseFormatError, CaseProblem, CaseValidationError
 
 __all__ = [
     "BUILTIN_CASE_SETS",

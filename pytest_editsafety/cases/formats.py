@@ -1,4 +1,4 @@
-"""Reading and writing edit-case files in every shape users hold, detected from the content.
+"""The entry formats of edit-case files, detected from an entry's keys, each with its converter to a case.
 
 Entry formats (one JSON object per case):
 
@@ -11,45 +11,38 @@ Entry formats (one JSON object per case):
   ``locality_ground_truth`` (the last three a string or a list).
 * ``canonical`` -- this project's own form (``EditCase.to_dict``).
 
-Containers: a JSON list of entries, the canonical envelope ``{"format": "editsafety-cases", "version":
-1, "cases": [...]}``, or JSON Lines. The file name never decides anything.
-
-Every problem of a file is collected before raising, each naming the file, the entry (index, id,
-line) and the field as the *source* format spells it (``requested_rewrite.target_new.str``).
+A converter's problems name the field as the *source* format spells it (``requested_rewrite.target_new.str``).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from pytest_editsafety.cases.containers import is_envelope
 from pytest_editsafety.cases.model import (
     MISSING,
     PLACEHOLDER,
-    CaseFormatError,
-    CaseProblem,
-    CaseSet,
-    CaseValidationError,
     EditCase,
     NeighborhoodPrompt,
     assemble_case,
     canonical_entry_values,
     coerce_case_id,
-    duplicate_id_problems,
 )
+from pytest_editsafety.cases.problems import CaseFormatError, CaseProblem
 
-log = logging.getLogger(__name__)
-
-ENVELOPE_FORMAT = "editsafety-cases"
-ENVELOPE_VERSION = 1
-ENVELOPE_KEYS = ("format", "version", "name", "description", "cases")
+__all__ = [
+    "CANONICAL",
+    "COUNTERFACT",
+    "EASYEDIT",
+    "KNOWN_FORMATS",
+    "ZSRE",
+    "detect_entry_format",
+    "detect_format",
+    "entry_to_case",
+    "unknown_shape",
+]
 
 COUNTERFACT = "counterfact"
 ZSRE = "zsre"
@@ -99,30 +92,27 @@ def detect_entry_format(entry: object) -> str | None:
     return None
 
 
-def _is_envelope(obj: object) -> bool:
-    return isinstance(obj, Mapping) and ("cases" in obj or obj.get("format") == ENVELOPE_FORMAT)
-
-
 def detect_format(obj: object) -> str:
     """The case format of a parsed document (list, envelope) or of a single entry.
 
     Raises ``CaseFormatError`` when nothing is recognised, listing the keys it saw.
     """
-    if _is_envelope(obj):
+    if is_envelope(obj):
         return CANONICAL
     if isinstance(obj, list):
         for index, entry in enumerate(obj):
             found = detect_entry_format(entry)
             if found is not None:
                 return found
-        raise CaseFormatError([_unknown_shape(obj[0] if obj else None, index=0 if obj else None)])
+        raise CaseFormatError([unknown_shape(obj[0] if obj else None, index=0 if obj else None)])
     found = detect_entry_format(obj)
     if found is None:
-        raise CaseFormatError([_unknown_shape(obj, index=None)])
+        raise CaseFormatError([unknown_shape(obj, index=None)])
     return found
 
 
-def _unknown_shape(entry: object, *, index: int | None) -> CaseProblem:
+def unknown_shape(entry: object, *, index: int | None) -> CaseProblem:
+    """The problem with an entry no format recognises: the keys it has and those each format needs."""
     if isinstance(entry, Mapping):
         saw = f"keys {sorted(str(k) for k in entry)}" if entry else "an empty object"
     else:
@@ -467,305 +457,3 @@ def entry_to_case(
         renamed = [p.located(case_id=case_id) for p in renamed]
     return case, renamed
 
-
-# ---------------------------------------------------------------------------------------------
-# containers
-
-
-@dataclass(frozen=True)
-class RawEntry:
-    index: int
-    line: int | None
-    data: Any
-
-
-@dataclass(frozen=True)
-class ParsedFile:
-    container: str  # "list", "envelope", "jsonl", "object"
-    entries: tuple[RawEntry, ...]
-    name: str | None
-    problems: tuple[CaseProblem, ...]
-
-
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
-
-
-def _skip_ws(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def _array_element_lines(text: str, pos: int) -> list[int]:
-    """Line numbers of the elements of the JSON array starting at ``pos`` (already known valid)."""
-    decoder = json.JSONDecoder()
-    lines: list[int] = []
-    pos = _skip_ws(text, pos + 1)
-    while pos < len(text) and text[pos] != "]":
-        lines.append(_line_of(text, pos))
-        _, pos = decoder.raw_decode(text, pos)
-        pos = _skip_ws(text, pos)
-        if pos < len(text) and text[pos] == ",":
-            pos = _skip_ws(text, pos + 1)
-    return lines
-
-
-def _envelope_case_lines(text: str, pos: int) -> list[int]:
-    """Line numbers of the entries of the top-level object's ``cases`` array."""
-    decoder = json.JSONDecoder()
-    pos = _skip_ws(text, pos + 1)
-    while pos < len(text) and text[pos] != "}":
-        key, pos = decoder.raw_decode(text, pos)
-        pos = _skip_ws(text, pos)
-        pos = _skip_ws(text, pos + 1)  # the ':'
-        if key == "cases" and text[pos] == "[":
-            return _array_element_lines(text, pos)
-        _, pos = decoder.raw_decode(text, pos)
-        pos = _skip_ws(text, pos)
-        if pos < len(text) and text[pos] == ",":
-            pos = _skip_ws(text, pos + 1)
-    return []
-
-
-def _looks_like_jsonl(text: str) -> bool:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return len(lines) > 1 and all(ln.startswith("{") and ln.endswith("}") for ln in lines)
-
-
-def _syntax_problem(error: json.JSONDecodeError, *, line_offset: int = 0, index: int | None = None) -> CaseProblem:
-    return CaseProblem(
-        "(json)",
-        f"invalid JSON: {error.msg}",
-        index=index,
-        line=error.lineno + line_offset,
-        column=error.colno,
-    )
-
-
-def _parse_jsonl(text: str) -> ParsedFile:
-    entries: list[RawEntry] = []
-    problems: list[CaseProblem] = []
-    index = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as error:
-            problems.append(_syntax_problem(error, line_offset=number - 1, index=index))
-        else:
-            entries.append(RawEntry(index=index, line=number, data=data))
-        index += 1
-    return ParsedFile("jsonl", tuple(entries), None, tuple(problems))
-
-
-def _parse_envelope(doc: Mapping[str, Any], text: str) -> ParsedFile:
-    problems: list[CaseProblem] = []
-    for key in sorted(str(k) for k in doc if k not in ENVELOPE_KEYS):
-        problems.append(CaseProblem(key, f"is not an envelope field (known: {', '.join(ENVELOPE_KEYS)})"))
-    fmt = doc.get("format", MISSING)
-    if fmt is MISSING:
-        problems.append(CaseProblem("format", f'is missing; an envelope needs "format": "{ENVELOPE_FORMAT}"'))
-    elif fmt != ENVELOPE_FORMAT:
-        problems.append(CaseProblem("format", f"is {fmt!r}; this reader knows envelopes of format {ENVELOPE_FORMAT!r}"))
-    version = doc.get("version", MISSING)
-    if version is MISSING:
-        problems.append(CaseProblem("version", f"is missing (this reader writes version {ENVELOPE_VERSION})"))
-    elif isinstance(version, bool) or not isinstance(version, int):
-        problems.append(CaseProblem("version", f"must be an integer, got {type(version).__name__}"))
-    elif version != ENVELOPE_VERSION:
-        problems.append(CaseProblem("version", f"is {version}; this reader supports version {ENVELOPE_VERSION} only"))
-    name = doc.get("name")
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        problems.append(CaseProblem("name", "must be a non-empty string"))
-        name = None
-    cases = doc.get("cases", MISSING)
-    if cases is MISSING:
-        problems.append(CaseProblem("cases", "is missing; an envelope holds its cases in a list"))
-        cases = []
-    elif not isinstance(cases, list):
-        problems.append(CaseProblem("cases", f"must be a list of case objects, got {type(cases).__name__}"))
-        cases = []
-    lines = _envelope_case_lines(text, _skip_ws(text, 0)) if cases else []
-    entries = tuple(
-        RawEntry(index=i, line=lines[i] if i < len(lines) else None, data=item) for i, item in enumerate(cases)
-    )
-    return ParsedFile("envelope", entries, name, tuple(problems))
-
-
-def parse_document(text: str) -> ParsedFile:
-    """Split a file's text into raw entries, whatever the container; syntax errors become problems."""
-    if not text.strip():
-        return ParsedFile("empty", (), None, (CaseProblem("(file)", "is empty"),))
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as error:
-        if error.msg == "Extra data" or _looks_like_jsonl(text):
-            return _parse_jsonl(text)
-        return ParsedFile("json", (), None, (_syntax_problem(error),))
-    start = _skip_ws(text, 0)
-    if isinstance(doc, list):
-        lines = _array_element_lines(text, start)
-        return ParsedFile(
-            "list",
-            tuple(RawEntry(i, lines[i] if i < len(lines) else None, item) for i, item in enumerate(doc)),
-            None,
-            (),
-        )
-    if _is_envelope(doc):
-        return _parse_envelope(doc, text)
-    if isinstance(doc, dict):
-        # A one-line JSON Lines file, or a single case written as one object.
-        return ParsedFile("object", (RawEntry(0, _line_of(text, start), doc),), None, ())
-    return ParsedFile(
-        "json",
-        (),
-        None,
-        (
-            CaseProblem(
-                "(file)",
-                f"top level is a {type(doc).__name__}; expected a list of cases, an "
-                f'{{"format": "{ENVELOPE_FORMAT}", ...}} envelope, or one JSON object per line',
-            ),
-        ),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# loading and dumping
-
-
-def _read_text(path: Path) -> str:
-    where = str(path)
-    if not path.exists():
-        raise CaseFormatError([CaseProblem("(file)", "does not exist", file=where)])
-    if path.is_dir():
-        raise CaseFormatError([CaseProblem("(file)", "is a directory, not a case file", file=where)])
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise CaseFormatError(
-            [CaseProblem("(file)", f"is not UTF-8 text (byte {error.start}: {error.reason})", file=where)]
-        ) from None
-    except OSError as error:
-        raise CaseFormatError([CaseProblem("(file)", f"cannot be read: {error.strerror}", file=where)]) from None
-
-
-def cases_from_text(
-    text: str, *, source: str, name: str | None = None, skip_invalid: bool = False
-) -> CaseSet:
-    """Parse, detect, convert and validate; raises with every problem found.
-
-    The set's name is ``name``, else the envelope's ``name``, else the source's file stem.
-    """
-    parsed = parse_document(text)
-    if name is None:
-        name = parsed.name or Path(source).stem or "cases"
-    problems: list[CaseProblem] = list(parsed.problems)
-    structural = bool(problems)  # an unreadable container is a format error, not a case error
-    entries = parsed.entries
-    if not entries and not problems:
-        problems.append(CaseProblem("cases", "the file holds no cases"))
-        structural = True
-
-    file_format: str | None = CANONICAL if parsed.container == "envelope" else None
-    entry_formats: dict[int, str] = {}
-    for entry in entries:
-        found = CANONICAL if parsed.container == "envelope" else detect_entry_format(entry.data)
-        if found is None:
-            problems.append(_unknown_shape(entry.data, index=entry.index).located(line=entry.line))
-            structural = True
-            continue
-        if file_format is None:
-            file_format = found
-        if found != file_format:
-            problems.append(
-                CaseProblem(
-                    "(keys)",
-                    f"looks like a {found} entry, but the file's first entry is {file_format}; "
-                    "a case file holds one format",
-                    index=entry.index,
-                    line=entry.line,
-                )
-            )
-            structural = True
-            continue
-        entry_formats[entry.index] = found
-
-    cases: list[tuple[RawEntry, EditCase]] = []
-    for entry in entries:
-        fmt = entry_formats.get(entry.index)
-        if fmt is None:
-            continue
-        case, found_problems = entry_to_case(entry.data, fmt, default_id=f"{entry.index:04d}")
-        if case is None:
-            problems += [p.located(index=entry.index, line=entry.line) for p in found_problems]
-        else:
-            cases.append((entry, case))
-
-    duplicates = duplicate_id_problems(
-        [case for _, case in cases],
-        indices=[entry.index for entry, _ in cases],
-        lines=[entry.line for entry, _ in cases],
-    )
-    problems += duplicates
-    dropped = {problem.index for problem in duplicates}
-    kept = [case for entry, case in cases if entry.index not in dropped]
-
-    # Report in file order: file-level problems first, then entry by entry.
-    problems.sort(key=lambda p: -1 if p.index is None else p.index)
-    located = [p.located(file=source) for p in problems]
-    if located and (structural or not skip_invalid):
-        error_type = CaseFormatError if structural else CaseValidationError
-        raise error_type(located)
-    if located:
-        skipped = len({p.index for p in located})
-        log.warning("skipping %d invalid case(s) of %s:\n%s", skipped, source, CaseValidationError(located))
-    if not kept:
-        raise CaseValidationError(
-            [CaseProblem("cases", "no valid cases left after skipping invalid ones", file=source)]
-        )
-    return CaseSet(name=name, cases=tuple(kept), source=source, format=file_format or CANONICAL)
-
-
-def load_cases(path: str | os.PathLike[str], *, name: str | None = None, skip_invalid: bool = False) -> CaseSet:
-    """Load a case file of any supported format and container, detected from its content.
-
-    ``skip_invalid`` drops entries with case-level problems (logging each) instead of raising; a file
-    that cannot be parsed or holds an unrecognised shape still raises ``CaseFormatError``.
-    """
-    file = Path(path)
-    return cases_from_text(_read_text(file), source=str(file), name=name, skip_invalid=skip_invalid)
-
-
-def case_set_to_document(case_set: CaseSet) -> dict[str, Any]:
-    return {
-        "format": ENVELOPE_FORMAT,
-        "version": ENVELOPE_VERSION,
-        "name": case_set.name,
-        "cases": [case.to_dict() for case in case_set.cases],
-    }
-
-
-def dumps_cases(case_set: CaseSet) -> str:
-    return json.dumps(case_set_to_document(case_set), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-
-
-def dump_cases(case_set: CaseSet, path: str | os.PathLike[str]) -> Path:
-    """Write ``case_set`` in the canonical envelope, atomically (temp file + ``os.replace``)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = dumps_cases(case_set)
-    # A fresh sibling opened with "x" gets the usual umask permissions (mkstemp would force 0600).
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target

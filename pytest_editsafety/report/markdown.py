@@ -2,7 +2,7 @@
 
 Sections: a verdict banner, the run's conditions, an editor × model certification table, the papers'-style
 numerator/denominator table (hard vs normal cases), results split by hard vs normal, the worst cases, every
-failed case with its reasons, sequential-editing curves (PNG, matplotlib) and the diff against a baseline.
+failed case with its reasons, sequential-editing curves (links to the plots) and the diff against a baseline.
 
 Everything a user or a case file controls (case text, editor and model names, violation sentences) passes
 through ``escape_md`` before it reaches the markdown. The output is deterministic: the only times in it come
@@ -11,21 +11,13 @@ from the run's metadata, numbers are formatted here (tabulate never re-parses th
 
 from __future__ import annotations
 
-import hashlib
-import io
-import logging
 import math
-import os
 import re
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
 from tabulate import tabulate
 
+from pytest_editsafety.aggregates import mean, median
 from pytest_editsafety.bounds import Bounds, format_number
 from pytest_editsafety.results import (
     SCHEMA,
@@ -33,28 +25,13 @@ from pytest_editsafety.results import (
     Regression,
     RunResult,
     SequentialRecord,
-    atomic_write_bytes,
-    atomic_write_text,
-    compare,
     summarize_cases,
     summarize_groups,
-    write_result,
 )
+from pytest_editsafety.results.summary import metric_values
 
-log = logging.getLogger(__name__)
+__all__ = ["WORST_CASES", "escape_md", "render"]
 
-__all__ = [
-    "GITHUB_STEP_SUMMARY",
-    "WORST_CASES",
-    "ReportOutputs",
-    "escape_md",
-    "exit_code",
-    "render_markdown",
-    "write_outputs",
-    "write_sequential_plots",
-]
-
-GITHUB_STEP_SUMMARY = "GITHUB_STEP_SUMMARY"
 WORST_CASES = 10
 # Beyond this many failed cases the report points to the JSON, which has them all.
 MAX_FAILED_LISTED = 100
@@ -100,17 +77,6 @@ def _ratio(x: float | None) -> str:
 
 def _pct(x: float | None) -> str:
     return DASH if x is None else f"{format_number(100.0 * x)} %"
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return math.fsum(values) / len(values) if values else None
-
-
-def _median(values: Sequence[float]) -> float | None:
-    # NaN makes a median meaningless; say so rather than let sort order decide
-    if not values:
-        return None
-    return math.nan if any(math.isnan(v) for v in values) else float(statistics.median(values))
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -253,14 +219,14 @@ def _by_kind(result: RunResult) -> list[tuple[str, str, str, list[CaseRecord]]]:
 def _update_table(result: RunResult) -> list[str]:
     rows = []
     for editor, model, kind, records in _by_kind(result):
-        numerators = [v for r in records if (v := r.metrics.get("numerator")) is not None]
-        denominators = [abs(v) for r in records if (v := r.metrics.get("denominator")) is not None]
+        numerators = metric_values(records, "numerator")
+        denominators = [abs(v) for v in metric_values(records, "denominator")]
         if not numerators and not denominators:
             continue
         rows.append(
             [escape_md(editor), escape_md(model), kind, str(len(records)),
-             _num(_mean(numerators)), _num(_median(numerators)),
-             _num(_mean(denominators)), _num(_median(denominators))]
+             _num(mean(numerators)), _num(median(numerators)),
+             _num(mean(denominators)), _num(median(denominators))]
         )
     lines = ["## ROME update: numerator and denominator, hard vs normal cases", ""]
     if not rows:
@@ -387,7 +353,7 @@ def _baseline_section(
     return lines
 
 
-def _render(
+def render(
     result: RunResult,
     *,
     baseline: RunResult | None,
@@ -395,6 +361,8 @@ def _render(
     plot_links: Mapping[str, str],
     plot_note: str | None,
 ) -> str:
+    """The report; ``plot_links`` maps each sequential plot's caption to its link, ``plot_note`` says why
+    plots are missing (or where they are)."""
     sections: list[list[str]] = [
         ["# Model-editing certification report", "", _banner(result, regressions)],
         _run_section(result),
@@ -409,144 +377,3 @@ def _render(
     ]
     return "\n\n".join("\n".join(s) for s in sections if s) + "\n"
 
-
-# ---------------------------------------------------------------------------------------------------
-# Plots
-
-
-def _load_matplotlib() -> tuple[Any, Any]:
-    """The object-oriented Agg API: no pyplot, so no process-wide backend switch or figure registry."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    return Figure, FigureCanvasAgg
-
-
-_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _plot_filename(editor: str, model: str, case_set: str) -> str:
-    # Names can hold "/" (Hugging Face ids) or anything a user typed; the hash keeps distinct triples
-    # distinct after slugging.
-    slug = "-".join(_UNSAFE_NAME.sub("_", part).strip("._") or "x" for part in (editor, model, case_set))
-    digest = hashlib.sha256("\0".join((editor, model, case_set)).encode("utf-8")).hexdigest()[:8]
-    return f"sequential-{slug[:80]}-{digest}.png"
-
-
-def write_sequential_plots(result: RunResult, plots_dir: str | os.PathLike[str]) -> tuple[dict[str, Path], str | None]:
-    """One PNG per (editor, model, case set): ppl after each edit, log y, the unedited ppl dashed.
-
-    Returns ``({caption: path}, note)``; without matplotlib nothing is written and the note says why.
-    """
-    if not result.sequential:
-        return {}, None
-    try:
-        Figure, FigureCanvasAgg = _load_matplotlib()
-    except ImportError:
-        return {}, "Sequential plots skipped: matplotlib is not installed (pip install 'pytest-editsafety[plots]')."
-    collapse_line = result.metadata.parsed_bounds.collapse_ppl
-    triples: dict[tuple[str, str, str], list[SequentialRecord]] = {}
-    for r in result.sequential:
-        triples.setdefault((r.editor, r.model, r.case_set), []).append(r)
-    written: dict[str, Path] = {}
-    out_dir = Path(plots_dir)
-    for (editor, model, case_set), records in triples.items():
-        fig = Figure(figsize=(6.4, 3.6), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        dropped = False
-        for r in records:
-            ys = [v if math.isfinite(v) and v > 0 else math.nan for v in r.ppl_after_each]
-            dropped |= any(math.isnan(v) for v in ys)
-            label = r.test_id if len(records) > 1 else "after each edit"
-            ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, linewidth=1.2, label=label)
-        unedited = records[0].ppl_unedited
-        if math.isfinite(unedited) and unedited > 0:
-            ax.axhline(unedited, linestyle="--", color="0.4", linewidth=1, label=f"unedited ({format_number(unedited)})")
-        if math.isfinite(collapse_line):
-            ax.axhline(collapse_line, linestyle=":", color="tab:red", linewidth=1, label="collapse line")
-        ax.set_yscale("log")
-        ax.set_xlabel("edits applied")
-        ax.set_ylabel("perplexity (mean per sentence)")
-        title = f"{editor} on {model}, {case_set}"
-        ax.set_title(title + (" (non-finite values not drawn)" if dropped else ""), fontsize=10)
-        ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", metadata={"Software": None})
-        path = out_dir / _plot_filename(editor, model, case_set)
-        atomic_write_bytes(path, buffer.getvalue())
-        written[title] = path
-    return written, None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Public entry points
-
-
-def render_markdown(
-    result: RunResult,
-    *,
-    baseline: RunResult | None = None,
-    plots_dir: str | os.PathLike[str] | None = None,
-) -> str:
-    """The report. With ``plots_dir``, sequential plots are written there and linked as
-    ``<plots_dir name>/<file>``, i.e. relative to the directory that holds ``plots_dir`` (where
-    ``write_outputs`` puts the markdown)."""
-    regressions = compare(result, baseline) if baseline is not None else []
-    links, _, note = _plots(result, plots_dir)
-    return _render(result, baseline=baseline, regressions=regressions, plot_links=links, plot_note=note)
-
-
-def _plots(
-    result: RunResult, plots_dir: str | os.PathLike[str] | None
-) -> tuple[dict[str, str], tuple[Path, ...], str | None]:
-    """(caption -> relative link, files written, note for the report)."""
-    if not result.sequential:
-        return {}, (), None
-    if plots_dir is None:
-        return {}, (), "Sequential plots not written (no plots directory given)."
-    written, note = write_sequential_plots(result, plots_dir)
-    prefix = quote(Path(plots_dir).name)
-    links = {caption: f"{prefix}/{quote(path.name)}" for caption, path in written.items()}
-    return links, tuple(written.values()), note
-
-
-def exit_code(result: RunResult, regressions: Sequence[Regression]) -> int:
-    """0 when every record is certified and nothing regressed against the baseline, else 1."""
-    return 0 if result.certified and not regressions else 1
-
-
-@dataclass(frozen=True)
-class ReportOutputs:
-    json_path: Path
-    md_path: Path
-    plots: tuple[Path, ...]
-    regressions: tuple[Regression, ...]
-    exit_code: int
-
-
-def write_outputs(
-    result: RunResult,
-    json_path: str | os.PathLike[str],
-    md_path: str | os.PathLike[str],
-    *,
-    baseline: RunResult | None = None,
-) -> ReportOutputs:
-    """Write the JSON results and the markdown report (plots in ``<md stem>_plots/`` beside it), each
-    atomically, and append the markdown to ``$GITHUB_STEP_SUMMARY`` when that is set."""
-    md = Path(md_path)
-    regressions = compare(result, baseline) if baseline is not None else []
-    plots_dir = md.parent / f"{md.stem}_plots"
-    links, plots, note = _plots(result, plots_dir)
-    write_result(result, json_path)
-    atomic_write_text(md, _render(result, baseline=baseline, regressions=regressions, plot_links=links, plot_note=note))
-    summary_path = os.environ.get(GITHUB_STEP_SUMMARY)
-    if summary_path:
-        # relative image links do not resolve in a job summary; the plots live with the report artifact
-        summary_note = "Sequential plots are in the report's directory (not shown in the job summary)." if result.sequential else None
-        summary = _render(result, baseline=baseline, regressions=regressions, plot_links={}, plot_note=summary_note)
-        with open(summary_path, "a", encoding="utf-8") as handle:
-            handle.write(summary)
-        log.info("appended the certification report to %s", summary_path)
-    return ReportOutputs(Path(json_path), md, plots, tuple(regressions), exit_code(result, regressions))

@@ -1,0 +1,101 @@
+"""Sequential-editing plots for the report: one PNG per (editor, model, case set), drawn with matplotlib when
+it is installed (the ``plots`` extra)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from editors.storage import atomic_write_bytes
+from pytest_editsafety.bounds import format_number
+from pytest_editsafety.results import RunResult, SequentialRecord
+
+__all__ = ["report_plots", "write_sequential_plots"]
+
+
+def _load_matplotlib() -> tuple[Any, Any]:
+    """The object-oriented Agg API: no pyplot, so no process-wide backend switch or figure registry."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return Figure, FigureCanvasAgg
+
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _plot_filename(editor: str, model: str, case_set: str) -> str:
+    # Names can hold "/" (Hugging Face ids) or anything a user typed; the hash keeps distinct triples
+    # distinct after slugging.
+    slug = "-".join(_UNSAFE_NAME.sub("_", part).strip("._") or "x" for part in (editor, model, case_set))
+    digest = hashlib.sha256("\0".join((editor, model, case_set)).encode("utf-8")).hexdigest()[:8]
+    return f"sequential-{slug[:80]}-{digest}.png"
+
+
+def write_sequential_plots(result: RunResult, plots_dir: str | os.PathLike[str]) -> tuple[dict[str, Path], str | None]:
+    """One PNG per (editor, model, case set): ppl after each edit, log y, the unedited ppl dashed.
+
+    Returns ``({caption: path}, note)``; without matplotlib nothing is written and the note says why.
+    """
+    if not result.sequential:
+        return {}, None
+    try:
+        Figure, FigureCanvasAgg = _load_matplotlib()
+    except ImportError:
+        return {}, "Sequential plots skipped: matplotlib is not installed (pip install 'pytest-editsafety[plots]')."
+    collapse_line = result.metadata.parsed_bounds.collapse_ppl
+    triples: dict[tuple[str, str, str], list[SequentialRecord]] = {}
+    for r in result.sequential:
+        triples.setdefault((r.editor, r.model, r.case_set), []).append(r)
+    written: dict[str, Path] = {}
+    out_dir = Path(plots_dir)
+    for (editor, model, case_set), records in triples.items():
+        fig = Figure(figsize=(6.4, 3.6), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        dropped = False
+        for r in records:
+            ys = [v if math.isfinite(v) and v > 0 else math.nan for v in r.ppl_after_each]
+            dropped |= any(math.isnan(v) for v in ys)
+            label = r.test_id if len(records) > 1 else "after each edit"
+            ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, linewidth=1.2, label=label)
+        unedited = records[0].ppl_unedited
+        if math.isfinite(unedited) and unedited > 0:
+            ax.axhline(unedited, linestyle="--", color="0.4", linewidth=1, label=f"unedited ({format_number(unedited)})")
+        if math.isfinite(collapse_line):
+            ax.axhline(collapse_line, linestyle=":", color="tab:red", linewidth=1, label="collapse line")
+        ax.set_yscale("log")
+        ax.set_xlabel("edits applied")
+        ax.set_ylabel("perplexity (mean per sentence)")
+        title = f"{editor} on {model}, {case_set}"
+        ax.set_title(title + (" (non-finite values not drawn)" if dropped else ""), fontsize=10)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", metadata={"Software": None})
+        path = out_dir / _plot_filename(editor, model, case_set)
+        atomic_write_bytes(path, buffer.getvalue())
+        written[title] = path
+    return written, None
+
+
+
+def report_plots(
+    result: RunResult, plots_dir: str | os.PathLike[str] | None
+) -> tuple[dict[str, str], tuple[Path, ...], str | None]:
+    """Write the plots into ``plots_dir`` and return (caption -> link relative to the directory that holds
+    ``plots_dir``, files written, note for the report)."""
+    if not result.sequential:
+        return {}, (), None
+    if plots_dir is None:
+        return {}, (), "Sequential plots not written (no plots directory given)."
+    written, note = write_sequential_plots(result, plots_dir)
+    prefix = quote(Path(plots_dir).name)
+    links = {caption: f"{prefix}/{quote(path.name)}" for caption, path in written.items()}
+    return links, tuple(written.values()), note

@@ -1,0 +1,113 @@
+"""Merging shard results (one file per machine or pytest-split group) into one run."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pytest_editsafety.results.errors import ResultsError
+from pytest_editsafety.results.records import CaseRecord, RunMetadata, RunResult, SequentialRecord
+
+__all__ = ["MergeError", "merge"]
+
+
+class MergeError(ResultsError):
+    """Shards that cannot form one run (other bounds, corpus or model weights, conflicting records)."""
+
+def _without_duration(record: CaseRecord | SequentialRecord) -> CaseRecord | SequentialRecord:
+    return dataclasses.replace(record, duration_s=0.0)
+
+
+def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None) -> RunResult:
+    """Join shard results into one run.
+
+    Rules: bounds and corpus must be equal; a model must have one identity and an (editor, model) one
+    hparams hash across shards; editors and models are the union (first-seen order); start is the
+    earliest, finish the latest; ``duration_s`` is the shards' sum (machine time, not wall time); hardware,
+    differing library versions and commands are kept side by side. A test id in several shards is fine
+    when the records agree (a re-run shard) up to duration, an error naming the ids otherwise.
+    """
+    if not results:
+        raise MergeError("no results to merge")
+    names = list(sources) if sources is not None else [f"shard {i + 1}" for i in range(len(results))]
+    if len(names) != len(results):
+        raise MergeError(f"{len(results)} results but {len(names)} source names")
+    if len(results) == 1:
+        return results[0]
+    first = results[0].metadata
+
+    models: dict[str, str] = {}
+    model_from: dict[str, str] = {}
+    hparams: dict[str, dict[str, str]] = {}
+    editors: list[str] = []
+    versions: dict[str, list[str]] = {}
+    hardware: list[str] = []
+    commands: list[str] = []
+    for name, result in zip(names, results):
+        meta = result.metadata
+        if meta.bounds != first.bounds:
+            diff = sorted(k for k in set(meta.bounds) | set(first.bounds) if meta.bounds.get(k) != first.bounds.get(k))
+            details = ", ".join(f"{k}: {first.bounds.get(k)!r} vs {meta.bounds.get(k)!r}" for k in diff)
+            raise MergeError(f"{name} was run with other bounds than {names[0]} ({details})")
+        if (meta.corpus, meta.corpus_sha256) != (first.corpus, first.corpus_sha256):
+            raise MergeError(
+                f"{name} measured perplexity on corpus {meta.corpus!r} (sha256 {meta.corpus_sha256[:12]}), "
+                f"{names[0]} on {first.corpus!r} (sha256 {first.corpus_sha256[:12]})"
+            )
+        for model, identity in meta.models.items():
+            if models.setdefault(model, identity) != identity:
+                raise MergeError(
+                    f"model {model!r} is {models[model]!r} in {model_from[model]} but {identity!r} in {name}"
+                )
+            model_from.setdefault(model, name)
+        for editor, per_model in meta.hparams_hashes.items():
+            for model, digest in per_model.items():
+                known = hparams.setdefault(editor, {}).setdefault(model, digest)
+                if known != digest:
+                    raise MergeError(f"hparams of {editor!r} on {model!r} differ between shards ({name})")
+        editors.extend(e for e in meta.editors if e not in editors)
+        for lib, version in meta.library_versions.items():
+            seen = versions.setdefault(lib, [])
+            if version not in seen:
+                seen.append(version)
+        if meta.hardware not in hardware:
+            hardware.append(meta.hardware)
+        commands.extend(meta.commands)
+
+    cases = _merge_records([r.cases for r in results], names)
+    sequential = _merge_records([r.sequential for r in results], names)
+    metadata = RunMetadata(
+        editors=tuple(editors),
+        models=models,
+        hparams_hashes=hparams,
+        bounds=first.bounds,
+        corpus=first.corpus,
+        corpus_sha256=first.corpus_sha256,
+        library_versions={lib: " | ".join(vs) for lib, vs in versions.items()},
+        hardware="; ".join(hardware),
+        started=min((r.metadata for r in results), key=lambda m: m.started_at).started,
+        finished=max((r.metadata for r in results), key=lambda m: m.finished_at).finished,
+        duration_s=sum(r.metadata.duration_s for r in results),
+        commands=tuple(commands),
+    )
+    return RunResult(metadata, tuple(cases), tuple(sequential))
+
+
+def _merge_records(groups: Sequence[Iterable[Any]], names: Sequence[str]) -> list[Any]:
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    conflicts: list[str] = []
+    for name, records in zip(names, groups):
+        for record in records:
+            known = merged.get(record.test_id)
+            if known is None:
+                merged[record.test_id] = record
+                origin[record.test_id] = name
+            elif _without_duration(known) != _without_duration(record):
+                conflicts.append(f"{record.test_id} ({origin[record.test_id]} vs {name})")
+    if conflicts:
+        shown = ", ".join(conflicts[:10]) + (f" and {len(conflicts) - 10} more" if len(conflicts) > 10 else "")
+        raise MergeError(f"conflicting records for the same test id: {shown}")
+    return list(merged.values())
+

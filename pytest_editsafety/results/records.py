@@ -1,0 +1,226 @@
+"""The records of a run: its metadata, one record per single-edit or sequential test, and the run itself.
+
+Field types are the file's schema (``schema.Record``); the checks here are the invariants across fields.
+Timestamps are ISO 8601 with a timezone (``2025-01-01T12:00:00+00:00``; a trailing ``Z`` is accepted), so
+that shards written on machines in different zones merge into one run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pytest_editsafety.aggregates import worst
+from pytest_editsafety.bounds import Bounds, BoundsError
+from pytest_editsafety.results.errors import RecordError, ResultsFormatError
+from pytest_editsafety.results.schema import SCHEMA, Record, describe_json
+
+__all__ = ["OUTCOMES", "CaseRecord", "RunMetadata", "RunResult", "SequentialRecord"]
+
+OUTCOMES = ("passed", "failed", "error")
+
+
+def _parse_time(text: str) -> datetime:
+    stamp = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    if stamp.tzinfo is None:
+        raise ValueError("timestamp has no timezone")
+    return stamp
+
+
+def _check_duration(duration_s: float) -> None:
+    if not (math.isfinite(duration_s) and duration_s >= 0):
+        raise RecordError("duration_s", f"must be a finite number >= 0, got {duration_s!r}")
+
+
+@dataclass(frozen=True)
+class RunMetadata(Record):
+    """What a run certified and under which conditions."""
+
+    editors: tuple[str, ...]
+    # model name -> identity: the Hugging Face revision, or the organism's recipe hash
+    models: Mapping[str, str]
+    # editor -> model -> sha256 of the resolved hyper-parameters
+    hparams_hashes: Mapping[str, Mapping[str, str]]
+    # Bounds.to_dict(); stored as a plain dict so a file records exactly what was enforced
+    bounds: Mapping[str, Any]
+    corpus: str
+    corpus_sha256: str
+    library_versions: Mapping[str, str]
+    hardware: str
+    started: str
+    finished: str
+    duration_s: float
+    # the command line(s) that produced the result: one per run, one per shard after a merge
+    commands: tuple[str, ...]
+
+    def _validate(self) -> None:
+        if len(set(self.editors)) != len(self.editors):
+            raise RecordError("editors", f"duplicate editor names in {list(self.editors)}")
+        try:
+            bounds = Bounds.from_mapping(self.bounds)
+        except BoundsError as err:
+            raise RecordError("bounds", str(err)) from None
+        object.__setattr__(self, "bounds", bounds.to_dict())
+        for name in ("started", "finished"):
+            try:
+                _parse_time(getattr(self, name))
+            except ValueError as err:
+                raise RecordError(name, f"not an ISO 8601 timestamp with a timezone: {err}") from None
+        _check_duration(self.duration_s)
+        for editor, per_model in self.hparams_hashes.items():
+            if editor not in self.editors:
+                raise RecordError(f"hparams_hashes.{editor}", "editor is not listed in 'editors'")
+            for model in per_model:
+                if model not in self.models:
+                    raise RecordError(f"hparams_hashes.{editor}.{model}", "model is not listed in 'models'")
+
+    @property
+    def parsed_bounds(self) -> Bounds:
+        return Bounds.from_mapping(self.bounds)
+
+    @property
+    def started_at(self) -> datetime:
+        return _parse_time(self.started)
+
+    @property
+    def finished_at(self) -> datetime:
+        return _parse_time(self.finished)
+
+
+def _check_test(record: CaseRecord | SequentialRecord, noun: str) -> None:
+    """The invariants every test's record shares; ``noun`` names the test in messages."""
+    for name in ("test_id", "editor", "model"):
+        if not getattr(record, name):
+            raise RecordError(name, "must not be empty")
+    if record.outcome not in OUTCOMES:
+        raise RecordError("outcome", f"must be one of {', '.join(OUTCOMES)}, got {record.outcome!r}")
+    _check_duration(record.duration_s)
+    if record.certified and record.violations:
+        raise RecordError("certified", f"a certified {noun} cannot list violations")
+
+
+@dataclass(frozen=True)
+class CaseRecord(Record):
+    """One single-edit test: the case, its measurements and its verdict, as plain values."""
+
+    test_id: str
+    editor: str
+    model: str
+    case_set: str
+    case_id: str
+    is_hard: bool
+    subject: str
+    prompt: str
+    target_new: str
+    ground_truth: str
+    # ppl_ratio, ppl_edited, ppl_unedited, denominator, numerator, key_cosine, delta_fro, cf_efficacy,
+    # cf_generalization, cf_locality, ee_rewrite_acc, ee_rephrase_acc, ee_locality, and any diagnostic an
+    # editor adds; None = does not apply to this editor
+    metrics: Mapping[str, float | None]
+    certified: bool
+    collapse: bool
+    violations: tuple[str, ...]
+    outcome: str
+    duration_s: float
+
+    def _validate(self) -> None:
+        if "" in self.metrics:
+            raise RecordError("metrics", "a metric name must not be empty")
+        _check_test(self, "case")
+
+    @property
+    def ok(self) -> bool:
+        """Counts as certified: the verdict holds and the test itself passed (an error certifies nothing)."""
+        return self.certified and self.outcome == "passed"
+
+    def metric(self, name: str) -> float | None:
+        return self.metrics.get(name)
+
+
+@dataclass(frozen=True)
+class SequentialRecord(Record):
+    """One sequential-editing test: cases applied in order without restoring, ppl measured after each."""
+
+    test_id: str
+    editor: str
+    model: str
+    case_set: str
+    n_edits: int
+    ppl_after_each: tuple[float, ...]
+    ppl_unedited: float
+    certified: bool
+    collapse: bool
+    violations: tuple[str, ...]
+    outcome: str
+    duration_s: float
+
+    def _validate(self) -> None:
+        _check_test(self, "run")
+        # a run that errors midway records the edits it measured before stopping
+        if len(self.ppl_after_each) > self.n_edits:
+            raise RecordError(
+                "ppl_after_each", f"{len(self.ppl_after_each)} measurements for {self.n_edits} edits"
+            )
+
+    @property
+    def ok(self) -> bool:
+        return self.certified and self.outcome == "passed"
+
+    @property
+    def max_ppl(self) -> float | None:
+        return worst(self.ppl_after_each)
+
+
+@dataclass(frozen=True)
+class RunResult(Record):
+    """A whole run. Records are kept sorted by test id, so equal runs compare and serialise equal.
+
+    Its plain form is the results document: ``{"schema": SCHEMA, "metadata": ..., "cases": [...],
+    "sequential": [...]}``.
+    """
+
+    metadata: RunMetadata
+    cases: tuple[CaseRecord, ...] = ()
+    sequential: tuple[SequentialRecord, ...] = ()
+
+    def _validate(self) -> None:
+        for field in ("cases", "sequential"):
+            records: tuple[CaseRecord | SequentialRecord, ...] = getattr(self, field)
+            seen: set[str] = set()
+            for i, record in enumerate(records):
+                where = f"{field}[{i}]"
+                if record.test_id in seen:
+                    raise RecordError(f"{where}.test_id", f"duplicate test id {record.test_id!r}")
+                seen.add(record.test_id)
+                if record.editor not in self.metadata.editors:
+                    raise RecordError(f"{where}.editor", f"editor {record.editor!r} is not in metadata.editors")
+                if record.model not in self.metadata.models:
+                    raise RecordError(f"{where}.model", f"model {record.model!r} is not in metadata.models")
+            object.__setattr__(self, field, tuple(sorted(records, key=lambda r: r.test_id)))
+        overlap = {r.test_id for r in self.cases} & {r.test_id for r in self.sequential}
+        if overlap:
+            raise RecordError("sequential", f"test ids also used by cases: {', '.join(sorted(overlap))}")
+
+    @property
+    def certified(self) -> bool:
+        """Every record certified; an empty run certifies nothing."""
+        records = (*self.cases, *self.sequential)
+        return bool(records) and all(r.ok for r in records)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **super().to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<record>") -> RunResult:
+        if not isinstance(data, dict):
+            raise ResultsFormatError(source, "$", f"expected an object, got {describe_json(data)}")
+        if "schema" not in data:
+            raise ResultsFormatError(source, "$", "missing field 'schema' (not a pytest-editsafety results file?)")
+        if data["schema"] != SCHEMA:
+            raise ResultsFormatError(
+                source, "$.schema", f"unsupported schema {describe_json(data['schema'])}; this version reads {SCHEMA!r}"
+            )
+        return super().from_dict({k: v for k, v in data.items() if k != "schema"}, source=source)
