@@ -131,7 +131,7 @@ def write_cases(path: Path, cases: list[dict]) -> Path:
 
 
 def run_args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [f"--model={model}", f"--ppl-corpus={corpus}", f"--editsafety-report={out / 'r.md'}",
+    return [f"--model={model}", f"--editsafety-ppl-corpus={corpus}", f"--editsafety-report={out / 'r.md'}",
             f"--editsafety-json={out / 'r.json'}", "-p", "no:cacheprovider", *extra]
 
 
@@ -240,18 +240,18 @@ def test_gpus_are_counted_without_torch(monkeypatch: pytest.MonkeyPatch) -> None
 def test_workers_get_devices_round_robin_and_auto_means_gpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,7")
     config = types.SimpleNamespace(stash=pytest.Stash(), getoption=lambda name, default=None: "loadgroup")
-    assert xdist_glue.pytest_xdist_auto_num_workers(config) == 2
+    assert xdist_glue.auto_num_workers(config) == 2
     given = {}
     for worker in ("gw0", "gw1", "gw2"):
         node = types.SimpleNamespace(config=config, gateway=types.SimpleNamespace(id=worker), workerinput={})
-        xdist_glue.pytest_configure_node(node)
+        xdist_glue.ControllerXdist().pytest_configure_node(node)
         given[worker] = node.workerinput
     assert [w[xdist_glue.DEVICE_KEY] for w in given.values()] == ["3", "7", "3"]
     assert all(w[xdist_glue.LOADGROUP_KEY] for w in given.values())
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     cpu_config = types.SimpleNamespace(stash=pytest.Stash())
-    assert xdist_glue.pytest_xdist_auto_num_workers(cpu_config) is None  # xdist keeps its CPU count
+    assert xdist_glue.auto_num_workers(cpu_config) is None  # xdist keeps its CPU count
     assert xdist_glue.device_for_worker("gw5", ()) == "cpu"
 
 
@@ -260,7 +260,7 @@ def test_a_worker_pins_itself_to_its_device(monkeypatch: pytest.MonkeyPatch) -> 
     option = types.SimpleNamespace(loadgroup=False)
     worker = types.SimpleNamespace(workerinput={xdist_glue.DEVICE_KEY: "7", xdist_glue.LOADGROUP_KEY: True},
                                    option=option)
-    xdist_glue.pytest_configure(worker)
+    xdist_glue.WorkerXdist().pytest_configure(worker)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
     assert option.loadgroup is True
 
@@ -314,7 +314,7 @@ def test_options_and_ini_twins_parse(pytester: pytest.Pytester, micro_model: Pat
     assert {m.ppl_corpus for m in plan.models} == {str(corpus_file)}
 
     # the command line wins over the ini file, option by option
-    from_cli = pytester.parseconfigure("--editor=memit", "--max-ppl-ratio=2", "--model=tiny-gpt2",
+    from_cli = pytester.parseconfigure("--editor=memit", "--editsafety-max-ppl-ratio=2", "--model=tiny-gpt2",
                                        "--model", "tiny-gptj,tiny-llama", "--editsafety-limit=1")
     s = get_settings(from_cli)
     assert s.editors == ("memit",)
@@ -339,8 +339,8 @@ def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pyt
     (["--cases={broken}"], "broken_cases.json"),
     (["--cases={empty}"], "empty_cases.json"),
     (["--editsafety-limit=0"], "at least 1"),
-    (["--max-ppl-ratio=lots"], "max_ppl_ratio"),
-    (["--ppl-corpus=no-such-corpus"], "no-such-corpus"),
+    (["--editsafety-max-ppl-ratio=lots"], "max_ppl_ratio"),
+    (["--editsafety-ppl-corpus=no-such-corpus"], "no-such-corpus"),
     (["--editsafety-baseline={broken}"], "broken_cases.json"),
     (["--editsafety-hparams=mend"], "--editsafety-hparams: expected EDITOR=FILE, got 'mend'"),
     (["--editsafety-hparams=nope={empty}"], "unknown editor 'nope' in 'nope="),
@@ -364,7 +364,8 @@ def test_usage_errors_exit_4_and_name_the_culprit(pytester: pytest.Pytester, arg
 def test_ids_are_stable_across_collections(pytester: pytest.Pytester, micro_model: Path) -> None:
     pytester.makepyfile(test_certify=SUITE.read_text())
     args = ["--collect-only", "-q", "--editor=all", f"--model={micro_model}", "--model=tiny-gpt2",
-            "--cases=hard,normal,real-hard", "--editsafety-limit=3", "--sequential", "-p", "no:cacheprovider"]
+            "--cases=hard,normal,real-hard", "--editsafety-limit=3", "--editsafety-sequential", "-p",
+            "no:cacheprovider"]
     first = [line for line in pytester.runpytest(*args).outlines if "::" in line]
     second = [line for line in pytester.runpytest(*args).outlines if "::" in line]
     assert first == second
@@ -383,7 +384,7 @@ def test_a_run_writes_the_report_and_a_valid_json(isolated: pytest.Pytester, mic
                                                    corpus_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = isolated.runpytest(*run_args(micro_model, corpus_file, out, "--editor=c-rome", "--cases=hard,normal",
-                                          "--editsafety-limit=1", "--sequential"))
+                                          "--editsafety-limit=1", "--editsafety-sequential"))
     assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
     result.stdout.fnmatch_lines(["*editsafety: *CERTIFIED*", f"*report {out / 'r.md'}*"])
     run = read_result(out / "r.json")
@@ -517,7 +518,7 @@ def test_a_baseline_regression_fails_a_run_whose_tests_pass(
     cases = write_cases(tmp_path / "cases.json", [
         {"case_id": "one", "subject": "Alpha", "prompt": "{} lives in", "target_new": "Paris", "ground_truth": "Rome"},
     ])
-    loose = ["--editor=noop", f"--cases={cases}", "--min-efficacy=0", "--min-locality=0"]
+    loose = ["--editor=noop", f"--cases={cases}", "--editsafety-min-efficacy=0", "--editsafety-min-locality=0"]
     first = isolated.runpytest(*run_args(micro_model, corpus_file, tmp_path / "a", *loose))
     assert first.ret == pytest.ExitCode.OK
     run = read_result(tmp_path / "a" / "r.json")
@@ -551,7 +552,7 @@ def test_a_test_that_errors_is_recorded_as_an_error(
     ])
     out = tmp_path / "out"
     result = isolated.runpytest(*run_args(micro_model, corpus_file, out, "--editor=noop", f"--cases={cases}",
-                                          "--min-efficacy=0", "--min-locality=0"))
+                                          "--editsafety-min-efficacy=0", "--editsafety-min-locality=0"))
     result.assert_outcomes(passed=1, failed=1)
     by_id = {r.case_id: r for r in read_result(out / "r.json").cases}
     assert by_id["long"].outcome == "error" and "IndexError" in by_id["long"].violations[0]
@@ -568,8 +569,8 @@ def test_a_worker_killed_mid_run_loses_only_its_case(
         for c, s in (("a", "Alpha"), ("b", "Crashwell"), ("c", "Gamma"), ("d", "Delta"))
     ])
     out = tmp_path / "out"
-    args = run_args(micro_model, corpus_file, out, "--editor=noop-crash", f"--cases={cases}", "--min-efficacy=0",
-                    "--min-locality=0")
+    args = run_args(micro_model, corpus_file, out, "--editor=noop-crash", f"--cases={cases}",
+                    "--editsafety-min-efficacy=0", "--editsafety-min-locality=0")
     collected = isolated.runpytest_subprocess(*args, "--collect-only", "-q")
     expected = sorted(re.search(r"\[(.*)\]", line).group(1) for line in collected.outlines if "::" in line)
     result = isolated.runpytest_subprocess(*args, "-n", "2", timeout=300)
