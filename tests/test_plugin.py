@@ -180,7 +180,7 @@ def test_organisms_take_c_from_other_text_than_their_perplexity_corpus() -> None
     chosen = build_plan(["rome"], ["tiny-gpt2"], ["hard"], ppl_corpus="me-ppl-50").models[0]
     assert (chosen.ppl_corpus, chosen.stats_corpus) == ("me-ppl-50", "organism-heldout")
     real = build_plan(["rome"], ["gpt2-xl"], ["real-hard"]).models[0]
-    assert (real.ppl_corpus, real.stats_corpus) == ("me-ppl-50", "me-ppl-50")  # unless --stats-corpus/--stats-dir
+    assert (real.ppl_corpus, real.stats_corpus) == ("me-ppl-50", "me-ppl-50")  # unless --editsafety-stats-corpus/-dir
 
 
 @pytest.mark.parametrize(("stats_corpus", "expected"), [(None, "organism-heldout"), ("organism-ppl", "organism-ppl")])

@@ -272,6 +272,17 @@ def test_every_option_and_its_ini_twin_reach_the_settings(pytester: pytest.Pytes
     assert _environment() == before  # the cache root travels in the settings, not the environment
 
 
+def test_native_toml_twins_take_their_types(pytester: pytest.Pytester) -> None:
+    pytester.makepyprojecttoml('[tool.pytest]\neditsafety_editor = ["rome", "memit"]\neditsafety_limit = 2\n'
+                               'editsafety_min_efficacy = 1\neditsafety_sequential = true\n')
+    s = get_settings(pytester.parseconfigure())
+    assert (s.editors, s.limit, s.bounds.min_efficacy, s.sequential) == (("rome", "memit"), 2, 1.0, True)
+    pytester.makepyprojecttoml('[tool.pytest]\neditsafety_limit = "2"\n')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "ini editsafety_limit: " in result.stderr.str() and "expects an int" in result.stderr.str()
+
+
 def test_the_cache_root_reaches_the_hub(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_hub="def test_hub(editsafety_hub, pytestconfig):\n"
                                  "    assert editsafety_hub.options.cache_root == str(pytestconfig.rootpath / 'c')\n")
