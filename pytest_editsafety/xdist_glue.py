@@ -2,9 +2,11 @@
 ``--dist loadgroup`` by default, a crash-safe group scheduler.
 
 A run is owned when an editsafety option is given (``plugin.options_given``); any other run, including
-one that merely collects the certification suite, keeps xdist's own behaviour. The plugin registers
-``ControllerXdist`` on an owned run's controller and ``WorkerXdist`` on the workers that controller
-configured; nothing here is a module-level hook.
+one that merely collects the certification suite, keeps xdist's own behaviour. Nothing here is a
+module-level hook: the plugin registers ``ControllerXdist`` on an owned run's controller and
+``WorkerXdist`` on the workers that controller configured, both from its ``pytest_configure`` (pytest
+calls a role's own ``pytest_configure`` as it is registered), and answers xdist's ``-n auto`` question,
+asked before configuration, with ``auto_num_workers`` in owned runs.
 
 The controller never imports torch: it counts GPUs from ``CUDA_VISIBLE_DEVICES`` (the caller's choice wins)
 or from ``nvidia-smi -L`` in a subprocess, and hands each worker one device through ``workerinput``. The
@@ -174,6 +176,7 @@ class WorkerXdist:
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         if config.getvalue("loadgroup"):
             restore_group_suffixes(items)
+
 
 def crash_safe_loadgroup() -> type | None:
     """xdist's ``LoadGroupScheduling`` with a crash handling that loses only the test in flight.
