@@ -23,9 +23,11 @@ certify: install
 	$(PY) -m pytest_editsafety zoo build tiny-gpt2
 	$(PY) -m pytest
 
+# The project's own tests are no certification run, so the plugin leaves xdist's scheduling alone: the
+# organism tests' xdist groups keep each organism on one worker only under loadgroup.
 test: install
 	$(PY) -m pytest_editsafety zoo build all
-	$(PY) -m pytest tests -n $(WORKERS)
+	$(PY) -m pytest tests -n $(WORKERS) --dist loadgroup
 
 bench: install
 	$(PY) benchmarks/zoo_build.py

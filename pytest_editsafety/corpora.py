@@ -1,6 +1,6 @@
 """Perplexity corpora: the ME-PPL JSON format, the papers' pinned ME-PPL files, and a name registry.
 
-``resolve_corpus`` turns what a user passes to ``--ppl-corpus`` into a ``Corpus``: an existing path is
+``resolve_corpus`` turns what a user passes as a perplexity corpus (``--editsafety-ppl-corpus``) into a ``Corpus``: an existing path is
 loaded as ME-PPL JSON; a registered name is handed to its loader. The built-in ME-PPL names fetch the
 papers' files once into the cache (pinned commit, sha256-checked) and re-check the hash on every load, so
 a corrupted cache is reported rather than silently measured. The project never ships ME-PPL itself.
@@ -163,7 +163,7 @@ def corpus_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 def _how_to_provide(name: str, target: Path) -> str:
     pinned = ME_PPL_FILES[name]
     return (
-        f"provide it by passing a path, e.g. --ppl-corpus /path/to/{pinned.filename}, or place the file at "
+        f"provide it by passing its path as the corpus (--editsafety-ppl-corpus /path/to/{pinned.filename}), or place the file at "
         f"{target} (sha256 {pinned.sha256}; from github.com/{ME_PPL_REPO}, folder {ME_PPL_FOLDER}, "
         f"commit {ME_PPL_COMMIT})"
     )

@@ -1,19 +1,30 @@
 """pytest entry point (``pytest11``): options, collection, record transport and the report.
 
-Only the pytest side lives here; the work lives in plain modules: ``harness`` (the plan and the model hub), ``results``/``report`` (the
-certificate), ``xdist_glue`` (GPU pinning). Nothing heavy is imported at startup: torch and transformers
-load inside the hub, on the first certification test, so ``pytest tests/`` pays nothing for the plugin.
+Only the pytest side lives here; the work lives in plain modules: ``plan`` and ``hub`` (what runs and how a test runs it),
+``results``/``report`` (the certificate), ``xdist_glue`` (GPU pinning and scheduling). Nothing heavy is
+imported at startup: torch and transformers load inside the hub, on the first certification test.
 
-Flow: ``pytest_configure`` reads the options (each with an ``editsafety_*`` ini twin), validates them
-(``pytest.UsageError``, exit 4) and builds the plan on the controller and on every worker alike;
-``pytest_generate_tests`` turns it into one test per (editor, model, case) plus sequential tests; the
-test attaches its record to ``user_properties``; the controller collects the records from the reports,
-writes ``editsafety.json`` and ``editsafety.md`` at the end and fails the run on a baseline regression.
-Fuzz tests (marker ``fuzz``, one per (editor, model)) are deselected unless ``-m`` names the marker.
+Installed in an environment, the plugin acts only on runs that ask for it; in any other it registers its
+options and markers and nothing else. It activates:
+
+* at configure time when an editsafety option is set, on the command line or as its ``editsafety_*`` ini
+  twin. Such a run is *owned*: the options are validated and the plan is built at once (a bad value is a
+  ``pytest.UsageError``, exit 4), and under xdist the controller and its workers take the roles of
+  ``xdist_glue`` (``--dist loadgroup`` by default, ``-n auto`` = number of GPUs, one GPU per worker);
+* otherwise when collection first meets a test that requests ``editsafety_item`` or
+  ``editsafety_fuzz_target`` (the modules in ``suites/``), or when an xdist controller first receives such
+  a test's record: the plan is built from the defaults then, and xdist keeps its own scheduling.
+
+Flow: ``pytest_generate_tests`` turns the plan into one test per (editor, model, case) plus sequential
+tests; the test attaches its record to ``user_properties``; the controller (``ControllerHooks``) collects
+the records from the reports, writes ``editsafety.json`` and ``editsafety.md`` at the end and fails the
+run on a baseline regression. Fuzz tests (marker ``editsafety_fuzz``, one per (editor, model)) are
+deselected unless ``-m`` names the marker.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import logging
@@ -22,7 +33,7 @@ import platform
 import re
 import shlex
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,91 +41,148 @@ from typing import Any
 
 import pytest
 
+from pytest_editsafety import xdist_glue
 from pytest_editsafety.bounds import Bounds, BoundsError
 from pytest_editsafety.fuzz import DEFAULT_EXAMPLES as DEFAULT_FUZZ_EXAMPLES
 from pytest_editsafety.fuzz import DEFAULT_OUT as DEFAULT_FUZZ_OUT
 from pytest_editsafety.fuzz import MAX_RUNS_PER_EXAMPLE as FUZZ_RUNS_PER_EXAMPLE
 from pytest_editsafety.fuzz import FuzzTarget
 
-# GPU pinning and the xdist defaults live in their own plugin module, loaded with this one.
-pytest_plugins = ["pytest_editsafety.xdist_glue"]
-
 log = logging.getLogger(__name__)
 
 ITEM_FIXTURE = "editsafety_item"
 FUZZ_FIXTURE = "editsafety_fuzz_target"
-FUZZ_MARKER = "fuzz"
+FUZZ_MARKER = "editsafety_fuzz"
 RECORD_PROPERTY = "editsafety_record"
 META_PROPERTY = "editsafety_meta"
 DEFAULT_MODEL = "tiny-gpt2"
 DEFAULT_CASES = "hard,normal"
 DEFAULT_REPORT = "reports/editsafety.md"
 DEFAULT_JSON = "reports/editsafety.json"
+CONTROLLER_PLUGIN = "editsafety-controller"
 _BOUNDS = Bounds()
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+
+
+def _bound(name: str) -> Callable[[Any], Any]:
+    """The parser of one ``Bounds`` field, with ``Bounds``' own checks (no bound depends on another)."""
+
+    def parse(raw: Any) -> Any:
+        try:
+            return getattr(Bounds.from_mapping({name: raw}), name)
+        except BoundsError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def _positive_int(raw: Any) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _dtype(raw: str) -> str:
+    from pytest_editsafety.registry import DTYPES
+
+    if raw.strip() not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unsupported value {raw!r}; use one of {', '.join(DTYPES)}")
+    return raw.strip()
 
 
 @dataclass(frozen=True)
 class _Option:
+    """A command-line option and its ini twin ``editsafety_<name>`` (also the option's dest)."""
+
+    group: str
     flag: str
-    name: str  # dest and ini name, both "editsafety_<name>"
+    name: str
     help: str
-    kind: str = "str"  # str | list | float | int | bool | path
-    default: Any = None
+    ini: str = "string"  # the twin's addini type; "linelist" also makes the flag repeatable, "bool" a switch
+    parse: Callable[[Any], Any] | None = None  # argparse's type=, applied to the ini value too
     metavar: str | None = None
 
+    @property
+    def key(self) -> str:
+        return f"editsafety_{self.name}"
+
+
+SELECTION = "editsafety: selection"
+BOUNDS = "editsafety: bounds"
+OUTPUTS = "editsafety: outputs"
+LOADING = "editsafety: loading"
+FUZZ = "editsafety: fuzz"
 
 _OPTIONS: tuple[_Option, ...] = (
-    _Option("--editor", "editor", "editor(s) to certify: a name, a comma list or 'all' (every built-in and "
-            "installed editor; default)", "list", "all"),
-    _Option("--model", "model", f"model(s): a built-in name, a Hugging Face id or a local directory; repeat or "
-            f"comma-separate for several (default {DEFAULT_MODEL})", "list", DEFAULT_MODEL),
-    _Option("--cases", "cases", f"case set(s): built-in names or case files, comma-separated (default "
-            f"{DEFAULT_CASES})", "list", DEFAULT_CASES),
-    _Option("--ppl-corpus", "ppl_corpus", "perplexity corpus: a built-in name or an ME-PPL JSON file (default "
-            "organism-ppl for the model organisms, me-ppl-50 otherwise)", metavar="NAME|PATH"),
-    _Option("--stats-corpus", "stats_corpus", "corpus for the second-moment statistics of editors with "
-            "mom2_adjustment (default organism-heldout for the model organisms, the perplexity corpus "
-            "otherwise)", metavar="NAME|PATH"),
-    _Option("--max-ppl-ratio", "max_ppl_ratio", f"largest edited/unedited perplexity ratio (default "
-            f"{_BOUNDS.max_ppl_ratio}; collapsed edits in the papers are >= 15x)", "float"),
-    _Option("--collapse-ppl", "collapse_ppl", f"absolute perplexity above which an edit counts as a collapse "
-            f"(default {_BOUNDS.collapse_ppl:g}, the papers' line; 'inf' disables)", "float"),
-    _Option("--min-denominator-fraction", "min_denominator_fraction", f"ROME |uᵀk| floor as a fraction of its "
-            f"median over the model's normal cases (default {_BOUNDS.min_denominator_fraction}; 0 disables)",
-            "float"),
-    _Option("--min-denominator-abs", "min_denominator_abs", "absolute ROME |uᵀk| floor (default none)", "float"),
-    _Option("--min-efficacy", "min_efficacy", f"share of rewrite prompts where the edit must take (default "
-            f"{_BOUNDS.min_efficacy})", "float"),
-    _Option("--min-generalization", "min_generalization", f"paraphrase success share (default "
-            f"{_BOUNDS.min_generalization})", "float"),
-    _Option("--min-locality", "min_locality", f"neighbourhood share that must keep its answer (default "
-            f"{_BOUNDS.min_locality})", "float"),
-    _Option("--metric-family", "metric_family", f"metric family the share bounds read: counterfact or easyedit "
-            f"(default {_BOUNDS.metric_family})", metavar="FAMILY"),
-    _Option("--sequential", "sequential", "also run sequential editing per (editor, model, case set): the cases "
-            "applied in order without restoring", "bool", False),
-    _Option("--editsafety-report", "report", f"markdown report path (default {DEFAULT_REPORT})", "path",
-            DEFAULT_REPORT),
-    _Option("--editsafety-json", "json", f"JSON results path (default {DEFAULT_JSON})", "path", DEFAULT_JSON),
-    _Option("--editsafety-baseline", "baseline", "a previous editsafety JSON to compare against; a regression "
-            "fails the run", "path"),
-    _Option("--stats-dir", "stats_dir", "directory of ROME/MEMIT second-moment .npz files to use instead of "
-            "computing statistics", "path"),
-    _Option("--editsafety-limit", "limit", "at most N cases per case set (quick runs)", "int"),
-    _Option("--dtype", "dtype", "model dtype: float32, bfloat16, float16 or auto (default: transformers')",
-            metavar="DTYPE"),
-    _Option("--device-map", "device_map", "transformers device_map for loading (default: the worker's GPU, "
-            "else CPU)", metavar="MAP"),
-    _Option("--fuzz-examples", "fuzz_examples", f"cases hypothesis generates per (editor, model) in the fuzz suite "
-            f"(-m {FUZZ_MARKER}), before shrinking a failing one (default {DEFAULT_FUZZ_EXAMPLES})", "int",
-            DEFAULT_FUZZ_EXAMPLES),
-    _Option("--fuzz-max-runs", "fuzz_max_runs", f"certification runs one fuzz search may take, generating and "
-            f"shrinking together; shrinking stops there, reporting the smallest failing case found so far "
-            f"(default {FUZZ_RUNS_PER_EXAMPLE} x --fuzz-examples)", "int"),
-    _Option("--fuzz-out", "fuzz_out", f"case file the fuzz suite writes the failing cases it finds to; {{editor}} "
-            f"and {{model}} are replaced (default {DEFAULT_FUZZ_OUT})", "path", DEFAULT_FUZZ_OUT),
+    _Option(SELECTION, "--editor", "editor", "editor(s) to certify: a name, a comma list or 'all' (every "
+            "built-in and installed editor; default)", "linelist", metavar="NAME"),
+    _Option(SELECTION, "--model", "model", f"model(s): a built-in name, a Hugging Face id or a local directory; "
+            f"repeat or comma-separate for several (default {DEFAULT_MODEL})", "linelist", metavar="NAME"),
+    _Option(SELECTION, "--cases", "cases", f"case set(s): built-in names or case files, comma-separated (default "
+            f"{DEFAULT_CASES})", "linelist", metavar="NAME|PATH"),
+    _Option(SELECTION, "--editsafety-limit", "limit", "at most N cases per case set (quick runs)", "int",
+            _positive_int, "N"),
+    _Option(SELECTION, "--editsafety-sequential", "sequential", "also run sequential editing per (editor, model, "
+            "case set): the cases applied in order without restoring", "bool"),
+    _Option(BOUNDS, "--editsafety-max-ppl-ratio", "max_ppl_ratio", f"largest edited/unedited perplexity ratio "
+            f"(default {_BOUNDS.max_ppl_ratio}; collapsed edits in the papers are >= 15x)", "float",
+            _bound("max_ppl_ratio"), "X"),
+    _Option(BOUNDS, "--editsafety-collapse-ppl", "collapse_ppl", f"absolute perplexity above which an edit counts "
+            f"as a collapse (default {_BOUNDS.collapse_ppl:g}, the papers' line; 'inf' disables)", "float",
+            _bound("collapse_ppl"), "X"),
+    _Option(BOUNDS, "--editsafety-min-denominator-fraction", "min_denominator_fraction", f"ROME |uᵀk| floor as a "
+            f"fraction of its median over the model's normal cases (default {_BOUNDS.min_denominator_fraction}; "
+            f"0 disables)", "float", _bound("min_denominator_fraction"), "X"),
+    _Option(BOUNDS, "--editsafety-min-denominator-abs", "min_denominator_abs", "absolute ROME |uᵀk| floor "
+            "(default none)", "float", _bound("min_denominator_abs"), "X"),
+    _Option(BOUNDS, "--editsafety-min-efficacy", "min_efficacy", f"share of rewrite prompts where the edit must "
+            f"take (default {_BOUNDS.min_efficacy})", "float", _bound("min_efficacy"), "X"),
+    _Option(BOUNDS, "--editsafety-min-generalization", "min_generalization", f"paraphrase success share (default "
+            f"{_BOUNDS.min_generalization})", "float", _bound("min_generalization"), "X"),
+    _Option(BOUNDS, "--editsafety-min-locality", "min_locality", f"neighbourhood share that must keep its answer "
+            f"(default {_BOUNDS.min_locality})", "float", _bound("min_locality"), "X"),
+    _Option(BOUNDS, "--editsafety-metric-family", "metric_family", f"metric family the share bounds read: "
+            f"counterfact or easyedit (default {_BOUNDS.metric_family})", "string", _bound("metric_family"),
+            "FAMILY"),
+    _Option(OUTPUTS, "--editsafety-report", "report", f"markdown report path (default {DEFAULT_REPORT})",
+            metavar="PATH"),
+    _Option(OUTPUTS, "--editsafety-json", "json", f"JSON results path (default {DEFAULT_JSON})", metavar="PATH"),
+    _Option(OUTPUTS, "--editsafety-baseline", "baseline", "a previous editsafety JSON to compare against; a "
+            "regression fails the run", metavar="PATH"),
+    _Option(LOADING, "--editsafety-dtype", "dtype", "model dtype: float32, bfloat16, float16 or auto (default: "
+            "transformers')", parse=_dtype, metavar="DTYPE"),
+    _Option(LOADING, "--editsafety-device-map", "device_map", "transformers device_map for loading (default: the "
+            "worker's GPU, else CPU)", metavar="MAP"),
+    _Option(LOADING, "--editsafety-hparams", "hparams", "a JSON file of hyper-parameters for EDITOR, over its "
+            "built-in ones for each model (repeat for several editors), e.g. mend=mend-gpt2.json", "linelist",
+            metavar="EDITOR=FILE"),
+    _Option(LOADING, "--editsafety-ppl-corpus", "ppl_corpus", "perplexity corpus: a built-in name or an ME-PPL "
+            "JSON file (default organism-ppl for the model organisms, me-ppl-50 otherwise)", metavar="NAME|PATH"),
+    _Option(LOADING, "--editsafety-stats-corpus", "stats_corpus", "corpus for the second-moment statistics of "
+            "editors with mom2_adjustment (default organism-heldout for the model organisms, the perplexity "
+            "corpus otherwise)", metavar="NAME|PATH"),
+    _Option(LOADING, "--editsafety-stats-dir", "stats_dir", "directory of ROME/MEMIT second-moment .npz files to "
+            "use instead of computing statistics", metavar="PATH"),
+    _Option(LOADING, "--editsafety-cache", "cache", "cache root for organisms, statistics, corpora and trained "
+            "editors (default: $EDITSAFETY_CACHE or the user cache dir)", metavar="PATH"),
+    _Option(FUZZ, "--editsafety-fuzz-examples", "fuzz_examples", f"cases hypothesis generates per (editor, model) "
+            f"in the fuzz suite (-m {FUZZ_MARKER}), before shrinking a failing one (default "
+            f"{DEFAULT_FUZZ_EXAMPLES})", "int", _positive_int, "N"),
+    _Option(FUZZ, "--editsafety-fuzz-max-runs", "fuzz_max_runs", f"certification runs one fuzz search may take, "
+            f"generating and shrinking together; shrinking stops there, reporting the smallest failing case "
+            f"found so far (default {FUZZ_RUNS_PER_EXAMPLE} x --editsafety-fuzz-examples)", "int", _positive_int,
+            "N"),
+    _Option(FUZZ, "--editsafety-fuzz-out", "fuzz_out", f"case file the fuzz suite writes the failing cases it "
+            f"finds to; {{editor}} and {{model}} are replaced (default {DEFAULT_FUZZ_OUT})", metavar="PATH"),
 )
-_BOUND_FIELDS = frozenset(f.name for f in dataclasses.fields(Bounds))
+_BY_NAME = {option.name: option for option in _OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -138,6 +206,8 @@ class Settings:
     fuzz_max_runs: int | None = None  # None: fuzz.default_max_runs(fuzz_examples)
     # (editor, user hparams file) pairs from --editsafety-hparams, layered over the built-in files
     editor_hparams: tuple[tuple[str, Path], ...] = ()
+    # --editsafety-cache; None: pytest_editsafety.cache's default ($EDITSAFETY_CACHE, else the user cache dir)
+    cache_root: Path | None = None
 
 
 @dataclass
@@ -157,67 +227,66 @@ class _Controller:
     write_error: str | None = None
 
 
+_Given = dict[str, tuple[Any, str] | None]  # option name -> (value, where it was set), None when unset
+
 _SETTINGS = pytest.StashKey[Settings]()
 _PLAN = pytest.StashKey[Any]()
-_PREVIOUS_CACHE_ENV = pytest.StashKey[str | None]()
-
-
-# --------------------------------------------------------------------------------------------------
-# Options
+# a usage error met while collecting, raised once collection ends (see _plan_for_collection)
+_COLLECTION_ERROR = pytest.StashKey[pytest.UsageError]()
+# failed reports an unowned xdist controller received before the first certification record
+_EARLY_REPORTS = pytest.StashKey[list[pytest.TestReport]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("editsafety", "model-editing certification (pytest-editsafety)")
-    group.addoption(
-        "--editsafety-cache",
-        dest="editsafety_cache",
-        default=None,
-        help="cache root for organisms, statistics and corpora (default: $EDITSAFETY_CACHE or the user cache dir)",
-    )
-    parser.addini("editsafety_cache", "cache root, see --editsafety-cache", default=None)
-    group.addoption(
-        "--editsafety-hparams",
-        dest="editsafety_hparams",
-        action="append",
-        default=None,
-        metavar="EDITOR=FILE",
-        help="a JSON file of hyper-parameters for EDITOR, over its built-in ones for each model (repeat for "
-             "several editors), e.g. mend=mend-gpt2.json",
-    )
-    parser.addini("editsafety_hparams", "see --editsafety-hparams (one EDITOR=FILE per line)", type="linelist",
-                  default=[])
     for option in _OPTIONS:
-        dest = f"editsafety_{option.name}"
-        if option.kind == "bool":
-            group.addoption(option.flag, dest=dest, action="store_true", default=None, help=option.help)
-            parser.addini(dest, f"see {option.flag}", type="bool", default=False)
-        elif option.kind == "list":
-            group.addoption(option.flag, dest=dest, action="append", default=None, metavar=option.metavar or "NAME",
-                            help=option.help)
-            parser.addini(dest, f"see {option.flag} (comma- or newline-separated)", default="")
+        kwargs: dict[str, Any] = {"dest": option.key, "default": None, "help": option.help}
+        if option.ini == "bool":
+            kwargs["action"] = "store_true"
         else:
-            metavar = option.metavar or {"str": "NAME", "path": "PATH", "float": "X", "int": "N"}[option.kind]
-            group.addoption(option.flag, dest=dest, default=None, metavar=metavar, help=option.help)
-            parser.addini(dest, f"see {option.flag}", default="")
+            kwargs.update(metavar=option.metavar, type=option.parse)
+            if option.ini == "linelist":
+                kwargs["action"] = "append"
+        parser.getgroup(option.group).addoption(option.flag, **kwargs)
+        twin = f"see {option.flag} (one value a line)" if option.ini == "linelist" else f"see {option.flag}"
+        parser.addini(option.key, twin, type=option.ini, default=None)
+
+
+def _given(config: pytest.Config, option: _Option) -> tuple[Any, str] | None:
+    """(value, where it was set) from the command line, else the ini file; None when unset (an empty ini
+    value is unset). Bad ini values raise ``pytest.UsageError`` naming the ini key."""
+    value = config.getoption(option.key)
+    if value is not None:
+        return value, option.flag
+    origin = f"ini {option.key}"
+    try:
+        value = config.getini(option.key)
+    except pytest.UsageError as err:  # pytest's own int/float/bool conversion does not name the key
+        raise pytest.UsageError(f"{origin}: {err}") from None
+    if value is None or value == [] or (isinstance(value, str) and not value.strip()):
+        return None
+    if option.parse is not None:
+        try:
+            value = option.parse(value)
+        except argparse.ArgumentTypeError as err:
+            raise pytest.UsageError(f"{origin}: {err}") from None
+    return value, origin
+
+
+def options_given(config: pytest.Config) -> bool:
+    """Whether the run asks for editsafety (the plugin owns it): any of its options set, on the command line
+    or in the ini file. Raises ``pytest.UsageError`` for a bad ini value."""
+    return any(_given(config, option) is not None for option in _OPTIONS)
+
+
+def _origin(given: _Given, name: str) -> str:
+    """Where an option's value came from, for messages: its flag when it was not set."""
+    got = given[name]
+    return got[1] if got is not None else _BY_NAME[name].flag
 
 
 def _split(values: Sequence[str] | str) -> list[str]:
     texts = [values] if isinstance(values, str) else list(values)
     return [part.strip() for text in texts for part in re.split(r"[,\n]", text) if part.strip()]
-
-
-def _raw(config: pytest.Config, option: _Option) -> tuple[Any, str]:
-    """(value, where it came from): the command line, else the ini file, else None."""
-    dest = f"editsafety_{option.name}"
-    value = config.getoption(dest)
-    if value is not None:
-        return value, option.flag
-    ini = config.getini(dest)
-    if option.kind == "bool":
-        return (True, f"ini {dest}") if ini else (None, "")
-    if isinstance(ini, str) and ini.strip():
-        return ini.strip(), f"ini {dest}"
-    return None, ""
 
 
 def _path(config: pytest.Config, text: str, origin: str) -> Path:
@@ -230,102 +299,82 @@ def _path(config: pytest.Config, text: str, origin: str) -> Path:
     return Path(base) / path
 
 
-def read_settings(config: pytest.Config) -> Settings:
-    """The options and their ini twins as typed settings; bad values raise ``pytest.UsageError``."""
-    values: dict[str, Any] = {}
-    bounds: dict[str, Any] = {}
-    for option in _OPTIONS:
-        raw, origin = _raw(config, option)
-        if raw is None:
-            raw, origin = option.default, "default"
-        if raw is None:
-            values[option.name] = None
-            continue
-        if option.name in _BOUND_FIELDS:
-            bounds[option.name] = raw
-        elif option.kind == "list":
-            values[option.name] = tuple(_split(raw))
-        elif option.kind == "int":
-            try:
-                values[option.name] = int(str(raw))
-            except ValueError:
-                raise pytest.UsageError(f"{origin}: expected an integer, got {raw!r}") from None
-        elif option.kind == "path":
-            values[option.name] = _path(config, str(raw), origin)
-        elif option.kind == "bool":
-            values[option.name] = bool(raw)
-        else:
-            values[option.name] = str(raw).strip() or None
-    try:
-        parsed = Bounds.from_mapping(bounds)
-    except BoundsError as err:
-        raise pytest.UsageError(f"editsafety bounds: {err}") from None
-    if values["fuzz_examples"] is not None and values["fuzz_examples"] < 1:
-        raise pytest.UsageError(f"--fuzz-examples: must be at least 1, got {values['fuzz_examples']}")
-    if values["fuzz_max_runs"] is not None and values["fuzz_max_runs"] < 1:
-        raise pytest.UsageError(f"--fuzz-max-runs: must be at least 1, got {values['fuzz_max_runs']}")
-    if values["dtype"] is not None:
-        from pytest_editsafety.registry import DTYPES
+def _settings(config: pytest.Config, given: _Given) -> Settings:
+    """The options as typed settings, defaults filled in; the values that need more than a parser (editors,
+    hparams files, corpora, the statistics directory) are checked here, raising ``pytest.UsageError``."""
 
-        if values["dtype"] not in DTYPES:
-            raise pytest.UsageError(f"--dtype: unsupported value {values['dtype']!r}; use one of {', '.join(DTYPES)}")
+    def value(name: str, default: Any = None) -> Any:
+        got = given[name]
+        return default if got is None else got[0]
+
+    def path(name: str, default: str | None = None) -> Path | None:
+        got = given[name]
+        if got is None:
+            return None if default is None else _path(config, default, "default")
+        return _path(config, str(got[0]), got[1])
+
+    bounds = Bounds(**{f.name: given[f.name][0] for f in dataclasses.fields(Bounds) if given[f.name] is not None})
+    stats_dir = path("stats_dir")
+    if stats_dir is not None and not stats_dir.is_dir():
+        raise pytest.UsageError(f"{_origin(given, 'stats_dir')}: {stats_dir} is not a directory")
+    for name in ("ppl_corpus", "stats_corpus"):
+        if given[name] is not None:
+            _validate_corpus(str(given[name][0]), _origin(given, name))
     return Settings(
-        editors=_editor_names(values["editor"] or ()),
-        models=values["model"] or (),
-        cases=values["cases"] or (),
-        ppl_corpus=values["ppl_corpus"],
-        stats_corpus=values["stats_corpus"],
-        bounds=parsed,
-        sequential=bool(values["sequential"]),
-        report_md=values["report"],
-        report_json=values["json"],
-        baseline=values["baseline"],
-        stats_dir=values["stats_dir"],
-        limit=values["limit"],
-        dtype=values["dtype"],
-        device_map=values["device_map"],
-        fuzz_examples=values["fuzz_examples"],
-        fuzz_out=values["fuzz_out"],
-        fuzz_max_runs=values["fuzz_max_runs"],
-        editor_hparams=_editor_hparams(config),
+        editors=_editor_names(_split(value("editor", "all")), _origin(given, "editor")),
+        models=tuple(_split(value("model", DEFAULT_MODEL))),
+        cases=tuple(_split(value("cases", DEFAULT_CASES))),
+        ppl_corpus=value("ppl_corpus"),
+        stats_corpus=value("stats_corpus"),
+        bounds=bounds,
+        sequential=bool(value("sequential", False)),
+        report_md=path("report", DEFAULT_REPORT),
+        report_json=path("json", DEFAULT_JSON),
+        baseline=path("baseline"),
+        stats_dir=stats_dir,
+        limit=value("limit"),
+        dtype=value("dtype"),
+        device_map=value("device_map"),
+        fuzz_examples=value("fuzz_examples", DEFAULT_FUZZ_EXAMPLES),
+        fuzz_out=path("fuzz_out", DEFAULT_FUZZ_OUT),
+        fuzz_max_runs=value("fuzz_max_runs"),
+        editor_hparams=_editor_hparams(config, given["hparams"]),
+        cache_root=path("cache"),
     )
 
 
-def _editor_names(requested: Sequence[str]) -> tuple[str, ...]:
+def _editor_names(requested: Sequence[str], origin: str) -> tuple[str, ...]:
     from editors.registry import EditorRegistryError, available_editors
 
     try:
         available = available_editors()
     except EditorRegistryError as err:
-        raise pytest.UsageError(f"--editor: {err}") from None
+        raise pytest.UsageError(f"{origin}: {err}") from None
     names: list[str] = []
     for name in requested:
         for chosen in (available if name.lower() == "all" else (name,)):
             if chosen not in available:
-                raise pytest.UsageError(f"--editor: unknown editor {chosen!r}; available: {', '.join(available)}")
+                raise pytest.UsageError(f"{origin}: unknown editor {chosen!r}; available: {', '.join(available)}")
             if chosen not in names:
                 names.append(chosen)
     return tuple(names)
 
 
-def _editor_hparams(config: pytest.Config) -> tuple[tuple[str, Path], ...]:
+def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None) -> tuple[tuple[str, Path], ...]:
     """``--editsafety-hparams EDITOR=FILE`` values (else the ini's lines) as (editor, file) pairs, each file
     read once here so that a typo is a usage error now, not an error in every test of the editor."""
+    if given is None:
+        return ()
     from editors.hparams import HparamsError, read_hparams_file
     from editors.registry import EditorRegistryError, available_editors
 
-    given = config.getoption("editsafety_hparams")
-    origin = "--editsafety-hparams"
-    if not given:
-        given, origin = config.getini("editsafety_hparams"), "ini editsafety_hparams"
-    if not given:
-        return ()
+    values, origin = given
     try:
         known = available_editors()
     except EditorRegistryError as err:
         raise pytest.UsageError(f"{origin}: {err}") from None
     pairs: dict[str, Path] = {}
-    for value in given:
+    for value in values:
         editor, sep, file = (part.strip() for part in value.partition("="))
         if not sep or not editor or not file:
             raise pytest.UsageError(f"{origin}: expected EDITOR=FILE, got {value!r}")
@@ -344,7 +393,7 @@ def _editor_hparams(config: pytest.Config) -> tuple[tuple[str, Path], ...]:
     return tuple(pairs.items())
 
 
-def _validate_corpus(name: str) -> None:
+def _validate_corpus(name: str, origin: str) -> None:
     from pytest_editsafety.corpora import CorpusError, known_corpus_names, load_me_ppl
 
     path = Path(name).expanduser()
@@ -352,52 +401,41 @@ def _validate_corpus(name: str) -> None:
         try:
             load_me_ppl(path)
         except CorpusError as err:
-            raise pytest.UsageError(f"--ppl-corpus: {err}") from None
+            raise pytest.UsageError(f"{origin}: {err}") from None
         return
     if name.strip().lower() not in known_corpus_names():
         raise pytest.UsageError(
-            f"--ppl-corpus: {name!r} is neither an existing ME-PPL JSON file nor a known corpus "
+            f"{origin}: {name!r} is neither an existing ME-PPL JSON file nor a known corpus "
             f"({', '.join(known_corpus_names())})"
         )
 
 
-def _build_plan(settings: Settings) -> Any:
+def _build_plan(settings: Settings, given: _Given) -> Any:
     from pytest_editsafety.cases import CaseValidationError
     from pytest_editsafety.plan import PlanError, build_plan
 
     try:
-        plan = build_plan(settings.editors, settings.models, settings.cases, ppl_corpus=settings.ppl_corpus,
+        return build_plan(settings.editors, settings.models, settings.cases, ppl_corpus=settings.ppl_corpus,
                           limit=settings.limit, sequential=settings.sequential)
     except PlanError as err:
         raise pytest.UsageError(str(err)) from None
     except CaseValidationError as err:
-        raise pytest.UsageError(f"--cases: {err}") from None
+        raise pytest.UsageError(f"{_origin(given, 'cases')}: {err}") from None
     except ValueError as err:  # unknown or unsupported models name themselves
-        raise pytest.UsageError(f"--model: {err}") from None
-    for corpus in sorted({m.ppl_corpus for m in plan.models} | ({settings.stats_corpus} - {None})):
-        _validate_corpus(corpus)
-    return plan
+        raise pytest.UsageError(f"{_origin(given, 'model')}: {err}") from None
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    from pytest_editsafety.cache import CACHE_ENV
+# --------------------------------------------------------------------------------------------------
+# Activation
 
-    root = config.getoption("editsafety_cache") or config.getini("editsafety_cache")
-    if root:
-        # restored at unconfigure, so an in-process pytest run (pytester) leaves its caller's env alone
-        config.stash[_PREVIOUS_CACHE_ENV] = os.environ.get(CACHE_ENV)
-        os.environ[CACHE_ENV] = str(root)
-    config.addinivalue_line("markers", "editsafety: a pytest-editsafety certification test")
-    config.addinivalue_line("markers", f"{FUZZ_MARKER}: hypothesis searches for cases that break the bounds "
-                                       f"(deselected unless -m names it)")
-    if not config.pluginmanager.hasplugin("xdist"):
-        config.addinivalue_line("markers", "xdist_group(name): run with these tests on one xdist worker")
 
-    settings = read_settings(config)
-    if settings.stats_dir is not None and not settings.stats_dir.is_dir():
-        raise pytest.UsageError(f"--stats-dir: {settings.stats_dir} is not a directory")
-    config.stash[_SETTINGS] = settings
-    config.stash[_PLAN] = _build_plan(settings)
+def _activate(config: pytest.Config) -> Any:
+    """Read and check the options, build the plan and, outside xdist workers, start gathering records
+    (``ControllerHooks``); returns the plan. Raises ``pytest.UsageError``."""
+    given = {option.name: _given(config, option) for option in _OPTIONS}
+    settings = _settings(config, given)
+    plan = _build_plan(settings, given)
+    controller = None
     if not hasattr(config, "workerinput"):
         controller = _Controller(started=datetime.now(timezone.utc), t0=time.monotonic())
         if settings.baseline is not None:
@@ -406,54 +444,98 @@ def pytest_configure(config: pytest.Config) -> None:
             try:
                 controller.baseline = read_result(settings.baseline)
             except ResultsError as err:
-                raise pytest.UsageError(f"--editsafety-baseline: {err}") from None
-        config.pluginmanager.register(ControllerHooks(config, controller), "editsafety-controller")
+                raise pytest.UsageError(f"{_origin(given, 'baseline')}: {err}") from None
+    config.stash[_SETTINGS] = settings
+    config.stash[_PLAN] = plan
+    if controller is not None:
+        config.pluginmanager.register(ControllerHooks(config, controller), CONTROLLER_PLUGIN)
+    return plan
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    from pytest_editsafety.cache import CACHE_ENV
+def _active_plan(config: pytest.Config) -> Any:
+    return config.stash[_PLAN] if _PLAN in config.stash else _activate(config)
 
-    if _PREVIOUS_CACHE_ENV in config.stash:
-        previous = config.stash[_PREVIOUS_CACHE_ENV]
-        if previous is None:
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = previous
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # first, so that a worker is pinned to its GPU before any other plugin can initialise CUDA
+    config.addinivalue_line("markers", "editsafety: a pytest-editsafety certification test")
+    config.addinivalue_line("markers", f"{FUZZ_MARKER}: hypothesis searches for cases that break the editsafety "
+                                       f"bounds (deselected unless -m names it)")
+    if not config.pluginmanager.hasplugin("xdist"):
+        config.addinivalue_line("markers", "xdist_group(name): run with these tests on one xdist worker")
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and xdist_glue.DEVICE_KEY in workerinput:
+        # the controller handed this worker a device, so it owns the run
+        config.pluginmanager.register(xdist_glue.WorkerXdist(), "editsafety-xdist-worker")
+    if not options_given(config):
+        return
+    _activate(config)
+    if workerinput is None and config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(xdist_glue.ControllerXdist(), "editsafety-xdist-controller")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` in an owned run: one worker per GPU (None: xdist's CPU count, as in any other run).
+
+    Called before ``pytest_configure``, hence a hook of its own."""
+    return xdist_glue.auto_num_workers(config) if options_given(config) else None
 
 
 def get_settings(config: pytest.Config) -> Settings:
-    """The validated settings of a configured run."""
+    """The validated settings of the run (activating the plugin if nothing has yet)."""
+    _active_plan(config)
     return config.stash[_SETTINGS]
 
 
 def get_plan(config: pytest.Config) -> Any:
-    """The plan (``pytest_editsafety.plan.Plan``) of a configured run."""
-    return config.stash[_PLAN]
+    """The plan (``pytest_editsafety.plan.Plan``) of the run (activating the plugin if nothing has yet)."""
+    return _active_plan(config)
 
 
 # --------------------------------------------------------------------------------------------------
 # Collection and the tests' fixtures
 
 
+def _plan_for_collection(config: pytest.Config) -> Any | None:
+    """The plan, built now if this is the first certification test collected; None after a usage error.
+
+    pytest turns an error raised while collecting a module into a collection error (exit 2), so a usage
+    error here is kept and raised from ``pytest_collection_modifyitems`` (exit 4) once collection ends.
+    Not on an xdist worker: its controller takes a usage error raised after collection for a crash
+    (INTERNALERROR, message lost), while a collection error reaches the user. Only the defaults get here
+    (a run given an option was checked at configure time), so this is the environment failing them, e.g.
+    two installed editors by one name.
+    """
+    if _COLLECTION_ERROR in config.stash:
+        return None
+    try:
+        return _active_plan(config)
+    except pytest.UsageError as err:
+        if hasattr(config, "workerinput"):
+            raise
+        config.stash[_COLLECTION_ERROR] = err
+        return None
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if FUZZ_FIXTURE in metafunc.fixturenames:
-        _parametrize_fuzz(metafunc)
-    if ITEM_FIXTURE not in metafunc.fixturenames:
+    if FUZZ_FIXTURE not in metafunc.fixturenames and ITEM_FIXTURE not in metafunc.fixturenames:
         return
-    plan = metafunc.config.stash[_PLAN]
-    params = [
-        pytest.param(item, id=item.test_id, marks=[pytest.mark.editsafety, pytest.mark.xdist_group(xdist_group(item))])
-        for item in plan.items
-    ]
-    metafunc.parametrize(ITEM_FIXTURE, params)
-
-
-def _parametrize_fuzz(metafunc: pytest.Metafunc) -> None:
-    """One fuzz test per (editor, model) of the plan, grouped like certification tests."""
-    plan = metafunc.config.stash[_PLAN]
-    targets = [FuzzTarget(editor, model.slug, model.given) for model in plan.models for editor in plan.editors]
-    metafunc.parametrize(FUZZ_FIXTURE, [
-        pytest.param(t, id=t.test_id, marks=[pytest.mark.xdist_group(xdist_group(t))]) for t in targets])
+    plan = _plan_for_collection(metafunc.config)
+    if plan is None:
+        return
+    if FUZZ_FIXTURE in metafunc.fixturenames:
+        # one fuzz test per (editor, model) of the plan, grouped like certification tests
+        targets = [FuzzTarget(editor, model.slug, model.given) for model in plan.models for editor in plan.editors]
+        metafunc.parametrize(FUZZ_FIXTURE, [
+            pytest.param(t, id=t.test_id, marks=[pytest.mark.xdist_group(xdist_group(t))]) for t in targets])
+    if ITEM_FIXTURE in metafunc.fixturenames:
+        metafunc.parametrize(ITEM_FIXTURE, [
+            pytest.param(item, id=item.test_id,
+                         marks=[pytest.mark.editsafety, pytest.mark.xdist_group(xdist_group(item))])
+            for item in plan.items
+        ])
 
 
 _NAMES_FUZZ = re.compile(rf"\b{FUZZ_MARKER}\b")
@@ -461,8 +543,10 @@ _NAMES_FUZZ = re.compile(rf"\b{FUZZ_MARKER}\b")
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Fuzz tests search for minutes: they run only when ``-m`` names the marker (``-m fuzz``); a bare
-    ``pytest`` deselects them, whatever else it selects."""
+    """Fuzz tests search for minutes: they run only when ``-m`` names their marker (``-m editsafety_fuzz``);
+    a bare ``pytest`` deselects them, whatever else it selects."""
+    if _COLLECTION_ERROR in config.stash:
+        raise config.stash[_COLLECTION_ERROR]
     if _NAMES_FUZZ.search(config.getoption("markexpr", "") or ""):
         return
     fuzz = [item for item in items if item.get_closest_marker(FUZZ_MARKER) is not None]
@@ -484,7 +568,7 @@ def xdist_group(item: Any) -> str:
 @pytest.fixture(scope="session")
 def editsafety_plan(pytestconfig: pytest.Config) -> Any:
     """The run's plan (editors, models, case sets, items): ``pytest_editsafety.plan.Plan``."""
-    return pytestconfig.stash[_PLAN]
+    return get_plan(pytestconfig)
 
 
 @pytest.fixture(scope="session")
@@ -492,7 +576,7 @@ def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
     """This worker's ``ModelHub``: loads each model once and runs certification tests against it."""
     from pytest_editsafety.hub import HubOptions, ModelHub
 
-    settings = pytestconfig.stash[_SETTINGS]
+    settings = get_settings(pytestconfig)
     options = HubOptions(
         bounds=settings.bounds,
         dtype=settings.dtype,
@@ -500,8 +584,9 @@ def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
         stats_dir=str(settings.stats_dir) if settings.stats_dir else None,
         stats_corpus=settings.stats_corpus,
         editor_hparams={editor: str(path) for editor, path in settings.editor_hparams} or None,
+        cache_root=str(settings.cache_root) if settings.cache_root else None,
     )
-    yield ModelHub(pytestconfig.stash[_PLAN], options)
+    yield ModelHub(get_plan(pytestconfig), options)
 
 
 def outcome_properties(outcome: Any) -> list[tuple[str, Any]]:
@@ -527,6 +612,24 @@ def _short(longrepr: Any) -> str:
     # pytest puts the exception line ("E   ...") last; a crash report is a single line
     errors = [line for line in lines if line.startswith("E ")]
     return (errors[-1][1:].strip() if errors else lines[-1])[:300]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """An xdist controller collects nothing: in a run it does not own, it activates on the first certification
+    record a worker sends, and then takes in the failed certification reports that came before it."""
+    config = getattr(getattr(report, "node", None), "config", None)  # xdist's controller sets report.node
+    if config is None or _PLAN in config.stash:
+        return
+    if not (_properties(report, RECORD_PROPERTY) or _properties(report, META_PROPERTY)):
+        # a crashed worker's test (xdist keeps no keywords then) or one that failed before attaching a record
+        if report.failed and (report.when == "???" or "editsafety" in getattr(report, "keywords", {})):
+            config.stash.setdefault(_EARLY_REPORTS, []).append(report)
+        return
+    _activate(config)
+    controller = config.pluginmanager.get_plugin(CONTROLLER_PLUGIN)
+    # registered during this very hook call, which pluggy does not extend to it
+    for earlier in [*config.stash.get(_EARLY_REPORTS, []), report]:
+        controller.pytest_runtest_logreport(earlier)
 
 
 def _on_report(config: pytest.Config, controller: _Controller, report: pytest.TestReport) -> None:

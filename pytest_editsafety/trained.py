@@ -164,7 +164,9 @@ def locate_network(need: TrainedNetworkNeed, model, tokenizer, family, *, identi
     if not is_organism_model(model):
         raise TrainedNetworkMissingError(
             f"no trained {need.kind} network for model {identity!r} with these hyper-parameters and dtype "
-            f"(expected in {target}); {need.train_hint}".rstrip("; "))
+            f"(expected in {target}); {need.train_hint}".rstrip("; ")
+            + "; a certification run finds it when given the same hyper-parameters and dtype "
+              "(--editsafety-hparams EDITOR=HPARAMS.json --editsafety-dtype DTYPE)")
     log.info("training %s for organism %s into %s (once per recipe and hyper-parameters)", need.kind, identity, target)
 
     def build(tmp: Path) -> None:

@@ -1,12 +1,18 @@
-"""pytest-xdist glue: one GPU per worker, ``-n auto`` = number of GPUs, ``--dist loadgroup`` by default.
+"""pytest-xdist glue for the runs the plugin owns: one GPU per worker, ``-n auto`` = number of GPUs,
+``--dist loadgroup`` by default, a crash-safe group scheduler.
+
+A run is owned when an editsafety option is given (``plugin.options_given``); any other run, including
+one that merely collects the certification suite, keeps xdist's own behaviour. Nothing here is a
+module-level hook: the plugin registers ``ControllerXdist`` on an owned run's controller and
+``WorkerXdist`` on the workers that controller configured, both from its ``pytest_configure`` (pytest
+calls a role's own ``pytest_configure`` as it is registered), and answers xdist's ``-n auto`` question,
+asked before configuration, with ``auto_num_workers`` in owned runs.
 
 The controller never imports torch: it counts GPUs from ``CUDA_VISIBLE_DEVICES`` (the caller's choice wins)
 or from ``nvidia-smi -L`` in a subprocess, and hands each worker one device through ``workerinput``. The
-worker pins itself by narrowing ``CUDA_VISIBLE_DEVICES`` in ``pytest_configure``, before anything can
-initialise CUDA, so ``cuda:0`` in the worker is its own GPU. CPU-only machines are left alone.
-
-Registered by ``plugin.py`` through ``pytest_plugins``; every xdist hook is optional, so the module loads
-whether or not xdist is installed.
+worker pins itself by narrowing ``CUDA_VISIBLE_DEVICES`` while it is configured, before anything can
+initialise CUDA, so ``cuda:0`` in the worker is its own GPU. CPU-only machines are left alone. Every xdist
+hook is optional, so the roles load whether or not xdist is installed.
 """
 
 from __future__ import annotations
@@ -92,51 +98,19 @@ def dist_chosen_explicitly(config: pytest.Config) -> bool:
     return any(a == "-d" or a == "--distload" or a.startswith("--dist") for a in args)
 
 
-@pytest.hookimpl(optionalhook=True, tryfirst=True)
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+def auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto``: one worker per GPU; None leaves xdist's CPU-count default in place."""
-    gpus = _config_devices(config)
-    return len(gpus) or None
+    return len(_config_devices(config)) or None
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node: Any) -> None:
-    devices = _config_devices(node.config)
-    device = device_for_worker(str(node.gateway.id), devices)
-    node.workerinput[DEVICE_KEY] = device
-    # workers parse the original command line, so a dist mode set here must travel explicitly
-    node.workerinput[LOADGROUP_KEY] = node.config.getoption("dist", "no") == "loadgroup"
-    log.info("worker %s gets device %s", node.gateway.id, device)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config: pytest.Config) -> None:
-    workerinput = getattr(config, "workerinput", None)
-    if workerinput is None:
-        _default_to_loadgroup(config)
-        return
-    if workerinput.get(LOADGROUP_KEY):
-        config.option.loadgroup = True
-    device = workerinput.get(DEVICE_KEY)
-    if device and device != CPU:
-        os.environ["CUDA_VISIBLE_DEVICES"] = device
-    elif device == CPU:
-        # CPU workers share the cores; without this every worker starts one thread per core
-        count = int(workerinput.get("workercount", 1) or 1)
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def restore_group_suffixes(items: Sequence[pytest.Item]) -> None:
     """Restore xdist's ``@group`` nodeid suffix where pytest >= 9.2 dropped it (pytest-xdist #1386).
 
     ``--dist loadgroup`` groups tests by that suffix, which the worker writes into ``item._nodeid``; pytest
     9.2 keeps node ids in a structured ``item._id`` instead, so the write is lost and every test is
-    scheduled on its own. Only in workers with loadgroup on, only when the suffix is missing, so a fixed
-    xdist or an older pytest is left alone.
+    scheduled on its own. Only where the suffix is missing, so a fixed xdist or an older pytest is left
+    alone.
     """
-    if not hasattr(config, "workerinput") or not config.getvalue("loadgroup"):
-        return
     for item in items:
         groups = sorted({
             str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
@@ -155,13 +129,53 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item._id = parse(nodeid + suffix)  # type: ignore[attr-defined]
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``loadgroup`` that does not re-run the test a worker crashed on (see ``crash_safe_loadgroup``)."""
-    if config.getvalue("dist") != "loadgroup":
-        return None
-    scheduler_class = crash_safe_loadgroup()
-    return None if scheduler_class is None else scheduler_class(config, log)
+class ControllerXdist:
+    """The controller of an owned run: ``--dist loadgroup`` unless the user chose a mode, a device for each
+    worker, and the crash-safe group scheduler."""
+
+    def pytest_configure(self, config: pytest.Config) -> None:
+        # -n N without --dist: xdist picks load; grouping by (model, editor) keeps a model on one worker
+        if getattr(config.option, "dist", "no") == "load" and not dist_chosen_explicitly(config):
+            config.option.dist = "loadgroup"
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        devices = _config_devices(node.config)
+        device = device_for_worker(str(node.gateway.id), devices)
+        node.workerinput[DEVICE_KEY] = device
+        # workers parse the original command line, so a dist mode set here must travel explicitly
+        node.workerinput[LOADGROUP_KEY] = node.config.getoption("dist", "no") == "loadgroup"
+        log.info("worker %s gets device %s", node.gateway.id, device)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        """``loadgroup`` that does not re-run the test a worker crashed on (see ``crash_safe_loadgroup``)."""
+        if config.getvalue("dist") != "loadgroup":
+            return None
+        scheduler_class = crash_safe_loadgroup()
+        return None if scheduler_class is None else scheduler_class(config, log)
+
+
+class WorkerXdist:
+    """A worker of an owned run (its ``workerinput`` carries ``DEVICE_KEY``): pinned to its device, its
+    groups' node ids restored."""
+
+    def pytest_configure(self, config: pytest.Config) -> None:
+        workerinput = config.workerinput  # type: ignore[attr-defined]
+        if workerinput.get(LOADGROUP_KEY):
+            config.option.loadgroup = True
+        device = workerinput.get(DEVICE_KEY)
+        if device and device != CPU:
+            os.environ["CUDA_VISIBLE_DEVICES"] = device
+        elif device == CPU:
+            # CPU workers share the cores; without this every worker starts one thread per core
+            count = int(workerinput.get("workercount", 1) or 1)
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if config.getvalue("loadgroup"):
+            restore_group_suffixes(items)
 
 
 def crash_safe_loadgroup() -> type | None:
@@ -199,11 +213,3 @@ def crash_safe_loadgroup() -> type | None:
             return crashed
 
     return CrashSafeLoadGroupScheduling
-
-
-def _default_to_loadgroup(config: pytest.Config) -> None:
-    """``-n N`` without ``--dist``: xdist picks ``load``; grouping by model keeps a model on one worker."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    if getattr(config.option, "dist", "no") == "load" and not dist_chosen_explicitly(config):
-        config.option.dist = "loadgroup"

@@ -1,4 +1,5 @@
-"""The certification suite: one test per (editor, model, edit case), plus sequential runs with --sequential.
+"""The certification suite: one test per (editor, model, edit case), plus sequential runs with
+--editsafety-sequential.
 
 Parametrized by the pytest-editsafety plugin from its options (``--editor``, ``--model``, ``--cases``, ...;
 see ``pytest --help``), with ids such as ``rome-tiny-gpt2-hard-0007``. Each test edits the unedited model,

@@ -1,14 +1,14 @@
 """The fuzz suite: hypothesis searches for edit cases that break the certification bounds.
 
-Not part of the default run (it searches for minutes): ``pytest -m fuzz --editor=rome --model=tiny-gpt2``.
-One test per (editor, model) of the run. Cases are built from the model's own world and vocabulary
-(``pytest_editsafety.fuzz``), each one edited, measured, restored and judged by the harness exactly as a
-certification test of ``--cases`` would be; the search is derandomized (the same cases on every run) and
-shrinks the first failing case it finds, within ``--fuzz-max-runs`` certification runs (default 4 x
-``--fuzz-examples``; at the cap the smallest failing case found so far is reported). Every failing case
-found is written to a case file
-(``--fuzz-out``, default ``reports/fuzz-<editor>-<model>.json``, minimal case first) that the
-certification suite replays: ``pytest --editor=rome --model=tiny-gpt2 --cases=reports/fuzz-rome-tiny-gpt2.json``.
+Not part of the default run (it searches for minutes): ``pytest -m editsafety_fuzz --editor=rome
+--model=tiny-gpt2``. One test per (editor, model) of the run. Cases are built from the model's own world
+and vocabulary (``pytest_editsafety.fuzz``), each one edited, measured, restored and judged by the harness
+exactly as a certification test of ``--cases`` would be; the search is derandomized (the same cases on
+every run) and shrinks the first failing case it finds, within ``--editsafety-fuzz-max-runs``
+certification runs (default 4 x ``--editsafety-fuzz-examples``; at the cap the smallest failing case found
+so far is reported). Every failing case found is written to a case file (``--editsafety-fuzz-out``,
+default ``reports/fuzz-<editor>-<model>.json``, minimal case first) that the certification suite replays:
+``pytest --editor=rome --model=tiny-gpt2 --cases=reports/fuzz-rome-tiny-gpt2.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from pytest_editsafety.plugin import get_settings
 
-pytestmark = pytest.mark.fuzz
+pytestmark = pytest.mark.editsafety_fuzz
 
 
 def test_generated_cases_keep_the_bounds(editsafety_fuzz_target, editsafety_hub, request: pytest.FixtureRequest

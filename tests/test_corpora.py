@@ -232,7 +232,7 @@ def test_offline_without_cache_explains_how_to_provide(cache, monkeypatch, env):
         resolve_corpus("me-ppl-50")
     message = str(info.value)
     assert "'me-ppl-50'" in message
-    assert "--ppl-corpus /path/to/ME-PPL_50.json" in message
+    assert "--editsafety-ppl-corpus /path/to/ME-PPL_50.json" in message
     assert str(cache / "corpora" / "ME-PPL_50.json") in message
     assert env in message
     assert not (cache / "corpora" / "ME-PPL_50.json").exists()
@@ -291,7 +291,7 @@ def test_network_error_is_unavailable_with_how_to(cache, monkeypatch, error):
     with pytest.raises(CorpusUnavailableError) as info:
         resolve_corpus("me-ppl-10k", offline=False)
     message = str(info.value)
-    assert "'me-ppl-10k'" in message and "--ppl-corpus" in message
+    assert "'me-ppl-10k'" in message and "--editsafety-ppl-corpus" in message
     assert str(cache / "corpora" / "ME-PPL.json") in message
     assert not list((cache / "corpora").glob("ME-PPL.json*.part"))
 

@@ -55,7 +55,7 @@ SENTENCES = (
     "People often walk to the market on sunny days.",
     "The teacher wrote a long list on the board.",
 )
-LOOSE = ("--min-efficacy=0", "--min-generalization=0", "--min-locality=0")
+LOOSE = ("--editsafety-min-efficacy=0", "--editsafety-min-generalization=0", "--editsafety-min-locality=0")
 
 
 # ---------------------------------------------------------------------------------------------- pure parts
@@ -213,8 +213,8 @@ def suites(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path:
 def _args(pytester: pytest.Pytester, micro_model: Path, *extra: str) -> list[str]:
     out = pytester.path / "out"
     return [f"--model={micro_model}", "--editor=fuzz-noop", f"--cases={pytester.path / 'one.json'}",
-            f"--ppl-corpus={pytester.path / 'corpus.json'}", f"--editsafety-report={out / 'r.md'}",
-            f"--editsafety-json={out / 'r.json'}", f"--fuzz-out={out / 'fuzz-{editor}-{model}.json'}",
+            f"--editsafety-ppl-corpus={pytester.path / 'corpus.json'}", f"--editsafety-report={out / 'r.md'}",
+            f"--editsafety-json={out / 'r.json'}", f"--editsafety-fuzz-out={out / 'fuzz-{editor}-{model}.json'}",
             "-p", "no:cacheprovider", *extra]
 
 
@@ -227,10 +227,10 @@ def test_fuzz_tests_are_deselected_unless_m_names_them(suites: pytest.Pytester, 
     bare.assert_outcomes(passed=1, deselected=1)  # the certification test ran, the fuzz test did not
     assert not _fuzz_file(suites, micro_model).exists()
 
-    not_fuzz = suites.runpytest(*_args(suites, micro_model, *LOOSE, "-m", "not fuzz"))
+    not_fuzz = suites.runpytest(*_args(suites, micro_model, *LOOSE, "-m", "not editsafety_fuzz"))
     not_fuzz.assert_outcomes(passed=1, deselected=1)
 
-    fuzz = suites.runpytest(*_args(suites, micro_model, "-m", "fuzz", "--fuzz-examples=3"))
+    fuzz = suites.runpytest(*_args(suites, micro_model, "-m", "editsafety_fuzz", "--editsafety-fuzz-examples=3"))
     assert fuzz.ret == pytest.ExitCode.TESTS_FAILED
     fuzz.assert_outcomes(failed=1, deselected=1)
     fuzz.stdout.fnmatch_lines([f"*test_generated_cases_keep_the_bounds?fuzz-noop-{micro_model.name}?*",
@@ -240,7 +240,7 @@ def test_fuzz_tests_are_deselected_unless_m_names_them(suites: pytest.Pytester, 
 def test_the_fuzz_file_loads_and_the_certification_suite_replays_it_as_failures(
     suites: pytest.Pytester, micro_model: Path,
 ) -> None:
-    result = suites.runpytest(*_args(suites, micro_model, "-m", "fuzz", "--fuzz-examples=3"))
+    result = suites.runpytest(*_args(suites, micro_model, "-m", "editsafety_fuzz", "--editsafety-fuzz-examples=3"))
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     path = _fuzz_file(suites, micro_model)
     loaded = load_cases(path)
@@ -262,7 +262,8 @@ def test_the_fuzz_file_loads_and_the_certification_suite_replays_it_as_failures(
 def test_derandomized_fuzz_runs_try_the_same_cases(suites: pytest.Pytester, micro_model: Path) -> None:
     def tried() -> list[str]:
         # within loose bounds a no-op passes every case: the search tries its whole budget and writes nothing
-        result = suites.runpytest(*_args(suites, micro_model, *LOOSE, "-m", "fuzz", "--fuzz-examples=6",
+        result = suites.runpytest(*_args(suites, micro_model, *LOOSE, "-m", "editsafety_fuzz",
+                                         "--editsafety-fuzz-examples=6",
                                          "-o", "log_cli=true", "--log-cli-level=INFO"))
         result.assert_outcomes(passed=1, deselected=1)
         return [line for line in result.outlines if re.search(r"fuzz fuzz-noop-\S+: fuzz-[0-9a-f]+ ", line)]
@@ -273,9 +274,9 @@ def test_derandomized_fuzz_runs_try_the_same_cases(suites: pytest.Pytester, micr
     assert not _fuzz_file(suites, micro_model).exists()
 
 
-@pytest.mark.parametrize("option", ["--fuzz-examples", "--fuzz-max-runs"])
+@pytest.mark.parametrize("option", ["--editsafety-fuzz-examples", "--editsafety-fuzz-max-runs"])
 def test_fuzz_budgets_must_be_positive(suites: pytest.Pytester, micro_model: Path, option: str) -> None:
-    result = suites.runpytest(*_args(suites, micro_model, "-m", "fuzz", f"{option}=0"))
+    result = suites.runpytest(*_args(suites, micro_model, "-m", "editsafety_fuzz", f"{option}=0"))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert f"{option}: must be at least 1, got 0" in result.stderr.str()
 
@@ -288,9 +289,9 @@ def test_fuzzing_rome_on_the_organism_finds_a_case_the_certification_suite_fails
     env.setdefault("OMP_NUM_THREADS", "1")
     common = ["--editor=rome", "--model=tiny-gpt2", f"--editsafety-report={tmp_path / 'r.md'}",
               f"--editsafety-json={tmp_path / 'r.json'}", "-p", "no:cacheprovider", "-q"]
-    fuzz = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "suites"), "-m", "fuzz", "--fuzz-examples=8",
-                           f"--fuzz-out={out}", *common], cwd=REPO, capture_output=True, text=True, timeout=1200,
-                          env=env)
+    fuzz = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "suites"), "-m", "editsafety_fuzz",
+                           "--editsafety-fuzz-examples=8", f"--editsafety-fuzz-out={out}", *common], cwd=REPO,
+                          capture_output=True, text=True, timeout=1200, env=env)
     assert fuzz.returncode == 1, fuzz.stdout[-3000:] + fuzz.stderr[-3000:]
     written = tmp_path / "fuzz-rome-tiny-gpt2.json"
     minimal = load_cases(written).cases[0]

@@ -21,10 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from editors.registry import BUILTIN_EDITORS
+from editors.registry import available_editors
 from pytest_editsafety import xdist_glue
 from pytest_editsafety.cases import CaseSet, EditCase
-from pytest_editsafety.harness import PlanError, build_plan, slugify
+from editors.storage import slugify
+from pytest_editsafety.plan import PlanError, build_plan
 from pytest_editsafety.plugin import get_plan, get_settings
 from pytest_editsafety.results import read_result, write_result
 from tests.editor_packages import write_editor_package
@@ -131,7 +132,7 @@ def write_cases(path: Path, cases: list[dict]) -> Path:
 
 
 def run_args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [f"--model={model}", f"--ppl-corpus={corpus}", f"--editsafety-report={out / 'r.md'}",
+    return [f"--model={model}", f"--editsafety-ppl-corpus={corpus}", f"--editsafety-report={out / 'r.md'}",
             f"--editsafety-json={out / 'r.json'}", "-p", "no:cacheprovider", *extra]
 
 
@@ -180,13 +181,13 @@ def test_organisms_take_c_from_other_text_than_their_perplexity_corpus() -> None
     chosen = build_plan(["rome"], ["tiny-gpt2"], ["hard"], ppl_corpus="me-ppl-50").models[0]
     assert (chosen.ppl_corpus, chosen.stats_corpus) == ("me-ppl-50", "organism-heldout")
     real = build_plan(["rome"], ["gpt2-xl"], ["real-hard"]).models[0]
-    assert (real.ppl_corpus, real.stats_corpus) == ("me-ppl-50", "me-ppl-50")  # unless --stats-corpus/--stats-dir
+    assert (real.ppl_corpus, real.stats_corpus) == ("me-ppl-50", "me-ppl-50")  # unless --editsafety-stats-corpus/-dir
 
 
 @pytest.mark.parametrize(("stats_corpus", "expected"), [(None, "organism-heldout"), ("organism-ppl", "organism-ppl")])
 def test_the_hub_computes_c_over_the_models_stats_corpus(monkeypatch: pytest.MonkeyPatch, stats_corpus, expected):
     import editors.stats
-    from pytest_editsafety.harness import HubOptions, ModelHub
+    from pytest_editsafety.hub import HubOptions, ModelHub
 
     seen: dict = {}
     monkeypatch.setattr(editors.stats, "covariance_for",
@@ -240,18 +241,18 @@ def test_gpus_are_counted_without_torch(monkeypatch: pytest.MonkeyPatch) -> None
 def test_workers_get_devices_round_robin_and_auto_means_gpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,7")
     config = types.SimpleNamespace(stash=pytest.Stash(), getoption=lambda name, default=None: "loadgroup")
-    assert xdist_glue.pytest_xdist_auto_num_workers(config) == 2
+    assert xdist_glue.auto_num_workers(config) == 2
     given = {}
     for worker in ("gw0", "gw1", "gw2"):
         node = types.SimpleNamespace(config=config, gateway=types.SimpleNamespace(id=worker), workerinput={})
-        xdist_glue.pytest_configure_node(node)
+        xdist_glue.ControllerXdist().pytest_configure_node(node)
         given[worker] = node.workerinput
     assert [w[xdist_glue.DEVICE_KEY] for w in given.values()] == ["3", "7", "3"]
     assert all(w[xdist_glue.LOADGROUP_KEY] for w in given.values())
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     cpu_config = types.SimpleNamespace(stash=pytest.Stash())
-    assert xdist_glue.pytest_xdist_auto_num_workers(cpu_config) is None  # xdist keeps its CPU count
+    assert xdist_glue.auto_num_workers(cpu_config) is None  # xdist keeps its CPU count
     assert xdist_glue.device_for_worker("gw5", ()) == "cpu"
 
 
@@ -260,7 +261,7 @@ def test_a_worker_pins_itself_to_its_device(monkeypatch: pytest.MonkeyPatch) -> 
     option = types.SimpleNamespace(loadgroup=False)
     worker = types.SimpleNamespace(workerinput={xdist_glue.DEVICE_KEY: "7", xdist_glue.LOADGROUP_KEY: True},
                                    option=option)
-    xdist_glue.pytest_configure(worker)
+    xdist_glue.WorkerXdist().pytest_configure(worker)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
     assert option.loadgroup is True
 
@@ -314,7 +315,7 @@ def test_options_and_ini_twins_parse(pytester: pytest.Pytester, micro_model: Pat
     assert {m.ppl_corpus for m in plan.models} == {str(corpus_file)}
 
     # the command line wins over the ini file, option by option
-    from_cli = pytester.parseconfigure("--editor=memit", "--max-ppl-ratio=2", "--model=tiny-gpt2",
+    from_cli = pytester.parseconfigure("--editor=memit", "--editsafety-max-ppl-ratio=2", "--model=tiny-gpt2",
                                        "--model", "tiny-gptj,tiny-llama", "--editsafety-limit=1")
     s = get_settings(from_cli)
     assert s.editors == ("memit",)
@@ -339,8 +340,8 @@ def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pyt
     (["--cases={broken}"], "broken_cases.json"),
     (["--cases={empty}"], "empty_cases.json"),
     (["--editsafety-limit=0"], "at least 1"),
-    (["--max-ppl-ratio=lots"], "max_ppl_ratio"),
-    (["--ppl-corpus=no-such-corpus"], "no-such-corpus"),
+    (["--editsafety-max-ppl-ratio=lots"], "max_ppl_ratio"),
+    (["--editsafety-ppl-corpus=no-such-corpus"], "no-such-corpus"),
     (["--editsafety-baseline={broken}"], "broken_cases.json"),
     (["--editsafety-hparams=mend"], "--editsafety-hparams: expected EDITOR=FILE, got 'mend'"),
     (["--editsafety-hparams=nope={empty}"], "unknown editor 'nope' in 'nope="),
@@ -364,7 +365,8 @@ def test_usage_errors_exit_4_and_name_the_culprit(pytester: pytest.Pytester, arg
 def test_ids_are_stable_across_collections(pytester: pytest.Pytester, micro_model: Path) -> None:
     pytester.makepyfile(test_certify=SUITE.read_text())
     args = ["--collect-only", "-q", "--editor=all", f"--model={micro_model}", "--model=tiny-gpt2",
-            "--cases=hard,normal,real-hard", "--editsafety-limit=3", "--sequential", "-p", "no:cacheprovider"]
+            "--cases=hard,normal,real-hard", "--editsafety-limit=3", "--editsafety-sequential", "-p",
+            "no:cacheprovider"]
     first = [line for line in pytester.runpytest(*args).outlines if "::" in line]
     second = [line for line in pytester.runpytest(*args).outlines if "::" in line]
     assert first == second
@@ -373,7 +375,7 @@ def test_ids_are_stable_across_collections(pytester: pytest.Pytester, micro_mode
     assert "test_certify.py::test_edit_is_safe[memit-tiny-gpt2-real-hard-0001]" in first
     assert "test_certify.py::test_edit_is_safe[rome-tiny-gpt2-seq-normal]" in first
     # every built-in editor x 2 models x (3 case sets x 3 cases + 3 sequential runs)
-    assert len(first) == len(set(first)) == len(BUILTIN_EDITORS) * 2 * (3 * 3 + 3)
+    assert len(first) == len(set(first)) == len(available_editors()) * 2 * (3 * 3 + 3)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -383,7 +385,7 @@ def test_a_run_writes_the_report_and_a_valid_json(isolated: pytest.Pytester, mic
                                                    corpus_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = isolated.runpytest(*run_args(micro_model, corpus_file, out, "--editor=c-rome", "--cases=hard,normal",
-                                          "--editsafety-limit=1", "--sequential"))
+                                          "--editsafety-limit=1", "--editsafety-sequential"))
     assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
     result.stdout.fnmatch_lines(["*editsafety: *CERTIFIED*", f"*report {out / 'r.md'}*"])
     run = read_result(out / "r.json")
@@ -448,10 +450,11 @@ def test_an_editor_that_fails_to_set_up_fails_every_test_without_retrying(
     import importlib
     import shutil
 
-    from pytest_editsafety.harness import HubOptions, ModelHub
+    from pytest_editsafety.hub import HubOptions, ModelHub
 
-    # the module MendEditor.prepare imports (an in-process pytester run may have dropped an earlier copy)
-    mend = importlib.import_module("pytest_editsafety.mend")
+    # the module the hub's provider locates trained networks with (an in-process pytester run may have
+    # dropped an earlier copy)
+    trained = importlib.import_module("pytest_editsafety.trained")
 
     # the micro organism without its recipe hash: a "real" model, for which MEND needs a trained archive
     plain = tmp_path / "plain-model"
@@ -466,14 +469,14 @@ def test_an_editor_that_fails_to_set_up_fails_every_test_without_retrying(
         for c, t in (("one", "Paris"), ("two", "Oslo"), ("three", "Lima"))])
     monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
     calls = []
-    locate = mend.locate_archive
-    monkeypatch.setattr(mend, "locate_archive", lambda *a, **k: calls.append(1) or locate(*a, **k))
+    locate = trained.locate_network
+    monkeypatch.setattr(trained, "locate_network", lambda *a, **k: calls.append(1) or locate(*a, **k))
 
     plan = build_plan(["mend"], [str(plain)], [str(cases)], ppl_corpus=str(corpus_file))
     hub = ModelHub(plan, HubOptions(editor_hparams={"mend": str(hparams)}))
     outcomes = [hub.run(item) for item in plan.items]
     assert len(calls) == 1  # set up once; the later tests get the same error at once
-    assert all(isinstance(o.error, mend.MendArchiveMissingError) for o in outcomes)
+    assert all(isinstance(o.error, trained.TrainedNetworkMissingError) for o in outcomes)
     assert outcomes[0].error is outcomes[2].error
     assert "--editsafety-hparams mend=" in str(outcomes[0].error)
 
@@ -517,7 +520,7 @@ def test_a_baseline_regression_fails_a_run_whose_tests_pass(
     cases = write_cases(tmp_path / "cases.json", [
         {"case_id": "one", "subject": "Alpha", "prompt": "{} lives in", "target_new": "Paris", "ground_truth": "Rome"},
     ])
-    loose = ["--editor=noop", f"--cases={cases}", "--min-efficacy=0", "--min-locality=0"]
+    loose = ["--editor=noop", f"--cases={cases}", "--editsafety-min-efficacy=0", "--editsafety-min-locality=0"]
     first = isolated.runpytest(*run_args(micro_model, corpus_file, tmp_path / "a", *loose))
     assert first.ret == pytest.ExitCode.OK
     run = read_result(tmp_path / "a" / "r.json")
@@ -551,7 +554,7 @@ def test_a_test_that_errors_is_recorded_as_an_error(
     ])
     out = tmp_path / "out"
     result = isolated.runpytest(*run_args(micro_model, corpus_file, out, "--editor=noop", f"--cases={cases}",
-                                          "--min-efficacy=0", "--min-locality=0"))
+                                          "--editsafety-min-efficacy=0", "--editsafety-min-locality=0"))
     result.assert_outcomes(passed=1, failed=1)
     by_id = {r.case_id: r for r in read_result(out / "r.json").cases}
     assert by_id["long"].outcome == "error" and "IndexError" in by_id["long"].violations[0]
@@ -568,8 +571,8 @@ def test_a_worker_killed_mid_run_loses_only_its_case(
         for c, s in (("a", "Alpha"), ("b", "Crashwell"), ("c", "Gamma"), ("d", "Delta"))
     ])
     out = tmp_path / "out"
-    args = run_args(micro_model, corpus_file, out, "--editor=noop-crash", f"--cases={cases}", "--min-efficacy=0",
-                    "--min-locality=0")
+    args = run_args(micro_model, corpus_file, out, "--editor=noop-crash", f"--cases={cases}",
+                    "--editsafety-min-efficacy=0", "--editsafety-min-locality=0")
     collected = isolated.runpytest_subprocess(*args, "--collect-only", "-q")
     expected = sorted(re.search(r"\[(.*)\]", line).group(1) for line in collected.outlines if "::" in line)
     result = isolated.runpytest_subprocess(*args, "-n", "2", timeout=300)
