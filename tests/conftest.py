@@ -26,3 +26,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``make test`` asks for ``--dist loadgroup`` so that each organism is loaded by one worker; pytest 9.2
+    drops the ``@group`` suffix xdist schedules by (pytest-xdist #1386), so put it back in this project's own
+    runs (the plugin does so only in runs it owns)."""
+    if hasattr(config, "workerinput") and config.getvalue("loadgroup"):
+        from pytest_editsafety.xdist_glue import restore_group_suffixes
+
+        restore_group_suffixes(items)
