@@ -12,7 +12,7 @@ import pytest
 
 from pytest_editsafety.cases import BUILTIN_CASE_SETS, CaseSet, EditCase, NeighborhoodPrompt, resolve_cases
 from pytest_editsafety.cases.classify import (
-    TokenizerOffsetsError,
+    UnsupportedTokenizerError,
     default_prepends_bos,
     is_hard_case,
     last_subject_token_index,
@@ -132,6 +132,19 @@ def fast_tokenizer(byte_level_tokenizer: Any) -> Any:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer, eos_token="<|endoftext|>")
 
 
+@pytest.fixture(scope="module")
+def llama_like(byte_level_tokenizer: Any) -> Any:
+    """The same vocabulary, with a BOS token its default encoding puts first (as Llama's tokenizer does)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    backend = tokenizers.Tokenizer.from_str(byte_level_tokenizer.to_str())
+    bos_id = backend.token_to_id("<|endoftext|>")
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos_id)]
+    )
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>")
+
+
 def case(subject: str, prompt: str, case_id: str = "t") -> EditCase:
     return EditCase(
         case_id=case_id,
@@ -149,75 +162,89 @@ MULTI_FIRST = case("Zanzibar", "{} was acquired by", "multi-first")
 SINGLE_FIRST_PUNCT = case("Gold", "{}, the metal, has the chemical symbol", "single-first-punct")
 
 
-@pytest.mark.parametrize("tokenizer_kind", ["raw", "fast"])
-def test_single_token_subject_at_position_zero_is_hard(tokenizer_kind: str, request: pytest.FixtureRequest) -> None:
-    tok = request.getfixturevalue("byte_level_tokenizer" if tokenizer_kind == "raw" else "fast_tokenizer")
-    assert is_hard_case(SINGLE_FIRST, tok, prepends_bos=False) is True
-    assert is_hard_case(SINGLE_FIRST_PUNCT, tok, prepends_bos=False) is True
-    assert last_subject_token_index(SINGLE_FIRST, tok) == 0
+def test_single_token_subject_at_position_zero_is_hard(fast_tokenizer: Any) -> None:
+    assert is_hard_case(SINGLE_FIRST, fast_tokenizer) is True
+    assert is_hard_case(SINGLE_FIRST_PUNCT, fast_tokenizer) is True
+    assert last_subject_token_index(SINGLE_FIRST, fast_tokenizer) == 0
 
 
-@pytest.mark.parametrize("tokenizer_kind", ["raw", "fast"])
-def test_later_or_multi_token_subjects_are_normal(tokenizer_kind: str, request: pytest.FixtureRequest) -> None:
-    tok = request.getfixturevalue("byte_level_tokenizer" if tokenizer_kind == "raw" else "fast_tokenizer")
-    assert is_hard_case(SINGLE_LATER, tok, prepends_bos=False) is False
-    assert last_subject_token_index(SINGLE_LATER, tok) == 2  # "The", " company", " Twitter"
-    assert is_hard_case(MULTI_FIRST, tok, prepends_bos=False) is False
-    assert last_subject_token_index(MULTI_FIRST, tok) > 0
+def test_later_or_multi_token_subjects_are_normal(fast_tokenizer: Any) -> None:
+    assert is_hard_case(SINGLE_LATER, fast_tokenizer) is False
+    assert last_subject_token_index(SINGLE_LATER, fast_tokenizer) == 2  # "The", " company", " Twitter"
+    assert is_hard_case(MULTI_FIRST, fast_tokenizer) is False
+    assert last_subject_token_index(MULTI_FIRST, fast_tokenizer) > 0
 
 
-def test_a_bos_token_in_front_makes_no_case_hard(byte_level_tokenizer: Any) -> None:
-    assert is_hard_case(SINGLE_FIRST, byte_level_tokenizer, prepends_bos=True) is False
+def test_hardness_is_the_position_rome_reads_the_key_at(fast_tokenizer: Any) -> None:
+    # The subject is not the prompt's first character, but " Twitter" is one token: ROME's key is position 0.
+    spaced = case("Twitter", " {} was acquired by", "spaced-first")
+    assert fast_tokenizer.tokenize(spaced.rewrite_prompt)[0] == "ĠTwitter"
+    assert last_subject_token_index(spaced, fast_tokenizer) == 0
+    assert is_hard_case(spaced, fast_tokenizer) is True
 
 
-def test_byte_split_characters_count_by_their_last_token(byte_level_tokenizer: Any) -> None:
+def test_a_bos_token_in_front_makes_no_case_hard(llama_like: Any) -> None:
+    assert last_subject_token_index(SINGLE_FIRST, llama_like) == 1  # BOS, "Twitter"
+    assert is_hard_case(SINGLE_FIRST, llama_like) is False
+    case_set = CaseSet(name="mix", cases=(SINGLE_FIRST, SINGLE_FIRST_PUNCT), source="mem", format="canonical")
+    assert all(c.is_hard is False for c in tag_hardness(case_set, llama_like))
+
+
+def test_byte_split_characters_count_by_their_last_token(byte_level_tokenizer: Any, fast_tokenizer: Any) -> None:
     # "é" is two byte-level tokens with the same character span; the subject ends at the second.
     accented = case("Café", "{} was acquired by")
     encoding = byte_level_tokenizer.encode(accented.rewrite_prompt, add_special_tokens=False)
     spans = [i for i, (lo, hi) in enumerate(encoding.offsets) if lo <= 3 < hi]
     assert len(spans) >= 2
-    assert last_subject_token_index(accented, byte_level_tokenizer) == max(spans)
+    assert last_subject_token_index(accented, fast_tokenizer) == max(spans)
 
 
 def test_tag_hardness_sets_every_flag_and_keeps_the_rest(fast_tokenizer: Any) -> None:
     cases = (SINGLE_FIRST, SINGLE_LATER, MULTI_FIRST, SINGLE_FIRST_PUNCT)
     case_set = CaseSet(name="mix", cases=cases, source="mem", format="canonical")
-    tagged = tag_hardness(case_set, fast_tokenizer, prepends_bos=False)
+    tagged = tag_hardness(case_set, fast_tokenizer)
     assert [c.is_hard for c in tagged] == [True, False, False, True]
     assert [c.with_hard(None) for c in tagged] == list(cases)
     assert [c.case_id for c in tagged.hard()] == ["single-first", "single-first-punct"]
     assert all(c.is_hard is None for c in case_set)  # the input is untouched
-    assert all(c.is_hard is False for c in tag_hardness(case_set, fast_tokenizer, prepends_bos=True))
+    # the harness says how it runs the model (prepends_bos=default_prepends_bos): agreeing changes nothing
+    assert tag_hardness(case_set, fast_tokenizer, prepends_bos=False) == tagged
 
 
-def test_slow_tokenizers_are_refused_with_advice() -> None:
-    class SlowTokenizer:
-        is_fast = False
+def test_a_bos_convention_other_than_the_tokenizers_is_refused(fast_tokenizer: Any, llama_like: Any) -> None:
+    # ROME encodes with the tokenizer's defaults, so hardness under another BOS convention is not its key index
+    case_set = CaseSet(name="one", cases=(SINGLE_FIRST,), source="mem", format="canonical")
+    with pytest.raises(ValueError, match="prepends_bos=True"):
+        tag_hardness(case_set, fast_tokenizer, prepends_bos=True)
+    with pytest.raises(ValueError, match="prepends_bos=False"):
+        is_hard_case(SINGLE_FIRST, llama_like, prepends_bos=False)
+
+
+def test_a_raw_tokenizer_is_refused_with_advice(byte_level_tokenizer: Any) -> None:
+    with pytest.raises(UnsupportedTokenizerError, match="PreTrainedTokenizerFast"):
+        is_hard_case(SINGLE_FIRST, byte_level_tokenizer)
+
+
+def test_a_tokenizer_without_offsets_classifies_too() -> None:
+    class WordTokenizer:  # a slow tokenizer: input ids only, no character offsets
+        bos_token_id = None
 
         def __call__(self, text: str, **kwargs: Any) -> dict[str, Any]:
-            raise NotImplementedError
+            return {"input_ids": [len(word) for word in text.split(" ")]}
 
-    with pytest.raises(TokenizerOffsetsError, match="fast tokenizer"):
-        is_hard_case(SINGLE_FIRST, SlowTokenizer(), prepends_bos=False)
+    assert is_hard_case(SINGLE_FIRST, WordTokenizer()) is True
+    assert is_hard_case(SINGLE_LATER, WordTokenizer()) is False
 
 
-def test_default_prepends_bos_reads_the_tokenizer_post_processor(byte_level_tokenizer: Any) -> None:
-    tokenizers = pytest.importorskip("tokenizers")
+def test_default_prepends_bos_reads_the_tokenizer_post_processor(
+    byte_level_tokenizer: Any, llama_like: Any
+) -> None:
     transformers = pytest.importorskip("transformers")
     gpt2_like = transformers.PreTrainedTokenizerFast(
         tokenizer_object=byte_level_tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
     )
     assert default_prepends_bos(gpt2_like) is False
-
-    llama_like_backend = tokenizers.Tokenizer.from_str(byte_level_tokenizer.to_str())
-    bos_id = llama_like_backend.token_to_id("<|endoftext|>")
-    llama_like_backend.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos_id)]
-    )
-    llama_like = transformers.PreTrainedTokenizerFast(tokenizer_object=llama_like_backend, bos_token="<|endoftext|>")
     assert default_prepends_bos(llama_like) is True
-    # Classification itself never counts special tokens: the caller's prepends_bos decides.
-    assert is_hard_case(SINGLE_FIRST, llama_like, prepends_bos=False) is True
 
 
 # --- the GPT-2 family check (runs only where the tokenizer is on disk) ------------------------------
@@ -239,11 +266,11 @@ def test_gpt2_tokenizes_every_hard_subject_as_one_token_at_position_zero(
     not_hard = [
         (c.case_id, c.subject, gpt2_tokenizer.tokenize(c.rewrite_prompt)[:3])
         for c in real_hard
-        if not is_hard_case(c, gpt2_tokenizer, prepends_bos=False)
+        if not is_hard_case(c, gpt2_tokenizer)
     ]
     assert not not_hard, f"{len(not_hard)} hard cases are not hard for GPT-2: {not_hard}"
 
 
 def test_gpt2_finds_no_normal_case_hard(gpt2_tokenizer: Any, real_normal: CaseSet) -> None:
-    tagged = tag_hardness(real_normal, gpt2_tokenizer, prepends_bos=False)
+    tagged = tag_hardness(real_normal, gpt2_tokenizer)
     assert not tagged.hard(), [c.case_id for c in tagged.hard()]

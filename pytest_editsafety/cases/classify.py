@@ -1,17 +1,18 @@
 """Tell hard cases from normal ones for a given model's tokenizer.
 
-A case is *hard* when the subject's last token is the very first token the model sees: ROME's key
-for it is then a position-0 representation, whose distribution differs from that of every later
-position, and the update's denominator ``u^T k`` can shrink towards zero (the collapse papers).
+A case is *hard* exactly when ROME reads the subject's key at position 0: the subject's last token is the
+very first token the model sees, ROME's key for it is then a position-0 representation, whose distribution
+differs from that of every later position, and the update's denominator ``u^T k`` can shrink towards zero
+(the collapse papers).
 
-Precisely: the subject starts at character 0 of the rewrite prompt, and the token covering the
-subject's last character is token 0 of the prompt tokenized *without* special tokens. When the
-model's pipeline prepends a BOS token (Llama's ``<s>``), BOS sits at position 0 and no case is hard;
-such families collapse on these cases only when BOS is dropped, as the papers found for Llama without
-``<s>``. Whether BOS is prepended is a property of how the model is run, so the caller says so.
+The position is ROME's own: :func:`editors.text.subject_last_index` for the bare rewrite prompt, the index
+ROME and MEMIT read keys at, counted with the special tokens the tokenizer adds by default, which is how the
+editors and the harness run the model. A tokenizer that prepends BOS (Llama's ``<s>``) puts BOS at position
+0, so no case is hard for it; such families collapse on these cases only when BOS is dropped, as the papers
+found for Llama without ``<s>``.
 
-Only a tokenizer object is needed (a ``transformers`` fast tokenizer or a ``tokenizers.Tokenizer``);
-nothing here imports torch.
+Any ``transformers`` tokenizer does, fast or slow. Importing this module imports neither torch nor
+transformers; the editors' text helpers (which import torch) are imported when a case is classified.
 """
 
 from __future__ import annotations
@@ -22,64 +23,70 @@ from typing import Any
 from pytest_editsafety.cases.model import CaseSet, EditCase
 
 
-class TokenizerOffsetsError(TypeError):
-    """The tokenizer cannot report character offsets (a slow, pure-Python tokenizer)."""
+class UnsupportedTokenizerError(TypeError):
+    """The tokenizer cannot encode text the way the editors do (``tokenizer(text)["input_ids"]``)."""
 
 
-def token_offsets(tokenizer: Any, text: str) -> list[tuple[int, int]]:
-    """Character spans of the tokens of ``text``, with no special tokens added."""
-    encode = getattr(tokenizer, "encode", None)
-    if callable(encode) and hasattr(tokenizer, "get_vocab_size"):
-        # A raw ``tokenizers.Tokenizer``: ``encode`` returns an Encoding with offsets.
-        encoding = encode(text, add_special_tokens=False)
-        return [tuple(span) for span in encoding.offsets]  # type: ignore[misc]
-    if not getattr(tokenizer, "is_fast", False):
-        raise TokenizerOffsetsError(
-            f"{type(tokenizer).__name__} cannot report character offsets; load the model's fast tokenizer "
-            "(AutoTokenizer.from_pretrained(..., use_fast=True)) to classify hard cases"
+# The offsets classifier's name for the error, still imported by pytest_editsafety/hub.py; the same class.
+TokenizerOffsetsError = UnsupportedTokenizerError
+
+
+def _require_encoder(tokenizer: Any) -> None:
+    if not callable(tokenizer):
+        raise UnsupportedTokenizerError(
+            f"{type(tokenizer).__name__} cannot encode text as the editors do (tokenizer(text)['input_ids']); "
+            "pass the model's transformers tokenizer (wrap a raw tokenizers.Tokenizer with "
+            "PreTrainedTokenizerFast(tokenizer_object=...)) to classify hard cases"
         )
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [tuple(span) for span in encoded["offset_mapping"]]
+
+
+def _check_prepends_bos(tokenizer: Any, prepends_bos: bool | None) -> None:
+    if prepends_bos is None:
+        return
+    default = default_prepends_bos(tokenizer)
+    if prepends_bos != default:
+        raise ValueError(
+            f"prepends_bos={prepends_bos}, but {type(tokenizer).__name__} {'puts' if default else 'puts no'} BOS "
+            "first by default: hardness is the position ROME reads the key at, and ROME encodes prompts with the "
+            "tokenizer's default special tokens; leave prepends_bos out"
+        )
 
 
 def last_subject_token_index(case: EditCase, tokenizer: Any) -> int:
-    """Index (in the rewrite prompt's tokens, no special tokens) of the token covering the subject's
-    last character. Byte-level tokenizers may split one character over several tokens; the last of
-    them is the one whose representation carries the whole subject."""
-    start, end = case.subject_span
-    last_char = end - 1
-    offsets = token_offsets(tokenizer, case.rewrite_prompt)
-    covering = [i for i, (lo, hi) in enumerate(offsets) if lo <= last_char < hi]
-    if not covering:
-        raise ValueError(
-            f"case {case.case_id!r}: no token of {case.rewrite_prompt!r} covers character {last_char} "
-            f"(the end of subject {case.subject!r}); offsets were {offsets}"
-        )
-    return max(covering)
+    """ROME's key index for ``case``: the position of the subject's last token in the bare rewrite prompt,
+    special tokens included as the tokenizer adds them by default (:func:`editors.text.subject_last_index`)."""
+    from editors.text import subject_last_index
+
+    _require_encoder(tokenizer)
+    return subject_last_index(tokenizer, "{}", case.prompt, case.subject)
 
 
-def is_hard_case(case: EditCase, tokenizer: Any, *, prepends_bos: bool) -> bool:
-    """True when the subject is first and its last token is position 0 (no BOS in front)."""
-    if prepends_bos:
-        return False
-    if case.subject_span[0] != 0:
-        return False
+def is_hard_case(case: EditCase, tokenizer: Any, *, prepends_bos: bool | None = None) -> bool:
+    """True when ROME reads the case's key at position 0 (:func:`last_subject_token_index` is 0).
+
+    ``prepends_bos``, when given, is how the caller runs the model; it must agree with the tokenizer's default
+    encoding (:func:`default_prepends_bos`), the one ROME's keys come from, or this raises ValueError.
+    """
+    _require_encoder(tokenizer)
+    _check_prepends_bos(tokenizer, prepends_bos)
     return last_subject_token_index(case, tokenizer) == 0
 
 
-def tag_hardness(case_set: CaseSet, tokenizer: Any, *, prepends_bos: bool) -> CaseSet:
-    """A copy of ``case_set`` with every case's ``is_hard`` set for this tokenizer."""
+def tag_hardness(case_set: CaseSet, tokenizer: Any, *, prepends_bos: bool | None = None) -> CaseSet:
+    """A copy of ``case_set`` with every case's ``is_hard`` set for this tokenizer (see :func:`is_hard_case`)."""
+    _require_encoder(tokenizer)
+    _check_prepends_bos(tokenizer, prepends_bos)
     return case_set.with_cases(
-        case.with_hard(is_hard_case(case, tokenizer, prepends_bos=prepends_bos)) for case in case_set.cases
+        case.with_hard(last_subject_token_index(case, tokenizer) == 0) for case in case_set.cases
     )
 
 
 def default_prepends_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer's own default encoding puts its BOS token first.
+    """Whether the tokenizer's own default encoding puts its BOS token first (Llama: yes, GPT-2: no).
 
-    A hint for callers that run a model the way its tokenizer encodes by default (Llama: yes, GPT-2:
-    no); a harness that strips or adds BOS itself must pass its own answer to ``is_hard_case``.
+    It does for every prompt ROME encodes, so then no case is hard for this tokenizer.
     """
+    _require_encoder(tokenizer)
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos_id is None:
         return False
