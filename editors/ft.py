@@ -18,6 +18,7 @@ from torch import Tensor
 from editors.base import EditorBase, EditOutcome, EditRequest
 from editors.hooks import frozen
 from editors.maths.ft import clamp_to_linf_ball, linf_distance
+from editors.text import pad_id, padded
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ def target_batch(tokenizer, requests: Sequence[EditRequest], device) -> TargetBa
     Ids are concatenated rather than re-encoding the joined text, so the scored tokens are exactly the
     target's own tokenisation (the one every editor and metric uses for ``" " + target_new``).
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     seqs: list[list[int]] = []
     rows: list[int] = []
     cols: list[int] = []
@@ -75,12 +75,7 @@ def target_batch(tokenizer, requests: Sequence[EditRequest], device) -> TargetBa
             targets.append(tok)
             owner.append(index)
         seqs.append(prompt_ids + target_ids)
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    ids, mask = padded(seqs, pad_id(tokenizer))
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     return TargetBatch(ids.to(device), mask.to(device), as_long(rows), as_long(cols), as_long(targets),
                        as_long(owner))

@@ -1,6 +1,8 @@
-"""Activation hooks the editors need: read a module's input at chosen token positions, and add a vector
-to a module's output at chosen positions. Hooks are always removed, also when the forward pass raises.
-Plus :func:`frozen`, the model state every editor that differentiates through the model runs in."""
+"""Activation hooks the editors and the statistics need: read a module's input (optionally stopping the forward
+pass there) or output, and add a vector to a module's output at chosen positions. Hooks are always removed,
+also when the forward pass raises. Plus the model states code runs the model in: :func:`eval_mode` (dropout
+off, every submodule's flag back afterwards) and :func:`frozen` (that, and no parameter requires grad), the
+state every editor that differentiates through the model runs in."""
 
 from __future__ import annotations
 
@@ -15,18 +17,39 @@ def _hidden(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+class _StopForward(Exception):
+    """Raised by a stopping input hook once the input is captured: the layers above are not needed."""
+
+
 @contextlib.contextmanager
-def capture_input(module: nn.Module, store: dict[str, Tensor]) -> Iterator[None]:
-    """Record the module's first positional input (the key for an MLP's output projection) in ``store['input']``."""
+def capture_input(module: nn.Module, store: dict[str, Tensor], *, stop: bool = False) -> Iterator[None]:
+    """Record the module's first positional input (the key for an MLP's output projection) in ``store['input']``.
+
+    With ``stop`` the forward pass ends there (the hook raises); :func:`input_of` runs such a pass.
+    """
 
     def hook(_module, inputs):
         store["input"] = inputs[0]
+        if stop:
+            raise _StopForward
 
     handle = module.register_forward_pre_hook(hook)
     try:
         yield
     finally:
         handle.remove()
+
+
+def input_of(model: nn.Module, module: nn.Module, **inputs) -> Tensor | None:
+    """``module``'s first positional input in the forward pass ``model(**inputs)``, which stops at ``module``
+    (the layers above it are not run); None when the pass never calls ``module``."""
+    store: dict[str, Tensor] = {}
+    with capture_input(module, store, stop=True):
+        try:
+            model(**inputs)
+        except _StopForward:
+            pass
+    return store.get("input")
 
 
 @contextlib.contextmanager
@@ -67,20 +90,34 @@ def rows_at(tensor: Tensor, positions: Sequence[int]) -> Tensor:
 
 
 @contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """No parameter of ``model`` requires grad and dropout is off, inside; flags and mode restored after.
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off inside; every submodule's own train/eval flag back afterwards, also when the body raises.
 
-    An edit must be deterministic (no dropout) and must not leave gradients on the caller's weights; the
-    caller's own flags (a parameter it froze itself) come back unchanged, also when the body raises.
+    Per module, not ``model.train(flag)``: a model whose submodules were in mixed modes gets them back.
     """
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` requires grad and dropout is off, inside; flags and modes restored after.
+
+    An edit must be deterministic (no dropout) and must not leave gradients on the caller's weights; the
+    caller's own flags (a parameter it froze itself, a submodule it left in eval mode) come back unchanged,
+    also when the body raises.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    with eval_mode(model):
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)

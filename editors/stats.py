@@ -15,14 +15,13 @@ the cache otherwise.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from editors.hooks import capture_input
+from editors.hooks import eval_mode, input_of
 from editors.maths.rome import SecondMomentAccumulator
 from editors.storage import build_lock, stable_hash
+from editors.text import pad_id, padded, pads_left
 
 log = logging.getLogger(__name__)
 
@@ -133,62 +133,6 @@ class StatsKey:
 # Computing C over a corpus
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the key is captured: the layers above it are not needed for the statistic."""
-
-
-@contextlib.contextmanager
-def _stop_after(module: torch.nn.Module) -> Iterator[None]:
-    def hook(_module: torch.nn.Module, _inputs: Any) -> None:
-        raise _StopForward
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    # per module, not model.train(flag): a model whose submodules were in mixed modes must get them back
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.train(flag)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _encode(tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Token ids and attention mask, padded on the tokenizer's ``padding_side`` (right unless it says left).
-
-    Padding is done here rather than by the tokenizer so that tokenizers without a pad token work too:
-    pad positions are masked out of attention and dropped from the statistic, so their id never matters.
-    """
-    encoded = [list(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
-    width = max((len(ids) for ids in encoded), default=0)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    ids = torch.full((len(encoded), max(width, 1)), _pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(encoded):
-        if not seq:
-            continue
-        span = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq, dtype=torch.long)
-        mask[row, span] = 1
-    return ids.to(device), mask.to(device)
-
-
 def compute_second_moment(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -222,24 +166,22 @@ def compute_second_moment(
     device = next(model.parameters()).device
     accumulator: SecondMomentAccumulator | None = None
     n_batches = math.ceil(len(texts) / batch_size)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         bar = tqdm(total=n_batches, desc=f"E[kkᵀ] {module_name}", unit="batch", disable=not progress)
         try:
             for start in range(0, len(texts), batch_size):
-                ids, mask = _encode(tokenizer, texts[start : start + batch_size], max_length, device)
+                encoded = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length)
+                ids, mask = padded(encoded["input_ids"], pad_id(tokenizer), left=pads_left(tokenizer))
+                ids, mask = ids.to(device), mask.to(device)
                 if bool(mask.any()):
                     # left padding would otherwise shift every real token's position
                     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                    store: dict[str, Tensor] = {}
-                    with capture_input(module, store), _stop_after(module):
-                        try:
-                            model(input_ids=ids, attention_mask=mask, position_ids=positions)
-                        except _StopForward:
-                            pass
-                    if "input" not in store:
+                    # the pass stops at the module: the layers above it are not needed for the statistic
+                    inputs = input_of(model, module, input_ids=ids, attention_mask=mask, position_ids=positions)
+                    if inputs is None:
                         raise StatsError(f"module {module_name!r} was not called during the forward pass")
                     # boolean selection, not multiplication by the mask: a pad row may hold non-finite values
-                    keys = store["input"][mask.bool()]
+                    keys = inputs[mask.bool()]
                     if accumulator is None:
                         accumulator = SecondMomentAccumulator(keys.shape[-1], device=keys.device)
                     accumulator.update(keys)

@@ -1,4 +1,5 @@
-"""Tokenisation helpers shared by the editors: batches of prompts and the subject's last-token index."""
+"""Tokenisation helpers shared by the editors and the harness: padded batches (the pad id, the padding side,
+the padding itself) and the subject's last-token index, the position ROME and MEMIT read keys at."""
 
 from __future__ import annotations
 
@@ -29,6 +30,44 @@ def subject_last_index(tokenizer, context: str, prompt: str, subject: str) -> in
     return len(tokenizer(text[:head_end])["input_ids"]) - 1
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills padded slots: the tokenizer's pad token, else its EOS token, else 0.
+
+    Padded slots are masked out of attention and out of every score, so any valid embedding index does;
+    the caller's tokenizer is never given a pad token behind its back.
+    """
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def pads_left(tokenizer) -> bool:
+    """Whether the tokenizer asks for left padding (its ``padding_side``; right when it says nothing)."""
+    return getattr(tokenizer, "padding_side", "right") == "left"
+
+
+def padded(sequences: Sequence[Sequence[int]], pad: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, long tensors on the CPU: ``sequences`` padded with ``pad`` to the longest.
+
+    Right padding keeps every real token at its unpadded position; with ``left`` the real tokens end the row
+    (the caller then derives positions from the mask). An empty sequence is an all-pad, all-masked row, and
+    the width is at least 1. Padding is done here rather than by the tokenizer so that tokenizers without a
+    pad token work too.
+    """
+    width = max((len(seq) for seq in sequences), default=0)
+    ids = torch.full((len(sequences), max(width, 1)), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        if not seq:
+            continue
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
 @dataclass(frozen=True)
 class Batch:
     input_ids: torch.Tensor
@@ -39,11 +78,5 @@ class Batch:
 def right_padded(tokenizer, texts: Sequence[str], device) -> Batch:
     """Encode ``texts`` (with the tokenizer's own special tokens), right-padded so positions are unshifted."""
     encoded = tokenizer(list(texts))["input_ids"]
-    width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, seq in enumerate(encoded):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    ids, mask = padded(encoded, pad_id(tokenizer))
     return Batch(ids.to(device), mask.to(device), tuple(len(s) for s in encoded))

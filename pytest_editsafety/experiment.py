@@ -9,48 +9,40 @@ C-ROME with and without the test-time prefix.
 from __future__ import annotations
 
 import logging
-import statistics
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from pytest_editsafety.aggregates import mean, median, worst
+
 log = logging.getLogger(__name__)
-
-
-def _present(values: Sequence[float | None]) -> list[float]:
-    return [v for v in values if v is not None and v == v]
-
-
-def _median(values: Sequence[float | None]) -> float:
-    present = _present(values)
-    return statistics.median(present) if present else float("nan")
-
-
-def _mean(values: Sequence[float | None]) -> float:
-    present = _present(values)
-    return statistics.fmean(present) if present else float("nan")
 
 
 def summarise(metrics: Sequence[Mapping[str, float | None]]) -> dict[str, Any]:
     """The papers' figures over the per-case metrics of one (editor, case set)."""
 
-    def column(key: str) -> list[float | None]:
-        return [m.get(key) for m in metrics]
+    def measured(key: str) -> list[float]:
+        """The values of ``key`` that were measured: None and NaN are left out, not ranked."""
+        return [v for m in metrics if (v := m.get(key)) is not None and not math.isnan(v)]
+
+    def figure(aggregate: Callable[[list[float]], float | None], key: str) -> float:
+        value = aggregate(measured(key))
+        return math.nan if value is None else value  # NaN in the table where nothing was measured
 
     summary = {
         "n": len(metrics),
-        "denominator_median": _median(column("denominator")),
-        "numerator_median": _median(column("numerator")),
-        "key_cosine_median": _median(column("key_cosine")),
-        "ppl_ratio_median": _median(column("ppl_ratio")),
-        "ppl_ratio_max": max(_present(column("ppl_ratio")), default=float("nan")),
-        "ppl_edited_max": max(_present(column("ppl_edited")), default=float("nan")),
-        "efficacy": _mean(column("cf_efficacy")),
-        "generalization": _mean(column("cf_generalization")),
-        "locality": _mean(column("cf_locality")),
+        "denominator_median": figure(median, "denominator"),
+        "numerator_median": figure(median, "numerator"),
+        "key_cosine_median": figure(median, "key_cosine"),
+        "ppl_ratio_median": figure(median, "ppl_ratio"),
+        "ppl_ratio_max": figure(worst, "ppl_ratio"),
+        "ppl_edited_max": figure(worst, "ppl_edited"),
+        "efficacy": figure(mean, "cf_efficacy"),
+        "generalization": figure(mean, "cf_generalization"),
+        "locality": figure(mean, "cf_locality"),
     }
-    without_prefix = _present(column("cf_efficacy_without_prefix"))
-    if without_prefix:  # only editors that ask for a test-time prefix, on the cases it applies to
-        summary["efficacy_without_prefix"] = statistics.fmean(without_prefix)
+    if measured("cf_efficacy_without_prefix"):  # only editors that ask for a test-time prefix, on its cases
+        summary["efficacy_without_prefix"] = figure(mean, "cf_efficacy_without_prefix")
     return summary
 
 

@@ -38,20 +38,17 @@ def answer_scores(model, tokenizer, pairs: Sequence[Continuation], *, batch_size
     """Per pair: (mean log-prob of the answer tokens, teacher-forced argmax tokens at the answer positions)."""
     import torch
 
+    from editors.text import pad_id, padded
+
     rows = _encode_pairs(tokenizer, pairs)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     results: list[tuple[float, tuple[int, ...]]] = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            seqs = [p + a for p, a in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for i, seq in enumerate(seqs):  # right padding: positions stay those of the unpadded text
-                ids[i, : len(seq)] = torch.tensor(seq)
-                mask[i, : len(seq)] = 1
+            # right padding: positions stay those of the unpadded text
+            ids, mask = padded([p + a for p, a in chunk], pad)
             log_probs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
             for i, (prompt_ids, answer_ids) in enumerate(chunk):
                 cols = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(answer_ids), device=device)

@@ -23,11 +23,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_editsafety import aggregates
 from pytest_editsafety.cases import CaseSet, EditCase
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def rank_cases(scored: Sequence[ScoredCase]) -> tuple[tuple[MinedCase, ...], flo
     if not scored:
         raise MiningError("--cases: the pool holds no cases to score")
     finite = [s.denominator for s in scored if math.isfinite(s.denominator)]
-    median = statistics.median(finite) if finite else math.nan
+    median = aggregates.median(finite) if finite else math.nan
     ordered = sorted(enumerate(scored), key=_danger_key)
     ranked = tuple(
         MinedCase(rank=i + 1, scored=s, median_ratio=_ratio(s.denominator, median))
@@ -138,7 +138,7 @@ class HardnessSummary:
 def hardness_summary(ranked: Sequence[MinedCase], top: int) -> HardnessSummary:
     n = len(ranked)
     hard_ranks = [m.rank for m in ranked if m.case.is_hard is True]
-    percentile = statistics.fmean((r - 0.5) / n for r in hard_ranks) if hard_ranks else math.nan
+    percentile = aggregates.mean([(r - 0.5) / n for r in hard_ranks]) if hard_ranks else math.nan
     top = min(top, n)
     return HardnessSummary(n, len(hard_ranks), percentile, top, sum(m.case.is_hard is True for m in ranked[:top]))
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from pytest_editsafety.aggregates import mean, median
+
 if TYPE_CHECKING:
     import torch
 
@@ -64,29 +66,11 @@ def safe_exp(x: float) -> float:
         return math.inf
 
 
-def _median(values: Sequence[float]) -> float:
-    # Sorting is undefined with NaN in the list; a NaN anywhere means the model produced garbage, and
-    # reporting a finite median would hide it.
-    if any(math.isnan(v) for v in values):
-        return math.nan
-    ordered = sorted(values)
-    n = len(ordered)
-    mid = n // 2
-    if n % 2:
-        return ordered[mid]
-    # perplexities are >= 1 or +inf, never -inf, so the midpoint of two of them is always defined
-    return (ordered[mid - 1] + ordered[mid]) / 2.0
-
-
 def _max(values: Sequence[float]) -> float:
+    # NaN, not +inf (aggregates.worst), when a sentence's perplexity is NaN: the figure is reported as measured
     if any(math.isnan(v) for v in values):
         return math.nan
     return max(values)
-
-
-def _mean(values: Sequence[float]) -> float:
-    # fsum for accuracy over 10k sentences; it propagates NaN and +inf as wanted (there is no -inf here).
-    return math.fsum(values) / len(values)
 
 
 def summarize(nlls: Sequence[tuple[float, int]]) -> PerplexityResult:
@@ -99,9 +83,11 @@ def summarize(nlls: Sequence[tuple[float, int]]) -> PerplexityResult:
     total_nll = math.fsum(nll for nll, _ in scored)
     return PerplexityResult(
         per_sentence=per_sentence,
-        mean_ppl=_mean(per_sentence),
+        # per_sentence is not empty, so neither aggregate is None; a NaN perplexity (a model producing
+        # garbage) makes the median and the max NaN rather than letting sort order hide it
+        mean_ppl=mean(per_sentence),
         corpus_ppl=safe_exp(total_nll / total_tokens),
-        median_ppl=_median(per_sentence),
+        median_ppl=median(per_sentence),
         max_ppl=_max(per_sentence),
         n_sentences=len(scored),
         n_tokens=total_tokens,
@@ -132,16 +118,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------
 # Tokenization and batching
-
-
-def _pad_id(tokenizer: Any) -> int:
-    # The pad id only fills masked slots, so any valid embedding index does; the user's tokenizer is
-    # never given a pad token behind their back.
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def _model_context(model: Any) -> int | None:
@@ -217,6 +193,9 @@ def sentence_nlls(
     """
     import torch
 
+    from editors.hooks import eval_mode
+    from editors.text import pad_id, padded, pads_left
+
     if batch_size < 1:
         raise PerplexityError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(texts, str):
@@ -240,8 +219,8 @@ def sentence_nlls(
     # Sorting by length keeps padding (and wasted compute) small; results go back to input order.
     order = sorted(scorable, key=lambda i: len(encoded[i]), reverse=True)
     dev = torch.device(device) if device is not None else _model_device(model)
-    pad_id = _pad_id(tokenizer)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
+    pad = pad_id(tokenizer)
+    left = pads_left(tokenizer)
     pass_positions = _accepts_position_ids(model)
 
     batches: Any = list(_batches(order, batch_size))
@@ -250,36 +229,22 @@ def sentence_nlls(
 
         batches = tqdm(batches, desc="perplexity", unit="batch")
 
-    # Remember every submodule's flag: model.train(flag) afterwards would flatten a mixed state.
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                width = max(len(encoded[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    seq = torch.tensor(encoded[i], dtype=torch.long)
-                    span = slice(width - len(seq), width) if left else slice(0, len(seq))
-                    ids[row, span] = seq
-                    mask[row, span] = 1
-                ids, mask = ids.to(dev), mask.to(dev)
-                kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-                if pass_positions:
-                    kwargs["position_ids"] = position_ids_from_mask(mask)
-                logits = model(**kwargs, use_cache=False).logits
-                # The first real token is context only: in left padding it sits after the pads, so
-                # loss_mask[:, 1:] (the target mask) must exclude it explicitly.
-                target_mask = mask.clone()
-                first_real = mask.argmax(dim=-1)
-                target_mask[torch.arange(len(batch), device=dev), first_real] = 0
-                sums = masked_token_nll(logits, ids, target_mask).cpu().tolist()
-                for row, i in enumerate(batch):
-                    results[i] = (float(sums[row]), len(encoded[i]) - 1)
-    finally:
-        for module, flag in flags:
-            module.training = flag
+    with eval_mode(model), torch.inference_mode():
+        for batch in batches:
+            ids, mask = padded([encoded[i] for i in batch], pad, left=left)
+            ids, mask = ids.to(dev), mask.to(dev)
+            kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+            if pass_positions:
+                kwargs["position_ids"] = position_ids_from_mask(mask)
+            logits = model(**kwargs, use_cache=False).logits
+            # The first real token is context only: in left padding it sits after the pads, so
+            # loss_mask[:, 1:] (the target mask) must exclude it explicitly.
+            target_mask = mask.clone()
+            first_real = mask.argmax(dim=-1)
+            target_mask[torch.arange(len(batch), device=dev), first_real] = 0
+            sums = masked_token_nll(logits, ids, target_mask).cpu().tolist()
+            for row, i in enumerate(batch):
+                results[i] = (float(sums[row]), len(encoded[i]) - 1)
     return results
 
 
