@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from editors.base import EditRequest
 from editors.storage import atomic_write_text, build_lock, slugify, stable_hash
+from pytest_editsafety import aggregates
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def denominator_median(editor: Any, loaded: Any, normal_cases: Sequence[Any], *,
         if values is None:  # the first case already said so: nothing is written for such an editor
             return None
         finite = [v for v in values if math.isfinite(v)]
-        median = statistics.median(finite) if finite else None
+        median = aggregates.median(finite)
         atomic_write_text(path, json.dumps({"key": key, "median": median, "n": len(finite)}, indent=1))
         log.info("%s: median |uᵀk| over %d normal cases = %s", key_fields.get("editor"), len(finite), median)
         return median

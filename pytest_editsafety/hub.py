@@ -398,26 +398,26 @@ class ModelHub:
 
     def _tag(self, state: _ModelState, key: str, source: Callable[[], CaseSet]) -> CaseSet:
         if key not in state.tagged:
-            from pytest_editsafety.cases.classify import TokenizerOffsetsError, default_prepends_bos, tag_hardness
+            from pytest_editsafety.cases.classify import UnsupportedTokenizerError, tag_hardness
 
             cases = source()
             tokenizer = state.loaded.tokenizer
             try:
                 # hardness as the harness runs the model: with whatever the tokenizer adds by default
-                state.tagged[key] = tag_hardness(cases, tokenizer, prepends_bos=default_prepends_bos(tokenizer))
-            except TokenizerOffsetsError as err:
+                state.tagged[key] = tag_hardness(cases, tokenizer)
+            except UnsupportedTokenizerError as err:
                 log.warning("model %s: cannot classify hard cases (%s); keeping the case file's flags", state.slug, err)
                 state.tagged[key] = cases
         return state.tagged[key]
 
     def _tag_case(self, state: _ModelState, case: EditCase) -> EditCase:
         """One case outside the plan with its hardness set as ``_tag`` sets it for planned cases."""
-        from pytest_editsafety.cases.classify import TokenizerOffsetsError, default_prepends_bos, is_hard_case
+        from pytest_editsafety.cases.classify import UnsupportedTokenizerError, is_hard_case
 
         tokenizer = state.loaded.tokenizer
         try:
-            return case.with_hard(is_hard_case(case, tokenizer, prepends_bos=default_prepends_bos(tokenizer)))
-        except TokenizerOffsetsError:
+            return case.with_hard(is_hard_case(case, tokenizer))
+        except UnsupportedTokenizerError:
             return case
 
     def _probe(self, state: _ModelState, set_slug: str, case: EditCase) -> Any:

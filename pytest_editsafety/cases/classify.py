@@ -27,9 +27,6 @@ class UnsupportedTokenizerError(TypeError):
     """The tokenizer cannot encode text the way the editors do (``tokenizer(text)["input_ids"]``)."""
 
 
-# The offsets classifier's name for the error, still imported by pytest_editsafety/hub.py; the same class.
-TokenizerOffsetsError = UnsupportedTokenizerError
-
 
 def _require_encoder(tokenizer: Any) -> None:
     if not callable(tokenizer):
