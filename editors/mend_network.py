@@ -1,20 +1,10 @@
-"""MEND's editor network and the gradient factors it reads (the editor itself is :mod:`editors.mend`).
+"""MEND's editor network and the gradient factors it reads; the editor that uses them is :mod:`editors.mend`.
 
-MEND (Mitchell et al. 2022): a trained hypernetwork turns one fine-tuning gradient into a weight update.
-
-An edit runs the model once on ``prompt + " " + target_new`` (teacher forced, the loss being the target
-tokens' mean NLL), reads the gradient's rank-one factors of every edited weight with hooks (the layer input
-``u_t`` and the gradient at its output ``δ_t``, per token), maps them through the editor network and adds
-``ΔW = −α Σ_t δ̃_t ũ_tᵀ`` to the weight in place (:mod:`editors.maths.mend`). No optimisation at edit time:
-everything MEND knows is in its trained network, an *archive* (safetensors tensors plus a JSON config) made
-by the ``editsafety mend train`` command (:mod:`editors.mend_train`, :mod:`editors.mend_archive`), or
-built on first use for the model organisms.
-
-The edited weights are the MLP matrices of the last layers (``layers`` × ``modules``); ``modules`` holds
-family kinds (``mlp_in``, ``mlp_out``: GPT-2 ``c_fc``/``c_proj``, GPT-J ``fc_in``/``fc_out``, Llama
-``up_proj``/``down_proj``) or names inside the layer's MLP module (Llama's ``gate_proj``). Weights of one
-shape share one network (the paper's ``shared`` setting), each with its own mode (scale and shift) and step
-size.
+``MendHparams`` says which weights are edited (``layers`` × ``modules``: family kinds such as ``mlp_in`` and
+``mlp_out``, or names inside the layer's MLP module such as Llama's ``gate_proj``) and how the network is shaped
+and trained. ``MendNetwork`` holds one shared network per weight shape (the paper's ``shared`` setting), with a
+mode (scale and shift) and a step size per weight; ``gradient_factors`` reads, with hooks, the rank-one factors
+(layer input ``u_t``, gradient at the output ``δ_t``) of one teacher-forced NLL's gradient.
 """
 
 from __future__ import annotations

@@ -182,6 +182,17 @@ def _square(name: str, t: Tensor, d: int) -> Tensor:
     return t
 
 
+def _update_diagnostics(update: RankOneUpdate | RomeUpdate) -> dict[str, float]:
+    """The papers' names: ``denominator`` is ``|uᵀk|`` (what they report), the sign is kept beside it."""
+    return {
+        "denominator": update.abs_denominator,
+        "denominator_signed": update.denominator,
+        "numerator": update.numerator_norm,
+        "delta_fro": update.delta_fro,
+        "delta_max_abs": update.delta_max_abs,
+    }
+
+
 @dataclass(frozen=True, eq=False)
 class RankOneUpdate:
     """``ΔW = (v* − W k) uᵀ / (uᵀ k)`` in W's dtype, with diagnostics as plain floats."""
@@ -194,14 +205,7 @@ class RankOneUpdate:
     delta_max_abs: float
 
     def diagnostics(self) -> dict[str, float]:
-        """The papers' names: ``denominator`` is ``|uᵀk|`` (what they report), the sign is kept beside it."""
-        return {
-            "denominator": self.abs_denominator,
-            "denominator_signed": self.denominator,
-            "numerator": self.numerator_norm,
-            "delta_fro": self.delta_fro,
-            "delta_max_abs": self.delta_max_abs,
-        }
+        return _update_diagnostics(self)
 
 
 def rank_one_update(W: Tensor, u: Tensor, k: Tensor, v_star: Tensor) -> RankOneUpdate:
@@ -255,15 +259,7 @@ class RomeUpdate:
 
     def diagnostics(self) -> dict[str, float | str]:
         """As :meth:`RankOneUpdate.diagnostics`, plus ``cos(kᵘ, k̄)`` and the key convention."""
-        return {
-            "denominator": self.abs_denominator,
-            "denominator_signed": self.denominator,
-            "numerator": self.numerator_norm,
-            "delta_fro": self.delta_fro,
-            "delta_max_abs": self.delta_max_abs,
-            "key_cosine": self.key_cosine,
-            "key_convention": self.key_convention,
-        }
+        return {**_update_diagnostics(self), "key_cosine": self.key_cosine, "key_convention": self.key_convention}
 
 
 def key_cosine(a: Tensor, b: Tensor) -> float:
