@@ -1,7 +1,7 @@
 """A text corpus as the editors and the harness pass it around: texts, where each came from, and a hash.
 
 Second-moment statistics are keyed by the corpus's name and hash; perplexity is measured over its texts. The
-loaders (ME-PPL files, the organisms' generated corpora) live in ``pytest_editsafety.corpora``.
+loaders (ME-PPL files, the organisms' generated corpora) live in the plugin's corpora module.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ tokens' mean NLL), reads the gradient's rank-one factors of every edited weight 
 ``u_t`` and the gradient at its output ``δ_t``, per token), maps them through the editor network and adds
 ``ΔW = −α Σ_t δ̃_t ũ_tᵀ`` to the weight in place (:mod:`editors.maths.mend`). No optimisation at edit time:
 everything MEND knows is in its trained network, an *archive* (safetensors tensors plus a JSON config) made
-by the ``editsafety mend train`` command (:mod:`editors.mend_train`, :mod:`editors.mend_archive`), or
+by the ``editsafety train --editor mend`` command (:mod:`editors.mend_train`, :mod:`editors.mend_archive`), or
 built on first use for the model organisms.
 
 The edited weights are the MLP matrices of the last layers (``layers`` × ``modules``); ``modules`` holds

@@ -42,7 +42,7 @@ __all__ = [
 
 
 ENTRY_POINT_GROUP = "editsafety.editors"
-# the distribution whose editors are listed first, in the order its metadata declares them
+# the distribution whose editors are listed first
 BUILTIN_DISTRIBUTION = "pytest-editsafety"
 Factory = Callable[..., Any]
 
@@ -85,12 +85,13 @@ def _registered() -> dict[str, metadata.EntryPoint]:
 
 
 def _listing(registered: Mapping[str, metadata.EntryPoint]) -> tuple[str, ...]:
-    builtin = [name for name, ep in registered.items() if _dist_name(ep) == BUILTIN_DISTRIBUTION]
+    # sorted, not metadata order: build back-ends sort entry points when they write them
+    builtin = sorted(name for name, ep in registered.items() if _dist_name(ep) == BUILTIN_DISTRIBUTION)
     return tuple(builtin) + tuple(sorted(name for name in registered if name not in builtin))
 
 
 def available_editors() -> tuple[str, ...]:
-    """The built-in editors in their declared order, then the other installed ones, sorted."""
+    """The built-in editors, then the other installed ones, each sorted by name."""
     return _listing(_registered())
 
 
@@ -119,7 +120,7 @@ def get_editor(name: str, hparams: Mapping[str, Any] | None = None):
         editor = factory(dict(hparams or {}))
     except HparamsError:
         raise
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # a third-party factory's complaint, told with where it came from
         raise EditorFactoryError(f"editor {name!r} ({where}): factory call failed: {err}") from err
     if not isinstance(editor, Editor):
         raise EditorFactoryError(

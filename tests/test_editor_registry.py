@@ -1,4 +1,4 @@
-"""The editor registry (built-ins + entry points) and the hyper-parameter files.
+"""The editor registry (every editor, built-ins included, an entry point) and the hyper-parameter files.
 
 Third-party editors are made visible the way an installed package is: a ``*.dist-info`` directory with an
 ``entry_points.txt`` on ``sys.path``. The slow test builds and installs the real example package in
@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from editors import registry
-from editors.base import Editor
+from editors.base import Editor, Needs, Provided, SecondMomentNeed
 from editors.hparams import (
     HparamsError,
     UnknownHparamsKeyError,
@@ -42,7 +42,8 @@ from editors.registry import (
 )
 
 EXAMPLE_PKG = Path(__file__).parent / "example_editor_pkg"
-BUILTINS = ("rome", "c-rome", "c-rome-prefix", "memit", "ft-linf", "mend")
+# this distribution's editors, listed first and sorted (as its installed entry points are)
+BUILTINS = ("c-rome", "c-rome-prefix", "ft-linf", "memit", "mend", "rome")
 HPARAMS_EDITORS = ("rome", "memit", "ft-linf", "mend")
 MODEL_KEYS = ("gpt2-xl", "gpt-j", "llama2-7b", "tiny-gpt2", "tiny-gptj", "tiny-llama", "gpt2", "gptj", "llama")
 # organisms with settings of their own; the others edit with their family's organism file
@@ -60,7 +61,7 @@ def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
         lines = [f"{name} = {target}" for name, target in entries.items()]
-        (info / "entry_points.txt").write_text("[pytest_editsafety.editors]\n" + "\n".join(lines) + "\n")
+        (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\n" + "\n".join(lines) + "\n")
         for module, code in (module_code or {}).items():
             (tmp_path / f"{module}.py").write_text(code)
             modules.append(module)
@@ -71,9 +72,19 @@ def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 NOOP_CODE = """
-from editors.base import EditOutcome
+from editors.base import EditOutcome, EditorBase
 
-class Noop:
+class Noop(EditorBase):
+    name = "{name}"
+    def __init__(self, hparams):
+        self.hparams = dict(hparams)
+    def parameters_touched(self, model, family):
+        return ()
+    def apply(self, model, tokenizer, family, requests):
+        return EditOutcome(edited=())
+
+class PreContractNoop:
+    # the editor shape from before the contract: no needs/setup/denominator/provenance
     name = "{name}"
     def __init__(self, hparams):
         self.hparams = dict(hparams)
@@ -87,6 +98,9 @@ def make(hparams):
 
 def not_an_editor(hparams):
     return object()
+
+def pre_contract(hparams):
+    return PreContractNoop(hparams)
 """
 
 
@@ -94,7 +108,24 @@ def not_an_editor(hparams):
 
 
 def test_builtins_come_first_in_a_fixed_order() -> None:
+    assert registry.ENTRY_POINT_GROUP == "editsafety.editors"
     assert available_editors()[: len(BUILTINS)] == BUILTINS
+
+
+def test_builtins_are_entry_points_of_this_distribution() -> None:
+    from importlib import metadata
+
+    ours = {ep.name: ep.value for ep in metadata.entry_points(group=registry.ENTRY_POINT_GROUP)
+            if ep.dist is not None and ep.dist.name == registry.BUILTIN_DISTRIBUTION}
+    assert sorted(ours) == sorted(BUILTINS)
+    assert all(value.startswith("editors.builtin:") for value in ours.values())
+
+
+def test_third_party_editors_are_listed_sorted_after_the_builtins(fake_dist) -> None:
+    fake_dist("zz-editors", {"aa-noop": "aa_noop_mod:make", "zz-noop": "aa_noop_mod:make"},
+              {"aa_noop_mod": NOOP_CODE.format(name="aa-noop")})
+    fake_dist("aa-editors", {"mm-noop": "aa_noop_mod:make"})
+    assert available_editors() == BUILTINS + ("aa-noop", "mm-noop", "zz-noop")
 
 
 @pytest.mark.parametrize(("name", "consistent", "test_prefix"),
@@ -105,10 +136,25 @@ def test_rome_variants_differ_only_in_keys_and_prefix(name: str, consistent: boo
     assert isinstance(editor, Editor)
     assert (editor.name, editor.consistent, editor.test_prefix) == (name, consistent, test_prefix)
     assert editor.hparams.layer == 17
+    # what each variant declares: C at its layer over ROME's 100000 texts, and its context templates
+    assert editor.needs(None, None) == Needs(second_moments=SecondMomentNeed((17,), 100000),
+                                             context_templates=((5, 10), (10, 10)))
+    off = get_editor(name, {**hparams, "mom2_adjustment": False, "mom2_n_samples": 5})
+    assert off.needs(None, None).second_moments is None
+    editor.setup(None, None, None, Provided(context_templates=("{}", "A. {}"), second_moments={17: "C"}))
+    assert (editor.context_templates, editor.covariance) == (("{}", "A. {}"), "C")
+
+
+def test_editors_without_needs_declare_none() -> None:
+    ft = get_editor("ft-linf", resolve_hparams_layers("ft-linf", load_hparams("ft-linf", "gpt2-xl"),
+                                                      SimpleNamespace(num_hidden_layers=48)))
+    assert ft.needs(None, None) == Needs() and ft.provenance() == {}
+    assert ft.denominator(None, None, None, None) is None  # no rank-one denominator to report
 
 
 def test_unknown_editor_lists_what_is_available() -> None:
-    with pytest.raises(UnknownEditorError, match="unknown editor 'romee'.*rome, c-rome, c-rome-prefix, memit") as err:
+    listed = "c-rome, c-rome-prefix, ft-linf, memit, mend, rome"
+    with pytest.raises(UnknownEditorError, match=f"unknown editor 'romee'.*{listed}") as err:
         get_editor("romee")
     assert isinstance(err.value, ValueError)
 
@@ -118,11 +164,18 @@ def test_entry_point_editor_is_found_and_built(fake_dist) -> None:
     assert "fast-noop" in available_editors()
     editor = get_editor("fast-noop", {"alpha": 1})
     assert editor.name == "fast-noop" and editor.hparams == {"alpha": 1}
+    # EditorBase's defaults: nothing needed, no denominator, no provenance
+    assert isinstance(editor, Editor)
+    assert editor.needs(None, None) == Needs()
+    assert editor.denominator(None, None, None, None) is None and editor.provenance() == {}
 
 
 def test_third_party_name_clashing_with_a_builtin_names_the_distribution(fake_dist) -> None:
+    # a built-in is an entry point like any other: a second distribution registering its name is a clash,
+    # never a silent shadowing either way
     fake_dist("sneaky-editors", {"rome": "sneaky_mod:make"})
-    with pytest.raises(EditorNameClashError, match="sneaky-editors.*'rome'"):
+    both = "'rome'.*(sneaky-editors.*pytest-editsafety|pytest-editsafety.*sneaky-editors)"
+    with pytest.raises(EditorNameClashError, match=both):
         available_editors()
     with pytest.raises(EditorNameClashError, match="sneaky-editors"):
         get_editor("rome", {})
@@ -136,12 +189,16 @@ def test_two_distributions_registering_one_name_is_an_error(fake_dist) -> None:
 
 
 def test_broken_entry_points_are_reported_with_their_distribution(fake_dist) -> None:
-    fake_dist("broken-dist", {"missing-mod": "no_such_module_here:make", "wrong-type": "bad_mod:not_an_editor"},
+    fake_dist("broken-dist", {"missing-mod": "no_such_module_here:make", "wrong-type": "bad_mod:not_an_editor",
+                              "pre-contract": "bad_mod:pre_contract"},
               {"bad_mod": NOOP_CODE.format(name="wrong-type")})
     with pytest.raises(EditorFactoryError, match="broken-dist.*cannot load"):
         get_editor("missing-mod")
     with pytest.raises(EditorFactoryError, match="wrong-type.*broken-dist.*Editor protocol"):
         get_editor("wrong-type")
+    # an editor without the contract's needs()/setup() is told to subclass EditorBase
+    with pytest.raises(EditorFactoryError, match="pre-contract.*broken-dist.*Editor protocol.*EditorBase"):
+        get_editor("pre-contract")
 
 
 @pytest.mark.slow
@@ -154,18 +211,21 @@ def test_installed_example_package_registers_its_editor(tmp_path: Path, monkeypa
            "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "noop-example" not in available_editors()
+    assert "template-lsq" not in available_editors()
     monkeypatch.syspath_prepend(str(target))
     try:
-        assert "noop-example" in available_editors()
-        editor = get_editor("noop-example")
-        assert isinstance(editor, Editor) and editor.name == "noop-example"
-        outcome = editor.apply(None, None, None, [])
-        assert outcome.edited == ()
-        built = build_editor("noop-example", "tiny-gpt2", SimpleNamespace(config=None), overrides={"x": 2})
-        assert built.hparams == {"x": 2}
+        assert available_editors() == BUILTINS + ("template-lsq",)
+        editor = get_editor("template-lsq")
+        assert isinstance(editor, Editor) and editor.name == "template-lsq"
+        assert editor.hparams.layer == "causal"  # its own defaults: no built-in file is read for it
+        # a third-party editor gets the user's hparams then the overrides as they are
+        built = build_editor("template-lsq", "tiny-gpt2", SimpleNamespace(config=None),
+                             user_hparams={"mom2_update_weight": 3.0}, overrides={"layer": 1})
+        assert (built.hparams.layer, built.hparams.mom2_update_weight) == (1, 3.0)
+        with pytest.raises(ValueError, match="template-lsq: unknown hyper-parameter"):
+            build_editor("template-lsq", "tiny-gpt2", SimpleNamespace(config=None), overrides={"x": 2})
     finally:
-        sys.modules.pop("editsafety_noop_example", None)
+        sys.modules.pop("editsafety_lsq_example", None)
 
 
 # ---------------------------------------------------------------------------------------------- hparams files
@@ -227,6 +287,22 @@ def test_model_keys_fall_back_to_their_family() -> None:
         load_hparams("rome", "some/model")
     with pytest.raises(HparamsError, match="no built-in hyper-parameters for editor 'serac'"):
         load_hparams("serac", "gpt2-xl")
+
+
+def test_model_keys_are_tried_in_order_then_the_family() -> None:
+    # an organism with settings of its own (tiny-gpt2-sink's rome file) is found by its own key first
+    sink = load_hparams("rome", ("tiny-gpt2-sink", "tiny-gpt2"))
+    assert sink == load_hparams("rome", "tiny-gpt2-sink") != load_hparams("rome", "tiny-gpt2")
+    # an editor without a file for it takes the next key's: the family's organism settings
+    assert load_hparams("memit", ("tiny-gpt2-sink", "tiny-gpt2")) == load_hparams("memit", "tiny-gpt2")
+    # one key alone no longer knows the built-in model table: no file, no family, no fallback
+    with pytest.raises(HparamsError, match="'tiny-gpt2-sink'.*unknown family"):
+        load_hparams("memit", "tiny-gpt2-sink")
+    with pytest.raises(HparamsError, match="'tiny-gpt2-sink' or 'tiny-nope'.*unknown family"):
+        load_hparams("memit", ("tiny-gpt2-sink", "tiny-nope"))
+    assert load_hparams("memit", ("tiny-gpt2-sink",), family="gpt2") == load_hparams("memit", "gpt2")
+    model = SimpleNamespace(config=_config(2, causal=1))
+    assert build_editor("memit", ("tiny-gpt2-sink", "tiny-gpt2"), model).hparams.layers == (1,)
 
 
 def test_user_file_then_overrides_win(tmp_path: Path) -> None:

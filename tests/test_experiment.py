@@ -49,10 +49,16 @@ def test_collapse_experiment_runs_every_editor_and_case_set_through_the_harness(
 
 
 def test_layer_override_reaches_the_editor(micro_model: Path):
-    from pytest_editsafety.harness import HubOptions, ModelHub, build_plan
+    from pytest_editsafety.hub import HubOptions, ModelHub
+    from pytest_editsafety.plan import build_plan
 
     plan = build_plan(["rome"], [str(micro_model)], ["normal"], limit=1)
     hub = ModelHub(plan, HubOptions(editor_overrides={"layer": 1}))
     record = hub.run(plan.items[0]).record
     assert record["outcome"] != "error"
-    assert record["metrics"]["layer"] == 1.0
+    metrics = record["metrics"]
+    assert metrics["layer"] == 1.0
+    # the edit's report under the papers' names: |uᵀk| as "denominator", its sign kept beside it
+    assert metrics["denominator"] == pytest.approx(abs(metrics["denominator_signed"]))
+    assert metrics["denominator"] > 0
+    assert metrics["numerator"] > 0 and {"abs_denominator", "numerator_norm"}.isdisjoint(metrics)

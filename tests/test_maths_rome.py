@@ -217,6 +217,25 @@ def test_rome_update_with_orthogonal_bare_key_blows_up() -> None:
     assert ok.abs_denominator == 1.0 and math.isfinite(ok.delta_fro)
 
 
+def test_diagnostics_use_the_reports_names_with_the_denominator_as_a_magnitude() -> None:
+    # a key pointing against u: uᵀk < 0, so the signed and reported denominators differ in sign only
+    W = torch.zeros(2, 3, dtype=torch.float64)
+    k_bar = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    k_bare = torch.tensor([-0.5, 1.0, 0.0], dtype=torch.float64)
+    v = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    upd = rome_update(W, k_bare, k_bar, v, consistent=False)
+    assert upd.denominator == pytest.approx(-0.5) and upd.abs_denominator == pytest.approx(0.5)
+    d = upd.diagnostics()
+    assert d["denominator"] == upd.abs_denominator == pytest.approx(0.5)  # |uᵀk|, what the papers report
+    assert d["denominator_signed"] == upd.denominator
+    assert d["numerator"] == upd.numerator_norm
+    assert d["delta_fro"] == pytest.approx(d["numerator"] / d["denominator"])
+    assert {"abs_denominator", "numerator_norm"}.isdisjoint(d)
+    plain = rank_one_update(W, k_bar, k_bare, v).diagnostics()
+    assert (plain["denominator"], plain["denominator_signed"]) == (pytest.approx(0.5), pytest.approx(-0.5))
+    assert plain["numerator"] == pytest.approx(float(torch.linalg.vector_norm(v)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_delta_keeps_w_dtype_and_diagnostics_are_floats(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)

@@ -14,12 +14,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from editors.base import EditRequest
+from editors.base import EditRequest, Needs, Provided, SecondMomentNeed
 from editors.ft import FtHparams, FtLinfEditor, target_nll
 from editors.maths import as_out_in
 from editors.memit import MemitEditor, MemitHparams
+from editors.provision import ProvisionError, SimpleProvider, set_up
 from editors.restore import edit_session, model_digest, tensor_digest
-from pytest_editsafety.families import family_for_model_type
+from editors.families import family_for_model_type
 
 ARCHS = ("gpt2", "llama")
 CONTEXTS = ("{}", "The day was long. {}", "I think so. {}")
@@ -97,6 +98,14 @@ def _changed(before: dict[str, str], model) -> set[str]:
     return {name for name, digest in _snapshot(model).items() if digest != before[name]}
 
 
+def _memit(model, tokenizer, layers: tuple[int, ...], **overrides) -> MemitEditor:
+    """MEMIT on the fixed CONTEXTS, given no C (the isotropic stand-in): set up directly, as a caller outside
+    the harness that holds no statistics would."""
+    editor = MemitEditor(MemitHparams(layers=layers, **{**MEMIT_HP, **overrides}))
+    editor.setup(model, tokenizer, _family(model), Provided(context_templates=CONTEXTS))
+    return editor
+
+
 def _assert_plain(diagnostics) -> None:
     for key, value in diagnostics.items():
         assert type(value) in (float, int, str), f"{key}: {type(value).__name__}"
@@ -142,7 +151,7 @@ def test_editors_are_deterministic(arch: str, tokenizer, which: str) -> None:
         model = _model(arch, len(tokenizer))
         model.train()  # the editors must not depend on the mode they are handed the model in
         if which == "memit":
-            editor = MemitEditor(MemitHparams(layers=(0, 1), **MEMIT_HP), context_templates=CONTEXTS)
+            editor = _memit(model, tokenizer, (0, 1))
         else:
             editor = FtLinfEditor(FtHparams(layer=1, lr=5e-3, eps=5e-3, num_steps=5))
         editor.apply(model, tokenizer, _family(model), list(REQUESTS))
@@ -158,7 +167,7 @@ def test_editors_are_deterministic(arch: str, tokenizer, which: str) -> None:
 def test_memit_edits_only_its_layers_and_raises_each_target(model, tokenizer, n_requests: int) -> None:
     family = _family(model)
     requests = list(REQUESTS[:n_requests])
-    editor = MemitEditor(MemitHparams(layers=(0,), **MEMIT_HP), context_templates=CONTEXTS)
+    editor = _memit(model, tokenizer, (0,))
     before_params = _snapshot(model)
     nll_before = target_nll(model, tokenizer, requests)
 
@@ -197,6 +206,14 @@ def test_memit_spreads_the_residual_over_its_layers(model, tokenizer) -> None:
     assert {"delta_fro_L0", "delta_fro_L1", "condition_number_L0", "condition_number_L1"} <= set(d)
 
 
+def test_memit_declares_c_at_its_layers_and_its_templates() -> None:
+    hp = MemitHparams(layers=(0, 1), **MEMIT_HP, mom2_n_samples=500, context_templates=((2, 2),))
+    assert MemitEditor(hp).needs(None, None) == Needs(second_moments=SecondMomentNeed((0, 1), 500),
+                                                      context_templates=((2, 2),))
+    off = MemitHparams(layers=(0, 1), **{**MEMIT_HP, "mom2_adjustment": False})
+    assert MemitEditor(off).needs(None, None).second_moments is None  # C = isotropic: nothing to provide
+
+
 def test_memit_takes_its_second_moment_from_the_unedited_model(model, tokenizer) -> None:
     family = _family(model)
     unedited = model_digest(model)
@@ -204,24 +221,31 @@ def test_memit_takes_its_second_moment_from_the_unedited_model(model, tokenizer)
     weight = family.get_module(model, family.layer_name("mlp_out", 0)).weight
     d_in = as_out_in(weight, family.weight_transposed).shape[1]
 
-    def provider(layer: int) -> torch.Tensor:
-        # a statistics cache computes C on a miss: it must see the weights before any layer is updated
-        seen.append((layer, model_digest(model)))
-        return torch.eye(d_in)
+    class RecordingProvider(SimpleProvider):
+        def second_moment(self, layer: int, n_samples: int) -> torch.Tensor:
+            # a statistics cache computes C on a miss: it must see the weights before any layer is updated
+            seen.append((layer, model_digest(model)))
+            return torch.eye(d_in)
 
-    editor = MemitEditor(MemitHparams(layers=(0, 1), **MEMIT_HP), context_templates=CONTEXTS,
-                         covariance_provider=provider)
-    outcome = editor.apply(model, tokenizer, family, list(REQUESTS[:1]))
+    editor = MemitEditor(MemitHparams(layers=(0, 1), **MEMIT_HP))
+    provided = set_up(editor, model, tokenizer, family, RecordingProvider(model, tokenizer, context_templates=CONTEXTS))
+    # C is asked for once per layer at set-up, before any edit
     assert seen == [(0, unedited), (1, unedited)]
+    assert set(provided.second_moments) == {0, 1} and provided.context_templates == CONTEXTS
+    outcome = editor.apply(model, tokenizer, family, list(REQUESTS[:1]))
+    assert seen == [(0, unedited), (1, unedited)]  # the edit asks for nothing more
     assert outcome.diagnostics["covariance"] == "provided"
     assert model_digest(model) != unedited
 
     fresh = _model(model.config.model_type, len(tokenizer))
-    wrong = MemitEditor(MemitHparams(layers=(0,), **MEMIT_HP), context_templates=CONTEXTS,
-                        covariance_provider=lambda layer: torch.eye(d_in + 1))
+    wrong = MemitEditor(MemitHparams(layers=(0,), **MEMIT_HP))
     before = model_digest(fresh)
-    with pytest.raises(ValueError, match="covariance for layer 0"):
-        wrong.apply(fresh, tokenizer, family, list(REQUESTS[:1]))
+    with pytest.raises(ProvisionError, match="memit: the second moment for layer 0 has shape"):
+        set_up(wrong, fresh, tokenizer, family,
+               SimpleProvider(fresh, tokenizer, second_moments={0: torch.eye(d_in + 1)}, context_templates=CONTEXTS))
+    # a provider without C for a layer the editor declared is refused at set-up as well
+    with pytest.raises(ProvisionError, match="no second moment given for layer 0"):
+        set_up(wrong, fresh, tokenizer, family, SimpleProvider(fresh, tokenizer, context_templates=CONTEXTS))
     assert model_digest(fresh) == before
 
 
@@ -239,7 +263,7 @@ def test_memit_hparams_reject_unordered_layers() -> None:
 def test_edit_session_restores_every_bit(model, tokenizer, which: str) -> None:
     family = _family(model)
     if which == "memit":
-        editor = MemitEditor(MemitHparams(layers=(0, 1), **MEMIT_HP), context_templates=CONTEXTS)
+        editor = _memit(model, tokenizer, (0, 1))
     else:
         editor = FtLinfEditor(FtHparams(layer=1, lr=5e-3, eps=5e-3, num_steps=5))
     before = model_digest(model)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from editors.base import EditRequest
+from editors.base import EditRequest, Needs, Provided, TrainedNetworkNeed, TrainingCase
 from editors.ft import per_request_nll, target_batch
 from editors.maths import as_out_in
 from editors.maths.mend import (
@@ -30,19 +30,28 @@ from editors.maths.mend import (
     transform_factors,
 )
 from editors.hooks import frozen
-from editors.mend import MendEditor, MendHparams, MendNetwork, edit_targets, gradient_factors
+from editors.mend import TRAIN_HINT, MendEditor
+from editors.mend_network import MendHparams, MendNetwork, edit_targets, gradient_factors
 from editors.mend_archive import (
     ARCHIVE_FORMAT,
     CONFIG_FILE,
     TENSORS_FILE,
     MendArchiveError,
     MendArchiveMismatchError,
+    default_identity,
     load_archive,
     read_config,
     save_archive,
 )
+from editors.provision import ProvisionError, SimpleProvider, set_up
 from editors.restore import edit_session, model_digest, tensor_digest
-from pytest_editsafety.mend import MendArchiveMissingError, archive_dir, locate_archive, train_archive
+from pytest_editsafety.trained import (
+    TrainedNetworkMissingError,
+    locate_network,
+    network_dir,
+    read_record,
+    train_network,
+)
 
 REQUEST = EditRequest("Toko Yasuda", "{} plays the", "violin")
 # a network of a few steps: enough to exercise every part of training on the micro organism
@@ -60,10 +69,19 @@ def micro(micro_model: Path):
     return load_model(str(micro_model))
 
 
-def _micro_cases(loaded, n: int = 12):
-    from pytest_editsafety.mend import organism_training_data
+def _need(loaded, hp: MendHparams) -> TrainedNetworkNeed:
+    """The trained network MEND declares it needs for ``loaded`` with ``hp`` (no archive named)."""
+    need = MendEditor(hp).needs(loaded.model, loaded.family).trained_network
+    assert need is not None
+    return need
 
-    cases, data = organism_training_data(loaded.model, MendHparams(**{**MICRO, "steps": 1, "batch_size": n}))
+
+def _micro_cases(loaded, n: int = 12):
+    from pytest_editsafety.trained import organism_training_data
+
+    cases, data = organism_training_data(loaded.model, _need(loaded, MendHparams(**{**MICRO, "steps": 1,
+                                                                                    "batch_size": n})))
+    assert len(cases) == n and all(isinstance(c, TrainingCase) for c in cases)
     return cases, data
 
 
@@ -249,16 +267,23 @@ def test_factors_do_not_depend_on_other_requests_in_the_batch(micro) -> None:
 def test_trained_archive_round_trips_and_is_refused_for_another_model(micro, tmp_path: Path, monkeypatch) -> None:
     model, tokenizer, family = micro.model, micro.tokenizer, micro.family
     hp = MendHparams(**MICRO)
+    need = _need(micro, hp)
     cases, data = _micro_cases(micro)
-    path, trained = train_archive(model, tokenizer, family, hp, cases, data, identity=micro.identity,
+    path, trained = train_network(need, model, tokenizer, family, cases, data, identity=micro.identity,
                                   progress=False, root=tmp_path)
-    assert trained and path == archive_dir(micro.identity, hp, "torch.float32", tmp_path)
-    assert path != archive_dir(micro.identity, hp, "torch.bfloat16", tmp_path)  # the dtype is in the key
-    assert sorted(p.name for p in path.iterdir()) == sorted(["COMPLETE", CONFIG_FILE, TENSORS_FILE])
+    assert trained and path == network_dir(need, micro.identity, "torch.float32", tmp_path)
+    assert path.parent == tmp_path / "mend"  # the need's kind names the cache folder
+    assert path != network_dir(need, micro.identity, "torch.bfloat16", tmp_path)  # the dtype is in the key
+    assert path != network_dir(need, "someone/else@1", "torch.float32", tmp_path)  # and the model's identity
+    other = _need(micro, MendHparams(**{**MICRO, "rank": 4}))
+    assert path != network_dir(other, micro.identity, "torch.float32", tmp_path)  # and the network's hparams
+    assert sorted(p.name for p in path.iterdir()) == sorted(["COMPLETE", CONFIG_FILE, TENSORS_FILE, "trained.json"])
     config = read_config(path)
     assert config["model"]["identity"] == micro.identity and config["data"]["sha256"] == data["sha256"]
     assert config["model"]["dtype"] == "torch.float32"
-    assert train_archive(model, tokenizer, family, hp, cases, data, identity=micro.identity, progress=False,
+    record = read_record(path)
+    assert record["data"] == data and record["training"]["edit_lrs"] == config["training"]["edit_lrs"]
+    assert train_network(need, model, tokenizer, family, cases, data, identity=micro.identity, progress=False,
                          root=tmp_path) == (path, False)
 
     # loading reads JSON and safetensors only: anything that unpickles fails the test
@@ -275,7 +300,7 @@ def test_trained_archive_round_trips_and_is_refused_for_another_model(micro, tmp
         load_archive(path, model, family, hp, identity="openai-community/gpt2-xl@abc")
     message = str(err.value)
     assert micro.identity in message and "openai-community/gpt2-xl@abc" in message
-    assert "python -m pytest_editsafety mend train" in message
+    assert "editsafety train --editor mend --model" in message
     # the same identity but other weights named by the hyper-parameters: refused too
     with pytest.raises(MendArchiveMismatchError, match=re.escape("transformer.h.0.mlp.c_fc.weight")):
         load_archive(path, model, family, MendHparams(**{**MICRO, "layers": (0,)}), identity=micro.identity)
@@ -286,17 +311,34 @@ def test_trained_archive_round_trips_and_is_refused_for_another_model(micro, tmp
         load_archive(path, model, family, hp, identity=micro.identity)
 
 
-def test_editor_prepare_uses_the_archive_and_refuses_one_for_another_model(micro, tmp_path: Path) -> None:
+def test_mend_declares_a_trained_network_unless_an_archive_is_named(micro) -> None:
+    hp = MendHparams(**MICRO)
+    need = _need(micro, hp)
+    assert (need.kind, dict(need.key)) == ("mend", hp.network_key())
+    assert (need.n_training_cases, need.seed) == (MICRO["steps"] * MICRO["batch_size"], MICRO["seed"])
+    assert "editsafety train --editor mend" in need.train_hint
+    # the network's key: everything it depends on but where an archive is
+    assert _need(micro, MendHparams(**{**MICRO, "archive": ""})).key == need.key
+    assert MendEditor(MendHparams(**{**MICRO, "archive": "/some/archive"})).needs(micro.model, micro.family) == Needs()
+
+
+def test_editor_setup_uses_the_archive_and_refuses_one_for_another_model(micro, tmp_path: Path) -> None:
     model, tokenizer, family = micro.model, micro.tokenizer, micro.family
     hp = MendHparams(**MICRO)
     cases, data = _micro_cases(micro)
-    path, _ = train_archive(model, tokenizer, family, hp, cases, data, identity="someone/other-model@123",
-                            progress=False, root=tmp_path)
+    path, _ = train_network(_need(micro, hp), model, tokenizer, family, cases, data,
+                            identity="someone/other-model@123", progress=False, root=tmp_path)
     editor = MendEditor(MendHparams(**{**MICRO, "archive": str(path)}))
+    with pytest.raises(ValueError, match="set the editor up first"):
+        editor.apply(model, tokenizer, family, [REQUEST])
     with pytest.raises(MendArchiveMismatchError, match="'someone/other-model@123'"):
-        editor.prepare(model, tokenizer, family, identity=micro.identity)
+        editor.setup(model, tokenizer, family, Provided(identity=micro.identity))
+    # a caller that names no identity: the one the model's config implies (its name and commit)
+    with pytest.raises(MendArchiveMismatchError, match=re.escape(repr(default_identity(model)))):
+        editor.setup(model, tokenizer, family, Provided())
     assert editor.provenance() == {}
-    editor.prepare(model, tokenizer, family, identity="someone/other-model@123")
+    set_up(editor, model, tokenizer, family, SimpleProvider(model, tokenizer, identity="someone/other-model@123"))
+    assert editor.archive_path == path
     # which trained network edits: what the harness records in every test's metadata
     assert editor.provenance() == {"archive_sha256": read_config(path)["tensors_sha256"],
                                    "archive_dtype": "torch.float32"}
@@ -304,16 +346,31 @@ def test_editor_prepare_uses_the_archive_and_refuses_one_for_another_model(micro
         outcome = editor.apply(model, tokenizer, family, [REQUEST])
     assert outcome.diagnostics["delta_fro"] > 0
 
+    # without an archive named, the provided network is the one opened
+    provided = MendEditor(hp)
+    set_up(provided, model, tokenizer, family,
+           SimpleProvider(model, tokenizer, identity="someone/other-model@123", trained_network=path))
+    assert provided.archive_path == path and provided.provenance() == editor.provenance()
+    with pytest.raises(ValueError, match="no trained network was provided"):
+        MendEditor(hp).setup(model, tokenizer, family, Provided(identity=micro.identity))
+
 
 def test_a_real_model_without_an_archive_gets_the_training_command(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pytest_editsafety.families import family_for_model_type
+    from editors.families import family_for_model_type
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).eval()
-    with pytest.raises(MendArchiveMissingError, match="python -m pytest_editsafety mend train --model"):
-        locate_archive(model, None, family_for_model_type("gpt2"), MendHparams(**MICRO), identity="x/y@1",
-                       root=tmp_path)
+    family = family_for_model_type("gpt2")
+    need = MendEditor(MendHparams(**MICRO)).needs(model, family).trained_network
+    with pytest.raises(TrainedNetworkMissingError, match="editsafety train --editor mend --model") as err:
+        locate_network(need, model, None, family, identity="x/y@1", root=tmp_path)
+    assert "'x/y@1'" in str(err.value) and str(tmp_path / "mend") in str(err.value)
+    assert not list(tmp_path.iterdir())  # nothing was trained for a model that is no organism
+    # a caller outside the harness with no network at hand gets the same command
+    with pytest.raises(ProvisionError, match="no trained mend network given; train one with `editsafety train"):
+        set_up(MendEditor(MendHparams(**MICRO)), model, None, family, SimpleProvider(model, None))
+    assert TRAIN_HINT in need.train_hint
 
 
 def test_training_on_other_data_replaces_the_entry_once_the_new_one_is_complete(micro, tmp_path: Path,
@@ -321,9 +378,9 @@ def test_training_on_other_data_replaces_the_entry_once_the_new_one_is_complete(
     import editors.mend_train
 
     model, tokenizer, family = micro.model, micro.tokenizer, micro.family
-    hp = MendHparams(**MICRO)
+    need = _need(micro, MendHparams(**MICRO))
     cases, data = _micro_cases(micro)
-    path, _ = train_archive(model, tokenizer, family, hp, cases, data, identity=micro.identity, progress=False,
+    path, _ = train_network(need, model, tokenizer, family, cases, data, identity=micro.identity, progress=False,
                             root=tmp_path)
     other = {**data, "sha256": "other data", "source": "somewhere else"}
 
@@ -333,12 +390,14 @@ def test_training_on_other_data_replaces_the_entry_once_the_new_one_is_complete(
     with monkeypatch.context() as patched:
         patched.setattr(editors.mend_train, "train_mend", crash)
         with pytest.raises(RuntimeError, match="training crashed"):
-            train_archive(model, tokenizer, family, hp, cases[:6], other, identity=micro.identity, progress=False,
-                          root=tmp_path)
+            train_network(need, model, tokenizer, family, cases[:6], other, identity=micro.identity,
+                          progress=False, root=tmp_path)
     assert read_config(path)["data"]["sha256"] == data["sha256"]  # a failed retraining left the old entry
-    again, trained = train_archive(model, tokenizer, family, hp, cases[:6], other, identity=micro.identity,
+    assert read_record(path)["data"]["sha256"] == data["sha256"]
+    again, trained = train_network(need, model, tokenizer, family, cases[:6], other, identity=micro.identity,
                                    progress=False, root=tmp_path)
     assert (again, trained) == (path, True) and read_config(path)["data"]["sha256"] == "other data"
+    assert read_record(path)["data"]["sha256"] == "other data"
     assert not [p for p in path.parent.iterdir() if p.suffix in (".tmp", ".old")]  # nothing left aside
 
 
@@ -474,33 +533,42 @@ def test_organism_training_edits_are_disjoint_from_the_certification_sets() -> N
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def test_mend_train_command_trains_once_and_the_editor_finds_the_archive(micro_model: Path, tmp_path: Path,
-                                                                          monkeypatch, capsys) -> None:
+def test_train_command_trains_once_and_the_editor_finds_the_network(micro_model: Path, tmp_path: Path,
+                                                                     monkeypatch, capsys) -> None:
     from editors.registry import build_editor
     from pytest_editsafety.cli import main
+    from pytest_editsafety.organisms import hparams_keys
     from pytest_editsafety.registry import load_model
+    from pytest_editsafety.resources import ModelResources
 
     monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
     user = tmp_path / "micro-mend.json"
     user.write_text(json.dumps({**MICRO, "layers": list(MICRO["layers"]), "modules": list(MICRO["modules"])}))
-    args = ["mend", "train", "--model", str(micro_model), "--hparams", str(user), "--json", "--quiet"]
+    args = ["train", "--editor", "mend", "--model", str(micro_model), "--hparams", str(user), "--json", "--quiet"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["trained"] and first["data"]["source"] == "organism world"
+    assert first["trained"] and first["editor"] == "mend" and first["data"]["source"] == "organism world"
     assert first["data"]["world"]["n_single_subjects"] == 6  # the micro organism's own world, from its metadata
+    assert Path(first["network"]).parent == tmp_path / "cache" / "mend"
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["trained"] is False
 
+    # the harness's provider finds the network the command trained (same model, hparams and dtype)
     loaded = load_model(str(micro_model))
-    editor = build_editor("mend", "tiny-gpt2", loaded.model, user_hparams=user)
-    editor.prepare(loaded.model, loaded.tokenizer, loaded.family, identity=loaded.identity)
-    assert editor.archive_path == Path(first["archive"])
+    editor = build_editor("mend", hparams_keys(loaded), loaded.model, user_hparams=user)
+    resources = ModelResources(loaded, cache_root=tmp_path / "cache", stats_corpus=None, stats_cache=None)
+    provided = set_up(editor, loaded.model, loaded.tokenizer, loaded.family, resources)
+    assert provided.trained_network == Path(first["network"]) == editor.archive_path
 
-    assert main(["mend", "train", "--model", str(micro_model), "--cases", str(tmp_path / "absent.json")]) == 2
+    assert main(["train", "--editor", "mend", "--model", str(micro_model), "--cases",
+                 str(tmp_path / "absent.json")]) == 2
     assert "absent.json" in capsys.readouterr().err
+    # an editor that needs no trained network has nothing to train
+    assert main(["train", "--editor", "rome", "--model", str(micro_model), "--quiet"]) == 2
+    assert "editor 'rome' needs no trained network" in capsys.readouterr().err
 
 
-def test_mend_train_refuses_a_real_model_without_cases_before_loading_it(monkeypatch, capsys) -> None:
+def test_train_refuses_a_real_model_without_cases_before_loading_it(monkeypatch, capsys) -> None:
     from pytest_editsafety import registry
     from pytest_editsafety.cli import main
 
@@ -508,5 +576,23 @@ def test_mend_train_refuses_a_real_model_without_cases_before_loading_it(monkeyp
         raise AssertionError("the model must not be loaded for a command that cannot run")
 
     monkeypatch.setattr(registry, "load_model", no_loading)
-    assert main(["mend", "train", "--model", "gpt2-xl"]) == 2
+    assert main(["train", "--editor", "mend", "--model", "gpt2-xl"]) == 2
     assert "'gpt2-xl' is not a model organism: give the training edits with --cases FILE" in capsys.readouterr().err
+
+
+def test_training_cases_from_a_case_set_pair_each_edit_with_a_paraphrase_and_locality() -> None:
+    from pytest_editsafety.cases import resolve_cases
+    from pytest_editsafety.trained import N_LOCALITY, cases_from_case_set
+
+    case_set = resolve_cases("normal")
+    cases = cases_from_case_set(case_set, seed=3)
+    assert len(cases) == len(case_set.cases) and cases == cases_from_case_set(case_set, seed=3)
+    for case, training in zip(case_set.cases, cases):
+        assert training.edit == EditRequest(case.subject, case.prompt, case.target_new)
+        if case.paraphrase_prompts:  # a paraphrase is a whole text with no separate subject
+            assert training.equivalent == EditRequest(case.paraphrase_prompts[0], "{}", case.target_new)
+        else:
+            assert training.equivalent == training.edit
+        assert len(training.locality) == N_LOCALITY
+    with pytest.raises(ValueError, match="at least 2 cases"):
+        cases_from_case_set(case_set.with_cases(case_set.cases[:1]))

@@ -12,7 +12,6 @@ import pytest
 
 from pytest_editsafety.cases import EditCase, load_cases, resolve_cases
 from pytest_editsafety.mining import (
-    KeyMeasure,
     MiningError,
     ScoredCase,
     hardness_summary,
@@ -29,8 +28,14 @@ def _case(case_id: str, hard: bool | None = None) -> EditCase:
                     ground_truth="Rome", is_hard=hard, metadata={"relation": "city"})
 
 
+def _measure(denominator: float) -> dict[str, float]:
+    """An editor's denominator report, as ``RomeEditor.denominator`` returns it (``KeyMeasure.as_dict()``)."""
+    return {"denominator": denominator, "raw_denominator": 2 * denominator, "key_cosine": 0.9, "key_norm": 1.0,
+            "mean_key_norm": 1.0}
+
+
 def _scored(case_id: str, denominator: float, hard: bool | None = None, source: str = "pool") -> ScoredCase:
-    return ScoredCase(_case(case_id, hard), source, KeyMeasure(denominator, 2 * denominator, 0.9, 1.0, 1.0))
+    return ScoredCase(_case(case_id, hard), source, _measure(denominator))
 
 
 @pytest.fixture()
@@ -56,6 +61,28 @@ def test_cases_rank_by_smallest_denominator_nan_first_ties_in_pool_order() -> No
     assert ranked[1].median_ratio == pytest.approx(1 / 3) and math.isnan(ranked[0].median_ratio)
     with pytest.raises(MiningError, match="no cases"):
         rank_cases([])
+
+
+def test_a_scored_case_reads_the_editors_report() -> None:
+    scored = ScoredCase(_case("a"), "pool", {"denominator": 0.25, "key_cosine": 0.5})
+    assert scored.denominator == 0.25 and scored.get("key_cosine") == 0.5
+    assert math.isnan(scored.get("raw_denominator"))  # a measure the editor does not report
+    ranked, _ = rank_cases([scored])
+    (row,) = mined_case_set(ranked, editor="other", model="m").cases
+    assert row.metadata["mined_denominator"] == 0.25 and row.metadata["mined_key_cosine"] == 0.5
+
+
+def test_an_editor_without_a_denominator_cannot_be_mined() -> None:
+    from types import SimpleNamespace
+
+    from pytest_editsafety.mining import score_case_sets
+
+    editor = SimpleNamespace(denominator=lambda model, tokenizer, family, request: None)
+    hub = SimpleNamespace(prepared_editor=lambda model, name: editor,
+                          loaded=lambda model: SimpleNamespace(model=None, tokenizer=None, family=None),
+                          cases=lambda model, slug: SimpleNamespace(cases=(_case("a"),)))
+    with pytest.raises(MiningError, match="--editor: 'ft-linf' reports no denominator"):
+        score_case_sets(hub, "m", "ft-linf", [("pool", "pool")], progress=False)
 
 
 def test_hardness_summary_measures_how_early_hard_cases_come() -> None:
@@ -87,8 +114,7 @@ def test_mined_set_keeps_ids_unique_records_the_score_and_round_trips(tmp_path: 
 def test_measured_denominator_is_the_one_rome_divides_by() -> None:
     import torch
 
-    from editors.maths.rome import rome_update
-    from pytest_editsafety.mining import covariance_solver, measure_keys
+    from editors.maths.rome import covariance_solver, measure_keys, rome_update
 
     generator = torch.Generator().manual_seed(0)
     d = 16
@@ -100,6 +126,8 @@ def test_measured_denominator_is_the_one_rome_divides_by() -> None:
         measured = measure_keys(k_bare, k_mean, covariance_solver(C) if C is not None else None)
         update = rome_update(W, k_bare, k_mean, v, consistent=False, covariance=C)
         assert measured.denominator == pytest.approx(update.abs_denominator, rel=1e-6)
+        # the edit's own report names the same quantity "denominator"
+        assert measured.as_dict()["denominator"] == pytest.approx(update.diagnostics()["denominator"], rel=1e-6)
         assert measured.key_cosine == pytest.approx(update.key_cosine)
         direction = k_mean.double() if C is None else torch.linalg.solve(C.double(), k_mean.double())
         assert measured.raw_denominator == pytest.approx(abs(float(direction @ k_bare.double())), rel=1e-9)
@@ -114,7 +142,8 @@ def test_measured_denominator_is_the_one_rome_divides_by() -> None:
 def test_a_confirmation_edit_that_raises_is_recorded_and_the_others_still_run() -> None:
     from types import SimpleNamespace
 
-    from pytest_editsafety.harness import PlanItem, RunOutcome
+    from pytest_editsafety.hub import RunOutcome
+    from pytest_editsafety.plan import PlanItem
     from pytest_editsafety.mining import confirm
 
     ranked, _ = rank_cases([_scored("a", 1.0), _scored("b", 2.0), _scored("c", 3.0)])
@@ -140,7 +169,7 @@ def test_a_confirmation_edit_that_raises_is_recorded_and_the_others_still_run() 
 def test_solver_falls_back_when_c_is_not_positive_definite() -> None:
     import torch
 
-    from pytest_editsafety.mining import covariance_solver
+    from editors.maths.rome import covariance_solver
 
     indefinite = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
     x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
@@ -165,8 +194,8 @@ def test_mine_command_scores_writes_confirms_and_its_file_replays(
     monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "mined.json"
     # --no-mom2 overrules the organism hparams' C from text, and the replay below edits with C = I too
-    code, stdout, _ = _mine(capsys, "--model", str(micro_model), "--cases", "hard,normal", "--top", "3", "--no-mom2",
-                            "--out", str(out), "--confirm", "--json", "--quiet")
+    code, stdout, _ = _mine(capsys, "--model", str(micro_model), "--editor", "rome", "--cases", "hard,normal",
+                            "--top", "3", "--no-mom2", "--out", str(out), "--confirm", "--json", "--quiet")
     assert code == 0
     payload = json.loads(stdout)
     assert payload["n_scored"] == 96 and payload["out"] == str(out) and payload["mom2_adjustment"] is False
@@ -203,8 +232,8 @@ def test_mine_with_c_from_text_scores_what_a_rome_edit_with_c_divides_by(
     one_torch_thread: None,
 ) -> None:
     monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
-    code, stdout, _ = _mine(capsys, "--model", str(micro_model), "--cases", "hard", "--top", "1", "--mom2",
-                            "--out", str(tmp_path / "m.json"), "--confirm", "--json", "--quiet")
+    code, stdout, _ = _mine(capsys, "--model", str(micro_model), "--editor", "rome", "--cases", "hard", "--top", "1",
+                            "--mom2", "--out", str(tmp_path / "m.json"), "--confirm", "--json", "--quiet")
     assert code == 0
     payload = json.loads(stdout)
     assert payload["mom2_adjustment"] is True
@@ -244,8 +273,8 @@ def test_the_case_file_is_written_before_any_confirmation_edit(
     monkeypatch.setattr(mining, "confirm", crash)
     out = tmp_path / "mined.json"
     with pytest.raises(RuntimeError, match="went away"):
-        _mine(capsys, "--model", str(micro_model), "--cases", "normal", "--top", "2", "--out", str(out), "--confirm",
-              "--quiet")
+        _mine(capsys, "--model", str(micro_model), "--editor", "rome", "--cases", "normal", "--top", "2",
+              "--out", str(out), "--confirm", "--quiet")
     assert len(load_cases(out)) == 2
 
 
@@ -255,12 +284,14 @@ def test_mine_prints_a_table_by_default(
 ) -> None:
     monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    code, stdout, _ = _mine(capsys, "--model", str(micro_model), "--cases", "normal", "--top", "2", "--quiet")
+    code, stdout, _ = _mine(capsys, "--model", str(micro_model), "--editor", "rome", "--cases", "normal", "--top", "2",
+                            "--quiet")
     assert code == 0
     default_out = tmp_path / "reports" / f"mined-rome-{micro_model.name}.json"
     assert len(load_cases(default_out)) == 2
     header = stdout.splitlines()[1]
-    assert header.startswith("|") and "rank" in header and "|uᵀkᵘ|" in header
+    # the editor's own |uᵀk| (kᵘ for rome, k̄ for c-rome)
+    assert header.startswith("|") and "rank" in header and "|uᵀk|" in header
     assert f"--cases={Path('reports') / default_out.name}" in stdout
 
 
@@ -272,9 +303,20 @@ def test_mine_prints_a_table_by_default(
 def test_mine_usage_errors_exit_2_and_name_the_option(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path,
 ) -> None:
-    base = ["--model", "tiny-gpt2", "--cases", "hard", "--out", str(tmp_path / "x.json")]
+    base = ["--model", "tiny-gpt2", "--editor", "rome", "--cases", "hard", "--out", str(tmp_path / "x.json")]
     code, _, stderr = _mine(capsys, *base, *args)
     assert code == 2 and message in stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_mining_names_its_editor(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from pytest_editsafety.mining import mine
+
+    with pytest.raises(SystemExit) as exit_info:
+        _mine(capsys, "--model", "tiny-gpt2", "--cases", "hard", "--top", "2", "--out", str(tmp_path / "x.json"))
+    assert exit_info.value.code == 2 and "--editor" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="editor"):
+        mine("tiny-gpt2", ["hard"], top=2)  # type: ignore[call-arg]
     assert not (tmp_path / "x.json").exists()
 
 
@@ -283,9 +325,11 @@ def test_mine_usage_errors_exit_2_and_name_the_option(
 # The margin the ranking must show over an organism's 96 built-in cases (48 hard, 48 normal), per model in
 # MARGINS: hard cases' mean rank percentile (0.5 = random order; 0.25 = every hard case ahead of every normal
 # one) at most the first figure, and at least the second share of the 48 smallest denominators hard. Measured
-# on tiny-gpt2 (recipe 2f8b493ccc23ffba, subject embeddings fixed): C = I 0.250 and 48/48, C from its held-out
-# text 0.256 and 45/48 (an earlier recipe with trainable embeddings, whose keys had saturated, ranked hard
-# cases later with C = I: 0.67). On tiny-gpt2-sink C = I gives 0.253 and 46/48, C from text 0.250 and 48/48.
+# on tiny-gpt2 (recipe 2f8b493ccc23ffba, subject embeddings fixed): C = I 0.255 and 45/48, C from its held-out
+# text 0.254 and 45/48 (an earlier recipe with trainable embeddings, whose keys had saturated, ranked hard
+# cases later with C = I: 0.67). On tiny-gpt2-sink C = I gives 0.250 and 47/48, C from text 0.250 and 48/48.
+# (Re-measured with the editor's own denominator report; the same figures as mining's own key maths gave
+# before it moved into the editor.)
 MARGINS = {"tiny-gpt2": (0.30, 0.85), "tiny-gpt2-sink": (0.30, 0.85)}  # (max percentile, min hard share)
 
 
@@ -301,7 +345,7 @@ MARGINS = {"tiny-gpt2": (0.30, 0.85), "tiny-gpt2-sink": (0.30, 0.85)}  # (max pe
 def test_mining_the_organism_ranks_hard_cases_first(model: str, mom2: bool, one_torch_thread: None) -> None:
     from pytest_editsafety.mining import mine
 
-    report = mine(model, ["hard", "normal"], top=48, mom2_adjustment=mom2, progress=False)
+    report = mine(model, ["hard", "normal"], top=48, editor="rome", mom2_adjustment=mom2, progress=False)
     assert report.mom2_adjustment is mom2
     summary = report.summary()
     assert (summary.n_cases, summary.n_hard) == (96, 48)

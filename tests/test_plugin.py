@@ -193,8 +193,9 @@ def test_the_hub_computes_c_over_the_models_stats_corpus(monkeypatch: pytest.Mon
     monkeypatch.setattr(editors.stats, "covariance_for",
                         lambda *args, corpus, **kwargs: seen.setdefault("corpus", corpus))
     hub = ModelHub(build_plan(["rome"], ["tiny-gpt2"], ["hard"], limit=1), HubOptions(stats_corpus=stats_corpus))
-    state = types.SimpleNamespace(loaded=types.SimpleNamespace(model=None, tokenizer=None, family=None, identity="x"))
-    hub._covariance(state, "tiny-gpt2", 0, 10)
+    state = types.SimpleNamespace(slug="tiny-gpt2", resources=None,
+                                  loaded=types.SimpleNamespace(model=None, tokenizer=None, family=None, identity="x"))
+    hub._resources(state).second_moment(0, 10)
     assert seen["corpus"].name == expected
 
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_editsafety.families import (
+from editors.families import (
     FAMILIES,
     ArchitectureFamily,
     UnsupportedArchitectureError,
@@ -185,45 +185,88 @@ def test_builtin_table_is_exactly_the_documented_one() -> None:
         BUILTIN_MODELS["gpt2"].location = "elsewhere"  # type: ignore[misc]
 
 
+def _loaded_organism(recipe_hash: str | None, family: str = "gpt2", directory: Path | None = None,
+                     name: str = "/copies/organism") -> Any:
+    """What ``hparams_keys`` reads of a loaded model: its config (recipe hash, where it was loaded from), its
+    family and the name it was given."""
+    config = types.SimpleNamespace(editsafety_recipe_hash=recipe_hash,
+                                   _name_or_path=str(directory) if directory is not None else "/nowhere/none")
+    return types.SimpleNamespace(model=types.SimpleNamespace(config=config),
+                                 family=types.SimpleNamespace(name=family), spec=types.SimpleNamespace(name=name))
+
+
 def test_every_builtin_organism_has_a_recipe_of_its_family_and_edits_with_organism_hparams() -> None:
     from editors.hparams import load_hparams
+    from pytest_editsafety.organisms import hparams_keys
     from pytest_editsafety.zoo.recipe import RECIPES
 
     zoo = {name: spec for name, spec in BUILTIN_MODELS.items() if spec.source == "zoo"}
     assert set(zoo) == set(RECIPES)
+    keys_of = {}
     for name, spec in zoo.items():
         assert RECIPES[name].family == spec.family
+        keys = hparams_keys(_loaded_organism(RECIPES[name].recipe_hash, spec.family, name=name))
+        assert keys == (name, f"tiny-{spec.family}"), name
+        keys_of[name] = keys
         # an organism never falls back to a real model's numbers (GPT-2's layer 17 on a 6-layer model)
-        assert load_hparams("rome", name)["layer"] == "causal", name
+        assert load_hparams("rome", keys, family=spec.family)["layer"] == "causal", name
+        for editor, field in (("memit", "layers"), ("ft-linf", "layer"), ("mend", "layers")):
+            layers = load_hparams(editor, keys, family=spec.family)[field]
+            assert all(isinstance(layer, str) for layer in (layers if isinstance(layers, list) else [layers])), \
+                (name, editor, layers)
     # the prototypes' organism keeps C = I, where its damage showed; tiny-gpt2 whitens with C
-    assert load_hparams("rome", "tiny-gpt2-sink")["mom2_adjustment"] is False
-    assert load_hparams("rome", "tiny-gpt2")["mom2_adjustment"] is True
-    assert load_hparams("memit", "tiny-gpt2-sink") == load_hparams("memit", "tiny-gpt2")
+    assert load_hparams("rome", keys_of["tiny-gpt2-sink"])["mom2_adjustment"] is False
+    assert load_hparams("rome", keys_of["tiny-gpt2"])["mom2_adjustment"] is True
+    # without a memit file of its own, tiny-gpt2-sink edits with its family's organism settings
+    assert load_hparams("memit", keys_of["tiny-gpt2-sink"]) == load_hparams("memit", "tiny-gpt2")
 
 
 def test_an_organism_is_told_apart_by_its_recipe_hash_wherever_it_was_saved(tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
-    from pytest_editsafety.harness import hparams_key
+    from pytest_editsafety.organisms import hparams_keys, is_organism_model
     from pytest_editsafety.zoo.build import METADATA_FILE
     from pytest_editsafety.zoo.recipe import RECIPES
 
-    def loaded(recipe_hash: str | None, family: str = "gpt2", directory: Path | None = None) -> SimpleNamespace:
-        config = SimpleNamespace(editsafety_recipe_hash=recipe_hash, _name_or_path=str(directory or tmp_path / "none"))
-        return SimpleNamespace(model=SimpleNamespace(config=config), family=SimpleNamespace(name=family),
-                               spec=SimpleNamespace(name="/copies/organism"))
+    def loaded(recipe_hash: str | None, family: str = "gpt2", directory: Path | None = None) -> Any:
+        return _loaded_organism(recipe_hash, family, directory or tmp_path / "none")
 
     for name, recipe in RECIPES.items():  # a local copy of a built-in organism keeps that organism's settings
-        assert hparams_key(loaded(recipe.recipe_hash, recipe.family)) == name
-    assert hparams_key(loaded("0123456789abcdef", "llama")) == "tiny-llama"  # an older recipe: its family's
-    assert hparams_key(loaded(None)) == "/copies/organism"  # not an organism
+        assert hparams_keys(loaded(recipe.recipe_hash, recipe.family)) == (name, f"tiny-{recipe.family}")
+        assert is_organism_model(loaded(recipe.recipe_hash, recipe.family).model)
+    # an older recipe: its family's organism settings
+    assert hparams_keys(loaded("0123456789abcdef", "llama")) == ("tiny-llama",)
+    assert hparams_keys(loaded(None)) == ("/copies/organism",)  # not an organism: its given name only
+    assert not is_organism_model(loaded(None).model)
     # an older build of an organism with settings of its own (tiny-gpt2-sink's rome file) keeps them by name
     old_sink = tmp_path / "old-sink"
     old_sink.mkdir()
     (old_sink / METADATA_FILE).write_text(json.dumps({"name": "tiny-gpt2-sink"}))
-    assert hparams_key(loaded("0123456789abcdef", "gpt2", old_sink)) == "tiny-gpt2-sink"
+    assert hparams_keys(loaded("0123456789abcdef", "gpt2", old_sink)) == ("tiny-gpt2-sink", "tiny-gpt2")
     (old_sink / METADATA_FILE).write_text(json.dumps({"name": "someone-elses"}))
-    assert hparams_key(loaded("0123456789abcdef", "gpt2", old_sink)) == "tiny-gpt2"
+    assert hparams_keys(loaded("0123456789abcdef", "gpt2", old_sink)) == ("tiny-gpt2",)
+
+
+def test_is_organism_reads_the_recipe_hash_of_a_local_directory_without_loading(tmp_path: Path) -> None:
+    from pytest_editsafety.organisms import is_organism
+    from pytest_editsafety.registry import ModelSpec
+
+    def _local(directory: Path) -> ModelSpec:
+        return ModelSpec(name=str(directory), source="local", location=str(directory), family="gpt2",
+                         revision=None, description="")
+
+    assert is_organism(resolve_model("tiny-gpt2")) and is_organism(resolve_model("tiny-gpt2-sink"))
+    assert not is_organism(resolve_model("gpt2-xl"))  # a hub model
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "config.json").write_text(json.dumps({"model_type": "gpt2", "editsafety_recipe_hash": "abc123"}))
+    assert is_organism(_local(copy))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert not is_organism(_local(plain))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert not is_organism(_local(broken))
 
 
 @pytest.mark.parametrize("name", ["nope", "GPT2", "gpt3-xl", "a b/c", "", "   ", "./no/such/dir", "owner/na--me"])
@@ -631,11 +674,13 @@ def test_other_failures_are_not_disguised(monkeypatch: pytest.MonkeyPatch, tmp_p
 # ------------------------------------------------------------------------------------------------ zoo
 
 
-def _fake_zoo(monkeypatch: pytest.MonkeyPatch, built: Path) -> list[str]:
+def _fake_zoo(monkeypatch: pytest.MonkeyPatch, built: Path, roots: list | None = None) -> list[str]:
     requested: list[str] = []
 
-    def ensure_built(name: str) -> Path:
+    def ensure_built(name: str, *, root: Path | None = None, progress: bool = True) -> Path:
         requested.append(name)
+        if roots is not None:
+            roots.append(root)
         return built
 
     module = types.ModuleType("pytest_editsafety.zoo")
@@ -649,12 +694,16 @@ def test_zoo_model_loads_from_the_built_directory(
 ) -> None:
     built = shutil.copytree(tiny_dirs["gptj"], tmp_path / "organism")
     (built / "editsafety_organism.json").write_text(json.dumps({"recipe_hash": "r3c1p3", "other": 1}))
-    requested = _fake_zoo(monkeypatch, built)
+    roots: list = []
+    requested = _fake_zoo(monkeypatch, built, roots)
     result = load_model(resolve_model("tiny-gptj"))
     assert requested == ["tiny-gptj"]
     assert result.identity == "r3c1p3"
     assert result.spec.source == "zoo" and result.family is FAMILIES["gptj"]
     assert result.model.config._attn_implementation == "eager"
+    # the caller's cache root reaches the organism build; without one the zoo picks its default
+    load_model(resolve_model("tiny-gptj"), LoadOptions(cache_root=str(tmp_path / "cache")))
+    assert roots == [None, tmp_path / "cache"]
 
 
 def test_zoo_family_mismatch_is_an_error(

@@ -35,8 +35,8 @@ from editors.stats import (
     write_entry,
 )
 from editors.storage import build_lock
-from pytest_editsafety.corpora import Corpus
-from pytest_editsafety.families import FAMILIES
+from editors.corpus import Corpus
+from editors.families import FAMILIES
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -266,9 +266,28 @@ def test_cache_stores_the_keys_dtype(tmp_path):
     assert out.dtype == torch.float64
 
 
-def test_cache_default_root_is_under_the_project_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path))
-    assert SecondMomentCache().root == tmp_path / "stats"
+@pytest.mark.parametrize("configured", [False, True])
+def test_the_hubs_statistics_live_under_its_cache_root(tmp_path, monkeypatch, configured):
+    """The cache has no root of its own (the owner passes one); the hub's is ``<cache root>/stats``, the cache
+    root being HubOptions.cache_root when given, else $EDITSAFETY_CACHE."""
+    from types import SimpleNamespace
+
+    import editors.stats
+    from pytest_editsafety.hub import HubOptions, ModelHub
+    from pytest_editsafety.plan import build_plan
+
+    with pytest.raises(TypeError):
+        SecondMomentCache()  # type: ignore[call-arg]
+    monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "env"))
+    seen: dict = {}
+    monkeypatch.setattr(editors.stats, "covariance_for", lambda *args, cache, **kwargs: seen.setdefault("cache", cache))
+    options = HubOptions(cache_root=str(tmp_path / "configured")) if configured else HubOptions()
+    hub = ModelHub(build_plan(["rome"], ["tiny-gpt2"], ["hard"], limit=1), options)
+    monkeypatch.setattr(hub, "_corpus", lambda name: SimpleNamespace(name=name))  # no corpus is read
+    state = SimpleNamespace(slug="tiny-gpt2", resources=None,
+                            loaded=SimpleNamespace(model=None, tokenizer=None, family=None, identity="x"))
+    hub._resources(state).second_moment(0, 10)
+    assert seen["cache"].root == tmp_path / ("configured" if configured else "env") / "stats"
 
 
 def test_file_of_another_key_is_an_error_naming_the_file(tmp_path):
