@@ -116,7 +116,8 @@ class SecondMomentNeed:
 class TrainedNetworkNeed:
     """A network trained for this model (MEND's hypernetwork).
 
-    ``kind`` names the family of artefact (a folder of the cache), ``key`` everything the network depends on
+    ``kind`` names the family of artefact (a folder of the cache; the editor's name when one editor uses it),
+    ``key`` everything the network depends on
     besides the model's identity and dtype (the hyper-parameters that shape and train it). Where no trained
     network exists, a caller that can make training edits for the model (the harness, for its model organisms)
     calls ``train`` with ``n_training_cases`` of them drawn with ``seed``; any other caller reports what is

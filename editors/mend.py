@@ -37,8 +37,7 @@ __all__ = ["TRAIN_HINT", "MendEditor", "MendHparams", "train_network"]
 
 
 TRAIN_HINT = ("train one with `editsafety train --editor mend --model MODEL --cases FILE [--hparams HPARAMS.json] "
-              "[--dtype DTYPE]` and certify with the same hyper-parameters and dtype, or point the 'archive' "
-              "hyper-parameter at an archive directory")
+              "[--dtype DTYPE]`, or point the 'archive' hyper-parameter at an archive directory")
 
 
 def train_network(hparams: MendHparams, job: TrainingJob) -> dict[str, Any]:

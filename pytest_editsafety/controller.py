@@ -22,7 +22,7 @@ import pytest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["META_PROPERTY", "RECORD_PROPERTY", "ControllerHooks", "RunRecords", "build_result",
+__all__ = ["META_PROPERTY", "RECORD_PROPERTY", "ControllerHooks", "RunRecords", "absorb_meta", "build_result",
            "outcome_properties", "properties"]
 
 RECORD_PROPERTY = "editsafety_record"
@@ -70,7 +70,7 @@ def _short(longrepr: Any) -> str:
 
 def _on_report(plan: Any, controller: RunRecords, report: pytest.TestReport) -> None:
     for meta in properties(report, META_PROPERTY):
-        _absorb_meta(controller, meta)
+        absorb_meta(controller, meta)
     records = properties(report, RECORD_PROPERTY)
     if records:
         test_id = records[-1].get("test_id")
@@ -103,7 +103,7 @@ def _on_report(plan: Any, controller: RunRecords, report: pytest.TestReport) -> 
             controller.records[item.test_id] = error_record(plan, item, why, duration_s=float(report.duration or 0.0))
 
 
-def _absorb_meta(controller: RunRecords, meta: Any) -> None:
+def absorb_meta(controller: RunRecords, meta: Any) -> None:
     if not isinstance(meta, dict):
         return
     model, editor = meta.get("model"), meta.get("editor")
@@ -143,7 +143,9 @@ def _corpus_summary(plan: Any, controller: RunRecords) -> tuple[str, str]:
     return " + ".join(sorted({m.ppl_corpus for m in plan.models})), "unknown"
 
 
-def build_result(config: pytest.Config, plan: Any, settings: Any, controller: RunRecords) -> Any:
+def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple[str, ...]) -> Any:
+    """The certificate (``results.RunResult``) of what ``controller`` gathered for ``plan``: shared by the plugin
+    and the Python API (:func:`pytest_editsafety.api.certify`)."""
     from pytest_editsafety.plan import controller_identity
     from pytest_editsafety.results import CaseRecord, RunMetadata, RunResult, SequentialRecord
 
@@ -153,7 +155,7 @@ def build_result(config: pytest.Config, plan: Any, settings: Any, controller: Ru
         editors=plan.editors,
         models={m.slug: controller.identities.get(m.slug) or controller_identity(m) for m in plan.models},
         hparams_hashes={e: dict(h) for e, h in controller.hparams.items() if e in plan.editors},
-        bounds=settings.bounds.to_dict(),
+        bounds=bounds.to_dict(),
         corpus=corpus,
         corpus_sha256=corpus_sha,
         library_versions=_library_versions(),
@@ -161,7 +163,7 @@ def build_result(config: pytest.Config, plan: Any, settings: Any, controller: Ru
         started=controller.started.isoformat(timespec="seconds"),
         finished=finished.isoformat(timespec="seconds"),
         duration_s=max(0.0, time.monotonic() - controller.t0),
-        commands=(shlex.join(["pytest", *map(str, config.invocation_params.args)]),),
+        commands=commands,
     )
     cases, sequential = [], []
     for test_id in sorted(controller.records):
@@ -194,7 +196,8 @@ class ControllerHooks:
 
         settings = self.settings
         try:
-            result = build_result(self.config, self.plan, settings, controller)
+            commands = (shlex.join(["pytest", *map(str, self.config.invocation_params.args)]),)
+            result = build_result(self.plan, settings.bounds, controller, commands)
             controller.outputs = write_outputs(result, settings.report_json, settings.report_md,
                                                baseline=controller.baseline)
         except Exception as err:  # a missing certificate must not pass CI

@@ -120,9 +120,15 @@ class ModelHub:
     stays, since it is a pure function of the weights.
     """
 
-    def __init__(self, plan: Plan, options: HubOptions | None = None) -> None:
+    def __init__(self, plan: Plan, options: HubOptions | None = None, *,
+                 models: Mapping[str, Any] | None = None, editors: Mapping[str, Any] | None = None) -> None:
+        """``models`` maps a plan model slug to a model the caller already holds (a ``registry.LoadedModel``: the
+        hub uses it as it is, on its own device, and never loads or releases it); ``editors`` maps an editor
+        name of the plan to an editor object (set up through its declared needs like a registered one)."""
         self.plan = plan
         self.options = options or HubOptions()
+        self._held_models = dict(models or {})
+        self._editor_objects = dict(editors or {})
         self._states: dict[str, _ModelState] = {}
         # slugs of the loaded models, least recently used first
         self._lru: list[str] = []
@@ -213,6 +219,17 @@ class ModelHub:
         """Editor ``editor`` set up for ``model`` exactly as this hub's tests use it: hparams for the model and
         everything it declared it needs (:func:`editors.provision.set_up`)."""
         return self._editor(self._state(model), editor)
+
+    def floor_median(self, model: str, editor: str) -> float | None:
+        """The editor's median |uᵀk| over ``model``'s normal reference cases, as the denominator floor uses it
+        (None for an editor without a denominator, or with the floor switched off)."""
+        return self._floor_median(self._state(model), editor)
+
+    def corpus_texts(self, model: str) -> tuple[str, ...]:
+        """The texts of ``model``'s perplexity corpus."""
+        state = self._state(model)
+        self._baseline(state)
+        return tuple(state.corpus.texts)
 
     def provided(self, model: str, editor: str) -> Any:
         """What ``editor`` was given at set-up on ``model`` (:class:`editors.base.Provided`)."""
@@ -337,6 +354,12 @@ class ModelHub:
         from pytest_editsafety.registry import LoadOptions, load_model
 
         slug = state.slug
+        held = self._held_models.get(slug)
+        if held is not None:
+            state.loaded = held
+            state.device = str(next(held.model.parameters()).device)
+            state.identity = held.identity
+            return
         choice = self.plan.model(slug)
         options = LoadOptions(dtype=self.options.dtype, device_map=self.options.device_map,
                               cache_root=str(self._root))
@@ -462,9 +485,11 @@ class ModelHub:
         from pytest_editsafety.organisms import hparams_keys
 
         loaded = state.loaded
-        user_hparams = (self.options.editor_hparams or {}).get(name)
-        editor = build_editor(name, hparams_keys(loaded), loaded.model, user_hparams=user_hparams,
-                              overrides=self.options.editor_overrides)
+        editor = self._editor_objects.get(name)
+        if editor is None:
+            user_hparams = (self.options.editor_hparams or {}).get(name)
+            editor = build_editor(name, hparams_keys(loaded), loaded.model, user_hparams=user_hparams,
+                                  overrides=self.options.editor_overrides)
         # everything the editor needs is measured now, on the unedited model: a statistics cache miss inside a
         # sequential run would otherwise measure an edited model's keys
         state.provided[name] = set_up(editor, loaded.model, loaded.tokenizer, loaded.family, self._resources(state))

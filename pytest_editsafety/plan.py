@@ -162,8 +162,8 @@ def _dedupe(values: Sequence[str]) -> tuple[str, ...]:
 
 def build_plan(
     editors: Sequence[str],
-    models: Sequence[str],
-    case_sets: Sequence[str],
+    models: Sequence[str | ModelSpec],
+    case_sets: Sequence[str | CaseSet],
     *,
     ppl_corpus: str | None = None,
     limit: int | None = None,
@@ -171,18 +171,21 @@ def build_plan(
     resolve: Callable[[str], CaseSet] = resolve_cases,
 ) -> Plan:
     """The run's items, model-major (a worker finishes one model before the next), then editor, case set
-    and the case file's order. Raises ``UnknownModelError``/``CaseValidationError`` from the resolvers and
+    and the case file's order. A model is a name or an already resolved ``ModelSpec``, a case set a name, a file
+    or a ``CaseSet`` in hand. Raises ``UnknownModelError``/``CaseValidationError`` from the resolvers and
     ``PlanError`` for an empty selection; editors are validated by the caller (the registry)."""
     editors = _dedupe([e for e in editors if e])
-    models = _dedupe([m for m in models if m])
-    case_sets = _dedupe([c for c in case_sets if c])
+    spec_of = {m.name: m for m in models if isinstance(m, ModelSpec)}
+    models = _dedupe([m.name if isinstance(m, ModelSpec) else m for m in models if m])
+    in_hand = {c.name: c for c in case_sets if isinstance(c, CaseSet)}
+    case_sets = _dedupe([c.name if isinstance(c, CaseSet) else c for c in case_sets if c])
     if limit is not None and limit < 1:
         raise PlanError(f"--editsafety-limit must be at least 1, got {limit}")
     for what, values in (("editor", editors), ("model", models), ("case set", case_sets)):
         if not values:
             raise PlanError(f"empty selection: no {what} selected")
 
-    specs = [resolve_model(m) for m in models]
+    specs = [spec_of[m] if m in spec_of else resolve_model(m) for m in models]
     model_slugs = _unique([_model_slug(s) for s in specs], [s.location for s in specs])
     choices = []
     for given, spec, slug in zip(models, specs, model_slugs):
@@ -194,7 +197,7 @@ def build_plan(
             reference_set=ORGANISM_REFERENCE_SET if organism else REAL_REFERENCE_SET,
         ))
 
-    loaded = [resolve(c) for c in case_sets]
+    loaded = [in_hand[c] if c in in_hand else resolve(c) for c in case_sets]
     set_slugs = _unique([slugify(s.name, fallback="cases") for s in loaded], [str(s.source) for s in loaded])
     selected = []
     for given, case_set, slug in zip(case_sets, loaded, set_slugs):

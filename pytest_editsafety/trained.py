@@ -165,8 +165,8 @@ def locate_network(need: TrainedNetworkNeed, model, tokenizer, family, *, identi
         raise TrainedNetworkMissingError(
             f"no trained {need.kind} network for model {identity!r} with these hyper-parameters and dtype "
             f"(expected in {target}); {need.train_hint}".rstrip("; ")
-            + "; a certification run finds it when given the same hyper-parameters and dtype "
-              "(--editsafety-hparams EDITOR=HPARAMS.json --editsafety-dtype DTYPE)")
+            + f"; then certify with the hyper-parameters and dtype it was trained with "
+              f"(--editsafety-hparams {need.kind}=HPARAMS.json --editsafety-dtype DTYPE)")
     log.info("training %s for organism %s into %s (once per recipe and hyper-parameters)", need.kind, identity, target)
 
     def build(tmp: Path) -> None:

@@ -35,9 +35,9 @@ FUZZ = REPO / "suites" / "test_fuzz.py"
 WORLD = world_from_organism(World(micro_recipe().world))
 
 FAKE_EDITOR = '''
-from editors.base import EditOutcome
+from editors.base import EditOutcome, EditorBase
 
-class Noop:
+class Noop(EditorBase):
     """Changes nothing: every case it is asked to edit fails efficacy."""
     name = "fuzz-noop"
     def parameters_touched(self, model, family):
@@ -45,7 +45,7 @@ class Noop:
     def apply(self, model, tokenizer, family, requests):
         return EditOutcome(edited=())
 
-def make_noop(hparams, **kwargs):
+def make_noop(hparams):
     return Noop()
 '''
 

@@ -36,12 +36,13 @@ ID_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
 
 FAKE_EDITORS = '''
 import os
-from editors.base import EditOutcome
+from editors.base import EditOutcome, EditorBase
 
-class Noop:
+class Noop(EditorBase):
     """Changes nothing: perfectly safe, and certification must still refuse it (the edit never takes)."""
     def __init__(self, name, crash_subject=None):
         self.name = name
+        self.hparams = {}
         self.crash_subject = crash_subject
     def parameters_touched(self, model, family):
         return ()
@@ -50,10 +51,10 @@ class Noop:
             os._exit(3)  # a worker dying mid-test, as an OOM kill or a segfault would
         return EditOutcome(edited=())
 
-def make_noop(hparams, **kwargs):
+def make_noop(hparams):
     return Noop("noop")
 
-def make_crasher(hparams, **kwargs):
+def make_crasher(hparams):
     return Noop("noop-crash", crash_subject="Crashwell")
 '''
 

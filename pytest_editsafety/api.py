@@ -1,0 +1,269 @@
+"""The Python API, for callers that are not at a pytest prompt: a platform that holds a loaded model.
+
+* :func:`certify` runs certification tests exactly as the plugin does (the same plan, hub, bounds and record
+  format) and returns a :class:`Certificate` whose JSON is the plugin's ``editsafety.json``.
+* :func:`guard` decides, before any weight moves, whether an edit is safe to make, from what the editor can say
+  about it without editing (its ``denominator`` report: ROME's ``|uᵀk|`` against a floor derived like the
+  certification's); with ``apply=True`` it also makes the edit, measures perplexity on a probe set and rolls the
+  edit back, bit-exactly, when a bound breaks.
+
+A model is a name (built-in, Hugging Face id, local directory: loaded as the plugin loads it) or a model object
+with its tokenizer; an editor is a registered name or an editor object (:mod:`editors.base`); cases are a case
+set name, a case file, a ``CaseSet`` or a sequence of ``EditCase``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pytest_editsafety.bounds import Bounds
+from pytest_editsafety.cases import CaseSet, EditCase
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Certificate", "GuardDecision", "certify", "guard"]
+
+API_CASE_SET = "cases"
+# texts of the model's perplexity corpus a guarded edit is measured on (the corpus's first ones)
+GUARD_PROBE_TEXTS = 64
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """What :func:`certify` found: the run's result (``results.RunResult``, the plugin's JSON) and its verdict."""
+
+    result: Any
+    certified: bool
+
+    @property
+    def cases(self) -> tuple[Any, ...]:
+        return self.result.cases
+
+    def to_json(self) -> str:
+        from pytest_editsafety.results import to_json
+
+        return to_json(self.result)
+
+    def write(self, json_path: str | Path, md_path: str | Path) -> None:
+        """Write the certificate as the plugin does, each file atomically: the JSON and the markdown report."""
+        from pytest_editsafety.report import write_outputs
+
+        write_outputs(self.result, Path(json_path), Path(md_path))
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    """Allow or refuse one edit, with the reason and the numbers it rests on (plain values)."""
+
+    allowed: bool
+    reason: str
+    subject: str
+    prompt: str
+    target_new: str
+    denominator: float | None  # |uᵀk| the edit would divide by; None for an editor without one
+    floor: float | None  # the floor it was held against
+    subject_first: bool  # the subject is the prompt's first token (no BOS): the papers' collapse pattern
+    measures: Mapping[str, float] = field(default_factory=dict)  # the editor's other key measures
+    applied: bool = False  # apply=True and the edit was kept
+    ppl_ratio: float | None = None  # apply=True: probe perplexity after the edit / before
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _held_model(model: Any, tokenizer: Any) -> Any:
+    """A model object in hand as the registry's ``LoadedModel``: its family, layers and identity."""
+    from editors.families import family_for_model_type
+    from pytest_editsafety.registry import LoadedModel, ModelSpec, UnknownModelError, local_identity, resolve_model
+    from pytest_editsafety.zoo.recipe import organism_recipe_hash
+
+    if tokenizer is None:
+        raise ValueError("tokenizer: a model object needs its tokenizer (pass a model name to load both)")
+    config = model.config
+    family = family_for_model_type(config.model_type)
+    name = str(getattr(config, "_name_or_path", "") or "")
+    try:
+        spec = resolve_model(name) if name else None
+    except (UnknownModelError, ValueError):
+        spec = None
+    if spec is None:
+        spec = ModelSpec(name=name or type(model).__name__, source="local", location=name,
+                         family=family.name, description="a model object passed to the API")
+    recipe_hash = organism_recipe_hash(config)
+    if recipe_hash is not None:
+        identity = recipe_hash
+    elif spec.source == "local" and Path(spec.location).is_dir():
+        identity = local_identity(Path(spec.location))
+    else:
+        identity = f"{name or type(model).__name__}@{getattr(config, '_commit_hash', None) or 'unpinned'}"
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, family=family,
+                       n_layers=family.n_layers(config), identity=identity)
+
+
+def _case_set(cases: Any) -> str | CaseSet:
+    if isinstance(cases, (str, Path)):
+        return str(cases)
+    if isinstance(cases, CaseSet):
+        return cases
+    cases = tuple(cases)
+    if not cases or not all(isinstance(c, EditCase) for c in cases):
+        raise ValueError("cases: expected a case set name, a case file, a CaseSet or a non-empty sequence of EditCase")
+    return CaseSet(name=API_CASE_SET, cases=cases, source="given to certify()", format="canonical")
+
+
+def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | CaseSet], *, bounds: Bounds | None,
+         corpus: str | None, limit: int | None, sequential: bool, hparams: str | Mapping[str, Any] | None,
+         stats_corpus: str | None, stats_dir: str | None, cache_root: str | None, dtype: str | None) -> tuple[Any, Any]:
+    """The plan and the hub for one model and one editor: the plugin's own, with the caller's objects in it."""
+    from pytest_editsafety.hub import HubOptions, ModelHub
+    from pytest_editsafety.plan import build_plan
+
+    held = None if isinstance(model, str) else _held_model(model, tokenizer)
+    editor_name = editor if isinstance(editor, str) else editor.name
+    if isinstance(editor, str):
+        from editors.registry import available_editors
+
+        if editor not in available_editors():
+            raise ValueError(f"editor: unknown editor {editor!r}; available: {', '.join(available_editors())}")
+    plan = build_plan([editor_name], [model if held is None else held.spec], list(case_sets), ppl_corpus=corpus,
+                      limit=limit, sequential=sequential)
+    overrides = dict(hparams) if isinstance(hparams, Mapping) else None
+    options = HubOptions(
+        bounds=bounds or Bounds(), dtype=dtype, stats_dir=stats_dir, stats_corpus=stats_corpus, cache_root=cache_root,
+        editor_hparams={editor_name: str(hparams)} if isinstance(hparams, (str, Path)) else None,
+        editor_overrides=overrides,
+    )
+    slug = plan.models[0].slug
+    hub = ModelHub(plan, options, models={slug: held} if held is not None else None,
+                   editors=None if isinstance(editor, str) else {editor_name: editor})
+    return plan, hub
+
+
+def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
+            bounds: Bounds | None = None, corpus: str | None = None, limit: int | None = None,
+            sequential: bool = False, hparams: str | Mapping[str, Any] | None = None, stats_corpus: str | None = None,
+            stats_dir: str | None = None, cache_root: str | None = None, dtype: str | None = None) -> Certificate:
+    """Certify ``editor`` on ``model`` over ``cases`` as ``pytest --editor=... --model=... --cases=...`` would.
+
+    Every case is edited from the unedited model, measured, restored bit-exactly and judged against ``bounds``
+    (default ``Bounds()``, the plugin's defaults). ``hparams`` is a JSON file or a mapping layered over the
+    editor's built-in hyper-parameters; ``corpus`` the perplexity corpus (default: the model's, as the plugin
+    picks it). The model is left as it was given.
+    """
+    from pytest_editsafety.controller import RunRecords, absorb_meta, build_result
+
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    plan, hub = _hub(model, tokenizer, editor, [_case_set(cases)], bounds=bounds, corpus=corpus, limit=limit,
+                     sequential=sequential, hparams=hparams, stats_corpus=stats_corpus, stats_dir=stats_dir,
+                     cache_root=cache_root, dtype=dtype)
+    records = RunRecords(started=started, t0=t0, seen=True)
+    for item in plan.items:
+        outcome = hub.run(item)
+        absorb_meta(records, outcome.meta)
+        records.records[item.test_id] = outcome.record
+    result = build_result(plan, hub.options.bounds, records, ("pytest_editsafety.api.certify",))
+    certified = all(r.certified and r.outcome == "passed" for r in (*result.cases, *result.sequential))
+    return Certificate(result=result, certified=certified)
+
+
+def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
+          fraction: float = 0.5, floor: float | None = None, apply: bool = False, max_ppl_ratio: float = 1.5,
+          probe_texts: int = GUARD_PROBE_TEXTS, hparams: str | Mapping[str, Any] | None = None,
+          stats_corpus: str | None = None, stats_dir: str | None = None, cache_root: str | None = None,
+          dtype: str | None = None) -> tuple[GuardDecision, ...]:
+    """One decision per request (an ``editors.base.EditRequest``, an ``EditCase``, or cases as :func:`certify`
+    takes them), made before any weight moves.
+
+    An edit is refused when the editor's ``denominator`` report is below ``floor``, by default ``fraction`` ×
+    the editor's median over the model's normal reference cases (the certification's floor, derived the same
+    way and shared through the same cache, with a fraction of its own: the certification's 0.1 targets the
+    papers' ~100x collapse gap, a guard must also stop the 2-5x gaps that already damage a model), or is not
+    finite. An editor without a denominator is allowed on that count. With ``apply=True`` an allowed edit is
+    made, the perplexity of the first ``probe_texts`` texts of the model's perplexity corpus is measured before
+    and after, and the edit is rolled back bit-exactly (and refused) when the ratio exceeds ``max_ppl_ratio``;
+    the kept edits stay in the model, one after another.
+    """
+    from editors.base import EditRequest
+    from editors.restore import ParameterSnapshot
+    from editors.text import subject_last_index
+    from pytest_editsafety.perplexity import perplexity
+
+    plan, hub = _hub(model, tokenizer, editor, ["normal" if _is_organism_plan(model) else "real-normal"],
+                     bounds=None, corpus=None, limit=1, sequential=False, hparams=hparams, stats_corpus=stats_corpus,
+                     stats_dir=stats_dir, cache_root=cache_root, dtype=dtype)
+    slug, name = plan.models[0].slug, plan.editors[0]
+    loaded = hub.loaded(slug)
+    prepared = hub.prepared_editor(slug, name)
+    threshold = floor
+    if threshold is None:
+        median = hub.floor_median(slug, name)
+        threshold = None if median is None or not math.isfinite(median) else fraction * abs(median)
+    probe = None
+    if apply:
+        texts = hub.corpus_texts(slug)[:probe_texts]
+        probe = (texts, perplexity(loaded.model, loaded.tokenizer, texts).mean_ppl)
+    decisions = []
+    for request in _requests(requests):
+        started = time.perf_counter()
+        report = prepared.denominator(loaded.model, loaded.tokenizer, loaded.family, request)
+        first = subject_last_index(loaded.tokenizer, "{}", request.prompt, request.subject) == 0
+        measures = {k: float(v) for k, v in (report or {}).items() if k != "denominator"}
+        value = float(report["denominator"]) if report is not None else None
+        allowed, reason = True, "no denominator to judge by" if report is None else "denominator above the floor"
+        if value is not None and not math.isfinite(value):
+            allowed, reason = False, f"|uᵀk| is {value}: the update cannot be computed"
+        elif value is not None and threshold is not None and value < threshold:
+            allowed, reason = False, f"|uᵀk| {value:.4g} < floor {threshold:.4g}"
+        ratio, applied = None, False
+        if allowed and probe is not None:
+            texts, before = probe
+            snapshot = ParameterSnapshot.from_model(loaded.model, prepared.parameters_touched(loaded.model, loaded.family))
+            prepared.apply(loaded.model, loaded.tokenizer, loaded.family, [EditRequest(request.subject, request.prompt,
+                                                                                       request.target_new)])
+            ratio = perplexity(loaded.model, loaded.tokenizer, texts).mean_ppl / before
+            if not ratio <= max_ppl_ratio:  # NaN counts as broken
+                snapshot.restore()
+                allowed, reason = False, f"probe perplexity ratio {ratio:.4g} > {max_ppl_ratio:g}: edit rolled back"
+            else:
+                applied, reason = True, f"{reason}; applied, probe perplexity ratio {ratio:.4g}"
+                probe = (texts, ratio * before)
+        decisions.append(GuardDecision(
+            allowed=allowed, reason=reason, subject=request.subject, prompt=request.prompt,
+            target_new=request.target_new, denominator=value, floor=threshold, subject_first=first,
+            measures=measures, applied=applied, ppl_ratio=ratio, seconds=time.perf_counter() - started,
+        ))
+    return tuple(decisions)
+
+
+def _is_organism_plan(model: Any) -> bool:
+    from pytest_editsafety.organisms import is_organism, is_organism_model
+    from pytest_editsafety.registry import resolve_model
+
+    return is_organism(resolve_model(model)) if isinstance(model, str) else is_organism_model(model)
+
+
+def _requests(requests: Any) -> list[Any]:
+    from editors.base import EditRequest
+    from pytest_editsafety.cases import resolve_cases
+
+    if isinstance(requests, EditRequest):
+        return [requests]
+    if isinstance(requests, (str, Path)):
+        requests = resolve_cases(str(requests)).cases
+    elif isinstance(requests, CaseSet):
+        requests = requests.cases
+    out = []
+    for r in requests:
+        out.append(r if isinstance(r, EditRequest) else EditRequest(r.subject, r.prompt, r.target_new))
+    return out
