@@ -110,15 +110,15 @@ def _held_model(model: Any, tokenizer: Any) -> Any:
                        n_layers=family.n_layers(config), identity=identity)
 
 
-def _case_set(cases: Any) -> str | CaseSet:
-    if isinstance(cases, (str, Path)):
-        return str(cases)
+def _case_sets(cases: Any) -> list[str | CaseSet]:
+    if isinstance(cases, (str, Path)):  # names or files, comma-separated as on the command line
+        return [part.strip() for part in str(cases).split(",") if part.strip()]
     if isinstance(cases, CaseSet):
-        return cases
+        return [cases]
     cases = tuple(cases)
     if not cases or not all(isinstance(c, EditCase) for c in cases):
         raise ValueError("cases: expected a case set name, a case file, a CaseSet or a non-empty sequence of EditCase")
-    return CaseSet(name=API_CASE_SET, cases=cases, source="given to certify()", format="canonical")
+    return [CaseSet(name=API_CASE_SET, cases=cases, source="given to certify()", format="canonical")]
 
 
 def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | CaseSet], *, bounds: Bounds | None,
@@ -164,7 +164,7 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
 
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
-    plan, hub = _hub(model, tokenizer, editor, [_case_set(cases)], bounds=bounds, corpus=corpus, limit=limit,
+    plan, hub = _hub(model, tokenizer, editor, _case_sets(cases), bounds=bounds, corpus=corpus, limit=limit,
                      sequential=sequential, hparams=hparams, stats_corpus=stats_corpus, stats_dir=stats_dir,
                      cache_root=cache_root, dtype=dtype)
     records = RunRecords(started=started, t0=t0, seen=True)
@@ -259,8 +259,8 @@ def _requests(requests: Any) -> list[Any]:
 
     if isinstance(requests, EditRequest):
         return [requests]
-    if isinstance(requests, (str, Path)):
-        requests = resolve_cases(str(requests)).cases
+    if isinstance(requests, (str, Path)):  # case set names or files, comma-separated as on the command line
+        requests = [c for part in str(requests).split(",") if part.strip() for c in resolve_cases(part.strip()).cases]
     elif isinstance(requests, CaseSet):
         requests = requests.cases
     out = []

@@ -104,6 +104,25 @@ def cmd_experiment_collapse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guard(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from pytest_editsafety.api import guard
+
+    decisions = guard(args.model, None, args.editor, args.cases, fraction=args.fraction, floor=args.floor,
+                      apply=args.apply, max_ppl_ratio=args.max_ppl_ratio, hparams=args.hparams, cache_root=args.cache,
+                      dtype=args.dtype)
+    refused = [d for d in decisions if not d.allowed]
+    rows = [["allow" if d.allowed else "REFUSE", d.prompt.replace("{}", d.subject, 1), d.target_new, d.denominator,
+             d.floor, "yes" if d.subject_first else "no", d.reason] for d in decisions]
+    human = (f"{args.editor} on {args.model}: {len(refused)} of {len(decisions)} edits refused\n"
+             + tabulate(rows, headers=["decision", "prompt", "target", "|uᵀk|", "floor", "subject first", "reason"],
+                        floatfmt=".4g", tablefmt="github"))
+    _emit({"model": args.model, "editor": args.editor, "refused": len(refused),
+           "decisions": [d.to_dict() for d in decisions]}, args.json, human)
+    return 1 if refused else 0
+
+
 def cmd_mine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -226,6 +245,28 @@ def build_parser() -> argparse.ArgumentParser:
     collapse.add_argument("--json", action="store_true")
     collapse.add_argument("--quiet", action="store_true")
     collapse.set_defaults(func=cmd_experiment_collapse)
+
+    guarding = commands.add_parser(
+        "guard", help="decide, before any weight moves, which edits an editor may safely make (exit 1 if any refused)",
+        description="For each edit request, the editor's own account of the edit from keys alone (ROME's |uᵀk|) "
+                    "against a floor derived like the certification's: allow or refuse, with the reason and the "
+                    "numbers. With --apply, allowed edits are made one after another, probe perplexity is measured "
+                    "and an edit that breaks --max-ppl-ratio is rolled back.")
+    guarding.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
+    guarding.add_argument("--editor", required=True, help="a registered editor name")
+    guarding.add_argument("--cases", required=True, help="the edit requests: case set names or files, comma separated")
+    guarding.add_argument("--fraction", type=float, default=0.5,
+                          help="the floor as a fraction of the editor's median |uᵀk| over the model's normal "
+                               "reference cases (default 0.5)")
+    guarding.add_argument("--floor", type=float, default=None, help="an absolute floor instead of the fraction")
+    guarding.add_argument("--apply", action="store_true", help="make the allowed edits, roll back a damaging one")
+    guarding.add_argument("--max-ppl-ratio", type=float, default=1.5, help="with --apply: the largest probe "
+                                                                          "perplexity ratio kept (default 1.5)")
+    guarding.add_argument("--hparams", default=None, help="a JSON file of the editor's hyper-parameters")
+    guarding.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    guarding.add_argument("--cache", default=None, help="cache root (default $EDITSAFETY_CACHE or the user cache dir)")
+    guarding.add_argument("--json", action="store_true")
+    guarding.set_defaults(func=cmd_guard)
 
     mining = commands.add_parser(
         "mine", help="rank a dataset's cases by ROME's denominator |uᵀkᵘ| (keys only) and write the most dangerous",

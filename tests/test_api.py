@@ -1,0 +1,104 @@
+"""The Python API: ``certify`` is the plugin's code path with the caller's objects, ``guard`` refuses before
+any weight moves (and, applying, rolls back bit-exactly)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytestmark = [pytest.mark.organism, pytest.mark.xdist_group("tiny-gpt2")]
+
+
+@pytest.fixture(scope="module")
+def organism():
+    import torch
+
+    from pytest_editsafety.registry import load_model
+
+    torch.set_num_threads(1)
+    return load_model("tiny-gpt2")
+
+
+def _comparable(record):
+    """A record without what names the run rather than the case (the model's slug is its directory here, its
+    name there) and without its timing."""
+    out = record.to_dict()
+    for key in ("duration_s", "test_id", "model"):
+        out.pop(key)
+    return out
+
+
+def test_certify_a_loaded_model_with_an_editor_object_equals_the_plugin(organism, tmp_path):
+    from editors.registry import build_editor
+    from pytest_editsafety.api import certify
+    from pytest_editsafety.cases import resolve_cases
+    from pytest_editsafety.organisms import hparams_keys
+    from pytest_editsafety.results import from_json
+
+    editor = build_editor("c-rome", hparams_keys(organism), organism.model)
+    normal = resolve_cases("normal")
+    cases = normal.with_cases(normal.cases[:3])  # a CaseSet in hand
+    before = {name: p.detach().clone() for name, p in organism.model.named_parameters()}
+    certificate = certify(organism.model, organism.tokenizer, editor, cases)
+    assert certificate.certified and len(certificate.cases) == 3
+    # the model is left as it was given
+    assert all(bool((p == before[name]).all()) for name, p in organism.model.named_parameters())
+    # the same records as the plugin's path: the model by name, the editor by its registered name
+    by_name = certify("tiny-gpt2", None, "c-rome", "normal", limit=3)
+    assert [_comparable(r) for r in certificate.cases] == [_comparable(r) for r in by_name.cases]
+    # and the same JSON format: it reads back, and writes as the plugin writes
+    assert from_json(certificate.to_json()).cases == certificate.result.cases
+    certificate.write(tmp_path / "c.json", tmp_path / "c.md")
+    assert "c-rome" in (tmp_path / "c.md").read_text()
+
+
+def test_certify_refuses_an_unknown_editor_name_before_loading_anything():
+    from pytest_editsafety.api import certify
+
+    with pytest.raises(ValueError, match="unknown editor 'no-such-editor'"):
+        certify("tiny-gpt2", None, "no-such-editor", "normal")
+
+
+def test_guard_refuses_small_denominators_and_rolls_back_a_damaging_edit(organism):
+    from editors.restore import model_digest
+    from pytest_editsafety.api import guard
+    from pytest_editsafety.cases import resolve_cases
+
+    hard = resolve_cases("hard").cases[:6]
+    decisions = guard(organism.model, organism.tokenizer, "rome", hard)
+    assert len(decisions) == 6
+    for d in decisions:
+        assert d.subject_first and d.floor is not None and d.floor > 0
+        assert d.allowed == (d.denominator >= d.floor), d
+        assert "key_cosine" in d.measures and not d.applied
+    # an impossible perplexity bound: every applied edit is rolled back, bit-exactly
+    digest = model_digest(organism.model)
+    applied = guard(organism.model, organism.tokenizer, "rome", resolve_cases("normal").cases[:2], apply=True,
+                    max_ppl_ratio=0.0, probe_texts=8)
+    assert all(not d.allowed and not d.applied and "rolled back" in d.reason for d in applied)
+    assert all(d.ppl_ratio is not None and math.isfinite(d.ppl_ratio) for d in applied)
+    assert model_digest(organism.model) == digest
+
+
+def test_guard_command_exits_1_when_an_edit_is_refused_and_prints_one_decision_per_request(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from pytest_editsafety.cases import dump_cases, resolve_cases
+
+    hard, normal = resolve_cases("hard"), resolve_cases("normal")
+    # the hard case with the smallest denominator the organism has, and an ordinary normal case
+    mixed = normal.with_cases((hard.by_id("hard-0000"), normal.cases[0]))
+    path = dump_cases(mixed, tmp_path / "mixed.json")
+    done = subprocess.run([sys.executable, "-m", "pytest_editsafety", "guard", "--model", "tiny-gpt2", "--editor",
+                           "rome", "--cases", str(path), "--floor", "1.0", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    payload = json.loads(done.stdout)
+    assert len(payload["decisions"]) == 2
+    # hard-0000 divides by |uᵀk| ~0.87 on tiny-gpt2, an ordinary normal case by ~2.5
+    assert [d["allowed"] for d in payload["decisions"]] == [False, True]
+    assert done.returncode == 1
+    refused = payload["decisions"][0]
+    assert refused["floor"] == 1.0 and refused["subject_first"] and "< floor 1" in refused["reason"]
