@@ -161,6 +161,7 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     picks it). The model is left as it was given.
     """
     from pytest_editsafety.controller import RunRecords, absorb_meta, build_result
+    from pytest_editsafety.results import Session
 
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
@@ -172,9 +173,10 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
         outcome = hub.run(item)
         absorb_meta(records, outcome.meta)
         records.records[item.test_id] = outcome.record
-    result = build_result(plan, hub.options.bounds, records, ("pytest_editsafety.api.certify",))
-    certified = all(r.certified and r.outcome == "passed" for r in (*result.cases, *result.sequential))
-    return Certificate(result=result, certified=certified)
+    # one session that selected the whole plan and ran it to the end: the certificate covers its plan or says why not
+    session = Session(keyword="", markexpr="", shard=None, deselected=(), interrupted=None)
+    result = build_result(plan, hub.options.bounds, records, ("pytest_editsafety.api.certify",), session)
+    return Certificate(result=result, certified=result.certified)
 
 
 def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,

@@ -3,6 +3,12 @@ out (``editsafety.json`` and ``editsafety.md``) and the exit code.
 
 Per-test records travel on the test report's ``user_properties`` as plain data (pytest-cov's pattern), so the
 controller alone writes the report, whether the tests ran in this process or on xdist workers.
+
+The certificate records the plan and what this session made of it: which planned tests it selected (known
+once collection ends, here or on the first xdist worker), its ``-k``/``-m`` expressions, its pytest-split
+shard and whether it was interrupted; a run that covers less than its plan is PARTIAL, never CERTIFIED. Once
+the selection is known an in-progress report (PARTIAL, "the run has not finished") replaces any older one,
+so a controller killed before the end leaves no certificate behind, only that; every write is atomic.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import platform
 import re
 import shlex
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -22,11 +29,15 @@ import pytest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["META_PROPERTY", "RECORD_PROPERTY", "ControllerHooks", "RunRecords", "absorb_meta", "build_result",
-           "outcome_properties", "properties"]
+__all__ = ["IN_PROGRESS", "META_PROPERTY", "RECORD_PROPERTY", "ControllerHooks", "RunRecords", "absorb_meta",
+           "build_result", "outcome_properties", "planned_ids", "properties"]
 
 RECORD_PROPERTY = "editsafety_record"
 META_PROPERTY = "editsafety_meta"
+# the interruption an in-progress report carries until the run replaces it with its final one
+IN_PROGRESS = "the run has not finished: still running, or killed before it wrote its report"
+# pytest-split's options (dests); read defensively, as the plugin is optional and another could own the names
+SPLIT_OPTIONS = ("splits", "group")
 
 
 def outcome_properties(outcome: Any) -> list[tuple[str, Any]]:
@@ -47,11 +58,23 @@ class RunRecords:
     corpora: dict[str, tuple[str, str]] = field(default_factory=dict)
     hardware: set[str] = field(default_factory=set)
     seen: bool = False
+    # the planned test ids this session selected, once collection has ended (None until then, or unknown)
+    selected: frozenset[str] | None = None
+    # why the session stopped before running everything it selected (Ctrl-C, pytest.exit, -x, a crash)
+    interrupted: str | None = None
+    in_progress_written: bool = False
+    result: Any = None
     outputs: Any = None
     write_error: str | None = None
 
 
 _ID_IN_NODEID = re.compile(r"\[([^\[\]]*)\](?:@[^\[\]]*)?$")
+
+
+def planned_ids(plan: Any, nodeids: Iterable[str]) -> frozenset[str]:
+    """The plan's test ids among node ids (``...::test_edit_is_safe[rome-tiny-gpt2-hard-0007]@group``)."""
+    matches = (_ID_IN_NODEID.search(nodeid) for nodeid in nodeids)
+    return frozenset(m.group(1) for m in matches if m is not None and plan.item(m.group(1)) is not None)
 
 
 def properties(report: pytest.TestReport, name: str) -> list[Any]:
@@ -143,9 +166,49 @@ def _corpus_summary(plan: Any, controller: RunRecords) -> tuple[str, str]:
     return " + ".join(sorted({m.ppl_corpus for m in plan.models})), "unknown"
 
 
-def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple[str, ...]) -> Any:
-    """The certificate (``results.RunResult``) of what ``controller`` gathered for ``plan``: shared by the plugin
-    and the Python API (:func:`pytest_editsafety.api.certify`)."""
+def _shard(config: pytest.Config) -> Any:
+    """This session's pytest-split group, if it is one: ``--splits N --group G``."""
+    from pytest_editsafety.results import Shard
+
+    splits, group = (config.getoption(name, None) for name in SPLIT_OPTIONS)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (splits, group)) and 1 <= group <= splits:
+        return Shard("pytest-split", group, splits)
+    return None
+
+
+def _session(config: pytest.Config, plan: Any, controller: RunRecords, interrupted: str | None) -> Any:
+    from pytest_editsafety.results import Session
+
+    selected = controller.selected
+    deselected = None if selected is None else tuple(i.test_id for i in plan.items if i.test_id not in selected)
+    return Session(
+        keyword=str(config.getoption("keyword", "") or ""),
+        markexpr=str(config.getoption("markexpr", "") or ""),
+        shard=_shard(config),
+        deselected=deselected,
+        interrupted=interrupted,
+    )
+
+
+def _stopped(session: pytest.Session, exitstatus: int) -> str | None:
+    """Why the session ended before its selection ran, when ``pytest_keyboard_interrupt`` did not say."""
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        return "interrupted"
+    if exitstatus == pytest.ExitCode.INTERNAL_ERROR:
+        return "pytest stopped on an internal error"
+    reason = session.shouldfail or session.shouldstop
+    if reason:
+        return "stopped early" + (f": {reason}" if isinstance(reason, str) else "")
+    return None
+
+
+def _commands(config: pytest.Config) -> tuple[str, ...]:
+    return (shlex.join(["pytest", *map(str, config.invocation_params.args)]),)
+
+
+def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple[str, ...], session: Any) -> Any:
+    """The certificate (``results.RunResult``) of what ``controller`` gathered for ``plan`` in one ``session``
+    (``results.Session``): shared by the plugin and the Python API (:func:`pytest_editsafety.api.certify`)."""
     from pytest_editsafety.plan import controller_identity
     from pytest_editsafety.results import CaseRecord, RunMetadata, RunResult, SequentialRecord
 
@@ -172,7 +235,7 @@ def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple
         cls = SequentialRecord if kind == "sequential" else CaseRecord
         cases_or_seq = sequential if kind == "sequential" else cases
         cases_or_seq.append(cls.from_dict(data, source=f"the record of {test_id}"))
-    return RunResult(metadata, tuple(cases), tuple(sequential))
+    return RunResult(metadata, tuple(cases), tuple(sequential), plan.record, (session,))
 
 
 class ControllerHooks:
@@ -184,22 +247,53 @@ class ControllerHooks:
         self.settings = settings
         self.controller = controller
 
+    def note_selection(self, nodeids: Iterable[str]) -> None:
+        """The tests this session will run, once collection has ended: the planned ones among them become
+        the session's selection, and an in-progress report replaces any older certificate."""
+        controller = self.controller
+        controller.selected = planned_ids(self.plan, nodeids)
+        if not controller.selected or self.config.getoption("collectonly", False) or controller.in_progress_written:
+            return
+        from pytest_editsafety.report import write_outputs
+
+        try:
+            result = build_result(self.plan, self.settings.bounds, controller, _commands(self.config),
+                                  _session(self.config, self.plan, controller, IN_PROGRESS))
+            write_outputs(result, self.settings.report_json, self.settings.report_md, job_summary=False)
+        except Exception as err:  # the final report is what counts; it says so itself if it fails too
+            log.warning("could not write the in-progress editsafety report: %s: %s", type(err).__name__, err)
+            return
+        controller.in_progress_written = True
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        # without xdist (a controller's session collects nothing: plugin.pytest_xdist_node_collection_finished)
+        self.note_selection(item.nodeid for item in session.items if item.get_closest_marker("editsafety"))
+
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         _on_report(self.plan, self.controller, report)
 
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        if excinfo.errisinstance(pytest.exit.Exception):
+            self.controller.interrupted = f"pytest.exit: {getattr(excinfo.value, 'msg', '') or 'no reason given'}"
+        else:
+            self.controller.interrupted = "KeyboardInterrupt (Ctrl-C)"
+
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         controller = self.controller
-        if not controller.seen:  # no certification test ran (e.g. the project's own test-suite)
+        # no certification test ran nor was about to (e.g. the project's own test-suite)
+        if not (controller.seen or controller.in_progress_written):
             return
         from pytest_editsafety.report import write_outputs
 
+        if controller.interrupted is None:
+            controller.interrupted = _stopped(session, exitstatus)
         settings = self.settings
         try:
-            commands = (shlex.join(["pytest", *map(str, self.config.invocation_params.args)]),)
-            result = build_result(self.plan, settings.bounds, controller, commands)
-            controller.outputs = write_outputs(result, settings.report_json, settings.report_md,
-                                               baseline=controller.baseline)
+            controller.result = build_result(self.plan, settings.bounds, controller, _commands(self.config),
+                                             _session(self.config, self.plan, controller, controller.interrupted))
+            controller.outputs = write_outputs(controller.result, settings.report_json, settings.report_md,
+                                               baseline=controller.baseline, allow_missing=settings.allow_missing)
         except Exception as err:  # a missing certificate must not pass CI
             log.exception("writing the editsafety report failed")
             controller.write_error = f"{type(err).__name__}: {err}"
@@ -207,27 +301,35 @@ class ControllerHooks:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
             return
         if controller.outputs.exit_code == 1 and session.exitstatus == 0:
-            # e.g. every test passed but the run regressed against the baseline
+            # e.g. every test passed but the run is partial or regressed against the baseline
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        from pytest_editsafety.report import CERTIFIED, PARTIAL
+
         controller = self.controller
-        if not controller.seen:
+        if not (controller.seen or controller.in_progress_written):
             return
         terminalreporter.section("editsafety")
         if controller.write_error is not None:
             terminalreporter.write_line(f"editsafety: the report could not be written: {controller.write_error}",
                                         red=True)
             return
-        outputs = controller.outputs
-        if outputs is None:
+        outputs, coverage = controller.outputs, controller.result.coverage if controller.result else None
+        if outputs is None or coverage is None:
             return
         records = list(controller.records.values())
         ok = sum(r.get("certified") is True and r.get("outcome") == "passed" for r in records)
         collapses = sum(bool(r.get("collapse")) for r in records)
-        verdict = "CERTIFIED" if outputs.exit_code == 0 else "NOT CERTIFIED"
-        line = f"editsafety: {verdict}: {ok}/{len(records)} tests certified, {collapses} collapse(s)"
+        head = outputs.verdict if coverage.complete or outputs.verdict == PARTIAL else f"{outputs.verdict}, {PARTIAL}"
+        line = f"editsafety: {head}: {ok}/{len(records)} tests certified, {collapses} collapse(s)"
         if outputs.regressions:
             line += f", {len(outputs.regressions)} regression(s) against the baseline"
-        terminalreporter.write_line(line, green=outputs.exit_code == 0, red=outputs.exit_code != 0, bold=True)
+        if not coverage.complete:
+            line += f"; {coverage.recorded} of {coverage.planned} planned tests recorded"
+        certified = outputs.verdict == CERTIFIED
+        terminalreporter.write_line(line, green=certified, yellow=outputs.verdict == PARTIAL,
+                                    red=outputs.verdict not in (CERTIFIED, PARTIAL), bold=True)
+        for gap in coverage.gaps:
+            terminalreporter.write_line(f"editsafety: {PARTIAL.lower()} ({gap.kind}): {gap.message}", yellow=True)
         terminalreporter.write_line(f"editsafety: report {outputs.md_path}, results {outputs.json_path}")

@@ -95,8 +95,8 @@ OPTIONS: tuple[_Option, ...] = (
             f"repeat or comma-separate for several (default {DEFAULT_MODEL})", "linelist", metavar="NAME"),
     _Option(SELECTION, "--cases", "cases", f"case set(s): built-in names or case files, comma-separated (default "
             f"{DEFAULT_CASES})", "linelist", metavar="NAME|PATH"),
-    _Option(SELECTION, "--editsafety-limit", "limit", "at most N cases per case set (quick runs)", "int",
-            _positive_int, "N"),
+    _Option(SELECTION, "--editsafety-limit", "limit", "at most N cases per case set: a quick run, reported "
+            "PARTIAL (never CERTIFIED) when a set has more", "int", _positive_int, "N"),
     _Option(SELECTION, "--editsafety-sequential", "sequential", "also run sequential editing per (editor, model, "
             "case set): the cases applied in order without restoring", "bool"),
     _Option(BOUNDS, "--editsafety-max-ppl-ratio", "max_ppl_ratio", f"largest edited/unedited perplexity ratio "
@@ -123,7 +123,9 @@ OPTIONS: tuple[_Option, ...] = (
             metavar="PATH"),
     _Option(OUTPUTS, "--editsafety-json", "json", f"JSON results path (default {DEFAULT_JSON})", metavar="PATH"),
     _Option(OUTPUTS, "--editsafety-baseline", "baseline", "a previous editsafety JSON to compare against; a "
-            "regression fails the run", metavar="PATH"),
+            "regression, or a test of the baseline this run lacks, fails the run", metavar="PATH"),
+    _Option(OUTPUTS, "--editsafety-allow-missing", "allow_missing", "tests of --editsafety-baseline that this run "
+            "lacks are listed in the report, not regressions", "bool"),
     _Option(LOADING, "--editsafety-dtype", "dtype", "model dtype: float32, bfloat16, float16 or auto (default: "
             "transformers')", parse=_dtype, metavar="DTYPE"),
     _Option(LOADING, "--editsafety-device-map", "device_map", "transformers device_map for loading (default: the "
@@ -176,6 +178,8 @@ class Settings:
     editor_hparams: tuple[tuple[str, Path], ...] = ()
     # --editsafety-cache; None: pytest_editsafety.cache's default ($EDITSAFETY_CACHE, else the user cache dir)
     cache_root: Path | None = None
+    # --editsafety-allow-missing: baseline tests this run lacks are listed, not regressions
+    allow_missing: bool = False
 
 
 Given = dict[str, tuple[Any, str] | None]  # option name -> (value, where it was set), None when unset
@@ -265,6 +269,11 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
     for name in ("ppl_corpus", "stats_corpus"):
         if given[name] is not None:
             _validate_corpus(str(given[name][0]), origin(given, name))
+    report_md, report_json = path("report", DEFAULT_REPORT), path("json", DEFAULT_JSON)
+    if report_md is not None and report_json is not None and report_md.resolve() == report_json.resolve():
+        # one would overwrite the other: the certificate must not be the markdown, nor the reverse
+        raise pytest.UsageError(f"{origin(given, 'json')} and {origin(given, 'report')} name the same file "
+                                f"{report_json}: the JSON results and the markdown report need a file each")
     return Settings(
         editors=_editor_names(_split(value("editor", "all")), origin(given, "editor")),
         models=tuple(_split(value("model", DEFAULT_MODEL))),
@@ -273,8 +282,8 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
         stats_corpus=value("stats_corpus"),
         bounds=bounds,
         sequential=bool(value("sequential", False)),
-        report_md=path("report", DEFAULT_REPORT),
-        report_json=path("json", DEFAULT_JSON),
+        report_md=report_md,
+        report_json=report_json,
         baseline=path("baseline"),
         stats_dir=stats_dir,
         limit=value("limit"),
@@ -285,6 +294,7 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
         fuzz_max_runs=value("fuzz_max_runs"),
         editor_hparams=_editor_hparams(config, given["hparams"]),
         cache_root=path("cache"),
+        allow_missing=bool(value("allow_missing", False)),
     )
 
 

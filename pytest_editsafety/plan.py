@@ -8,7 +8,9 @@ with it without loading a model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import math
 from collections import Counter
@@ -31,6 +33,7 @@ __all__ = [
     "PlanItem",
     "SelectedCaseSet",
     "build_plan",
+    "case_set_sha256",
     "controller_identity",
     "default_ppl_corpus",
     "error_record",
@@ -90,11 +93,25 @@ class ModelChoice:
     reference_set: str
 
 
+def case_set_sha256(cases: Sequence[EditCase]) -> str:
+    """The content hash of cases: sha256 of their canonical dicts, in order (the name and the file's path and
+    format do not count, so one set read from another place or format hashes the same)."""
+    text = json.dumps([case.to_dict() for case in cases], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 @dataclass(frozen=True)
 class SelectedCaseSet:
     given: str
     slug: str
     case_set: CaseSet  # already limited to --editsafety-limit cases
+    n_cases: int  # cases in the whole set, before the limit
+    sha256: str  # case_set_sha256 of the whole set, before the limit
+
+    @property
+    def narrowed(self) -> bool:
+        """Whether --editsafety-limit left cases of the set out."""
+        return len(self.case_set.cases) < self.n_cases
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,7 @@ class Plan:
     models: tuple[ModelChoice, ...]
     case_sets: tuple[SelectedCaseSet, ...]
     items: tuple[PlanItem, ...]
+    limit: int | None = None  # --editsafety-limit
     # lookups the controller makes once per test report: kept as indexes, not scans
     _items_by_id: Mapping[str, PlanItem] = field(init=False, repr=False, compare=False)
     _cases: Mapping[tuple[str, str], EditCase] = field(init=False, repr=False, compare=False)
@@ -142,6 +160,25 @@ class Plan:
 
     def item(self, test_id: str) -> PlanItem | None:
         return self._items_by_id.get(test_id)
+
+    @functools.cached_property
+    def record(self) -> Any:
+        """The plan as a results file records it (``pytest_editsafety.results.RunPlan``, plain data)."""
+        from pytest_editsafety.results import PlannedCaseSet, RunPlan
+
+        return RunPlan.build(
+            editors=self.editors,
+            models=tuple(m.slug for m in self.models),
+            case_sets=tuple(PlannedCaseSet(c.slug, c.given, c.sha256, c.n_cases, len(c.case_set.cases))
+                            for c in self.case_sets),
+            limit=self.limit,
+            test_ids=tuple(item.test_id for item in self.items),
+        )
+
+    @property
+    def plan_hash(self) -> str:
+        """The plan's identity, equal on every shard and worker of one command (no paths, nothing timed)."""
+        return self.record.plan_hash
 
 
 def _unique(slugs: Sequence[str], keys: Sequence[str]) -> list[str]:
@@ -204,7 +241,8 @@ def build_plan(
         cases = case_set.cases[:limit] if limit is not None else case_set.cases
         if not cases:
             raise PlanError(f"empty selection: case set {given!r} ({case_set.source}) holds no cases")
-        selected.append(SelectedCaseSet(given=given, slug=slug, case_set=case_set.with_cases(cases)))
+        selected.append(SelectedCaseSet(given=given, slug=slug, case_set=case_set.with_cases(cases),
+                                        n_cases=len(case_set.cases), sha256=case_set_sha256(case_set.cases)))
 
     items: list[PlanItem] = []
     for choice in choices:
@@ -226,7 +264,7 @@ def build_plan(
     duplicates = sorted(test_id for test_id, n in counts.items() if n > 1)
     if duplicates:  # only reachable with hostile names; refuse rather than merge two tests' records
         raise PlanError(f"test ids collide: {', '.join(duplicates[:5])}")
-    return Plan(tuple(editors), tuple(choices), tuple(selected), tuple(items))
+    return Plan(tuple(editors), tuple(choices), tuple(selected), tuple(items), limit)
 
 
 def controller_identity(choice: ModelChoice) -> str:

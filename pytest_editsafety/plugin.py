@@ -16,9 +16,10 @@ options and markers and nothing else. It activates:
   a test's record: the plan is built from the defaults then, and xdist keeps its own scheduling.
 
 Flow: ``pytest_generate_tests`` turns the plan into one test per (editor, model, case) plus sequential
-tests; the test attaches its record to ``user_properties``; the controller (``ControllerHooks``) collects
-the records from the reports, writes ``editsafety.json`` and ``editsafety.md`` at the end and fails the
-run on a baseline regression. Fuzz tests (marker ``editsafety_fuzz``, one per (editor, model)) are
+tests; the test attaches its record to ``user_properties``; the controller (``ControllerHooks``) learns
+which planned tests the session selected once collection ends, collects the records from the reports,
+writes ``editsafety.json`` and ``editsafety.md`` at the end and fails the run when it is partial or
+regresses against the baseline. Fuzz tests (marker ``editsafety_fuzz``, one per (editor, model)) are
 deselected unless ``-m`` names the marker.
 """
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -73,6 +74,8 @@ _PLAN = pytest.StashKey[Any]()
 _COLLECTION_ERROR = pytest.StashKey[pytest.UsageError]()
 # failed reports an unowned xdist controller received before the first certification record
 _EARLY_REPORTS = pytest.StashKey[list[pytest.TestReport]]()
+# the node ids the first xdist worker collected (what the session selected), for a controller not yet active
+_XDIST_COLLECTED = pytest.StashKey[Sequence[str]]()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,6 +245,20 @@ def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
 # --------------------------------------------------------------------------------------------------
 # Records on the controller
 
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: Sequence[str]) -> None:
+    """What an xdist session selected: the ids its workers collected (every worker collects the same, after
+    -k, -m and a pytest-split shard), kept until a controller is active to take them."""
+    config = node.config
+    if _XDIST_COLLECTED in config.stash:
+        return
+    config.stash[_XDIST_COLLECTED] = ids
+    controller = config.pluginmanager.get_plugin(CONTROLLER_PLUGIN)
+    if controller is not None:
+        controller.note_selection(ids)
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """An xdist controller collects nothing: in a run it does not own, it activates on the first certification
     record a worker sends, and then takes in the failed certification reports that came before it."""
@@ -255,6 +272,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     _activate(config)
     controller = config.pluginmanager.get_plugin(CONTROLLER_PLUGIN)
+    if _XDIST_COLLECTED in config.stash:
+        controller.note_selection(config.stash[_XDIST_COLLECTED])
     # registered during this very hook call, which pluggy does not extend to it
     for earlier in [*config.stash.get(_EARLY_REPORTS, []), report]:
         controller.pytest_runtest_logreport(earlier)

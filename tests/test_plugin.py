@@ -9,6 +9,7 @@ touches the real tiny-gpt2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,8 +28,9 @@ from pytest_editsafety.cases import CaseSet, EditCase
 from editors.storage import slugify
 from pytest_editsafety.plan import PlanError, build_plan
 from pytest_editsafety.plugin import get_plan, get_settings
-from pytest_editsafety.results import read_result, write_result
+from pytest_editsafety.results import Shard, read_result, write_result
 from tests.editor_packages import write_editor_package
+from tests.results_helpers import WHOLE_SESSION, plan_of
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "suites" / "test_certify.py"
@@ -36,7 +38,7 @@ ID_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
 
 FAKE_EDITORS = '''
 import os
-from editors.base import EditOutcome, EditorBase
+from editors.base import EditorBase, EditOutcome
 
 class Noop(EditorBase):
     """Changes nothing: perfectly safe, and certification must still refuse it (the edit never takes)."""
@@ -388,9 +390,12 @@ def test_a_run_writes_the_report_and_a_valid_json(isolated: pytest.Pytester, mic
     out = tmp_path / "out"
     result = isolated.runpytest(*run_args(micro_model, corpus_file, out, "--editor=c-rome", "--cases=hard,normal",
                                           "--editsafety-limit=1", "--editsafety-sequential"))
-    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
-    result.stdout.fnmatch_lines(["*editsafety: *CERTIFIED*", f"*report {out / 'r.md'}*"])
+    # a quick run of 1 case per 48-case set: never a certificate, whatever its tests do
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*editsafety: *PARTIAL*", "*partial (limit): --editsafety-limit 1 planned 1 of 48 "
+                                 "cases of hard, 1 of 48 cases of normal*", f"*report {out / 'r.md'}*"])
     run = read_result(out / "r.json")
+    assert [gap.kind for gap in run.coverage.gaps] == ["limit"] and run.coverage.missing == ()
     micro = micro_model.name
     assert [r.test_id for r in run.cases] == [f"c-rome-{micro}-hard-0000", f"c-rome-{micro}-normal-0000"]
     assert [r.test_id for r in run.sequential] == [f"c-rome-{micro}-seq-hard", f"c-rome-{micro}-seq-normal"]
@@ -543,6 +548,21 @@ def test_a_baseline_regression_fails_a_run_whose_tests_pass(
     second.stdout.fnmatch_lines(["*NOT CERTIFIED*1 regression(s) against the baseline*"])
     assert "max perplexity ratio grew" in (tmp_path / "b" / "r.md").read_text()
 
+    # a baseline that had one more test: this run lacks it, a regression unless allowed (and listed then)
+    extra = dataclasses.replace(run.cases[0], test_id=run.cases[0].test_id + "-extra")
+    wider = dataclasses.replace(run, cases=(*run.cases, extra), plan=None, sessions=())
+    wider = dataclasses.replace(wider, plan=plan_of(wider), sessions=(WHOLE_SESSION,))
+    write_result(wider, baseline)
+    third = isolated.runpytest(*run_args(micro_model, corpus_file, tmp_path / "c", *loose,
+                                         f"--editsafety-baseline={baseline}"))
+    assert third.ret == pytest.ExitCode.TESTS_FAILED
+    missing = f"**missing**: {extra.test_id} is in the baseline and not in this run"
+    assert missing in (tmp_path / "c" / "r.md").read_text()
+    fourth = isolated.runpytest(*run_args(micro_model, corpus_file, tmp_path / "d", *loose,
+                                          f"--editsafety-baseline={baseline}", "--editsafety-allow-missing"))
+    assert fourth.ret == pytest.ExitCode.OK
+    assert f"(allowed to be missing): {extra.test_id}" in (tmp_path / "d" / "r.md").read_text()
+
 
 def test_a_test_that_errors_is_recorded_as_an_error(
     isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, editors_installed: Path, tmp_path: Path,
@@ -582,10 +602,142 @@ def test_a_worker_killed_mid_run_loses_only_its_case(
     result.stdout.fnmatch_lines(["*crashed while running*-b]*"])
     run = read_result(out / "r.json")
     assert [r.test_id for r in run.cases] == expected  # xdist ran exactly the ids collected without it
+    # the controller learnt the selection from its workers' collection: every planned test, each recorded
+    assert run.sessions[0].deselected == () and run.coverage.complete
     outcomes = {r.case_id: r.outcome for r in run.cases}
     assert outcomes == {"a": "passed", "b": "error", "c": "passed", "d": "passed"}
     crashed = next(r for r in run.cases if r.case_id == "b")
     assert "crashed" in crashed.violations[0] and crashed.subject == "Crashwell"
+
+
+# ---------------------------------------------------------------------------------------------- partial runs
+
+# bounds every c-rome edit of the micro model meets, so that what decides a verdict is what the run covered
+LOOSE = ["--editor=c-rome", "--editsafety-min-efficacy=0", "--editsafety-min-locality=0",
+         "--editsafety-max-ppl-ratio=1000", "--editsafety-collapse-ppl=inf", "--editsafety-min-denominator-fraction=0"]
+
+# Copies the JSON report as it is while the first test runs (the in-progress report).
+SNAPSHOT = """
+import shutil
+
+def pytest_runtest_setup(item):
+    path = item.config.getoption("editsafety_json")
+    shutil.copyfile(path, path + ".during")
+"""
+
+# pytest-split's options, and a split of the collected tests by position (pytest-split splits by duration)
+FAKE_SPLIT = """
+import pytest
+
+def pytest_addoption(parser):
+    parser.addoption("--splits", dest="splits", type=int)
+    parser.addoption("--group", dest="group", type=int)
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    splits, group = config.getoption("splits"), config.getoption("group")
+    chosen = [item for i, item in enumerate(items) if i % splits == group - 1]
+    config.hook.pytest_deselected(items=[item for item in items if item not in chosen])
+    items[:] = chosen
+"""
+
+INTERRUPT = """
+import pytest
+
+def pytest_runtest_setup(item):
+    if item.nodeid.endswith("-two]"):
+        {stop}
+"""
+
+
+@pytest.fixture()
+def two_cases(tmp_path: Path) -> Path:
+    return write_cases(tmp_path / "cases.json", [
+        {"case_id": c, "subject": s, "prompt": "{} lives in", "target_new": "Paris", "ground_truth": "Rome"}
+        for c, s in (("one", "Alpha"), ("two", "Beta"))
+    ])
+
+
+def test_a_run_narrowed_by_k_is_partial_and_not_certified(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
+) -> None:
+    from pytest_editsafety.controller import IN_PROGRESS
+
+    isolated.makeconftest(SNAPSHOT)
+    out = tmp_path / "out"
+    result = isolated.runpytest(*run_args(micro_model, corpus_file, out, *LOOSE, f"--cases={two_cases}", "-k", "one"))
+    result.assert_outcomes(passed=1, deselected=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED  # every test that ran passed; the run is still no certificate
+    two = f"c-rome-{micro_model.name}-cases-two"
+    result.stdout.fnmatch_lines([
+        "*editsafety: PARTIAL: 1/1 tests certified, 0 collapse(s); 1 of 2 planned tests recorded",
+        f"*editsafety: partial (deselected): 1 planned test deselected (-k 'one'): {two}",
+    ])
+    run = read_result(out / "r.json")
+    assert run.coverage.status == "partial" and not run.certified
+    (gap,) = run.coverage.gaps
+    assert (gap.kind, gap.test_ids) == ("deselected", (two,))
+    assert (run.sessions[0].keyword, run.sessions[0].deselected, run.sessions[0].interrupted) == ("one", (two,), None)
+    assert run.plan.test_ids == (f"c-rome-{micro_model.name}-cases-one", two)
+    assert (out / "r.md").read_text().splitlines()[2] == "> ⚠️ **PARTIAL**: 1 of 1 cases certified."
+    # while it ran, the report on disk said so: an older certificate was gone from the start
+    during = read_result(out / "r.json.during")
+    assert (during.cases, during.sessions[0].interrupted) == ((), IN_PROGRESS)
+
+    whole = isolated.runpytest(*run_args(micro_model, corpus_file, out, *LOOSE, f"--cases={two_cases}"))
+    assert whole.ret == pytest.ExitCode.OK
+    whole.stdout.fnmatch_lines(["*editsafety: CERTIFIED: 2/2 tests certified, 0 collapse(s)"])
+    assert read_result(out / "r.json").certified
+
+
+@pytest.mark.parametrize(("stop", "exit_code", "reason"), [
+    ("raise KeyboardInterrupt", pytest.ExitCode.INTERRUPTED, "KeyboardInterrupt (Ctrl-C)"),
+    ("pytest.exit('enough', returncode=0)", pytest.ExitCode.TESTS_FAILED, "pytest.exit: enough"),
+])
+def test_an_interrupted_run_leaves_a_report_marked_incomplete(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
+    stop: str, exit_code: int, reason: str,
+) -> None:
+    isolated.makeconftest(INTERRUPT.format(stop=stop))
+    out = tmp_path / "out"
+    recorded = isolated.inline_run(*run_args(micro_model, corpus_file, out, *LOOSE, f"--cases={two_cases}"),
+                                   no_reraise_ctrlc=True)
+    assert recorded.ret == exit_code  # pytest.exit's 0 does not pass a partial run
+    run = read_result(out / "r.json")
+    assert [r.case_id for r in run.cases] == ["one"] and run.cases[0].ok
+    (gap,) = run.coverage.gaps
+    two = f"c-rome-{micro_model.name}-cases-two"
+    assert (gap.kind, gap.test_ids, run.sessions[0].interrupted) == ("interrupted", (two,), reason)
+    assert gap.message == f"interrupted ({reason}): 1 planned test not run ({two})"
+    markdown = (out / "r.md").read_text()
+    assert markdown.splitlines()[2] == "> ⚠️ **PARTIAL**: 1 of 1 cases certified."
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_pytest_split_shards_merge_into_one_certificate_only_together(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pytest_editsafety import report_cli
+
+    isolated.makeconftest(FAKE_SPLIT)
+    for group in (1, 2):
+        shard = isolated.runpytest(*run_args(micro_model, corpus_file, tmp_path / f"g{group}", *LOOSE,
+                                             f"--cases={two_cases}", "--splits=2", f"--group={group}"))
+        shard.assert_outcomes(passed=1, deselected=1)
+        assert shard.ret == pytest.ExitCode.TESTS_FAILED
+        shard.stdout.fnmatch_lines([f"*partial (shard): pytest-split group {3 - group} of 2 not merged*"])
+    first, second = (read_result(tmp_path / f"g{group}" / "r.json") for group in (1, 2))
+    assert first.sessions[0].shard == Shard("pytest-split", 1, 2) and first.plan == second.plan
+
+    capsys.readouterr()
+    out = ["--json", str(tmp_path / "m.json"), "--md", str(tmp_path / "m.md")]
+    assert report_cli.main([str(tmp_path / "g1" / "r.json"), *out]) == 1
+    err = capsys.readouterr().err
+    assert "pytest-split group 2 of 2 not merged" in err and f"c-rome-{micro_model.name}-cases-two" in err
+    assert report_cli.main([str(tmp_path / "g1" / "r.json"), str(tmp_path / "g2" / "r.json"), *out]) == 0
+    merged = read_result(tmp_path / "m.json")
+    assert merged.certified and [s.shard.group for s in merged.sessions] == [1, 2]
 
 
 @pytest.mark.slow

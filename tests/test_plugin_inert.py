@@ -241,8 +241,9 @@ SETTINGS = {
     "min_efficacy": "0.9", "min_generalization": "0.3", "min_locality": "0.6", "metric_family": "easyedit",
     "report": "out/r.md", "json": "out/r.json", "dtype": "float32", "device_map": "cpu", "hparams": "rome=rome.json",
     "ppl_corpus": "corpus.json", "stats_corpus": "organism-ppl", "stats_dir": "stats", "cache": "cache",
-    "fuzz_examples": "5", "fuzz_max_runs": "7", "fuzz_out": "out/fuzz.json",
+    "fuzz_examples": "5", "fuzz_max_runs": "7", "fuzz_out": "out/fuzz.json", "allow_missing": "true",
 }
+SWITCHES = ("sequential", "allow_missing")
 FLAGS = {"editor": "--editor", "model": "--model", "cases": "--cases"}
 
 
@@ -254,7 +255,7 @@ def test_every_option_and_its_ini_twin_reach_the_settings(pytester: pytest.Pytes
         args: list[str] = []
     else:
         flags = {name: FLAGS.get(name, "--editsafety-" + name.replace("_", "-")) for name in SETTINGS}
-        args = [flags[name] if name == "sequential" else f"{flags[name]}={value}" for name, value in SETTINGS.items()]
+        args = [flags[name] if name in SWITCHES else f"{flags[name]}={value}" for name, value in SETTINGS.items()]
     before = _environment()
     config = pytester.parseconfigure(*args)
     s = get_settings(config)
@@ -267,7 +268,7 @@ def test_every_option_and_its_ini_twin_reach_the_settings(pytester: pytest.Pytes
     assert (s.report_md, s.report_json, s.fuzz_out) == (root / "out/r.md", root / "out/r.json", root / "out/fuzz.json")
     assert (s.dtype, s.device_map, s.stats_dir, s.stats_corpus) == ("float32", "cpu", root / "stats", "organism-ppl")
     assert s.ppl_corpus == "corpus.json" and s.editor_hparams == (("rome", root / "rome.json"),)
-    assert (s.fuzz_examples, s.fuzz_max_runs, s.cache_root) == (5, 7, root / "cache")
+    assert (s.fuzz_examples, s.fuzz_max_runs, s.cache_root, s.allow_missing) == (5, 7, root / "cache", True)
     assert len(get_plan(config).items) == 2 + 1
     assert _environment() == before  # the cache root travels in the settings, not the environment
 
@@ -307,6 +308,11 @@ def test_the_cache_root_reaches_the_hub(pytester: pytest.Pytester) -> None:
     ([], "editsafety_stats_dir = nowhere", "ini editsafety_stats_dir: "),
     ([], "editsafety_editor = nope", "ini editsafety_editor: unknown editor 'nope'"),
     ([], "editsafety_ppl_corpus = no-such-corpus", "ini editsafety_ppl_corpus: 'no-such-corpus' is neither"),
+    (["--editsafety-json=out/r", "--editsafety-report=out/./r"], "",
+     "--editsafety-json and --editsafety-report name the same file"),
+    (["--editsafety-json=reports/editsafety.md"], "", "--editsafety-json and --editsafety-report name the same file"),
+    ([], "editsafety_json = r.txt\neditsafety_report = r.txt",
+     "ini editsafety_json and ini editsafety_report name the same file"),
 ])
 def test_bad_values_exit_4_naming_the_option(pytester: pytest.Pytester, args: list[str], ini: str,
                                               message: str) -> None:

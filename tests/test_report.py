@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from pytest_editsafety import report_cli
 from pytest_editsafety.report import escape_md, exit_code, plots, render_markdown, write_outputs
 from pytest_editsafety.results import RunResult, compare, read_result, write_result
+from tests.results_helpers import replanned, shards
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("EDITSAFETY_UPDATE_GOLDEN") == "1"
@@ -36,7 +37,8 @@ def baseline() -> RunResult:
 
 
 def certified_only(result: RunResult) -> RunResult:
-    return RunResult(result.metadata, tuple(r for r in result.cases if r.ok), tuple(r for r in result.sequential if r.ok))
+    """The certified records, planned as a run of exactly those (a narrower plan, fully covered)."""
+    return replanned(result, drop={r.test_id for r in (*result.cases, *result.sequential) if not r.ok})
 
 
 def check_golden(name: str, text: str) -> None:
@@ -95,6 +97,8 @@ def test_exit_codes(run: RunResult, baseline: RunResult) -> None:
     good = certified_only(run)
     assert exit_code(good, []) == 0
     assert exit_code(good, compare(good, baseline)) == 1  # a lost case fails even an all-certified run
+    assert exit_code(good, compare(good, baseline, allow_missing=True)) == 1  # c-rome's max ppl ratio grew
+    assert exit_code(shards(good, [{good.cases[0].test_id}])[0], []) == 1  # a shard alone is partial
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,8 +263,7 @@ def test_cli_merges_shards_and_applies_the_baseline(tmp_path: Path, run: RunResu
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     good = certified_only(run)
     ids = [r.test_id for r in good.cases]
-    a = RunResult(good.metadata, tuple(r for r in good.cases if r.test_id in ids[:2]), good.sequential)
-    b = RunResult(good.metadata, tuple(r for r in good.cases if r.test_id not in ids[:2]))
+    a, b = shards(good, [{*ids[:2], *(r.test_id for r in good.sequential)}, set(ids[2:])])
     write_result(a, tmp_path / "a.json")
     write_result(b, tmp_path / "b.json")
     out_json, out_md = tmp_path / "merged.json", tmp_path / "merged.md"
@@ -268,12 +271,19 @@ def test_cli_merges_shards_and_applies_the_baseline(tmp_path: Path, run: RunResu
     code, _, _ = cli(args, capsys)
     assert code == 0
     assert [r.test_id for r in read_result(out_json).cases] == sorted(ids)
-    # every record is certified, yet c-rome's max ppl ratio grew from 1.04x to 1.16x over the baseline's
+    # the baseline's failing tests are not in these shards: each is a regression
     code, stdout, _ = cli(args + ["--baseline", str(GOLDEN / "baseline.json")], capsys)
+    assert code == 1
+    assert "6 baseline regression(s)" in stdout
+    assert "**missing**: rome-tiny-gpt2-hard-0002 is in the baseline and not in this run" in out_md.read_text("utf-8")
+    # allowed to be missing, they are listed; every record is certified, yet c-rome's max ppl ratio grew from
+    # 1.04x to 1.16x over the baseline's
+    code, stdout, _ = cli(args + ["--baseline", str(GOLDEN / "baseline.json"), "--allow-missing"], capsys)
     assert code == 1
     assert "1 baseline regression(s)" in stdout
     md = out_md.read_text(encoding="utf-8")
     assert "**max-ppl-ratio**: c-rome on tiny-gpt2: max perplexity ratio grew from 1.04x to 1.16x" in md
+    assert "5 tests of the baseline are not in this run (allowed to be missing): " in md
 
 
 @pytest.mark.usefixtures("quiet_cli")

@@ -1,4 +1,6 @@
-"""Results: JSON round trips, non-finite numbers, strict validation, shard merging, baseline comparison."""
+"""Results: JSON round trips, non-finite numbers, strict validation, shard merging, baseline comparison.
+
+The plan, the sessions and coverage (what a run left out of its plan) are in ``test_coverage.py``."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from pytest_editsafety.results import (
     to_json,
     write_result,
 )
+from tests.results_helpers import replanned, shards
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -307,19 +310,14 @@ def test_record_constructors_check_invariants() -> None:
 
 def split(result: RunResult, first_ids: set[str]) -> tuple[RunResult, RunResult]:
     meta = result.metadata
-    shard1 = RunResult(
-        dataclasses.replace(meta, finished="2025-03-01T10:02:00+00:00", duration_s=100.0,
-                            commands=("pytest --group 1",), hardware="gpu-a"),
-        tuple(r for r in result.cases if r.test_id in first_ids),
-        tuple(r for r in result.sequential if r.test_id in first_ids),
-    )
-    shard2 = RunResult(
-        dataclasses.replace(meta, started="2025-03-01T09:59:00+01:00", duration_s=150.0,
-                            commands=("pytest --group 2",), hardware="gpu-b",
-                            library_versions={**meta.library_versions, "torch": "2.13.1"}),
-        tuple(r for r in result.cases if r.test_id not in first_ids),
-        tuple(r for r in result.sequential if r.test_id not in first_ids),
-    )
+    rest = {r.test_id for r in (*result.cases, *result.sequential)} - first_ids
+    shard1, shard2 = shards(result, [first_ids, rest])
+    shard1 = dataclasses.replace(shard1, metadata=dataclasses.replace(
+        meta, finished="2025-03-01T10:02:00+00:00", duration_s=100.0, commands=("pytest --group 1",),
+        hardware="gpu-a"))
+    shard2 = dataclasses.replace(shard2, metadata=dataclasses.replace(
+        meta, started="2025-03-01T09:59:00+01:00", duration_s=150.0, commands=("pytest --group 2",),
+        hardware="gpu-b", library_versions={**meta.library_versions, "torch": "2.13.1"}))
     return shard1, shard2
 
 
@@ -341,6 +339,8 @@ def test_merge_two_shard_files(tmp_path: Path) -> None:
     assert meta.commands == ("pytest --group 1", "pytest --group 2")
     assert meta.hardware == "gpu-a; gpu-b"
     assert meta.library_versions["torch"] == "2.13.0 | 2.13.1"
+    assert merged.plan == whole.plan and merged.coverage.complete
+    assert [s.shard.group for s in merged.sessions] == [1, 2]
     assert merged.certified == whole.certified
 
 
@@ -355,11 +355,12 @@ def test_merge_unions_editors_and_models() -> None:
 
 def test_merge_keeps_agreeing_duplicates_and_rejects_conflicts() -> None:
     whole = read_result(GOLDEN / "run.json")
-    rerun = RunResult(whole.metadata, tuple(dataclasses.replace(r, duration_s=r.duration_s + 1) for r in whole.cases))
+    rerun = dataclasses.replace(whole, cases=tuple(dataclasses.replace(r, duration_s=r.duration_s + 1)
+                                                   for r in whole.cases))
     assert merge([whole, rerun]).cases == whole.cases
     flipped = [dataclasses.replace(r, outcome="error", certified=False, violations=("boom",)) if i in (0, 3) else r
                for i, r in enumerate(whole.cases)]
-    other = RunResult(whole.metadata, tuple(flipped))
+    other = dataclasses.replace(whole, cases=tuple(flipped))
     with pytest.raises(MergeError) as info:
         merge([whole, other], sources=["a.json", "b.json"])
     message = str(info.value)
@@ -419,6 +420,18 @@ def test_compare_finds_each_kind_of_regression() -> None:
     assert compare(baseline, current) == []  # improvements are not regressions
 
 
+def test_a_test_of_the_baseline_missing_now_is_a_regression_unless_allowed() -> None:
+    # the forgery the rule is for: drop the failing tests, and the rest looks better than the baseline
+    baseline = read_result(GOLDEN / "run.json")
+    failing = {r.test_id for r in (*baseline.cases, *baseline.sequential) if not r.ok}
+    current = replanned(baseline, drop=failing)
+    assert current.certified
+    found = compare(current, baseline)
+    assert {(r.kind, r.test_id) for r in found} == {("missing", t) for t in failing}
+    assert all(r.message == f"{r.test_id} is in the baseline and not in this run" for r in found)
+    assert compare(current, baseline, allow_missing=True) == []
+
+
 def ratio_run(ratios: list[float], *, certified: bool = True, seq_ok: bool | None = None) -> RunResult:
     cases = tuple(
         CaseRecord(f"t{i}", "rome", "m", "s", str(i), False, "s", "p", "x", "y",
@@ -450,12 +463,14 @@ def test_sequential_and_share_regressions() -> None:
     assert kinds == ["sequential"]
     kinds = sorted(r.kind for r in compare(ratio_run([1.0, 1.0], certified=False), ratio_run([1.0, 1.0])))
     assert kinds == ["case", "case", "certified-share"]
-    # pairs only in one of the runs are a change of selection, not a regression
+    # a pair only in the baseline: its tests are missing (allowed here), and there is no pair to compare
     other = RunResult(metadata_for(("memit",), ("m",)))
-    assert compare(other, ratio_run([1.0])) == []
+    assert [r.kind for r in compare(other, ratio_run([1.0]))] == ["missing"]
+    assert compare(other, ratio_run([1.0]), allow_missing=True) == []
 
 
 def test_empty_run_is_not_certified() -> None:
     assert not RunResult(metadata_for(("rome",), ("m",))).certified
-    assert ratio_run([1.0]).certified
-    assert not ratio_run([1.0], seq_ok=False).certified
+    assert replanned(ratio_run([1.0])).certified
+    assert not replanned(ratio_run([1.0], seq_ok=False)).certified
+    assert not ratio_run([1.0]).certified  # no plan: what the run left out is unknown

@@ -1,19 +1,24 @@
-"""The certification report of a run: markdown (``markdown``), sequential plots (``plots``), and the files,
-job summary and exit code a run leaves (``outputs``)."""
+"""The certification report of a run: markdown (``markdown``), sequential plots (``plots``), the files and
+job summary a run leaves (``outputs``), its verdict and exit code (``verdict``)."""
 
 from __future__ import annotations
 
 from pytest_editsafety.report.markdown import WORST_CASES, escape_md
-from pytest_editsafety.report.outputs import GITHUB_STEP_SUMMARY, ReportOutputs, exit_code, render_markdown, write_outputs
+from pytest_editsafety.report.outputs import GITHUB_STEP_SUMMARY, ReportOutputs, render_markdown, write_outputs
 from pytest_editsafety.report.plots import write_sequential_plots
+from pytest_editsafety.report.verdict import CERTIFIED, NOT_CERTIFIED, PARTIAL, exit_code, verdict
 
 __all__ = [
+    "CERTIFIED",
     "GITHUB_STEP_SUMMARY",
+    "NOT_CERTIFIED",
+    "PARTIAL",
     "WORST_CASES",
     "ReportOutputs",
     "escape_md",
     "exit_code",
     "render_markdown",
+    "verdict",
     "write_outputs",
     "write_sequential_plots",
 ]

@@ -1,6 +1,7 @@
 """The markdown certification report, rendered from a ``RunResult`` alone (so merged shards render too).
 
-Sections: a verdict banner, the run's conditions, an editor × model certification table, the papers'-style
+Sections: a verdict banner (CERTIFIED, NOT CERTIFIED or PARTIAL, with what the run left out of its plan), the
+run's conditions, its plan and coverage, an editor × model certification table, the papers'-style
 numerator/denominator table (hard vs normal cases), results split by hard vs normal, the worst cases, every
 failed case with its reasons, sequential-editing curves (links to the plots) and the diff against a baseline.
 
@@ -19,12 +20,14 @@ from tabulate import tabulate
 
 from pytest_editsafety.aggregates import mean, median
 from pytest_editsafety.bounds import Bounds, format_number
+from pytest_editsafety.report.verdict import CERTIFIED, PARTIAL, verdict
 from pytest_editsafety.results import (
     SCHEMA,
     CaseRecord,
     Regression,
     RunResult,
     SequentialRecord,
+    shown_ids,
     summarize_cases,
     summarize_groups,
 )
@@ -98,11 +101,19 @@ def _sort_ratio(record: CaseRecord) -> float:
 # Sections
 
 
+_HEADS = {CERTIFIED: "✅ **CERTIFIED**", PARTIAL: "⚠️ **PARTIAL**"}
+
+
 def _banner(result: RunResult, regressions: Sequence[Regression]) -> str:
     cases, seq = result.cases, result.sequential
+    coverage = result.coverage
+    # what the run left out: the whole point of a PARTIAL verdict, and worth knowing beside a failing one
+    left_out = "" if coverage.complete else (
+        f"\n>\n> Not a certificate of the whole plan: {escape_md(coverage.summary())}.")
     if not cases and not seq:
-        return "> ❌ **NOT CERTIFIED**: the run holds no records, so nothing was certified."
-    ok = result.certified and not regressions
+        if result.plan is None:
+            return "> ❌ **NOT CERTIFIED**: the run holds no records, so nothing was certified."
+        return f"> {_HEADS[PARTIAL]}: none of the planned tests has a record.{left_out}"
     parts = []
     if cases:
         detail = []
@@ -126,8 +137,8 @@ def _banner(result: RunResult, regressions: Sequence[Regression]) -> str:
         parts.append(f"{sum(r.ok for r in seq)} of {len(seq)} sequential runs certified")
     if regressions:
         parts.append(f"{len(regressions)} baseline regression{'s' if len(regressions) != 1 else ''}")
-    head = "✅ **CERTIFIED**" if ok else "❌ **NOT CERTIFIED**"
-    return f"> {head}: {'; '.join(parts)}."
+    head = _HEADS.get(verdict(result, regressions), "❌ **NOT CERTIFIED**")
+    return f"> {head}: {'; '.join(parts)}.{left_out}"
 
 
 def _bounds_text(bounds: Bounds) -> str:
@@ -167,6 +178,41 @@ def _run_section(result: RunResult) -> list[str]:
     ]
     for command in meta.commands:
         lines.append(f"- **Command:** {escape_md(command)}")
+    return lines
+
+
+def _plan_section(result: RunResult) -> list[str]:
+    plan, coverage = result.plan, result.coverage
+    lines = ["## Plan and coverage", ""]
+    if plan is None:
+        return lines + [f"No plan recorded: {escape_md(coverage.summary())}."]
+    sets = ", ".join(
+        f"{escape_md(c.slug)} ({c.n_planned} of {c.n_cases} cases, sha256 {escape_md(c.sha256[:16])})"
+        for c in plan.case_sets
+    )
+    lines += [
+        f"- **Plan:** {len(plan.test_ids)} tests, sha256 {escape_md(plan.plan_hash[:16])}: "
+        f"{', '.join(escape_md(e) for e in plan.editors)} × {', '.join(escape_md(m) for m in plan.models)} × {sets}"
+        + (f"; --editsafety-limit {plan.limit}" if plan.limit is not None else ""),
+    ]
+    for i, session in enumerate(result.sessions, 1):
+        notes = [session.selection_text()] if session.selection_text() else []
+        if session.deselected is None:
+            notes.append("its selection is not known")
+        elif session.deselected:
+            n = len(session.deselected)
+            notes.append(f"{n} planned test{'s' if n != 1 else ''} not selected")
+        else:
+            notes.append("every planned test selected")
+        if session.interrupted is not None:
+            notes.append(f"interrupted: {session.interrupted}")
+        lines.append(f"- **Session {i}:** {escape_md('; '.join(notes))}")
+    if coverage.complete:
+        return lines + [f"- **Coverage:** complete, {escape_md(coverage.summary())}."]
+    lines.append(f"- **Coverage:** {coverage.status}, {coverage.recorded} of {coverage.planned} planned tests "
+                 f"recorded:")
+    # each message names its first tests; the JSON lists every one
+    lines += [f"  - **{gap.kind}**: {escape_md(gap.message)}" for gap in coverage.gaps]
     return lines
 
 
@@ -332,13 +378,17 @@ def _sequential_section(result: RunResult, plot_links: Mapping[str, str], plot_n
 
 
 def _baseline_section(
-    result: RunResult, baseline: RunResult | None, regressions: Sequence[Regression]
+    result: RunResult, baseline: RunResult | None, regressions: Sequence[Regression], allowed_missing: Sequence[str]
 ) -> list[str]:
     if baseline is None:
         return []
     lines = ["## Against the baseline", ""]
     if baseline.metadata.bounds != result.metadata.bounds:
         lines += ["Note: the baseline was certified under other bounds; verdicts are compared as recorded.", ""]
+    if allowed_missing:
+        lines += [f"{len(allowed_missing)} test{'s' if len(allowed_missing) != 1 else ''} of the baseline "
+                  f"{'are' if len(allowed_missing) != 1 else 'is'} not in this run (allowed to be missing): "
+                  f"{escape_md(shown_ids(allowed_missing, MAX_FAILED_LISTED))}.", ""]
     shared_cases = len({r.test_id for r in result.cases} & {r.test_id for r in baseline.cases})
     shared_seq = len({r.test_id for r in result.sequential} & {r.test_id for r in baseline.sequential})
     if not regressions:
@@ -360,19 +410,22 @@ def render(
     regressions: Sequence[Regression],
     plot_links: Mapping[str, str],
     plot_note: str | None,
+    allowed_missing: Sequence[str] = (),
 ) -> str:
     """The report; ``plot_links`` maps each sequential plot's caption to its link, ``plot_note`` says why
-    plots are missing (or where they are)."""
+    plots are missing (or where they are), ``allowed_missing`` lists the baseline's tests this run lacks
+    that were allowed to be missing."""
     sections: list[list[str]] = [
         ["# Model-editing certification report", "", _banner(result, regressions)],
         _run_section(result),
+        _plan_section(result),
         _certification_table(result),
         _update_table(result),
         _kind_table(result),
         _worst_cases(result),
         _failures(result),
         _sequential_section(result, plot_links, plot_note),
-        _baseline_section(result, baseline, regressions),
+        _baseline_section(result, baseline, regressions, allowed_missing),
         [f"<sub>Rendered by pytest-editsafety from a {SCHEMA} results file.</sub>"],
     ]
     return "\n\n".join("\n".join(s) for s in sections if s) + "\n"

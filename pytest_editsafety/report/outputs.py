@@ -4,39 +4,42 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from editors.storage import atomic_write_text
 from pytest_editsafety.report.markdown import render
 from pytest_editsafety.report.plots import report_plots
-from pytest_editsafety.results import Regression, RunResult, compare, write_result
+from pytest_editsafety.report.verdict import exit_code, verdict
+from pytest_editsafety.results import Regression, RunResult, compare, missing_from, write_result
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GITHUB_STEP_SUMMARY", "ReportOutputs", "exit_code", "render_markdown", "write_outputs"]
+__all__ = ["GITHUB_STEP_SUMMARY", "ReportOutputs", "render_markdown", "write_outputs"]
 
 GITHUB_STEP_SUMMARY = "GITHUB_STEP_SUMMARY"
+def _against(result: RunResult, baseline: RunResult | None, allow_missing: bool) -> tuple[list[Regression], list[str]]:
+    """The regressions, and the baseline's test ids this run lacks when ``allow_missing`` lets them pass."""
+    if baseline is None:
+        return [], []
+    allowed = [test_id for test_id, _, _ in missing_from(result, baseline)] if allow_missing else []
+    return compare(result, baseline, allow_missing=allow_missing), allowed
 
 
 def render_markdown(
     result: RunResult,
     *,
     baseline: RunResult | None = None,
+    allow_missing: bool = False,
     plots_dir: str | os.PathLike[str] | None = None,
 ) -> str:
     """The report. With ``plots_dir``, sequential plots are written there and linked as
     ``<plots_dir name>/<file>``, i.e. relative to the directory that holds ``plots_dir`` (where
     ``write_outputs`` puts the markdown)."""
-    regressions = compare(result, baseline) if baseline is not None else []
+    regressions, allowed = _against(result, baseline, allow_missing)
     links, _, note = report_plots(result, plots_dir)
-    return render(result, baseline=baseline, regressions=regressions, plot_links=links, plot_note=note)
-
-
-def exit_code(result: RunResult, regressions: Sequence[Regression]) -> int:
-    """0 when every record is certified and nothing regressed against the baseline, else 1."""
-    return 0 if result.certified and not regressions else 1
+    return render(result, baseline=baseline, regressions=regressions, allowed_missing=allowed, plot_links=links,
+                  plot_note=note)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class ReportOutputs:
     md_path: Path
     plots: tuple[Path, ...]
     regressions: tuple[Regression, ...]
+    verdict: str  # CERTIFIED, NOT CERTIFIED or PARTIAL
     exit_code: int
 
 
@@ -54,21 +58,27 @@ def write_outputs(
     md_path: str | os.PathLike[str],
     *,
     baseline: RunResult | None = None,
+    allow_missing: bool = False,
+    job_summary: bool = True,
 ) -> ReportOutputs:
     """Write the JSON results and the markdown report (plots in ``<md stem>_plots/`` beside it), each
-    atomically, and append the markdown to ``$GITHUB_STEP_SUMMARY`` when that is set."""
+    atomically, and append the markdown to ``$GITHUB_STEP_SUMMARY`` when that is set and ``job_summary``.
+    ``allow_missing``: baseline tests this run lacks are listed, not regressions."""
     md = Path(md_path)
-    regressions = compare(result, baseline) if baseline is not None else []
+    regressions, allowed = _against(result, baseline, allow_missing)
     plots_dir = md.parent / f"{md.stem}_plots"
     links, plots, note = report_plots(result, plots_dir)
     write_result(result, json_path)
-    atomic_write_text(md, render(result, baseline=baseline, regressions=regressions, plot_links=links, plot_note=note))
+    atomic_write_text(md, render(result, baseline=baseline, regressions=regressions, allowed_missing=allowed,
+                                 plot_links=links, plot_note=note))
     summary_path = os.environ.get(GITHUB_STEP_SUMMARY)
-    if summary_path:
+    if summary_path and job_summary:
         # relative image links do not resolve in a job summary; the plots live with the report artifact
         summary_note = "Sequential plots are in the report's directory (not shown in the job summary)." if result.sequential else None
-        summary = render(result, baseline=baseline, regressions=regressions, plot_links={}, plot_note=summary_note)
+        summary = render(result, baseline=baseline, regressions=regressions, allowed_missing=allowed, plot_links={},
+                         plot_note=summary_note)
         with open(summary_path, "a", encoding="utf-8") as handle:
             handle.write(summary)
         log.info("appended the certification report to %s", summary_path)
-    return ReportOutputs(Path(json_path), md, plots, tuple(regressions), exit_code(result, regressions))
+    return ReportOutputs(Path(json_path), md, plots, tuple(regressions), verdict(result, regressions),
+                         exit_code(result, regressions))

@@ -9,7 +9,7 @@ from pytest_editsafety.bounds import format_number
 from pytest_editsafety.results.records import RunResult
 from pytest_editsafety.results.summary import summarize_groups
 
-__all__ = ["MAX_PPL_RATIO_GROWTH", "Regression", "compare"]
+__all__ = ["MAX_PPL_RATIO_GROWTH", "Regression", "compare", "missing_from"]
 
 # A per-(editor, model) max perplexity ratio that grows by more than this share over the baseline is a
 # regression: run-to-run float noise on CPU vs GPU stays far below 10 %, a newly collapsing case far above.
@@ -20,7 +20,7 @@ MAX_PPL_RATIO_GROWTH = 0.10
 class Regression:
     """Something certified (or better) in the baseline that is not any more."""
 
-    kind: str  # "case" | "sequential" | "certified-share" | "max-ppl-ratio"
+    kind: str  # "case" | "sequential" | "missing" | "certified-share" | "max-ppl-ratio"
     editor: str
     model: str
     test_id: str | None
@@ -29,18 +29,30 @@ class Regression:
     message: str
 
 
-def compare(current: RunResult, baseline: RunResult) -> list[Regression]:
-    """Regressions of ``current`` against ``baseline``. Rules, each over what both runs contain:
+def missing_from(current: RunResult, baseline: RunResult) -> list[tuple[str, str, str]]:
+    """(test id, editor, model) of every baseline record, case or sequential, that ``current`` lacks."""
+    have = {r.test_id for r in (*current.cases, *current.sequential)}
+    return [(r.test_id, r.editor, r.model) for r in (*baseline.cases, *baseline.sequential) if r.test_id not in have]
 
+
+def compare(current: RunResult, baseline: RunResult, *, allow_missing: bool = False) -> list[Regression]:
+    """Regressions of ``current`` against ``baseline``. Rules:
+
+    * ``missing``: a test of the baseline (certified or not) has no record now, unless ``allow_missing``:
+      dropping a test, failing or not, must not pass for an improvement;
     * ``case`` / ``sequential``: a test id certified in the baseline (verdict and outcome) is not now;
     * ``certified-share``: an (editor, model)'s share of certified cases is lower than in the baseline;
     * ``max-ppl-ratio``: an (editor, model)'s max perplexity ratio grew by more than
       ``MAX_PPL_RATIO_GROWTH`` (10 %) over the baseline's (NaN counts as +inf, so a newly broken model
       regresses; a baseline already at +inf cannot grow).
 
-    Tests or pairs missing from one side are selection changes, not regressions.
+    Tests only in ``current`` are new, not regressions; the per-pair rules compare pairs both runs have.
     """
     out: list[Regression] = []
+    if not allow_missing:
+        out += [Regression("missing", editor, model, test_id, None, None,
+                           f"{test_id} is in the baseline and not in this run")
+                for test_id, editor, model in missing_from(current, baseline)]
     for kind, now, before in (
         ("case", current.cases, baseline.cases),
         ("sequential", current.sequential, baseline.sequential),

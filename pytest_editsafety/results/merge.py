@@ -1,4 +1,8 @@
-"""Merging shard results (one file per machine or pytest-split group) into one run."""
+"""Merging shard results (one file per machine or pytest-split group) into one run.
+
+``merge`` joins what it is given into one run with the shards' common plan; whether the shards add up to
+that plan is the merged run's ``coverage`` (callers such as ``report`` refuse an incomplete one).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pytest_editsafety.results.coverage import RunPlan, describe_plan_difference
 from pytest_editsafety.results.errors import ResultsError
 from pytest_editsafety.results.records import CaseRecord, RunMetadata, RunResult, SequentialRecord
 
@@ -13,7 +18,8 @@ __all__ = ["MergeError", "merge"]
 
 
 class MergeError(ResultsError):
-    """Shards that cannot form one run (other bounds, corpus or model weights, conflicting records)."""
+    """Shards that cannot form one run (other plans, bounds, corpus or model weights, conflicting records)."""
+
 
 def _without_duration(record: CaseRecord | SequentialRecord) -> CaseRecord | SequentialRecord:
     return dataclasses.replace(record, duration_s=0.0)
@@ -22,10 +28,11 @@ def _without_duration(record: CaseRecord | SequentialRecord) -> CaseRecord | Seq
 def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None) -> RunResult:
     """Join shard results into one run.
 
-    Rules: bounds and corpus must be equal; a model must have one identity and an (editor, model) one
-    hparams hash across shards; editors and models are the union (first-seen order); start is the
-    earliest, finish the latest; ``duration_s`` is the shards' sum (machine time, not wall time); hardware,
-    differing library versions and commands are kept side by side. A test id in several shards is fine
+    Rules: the plan must be the same (its hash), or absent from every shard (files older than v2); bounds
+    and corpus must be equal; a model must have one identity and an (editor, model) one hparams hash across
+    shards; editors and models are the union (first-seen order); start is the earliest, finish the latest;
+    ``duration_s`` is the shards' sum (machine time, not wall time); hardware, differing library versions,
+    commands and sessions are kept side by side. A test id in several shards is fine
     when the records agree (a re-run shard) up to duration, an error naming the ids otherwise.
     """
     if not results:
@@ -36,6 +43,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
     if len(results) == 1:
         return results[0]
     first = results[0].metadata
+    plan = _common_plan(results, names)
 
     models: dict[str, str] = {}
     model_from: dict[str, str] = {}
@@ -91,7 +99,22 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
         duration_s=sum(r.metadata.duration_s for r in results),
         commands=tuple(commands),
     )
-    return RunResult(metadata, tuple(cases), tuple(sequential))
+    sessions = tuple(session for result in results for session in result.sessions)
+    return RunResult(metadata, tuple(cases), tuple(sequential), plan, sessions)
+
+
+def _common_plan(results: Sequence[RunResult], names: Sequence[str]) -> RunPlan | None:
+    first = results[0].plan
+    for name, result in zip(names[1:], results[1:]):
+        plan = result.plan
+        if (plan is None) != (first is None):
+            without, other = (name, names[0]) if plan is None else (names[0], name)
+            raise MergeError(f"{without} records no plan (a file older than pytest-editsafety/v2) but {other} does: "
+                             f"they are not shards of one run")
+        if plan is not None and first is not None and plan.plan_hash != first.plan_hash:
+            raise MergeError(f"{name} is a shard of another plan than {names[0]} (plan {plan.plan_hash[:12]} vs "
+                             f"{first.plan_hash[:12]}: {describe_plan_difference(first, plan)})")
+    return first
 
 
 def _merge_records(groups: Sequence[Iterable[Any]], names: Sequence[str]) -> list[Any]:

@@ -7,6 +7,7 @@ that shards written on machines in different zones merge into one run.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from typing import Any
 from pytest_editsafety.aggregates import worst
 from pytest_editsafety.bounds import Bounds, BoundsError
 from pytest_editsafety.results.errors import RecordError, ResultsFormatError
-from pytest_editsafety.results.schema import SCHEMA, Record, describe_json
+from pytest_editsafety.results.coverage import Coverage, RunPlan, Session, coverage_of, shown_ids
+from pytest_editsafety.results.schema import READABLE_SCHEMAS, SCHEMA, SCHEMA_V1, Record, describe_json
 
 __all__ = ["OUTCOMES", "CaseRecord", "RunMetadata", "RunResult", "SequentialRecord"]
 
@@ -178,15 +180,20 @@ class SequentialRecord(Record):
 class RunResult(Record):
     """A whole run. Records are kept sorted by test id, so equal runs compare and serialise equal.
 
-    Its plain form is the results document: ``{"schema": SCHEMA, "metadata": ..., "cases": [...],
-    "sequential": [...]}``.
+    Its plain form is the results document: ``{"schema": SCHEMA, "metadata": ..., "plan": ..., "sessions":
+    [...], "coverage": ..., "cases": [...], "sequential": [...]}``. ``coverage`` is derived from the plan, the
+    sessions and the records; a file whose recorded coverage disagrees with them is refused. A run without a
+    plan (a v1 file, or a result built by hand) has an unknown coverage and is never certified.
     """
 
     metadata: RunMetadata
     cases: tuple[CaseRecord, ...] = ()
     sequential: tuple[SequentialRecord, ...] = ()
+    plan: RunPlan | None = None
+    sessions: tuple[Session, ...] = ()
 
     def _validate(self) -> None:
+        planned = set(self.plan.test_ids) if self.plan is not None else None
         for field in ("cases", "sequential"):
             records: tuple[CaseRecord | SequentialRecord, ...] = getattr(self, field)
             seen: set[str] = set()
@@ -199,28 +206,66 @@ class RunResult(Record):
                     raise RecordError(f"{where}.editor", f"editor {record.editor!r} is not in metadata.editors")
                 if record.model not in self.metadata.models:
                     raise RecordError(f"{where}.model", f"model {record.model!r} is not in metadata.models")
+                if planned is not None and record.test_id not in planned:
+                    raise RecordError(f"{where}.test_id", f"test id {record.test_id!r} is not in plan.test_ids")
             object.__setattr__(self, field, tuple(sorted(records, key=lambda r: r.test_id)))
         overlap = {r.test_id for r in self.cases} & {r.test_id for r in self.sequential}
         if overlap:
             raise RecordError("sequential", f"test ids also used by cases: {', '.join(sorted(overlap))}")
+        for i, session in enumerate(self.sessions):
+            unplanned = sorted(set(session.deselected or ()) - (planned or set()))
+            if unplanned:
+                raise RecordError(f"sessions[{i}].deselected", f"not in plan.test_ids: {shown_ids(unplanned)}")
+
+    @functools.cached_property
+    def coverage(self) -> Coverage:
+        return coverage_of(self.plan, self.sessions, (r.test_id for r in (*self.cases, *self.sequential)))
 
     @property
     def certified(self) -> bool:
-        """Every record certified; an empty run certifies nothing."""
+        """Every record certified and every planned test recorded; an empty run certifies nothing."""
         records = (*self.cases, *self.sequential)
-        return bool(records) and all(r.ok for r in records)
+        return bool(records) and all(r.ok for r in records) and self.coverage.complete
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, **super().to_dict()}
+        plain = super().to_dict()
+        # the plan and its coverage ahead of the records, so a reader meets them first
+        return {"schema": SCHEMA, "metadata": plain["metadata"], "plan": plain["plan"],
+                "sessions": plain["sessions"], "coverage": self.coverage.to_dict(), "cases": plain["cases"],
+                "sequential": plain["sequential"]}
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "<record>") -> RunResult:
+    def from_dict(cls, data: Any, *, source: str = "<record>", path: str = "$") -> RunResult:
         if not isinstance(data, dict):
-            raise ResultsFormatError(source, "$", f"expected an object, got {describe_json(data)}")
+            raise ResultsFormatError(source, path, f"expected an object, got {describe_json(data)}")
         if "schema" not in data:
-            raise ResultsFormatError(source, "$", "missing field 'schema' (not a pytest-editsafety results file?)")
-        if data["schema"] != SCHEMA:
-            raise ResultsFormatError(
-                source, "$.schema", f"unsupported schema {describe_json(data['schema'])}; this version reads {SCHEMA!r}"
-            )
-        return super().from_dict({k: v for k, v in data.items() if k != "schema"}, source=source)
+            raise ResultsFormatError(source, path, "missing field 'schema' (not a pytest-editsafety results file?)")
+        schema = data["schema"]
+        if schema not in READABLE_SCHEMAS:
+            raise ResultsFormatError(source, f"{path}.schema", f"unsupported schema {describe_json(schema)}; this "
+                                                               f"version reads {', '.join(READABLE_SCHEMAS)}")
+        body = {k: v for k, v in data.items() if k not in ("schema", "coverage")}
+        if schema == SCHEMA_V1:
+            for name in ("plan", "sessions", "coverage"):
+                if name in data:
+                    raise ResultsFormatError(source, f"{path}.{name}", f"unknown field in a {SCHEMA_V1} file")
+            body.update(plan=None, sessions=[])
+        elif "coverage" not in data:
+            raise ResultsFormatError(source, path, "missing field(s) 'coverage'")
+        result = super().from_dict(body, source=source, path=path)
+        if schema == SCHEMA:
+            _check_coverage(result, Coverage.from_dict(data["coverage"], source=source, path=f"{path}.coverage"),
+                            source, f"{path}.coverage")
+        return result
+
+
+def _check_coverage(result: RunResult, recorded: Coverage, source: str, path: str) -> None:
+    """A file's coverage must be what its plan, sessions and records make it (records dropped from a
+    complete run, or a partial run relabelled complete, are caught here)."""
+    derived = result.coverage
+    if (recorded.status, recorded.missing) != (derived.status, derived.missing):
+        raise ResultsFormatError(
+            source, path,
+            f"says {recorded.status} with {len(recorded.missing)} planned test(s) missing, but the plan, sessions and "
+            f"records make it {derived.status} with {len(derived.missing)} missing",
+        )

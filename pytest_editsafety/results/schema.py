@@ -26,9 +26,12 @@ from typing import Any, TypeVar, Union
 
 from pytest_editsafety.results.errors import RecordError, ResultsFormatError
 
-__all__ = ["SCHEMA", "Record", "decode_float", "describe_json", "encode_float"]
+__all__ = ["READABLE_SCHEMAS", "SCHEMA", "SCHEMA_V1", "Record", "decode_float", "describe_json", "encode_float"]
 
-SCHEMA = "pytest-editsafety/v1"
+# v2 added the plan, the sessions and the coverage; v1 files are still read (their coverage is unknown)
+SCHEMA = "pytest-editsafety/v2"
+SCHEMA_V1 = "pytest-editsafety/v1"
+READABLE_SCHEMAS = (SCHEMA_V1, SCHEMA)
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -254,9 +257,10 @@ class Record:
         return {name: codec.encode(getattr(self, name)) for name, codec in _fields(type(self)).items()}
 
     @classmethod
-    def from_dict(cls: type[R], data: Any, *, source: str = "<record>") -> R:
-        """Inverse of ``to_dict``; errors name ``source`` and the JSON path (``$.metrics.ppl_ratio``)."""
+    def from_dict(cls: type[R], data: Any, *, source: str = "<record>", path: str = "$") -> R:
+        """Inverse of ``to_dict``; errors name ``source`` and the JSON path (``$.metrics.ppl_ratio``), below
+        ``path`` when the record is part of a larger document."""
         try:
-            return _build(cls, data, "$")
+            return _build(cls, data, path)
         except _Invalid as err:
             raise ResultsFormatError(source, err.path, err.problem) from None
