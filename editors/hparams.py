@@ -6,6 +6,12 @@ saying where its numbers come from. The keys a file may use are the fields of th
 dataclass (``RomeHparams``, ``MemitHparams``, ``FtHparams``, ``MendHparams``); anything else is an error
 naming the file.
 
+Named sets: ``editors/hparams/<editor>/<name>/<key>.json`` hold an alternative published setting the user
+selects by name where a hyper-parameters file is taken (``user_file="kmeng01"``, ``--hparams kmeng01``):
+a bare name that is not an existing file is looked up among the editor's named sets, by the same model
+keys and family as the defaults, and layered where a user file would be. :func:`named_hparams_sets` lists
+them (``rome``: ``kmeng01``, ROME's original configs with ``mom2_adjustment`` on).
+
 Layer values may be symbolic for the organisms, whose editable site is found when they are built:
 ``"causal"`` is ``model.config.editsafety_causal_layer`` (0 when absent) and ``"causal+N"`` is N layers
 after it; ``"last"`` is the model's last layer and ``"last-N"`` N layers before it (MEND edits the last
@@ -31,12 +37,16 @@ from typing import Any
 __all__ = [
     "COMMENT_KEY",
     "HparamsError",
+    "HparamsLayer",
     "HparamsSchema",
+    "LayeredHparams",
     "UnknownHparamsKeyError",
     "builtin_hparams_keys",
     "hparams_from_mapping",
     "hparams_hash",
+    "layer_hparams",
     "load_hparams",
+    "named_hparams_sets",
     "read_hparams_file",
     "resolve_hparams_layers",
     "resolve_layers",
@@ -49,6 +59,8 @@ _LAST_RE = re.compile(r"^last(?:-(\d+))?$")
 _LAYER_FORMS = "an int, 'causal', 'causal+N', 'last' or 'last-N'"
 # File stems must be plain names: a Hugging Face id ("owner/name") never addresses a file here.
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Names of named sets: no dot (never a file name such as "x.json"), no path separator.
+_SET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 class HparamsError(ValueError):
@@ -141,24 +153,113 @@ def _check_keys(data: Mapping[str, Any], known: Sequence[str], source: str, edit
             )
 
 
-def _builtin_file(schema: HparamsSchema, editor: str, model_keys: Sequence[str], family: str | None):
-    """The built-in file for the first of ``model_keys`` that has one, else the one for ``family``."""
+def named_hparams_sets(editor: str) -> tuple[str, ...]:
+    """The names of ``editor``'s built-in named sets (subdirectories of its hparams directory), sorted."""
+    schema = _require_schema(editor)
     folder = _builtin_root().joinpath(schema.directory)
-    for key in model_keys:
-        stem = key.partition("@")[0]  # a pinned revision edits with the same numbers
-        if _KEY_RE.match(stem):
-            candidate = folder.joinpath(f"{stem}.json")
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted(p.name for p in folder.iterdir()
+                        if p.is_dir() and _SET_RE.match(p.name) and any(c.name.endswith(".json") for c in p.iterdir())))
+
+
+def _builtin_file(schema: HparamsSchema, editor: str, model_keys: Sequence[str], family: str | None,
+                  named: str | None = None):
+    """The built-in file (``named``: of that named set) for the first of ``model_keys`` that has one, else the
+    one for ``family``; with its display name (``editors/hparams/<dir>/[<set>/]<key>.json``)."""
+    parts = (schema.directory,) if named is None else (schema.directory, named)
+    folder = _builtin_root().joinpath(*parts)
+    for key in (*(k.partition("@")[0] for k in model_keys), family):  # a pinned revision: the same numbers
+        if key and _KEY_RE.match(key):
+            candidate = folder.joinpath(f"{key}.json")
             if candidate.is_file():
-                return candidate
-    if family and _KEY_RE.match(family):
-        candidate = folder.joinpath(f"{family}.json")
-        if candidate.is_file():
-            return candidate
+                return candidate, "/".join(("editors", "hparams", *parts, f"{key}.json"))
+    tried = " or ".join(map(repr, model_keys))
+    tried += f" (family {family!r})" if family else " (unknown family: pass family=...)"
+    if named is not None:
+        covered = sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+        raise HparamsError(f"the built-in named {editor!r} hyper-parameters {named!r} have no file for model {tried}; "
+                           f"they cover: {', '.join(covered)}")
     raise HparamsError(
-        f"no built-in {editor!r} hyper-parameters for model {' or '.join(map(repr, model_keys))}"
-        + (f" (family {family!r})" if family else " (unknown family: pass family=...)")
-        + f"; built-in keys: {', '.join(builtin_hparams_keys(editor))}; give a user hparams file instead"
+        f"no built-in {editor!r} hyper-parameters for model {tried}"
+        f"; built-in keys: {', '.join(builtin_hparams_keys(editor))}; give a user hparams file instead"
     )
+
+
+def _named_set(editor: str, user_file: str | Path) -> str | None:
+    """The named set ``user_file`` selects: a bare name (no separator, no dot) that is not an existing file."""
+    text = str(user_file)
+    if not _SET_RE.match(text) or Path(text).is_file():
+        return None
+    names = named_hparams_sets(editor)
+    if text not in names:
+        raise HparamsError(
+            f"{text}: no such hyper-parameters file, nor a built-in named set of {editor!r} hyper-parameters "
+            f"(named sets: {', '.join(names) or 'none'})"
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class HparamsLayer:
+    """One source of hyper-parameters: ``role`` is ``built-in``, ``named``, ``user`` or ``overrides``."""
+
+    role: str
+    label: str  # what it is called in messages and listings: a file's display name, or "overrides"
+    path: str | None  # the file read, None for overrides
+    keys: tuple[str, ...]
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
+class LayeredHparams:
+    """The merged hyper-parameters, which layer each value came from, and the layers in order."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]  # key -> label of the last layer that set it
+    layers: tuple[HparamsLayer, ...]
+
+
+def layer_hparams(
+    editor: str,
+    model_key: str | Sequence[str],
+    *,
+    user_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    family: str | None = None,
+) -> LayeredHparams:
+    """:func:`load_hparams`, telling for each value the layer it came from."""
+    schema = _require_schema(editor)
+    known = schema.field_names()
+    keys = (model_key,) if isinstance(model_key, str) else tuple(model_key)
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    layers: list[HparamsLayer] = []
+
+    def add(role: str, label: str, path: str | None, data: Mapping[str, Any], where: str) -> None:
+        _check_keys(data, known, where, editor)
+        values = {k: v for k, v in data.items() if k != COMMENT_KEY}
+        merged.update(values)
+        sources.update(dict.fromkeys(values, label))
+        layers.append(HparamsLayer(role, label, path, tuple(values), data.get(COMMENT_KEY)))
+
+    path, label = _builtin_file(schema, editor, keys, family)
+    add("built-in", label, str(path), read_hparams_file(path), str(path))
+    if user_file is not None:
+        named = _named_set(editor, user_file)
+        if named is not None:
+            path, label = _builtin_file(schema, editor, keys, family, named=named)
+            add("named", label, str(path), read_hparams_file(path), str(path))
+        else:
+            add("user", str(user_file), str(user_file), read_hparams_file(Path(user_file)), str(user_file))
+    if overrides:
+        add("overrides", "overrides", None, overrides, "overrides")
+    required = [f.name for f in dataclasses.fields(schema.dataclass())
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in merged]
+    if missing:
+        raise HparamsError(f"{layers[0].path}: missing required hyper-parameter(s) {', '.join(missing)} for {editor!r}")
+    return LayeredHparams(merged, sources, tuple(layers))
 
 
 def load_hparams(
@@ -173,29 +274,13 @@ def load_hparams(
 
     The built-in file is ``<editor>/<model_key>.json`` when it exists (``model_key`` may list several keys,
     tried in order: a model organism's own name, then its family's organism settings), else the family
-    default ``<editor>/<family>.json`` (``family``: the model's architecture family, e.g. ``gpt2``). Later sources replace earlier keys; unknown keys are errors that name
-    the source. The result has no ``_comment`` and may hold symbolic layers (see :func:`resolve_layers`).
+    default ``<editor>/<family>.json`` (``family``: the model's architecture family, e.g. ``gpt2``).
+    ``user_file`` is a JSON file, or the name of a built-in named set (``"kmeng01"``: the file
+    ``<editor>/kmeng01/<key>.json`` found by the same keys and family). Later sources replace earlier keys;
+    unknown keys are errors that name the source. The result has no ``_comment`` and may hold symbolic layers
+    (see :func:`resolve_layers`).
     """
-    schema = _require_schema(editor)
-    known = schema.field_names()
-    keys = (model_key,) if isinstance(model_key, str) else tuple(model_key)
-    path = _builtin_file(schema, editor, keys, family)
-    merged = read_hparams_file(path)
-    _check_keys(merged, known, str(path), editor)
-    if user_file is not None:
-        user = read_hparams_file(Path(user_file))
-        _check_keys(user, known, str(user_file), editor)
-        merged.update(user)
-    if overrides:
-        _check_keys(overrides, known, "overrides", editor)
-        merged.update(overrides)
-    merged.pop(COMMENT_KEY, None)
-    required = [f.name for f in dataclasses.fields(schema.dataclass())
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [k for k in required if k not in merged]
-    if missing:
-        raise HparamsError(f"{path}: missing required hyper-parameter(s) {', '.join(missing)} for {editor!r}")
-    return merged
+    return dict(layer_hparams(editor, model_key, user_file=user_file, overrides=overrides, family=family).values)
 
 
 def hparams_hash(d: Mapping[str, Any], length: int = 16) -> str:

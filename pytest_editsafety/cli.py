@@ -1,5 +1,6 @@
 """``editsafety`` (or ``python -m pytest_editsafety``): build the organisms, measure perplexity, rerun the
-causal-site check, train a trained editor's network, mine a dataset for the cases most likely to collapse ROME.
+causal-site check, train a trained editor's network, mine a dataset for the cases most likely to collapse ROME,
+show the hyper-parameters an editor would edit a model with.
 
 Each command prints a human summary, or one JSON object with ``--json``. Errors the user can fix (an
 unknown model, a missing corpus file) exit with status 2 and a one-line message, never a stack trace.
@@ -11,7 +12,9 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("pytest_editsafety")
@@ -208,6 +211,181 @@ def cmd_train(args: argparse.Namespace) -> int:
     _emit(payload, args.json, f"{args.editor} for {args.model}: {verb} -> {path}\n  {details}")
     return 0
 
+def _override_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string (kl_prompt={} is a)
+
+
+def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE (VALUE as JSON, e.g. layer=3, mom2_adjustment=true)")
+        overrides[key.strip()] = _override_value(value)
+    return overrides
+
+
+def _model_config(spec: Any, cache: str | None) -> tuple[dict[str, Any] | None, str, list[str]]:
+    """What can be known of ``spec``'s config without loading or downloading anything: (config or None, where it
+    was read, notes). Organisms: their build's config.json (none before the build, but the recipe's depth and
+    hash); local directories: config.json; Hugging Face ids: config.json if the local cache holds it."""
+
+    def read(path: Path) -> dict[str, Any]:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return data
+
+    if spec.source == "local":
+        path = Path(spec.location) / "config.json"
+        return read(path), str(path), []
+    if spec.source == "zoo":
+        from pytest_editsafety.cache import cache_root
+        from pytest_editsafety.zoo.build import organism_dir, recipe_for
+
+        recipe = recipe_for(spec.location)
+        path = organism_dir(recipe, cache_root(cache)) / "config.json"
+        if path.is_file():
+            return read(path), str(path), []
+        partial = {"n_layer": recipe.shape.n_layer, "editsafety_recipe_hash": recipe.recipe_hash}
+        return partial, f"recipe {recipe.name} ({recipe.recipe_hash})", [
+            f"organism {recipe.name!r} is not built under {path.parent.parent}: its depth ({recipe.shape.n_layer} "
+            f"layers) comes from its recipe; its causal layer is measured by the build "
+            f"(python -m pytest_editsafety zoo build {recipe.name})"]
+    try:  # the hub: the local cache only, never the network
+        from huggingface_hub import try_to_load_from_cache
+
+        from pytest_editsafety.registry import _hub_cache_dir
+
+        found = try_to_load_from_cache(spec.location, "config.json", cache_dir=_hub_cache_dir(),
+                                       revision=spec.revision)
+    except Exception as err:  # best effort: no cache, no huggingface_hub, a malformed cache entry
+        found = None
+        log.debug("no cached config for %s: %s", spec.location, err)
+    if isinstance(found, str):
+        return read(Path(found)), found, []
+    return None, "", [f"config.json of {spec.location} is not in the local Hugging Face cache (nothing is "
+                      "downloaded): layers are not checked against the model's depth"]
+
+
+def _has_symbolic(value: Any) -> bool:
+    return any(isinstance(item, str) for item in (value if isinstance(value, list) else [value]))
+
+
+def _resolve_for_display(editor: str, values: dict[str, Any], config: dict[str, Any] | None,
+                         complete: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, str], list[str]]:
+    """(values with layers resolved where possible, the symbolic values that were resolved, unresolved field ->
+    why, problems). ``complete``: ``config`` is the model's own config.json (else a recipe's partial one)."""
+    from types import SimpleNamespace
+
+    from editors.hparams import HparamsError, resolve_hparams_layers, schema_for
+
+    schema = schema_for(editor)
+    if schema is None or schema.layer_key not in values:
+        return dict(values), {}, {}, []
+    field = schema.layer_key
+    value = values[field]
+    symbolic = [item for item in (value if isinstance(value, list) else [value]) if isinstance(item, str)]
+    if config is None:
+        if symbolic:
+            return dict(values), {}, {field: f"{value!r} needs the model's config"}, []
+        return dict(values), {}, {}, []
+    if not complete and any(item.strip().startswith("causal") for item in symbolic):
+        return dict(values), {}, {field: f"{value!r}: the organism's causal layer is measured when it is "
+                                         "built"}, []
+    try:
+        resolved = resolve_hparams_layers(editor, values, SimpleNamespace(**config))
+    except HparamsError as err:
+        return dict(values), {}, {}, [f"{field}: {err}"]
+    return resolved, ({field: value} if symbolic else {}), {}, []
+
+
+def cmd_hparams(args: argparse.Namespace) -> int:
+    from types import SimpleNamespace
+
+    from tabulate import tabulate
+
+    from editors.families import family_for_model_type
+    from editors.hparams import hparams_from_mapping, layer_hparams, schema_for
+    from editors.registry import UnknownEditorError, available_editors
+    from pytest_editsafety.organisms import hparams_keys
+    from pytest_editsafety.registry import resolve_model
+
+    spec = resolve_model(args.model)
+    editors = available_editors()
+    if args.editor not in editors:
+        raise UnknownEditorError(f"unknown editor {args.editor!r}; available: {', '.join(editors)}")
+    overrides = _parse_overrides(args.set or ())
+    config, config_source, notes = _model_config(spec, args.cache)
+    family = spec.family
+    if not family and config is not None and isinstance(config.get("model_type"), str):
+        family = family_for_model_type(config["model_type"]).name
+    fake = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(**(config or {}),
+                                                                         _name_or_path=spec.location)),
+                           family=SimpleNamespace(name=family), spec=spec)
+    keys = hparams_keys(fake)
+    schema = schema_for(args.editor)
+    if schema is None:  # a third-party editor: its factory gets the user file and the overrides as they are
+        from editors.hparams import read_hparams_file
+
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        layers_out: list[dict[str, Any]] = []
+        if args.hparams:
+            data = {k: v for k, v in read_hparams_file(Path(args.hparams)).items() if k != "_comment"}
+            values.update(data)
+            sources.update(dict.fromkeys(data, str(args.hparams)))
+            layers_out.append({"role": "user", "label": str(args.hparams), "path": str(args.hparams),
+                               "comment": None})
+        values.update(overrides)
+        sources.update(dict.fromkeys(overrides, "overrides"))
+        if overrides:
+            layers_out.append({"role": "overrides", "label": "overrides", "path": None, "comment": None})
+        notes = [*notes, f"{args.editor!r} has no built-in hyper-parameters: its factory gets the user file and "
+                         "the overrides as they are"]
+        resolved, symbolic, unresolved, problems = dict(values), {}, {}, []
+    else:
+        layered = layer_hparams(args.editor, keys, user_file=args.hparams, overrides=overrides, family=family or None)
+        values, sources = dict(layered.values), dict(layered.sources)
+        layers_out = [{"role": layer.role, "label": layer.label, "path": layer.path, "comment": layer.comment}
+                      for layer in layered.layers]
+        complete = config_source.endswith("config.json")  # else an unbuilt organism's recipe
+        resolved, symbolic, unresolved, problems = _resolve_for_display(args.editor, values, config, complete)
+        if not unresolved and not problems and not _has_symbolic(resolved[schema.layer_key]):
+            try:
+                hparams_from_mapping(schema.dataclass(), resolved, source=f"{args.editor} on {args.model}")
+            except ValueError as err:
+                problems.append(str(err))
+    payload = {
+        "model": args.model, "source": spec.source, "location": spec.location, "family": family or None,
+        "editor": args.editor, "hparams_keys": list(keys), "layers": layers_out,
+        "values": resolved, "sources": sources, "symbolic": symbolic, "unresolved": unresolved,
+        "config": config_source or None, "notes": notes, "problems": problems,
+    }
+    rows = []
+    for key, value in resolved.items():
+        shown = json.dumps(value, ensure_ascii=False)
+        if key in symbolic:
+            shown += f"  (from {json.dumps(symbolic[key])})"
+        rows.append([key, shown, sources.get(key, "")])
+    lines = [f"{args.editor} on {args.model} ({spec.source} {spec.location}, family {family or 'unknown'}); "
+             f"hparams keys {', '.join(dict.fromkeys(keys))}"]
+    lines.append(tabulate(rows, headers=["hyper-parameter", "value", "from"], tablefmt="github"))
+    if symbolic:
+        lines.append(f"layers resolved against {config_source}")
+    lines += [f"unresolved: {key}: {why}" for key, why in unresolved.items()]
+    lines += [f"note: {note}" for note in notes]
+    lines += [f"PROBLEM: {problem}" for problem in problems]
+    for layer in layers_out:
+        if layer["comment"]:
+            lines.append(f"\n{layer['label']}:\n" + textwrap.fill(layer["comment"], width=110, initial_indent="  ",
+                                                                    subsequent_indent="  "))
+    _emit(payload, args.json, "\n".join(lines))
+    return 1 if problems else 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -311,6 +489,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    hparams = commands.add_parser(
+        "hparams", help="the hyper-parameters an editor edits a model with, and the file each value comes from",
+        description="Layer the built-in file for the model (by name, else its family), the --hparams file or named "
+                    "set, and the --set overrides, as a certification run does; resolve symbolic layers "
+                    "('causal', 'last-N') against the model's config.json where it can be read without loading or "
+                    "downloading (organisms once built, local directories, Hugging Face ids in the local cache) and "
+                    "say what could not be resolved. Exit 1 when the values do not fit the model (a layer out of "
+                    "range, a wrong type), 2 for an unknown model or editor.")
+    hparams.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
+    hparams.add_argument("--editor", required=True, help="a registered editor name")
+    hparams.add_argument("--hparams", default=None,
+                         help="a JSON file over the built-in values, or the name of a built-in named set (e.g. "
+                              "kmeng01: ROME's original configs, mom2_adjustment on)")
+    hparams.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="an override over both (VALUE as JSON: layer=3, mom2_adjustment=true); repeatable")
+    hparams.add_argument("--cache", default=None, help="cache root where organisms are built (default "
+                                                       "$EDITSAFETY_CACHE or the user cache dir)")
+    hparams.add_argument("--json", action="store_true")
+    hparams.set_defaults(func=cmd_hparams)
 
     ppl = commands.add_parser("ppl", help="perplexity of a model on a corpus")
     ppl.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")

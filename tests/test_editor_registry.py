@@ -45,7 +45,8 @@ EXAMPLE_PKG = Path(__file__).parent / "example_editor_pkg"
 # this distribution's editors, listed first and sorted (as its installed entry points are)
 BUILTINS = ("c-rome", "c-rome-prefix", "ft-linf", "memit", "mend", "rome")
 HPARAMS_EDITORS = ("rome", "memit", "ft-linf", "mend")
-MODEL_KEYS = ("gpt2-xl", "gpt-j", "llama2-7b", "tiny-gpt2", "tiny-gptj", "tiny-llama", "gpt2", "gptj", "llama")
+MODEL_KEYS = ("gpt2-xl", "gpt-j", "llama2-7b", "mistral-7b", "llama3-8b", "tiny-gpt2", "tiny-gptj", "tiny-llama", "gpt2",
+              "gptj", "llama", "mistral")
 # organisms with settings of their own; the others edit with their family's organism file
 OWN_KEYS = {"rome": ("tiny-gpt2-sink",)}
 
@@ -136,13 +137,15 @@ def test_rome_variants_differ_only_in_keys_and_prefix(name: str, consistent: boo
     assert isinstance(editor, Editor)
     assert (editor.name, editor.consistent, editor.test_prefix) == (name, consistent, test_prefix)
     assert editor.hparams.layer == 17
-    # what each variant declares: C at its layer over ROME's 100000 texts, and its context templates
-    assert editor.needs(None, None) == Needs(second_moments=SecondMomentNeed((17,), 100000),
-                                             context_templates=((5, 10), (10, 10)))
-    off = get_editor(name, {**hparams, "mom2_adjustment": False, "mom2_n_samples": 5})
-    assert off.needs(None, None).second_moments is None
-    editor.setup(None, None, None, Provided(context_templates=("{}", "A. {}"), second_moments={17: "C"}))
-    assert (editor.context_templates, editor.covariance) == (("{}", "A. {}"), "C")
+    # the papers' setting (the default): C = I, no statistics to provide, only the context templates
+    assert editor.needs(None, None) == Needs(context_templates=((5, 10), (10, 10)))
+    # ROME's original setting, the named set kmeng01: C at its layer over ROME's 100000 texts
+    original = get_editor(name, resolve_hparams_layers(name, load_hparams(name, "gpt2-xl", user_file="kmeng01"),
+                                                       SimpleNamespace(num_hidden_layers=48)))
+    assert original.needs(None, None) == Needs(second_moments=SecondMomentNeed((17,), 100000),
+                                               context_templates=((5, 10), (10, 10)))
+    original.setup(None, None, None, Provided(context_templates=("{}", "A. {}"), second_moments={17: "C"}))
+    assert (original.context_templates, original.covariance) == (("{}", "A. {}"), "C")
 
 
 def test_editors_without_needs_declare_none() -> None:
@@ -256,6 +259,7 @@ def test_papers_numbers() -> None:
     rome = load_hparams("rome", "gpt2-xl")
     assert (rome["layer"], rome["v_num_grad_steps"], rome["v_weight_decay"]) == (17, 20, 0.5)
     assert (rome["v_lr"], rome["clamp_norm_factor"], rome["kl_factor"]) == (0.5, 4.0, 0.0625)
+    assert rome["mom2_adjustment"] is False  # the collapse papers' GPT-2-XL config (ROME's own: the named set kmeng01)
     assert rome["context_templates"] == [[5, 10], [10, 10]]
     assert load_hparams("rome", "gpt-j")["layer"] == 5
     llama = load_hparams("rome", "llama2-7b")
@@ -266,6 +270,8 @@ def test_papers_numbers() -> None:
     assert (gptj["layers"], gptj["mom2_update_weight"]) == ([3, 4, 5, 6, 7, 8], 15000.0)
     ft = load_hparams("ft-linf", "gpt2-xl")
     assert (ft["layer"], ft["lr"], ft["num_steps"], ft["eps"]) == (0, 5e-4, 25, 5e-4)
+    assert load_hparams("ft-linf", "gpt-j")["layer"] == 21  # the papers' FT/gpt-j-6B.yaml (ROME's layer 0: kmeng01)
+    assert load_hparams("memit", "gpt2-xl")["context_templates"] == [[10, 5]]  # MEMIT's code: 5 prefixes of 10 tokens
     organism = load_hparams("ft-linf", "tiny-gpt2")
     assert (organism["layer"], organism["lr"], organism["eps"]) == ("causal", 0.02, 0.02)
     assert load_hparams("memit", "tiny-llama")["layers"] == ["causal", "causal+1"]
@@ -282,7 +288,8 @@ def test_model_keys_fall_back_to_their_family() -> None:
     # a pinned revision and a Hugging Face id (with its family) reach the same files
     assert load_hparams("memit", "gpt-j@0123abc") == load_hparams("memit", "gpt-j")
     assert load_hparams("ft-linf", "EleutherAI/gpt-j-6B", family="gptj") == load_hparams("ft-linf", "gptj")
-    assert load_hparams("rome", "mistral-7b", family="llama") == load_hparams("rome", "llama")
+    assert load_hparams("rome", "mistralai/Mistral-7B-Instruct-v0.2", family="mistral") == load_hparams("rome", "mistral")
+    assert load_hparams("memit", "meta-llama/Meta-Llama-3-70B", family="llama") == load_hparams("memit", "llama")
     with pytest.raises(HparamsError, match="'some/model'.*unknown family"):
         load_hparams("rome", "some/model")
     with pytest.raises(HparamsError, match="no built-in hyper-parameters for editor 'serac'"):

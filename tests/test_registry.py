@@ -177,6 +177,18 @@ def test_builtin_alias_resolves(name: str, tmp_path: Path, monkeypatch: pytest.M
     assert spec.family in FAMILIES
 
 
+def test_every_builtin_hub_model_has_hparams_of_its_own_for_every_builtin_editor() -> None:
+    # not a family fallback: each real model's files cite the config they reproduce (tests/test_papers_hparams.py)
+    from editors.hparams import builtin_hparams_keys, schema_for
+
+    for editor in ("rome", "memit", "ft-linf", "mend"):
+        keys = set(builtin_hparams_keys(editor))
+        for name, spec in BUILTIN_MODELS.items():
+            assert spec.source != "hub" or name in keys, (editor, name)
+            assert spec.family in keys, (editor, spec.family)  # and a default for every built-in family
+        assert schema_for(editor) is not None
+
+
 def test_builtin_table_is_exactly_the_documented_one() -> None:
     assert set(BUILTIN_MODELS) == set(EXPECTED_BUILTINS)
     with pytest.raises(TypeError):
