@@ -320,7 +320,7 @@ def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None) -> tup
     read once here so that a typo is a usage error now, not an error in every test of the editor."""
     if given is None:
         return ()
-    from editors.hparams import HparamsError, read_hparams_file
+    from editors.hparams import HparamsError, named_hparams_sets, read_hparams_file, schema_for
     from editors.registry import EditorRegistryError, available_editors
 
     values, origin = given
@@ -338,8 +338,13 @@ def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None) -> tup
         if editor in pairs:
             raise pytest.UsageError(f"{origin}: editor {editor!r} given twice ({value!r})")
         path = _path(config, file, origin)
+        named_sets = named_hparams_sets(editor) if schema_for(editor) is not None else ()
+        if not path.is_file() and file in named_sets:
+            pairs[editor] = Path(file)  # a built-in named set (e.g. kmeng01), looked up per model by the loader
+            continue
         if not path.is_file():
-            raise pytest.UsageError(f"{origin}: {value!r}: no such file {path}")
+            raise pytest.UsageError(f"{origin}: {value!r}: no such file {path} (built-in named sets of "
+                                    f"{editor}: {', '.join(named_sets) or 'none'})")
         try:
             read_hparams_file(path)
         except HparamsError as err:
