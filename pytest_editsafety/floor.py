@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +68,10 @@ def _denominators(editor: Any, loaded: Any, cases: Sequence[Any]) -> list[float]
 
 
 def denominator_median(editor: Any, loaded: Any, normal_cases: Sequence[Any], *, key_fields: Mapping[str, Any],
-                       root: Path) -> float | None:
+                       root: Path, verify: Callable[[], None] = lambda: None) -> float | None:
     """Median ``|uᵀk|`` of ``editor`` over ``normal_cases`` on ``loaded``, from the cache under ``root`` when
-    an entry with exactly ``key_fields`` (plus this module's format) is there; None without a denominator."""
+    an entry with exactly ``key_fields`` (plus this module's format) is there; None without a denominator.
+    ``verify`` runs after the reports and before anything is written (it raises when the model was changed)."""
     if not normal_cases:
         return None
     key = {"format": FLOOR_CACHE_FORMAT, **key_fields}
@@ -83,6 +84,8 @@ def denominator_median(editor: Any, loaded: Any, normal_cases: Sequence[Any], *,
         if cached is not None:
             return cached["median"]
         values = _denominators(editor, loaded, normal_cases)
+        # the reports ran the editor's code: a model it changed must not leave a median behind for later runs
+        verify()
         if values is None:  # the first case already said so: nothing is written for such an editor
             return None
         finite = [v for v in values if math.isfinite(v)]

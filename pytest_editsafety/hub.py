@@ -27,9 +27,13 @@ from pytest_editsafety.plan import Plan, PlanItem
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HubOptions", "ModelHub", "RunOutcome"]
+__all__ = ["DEFAULT_RESTORE_CHECK", "RESTORE_CHECKS", "HubOptions", "ModelHub", "RunOutcome"]
 
 PPL_BATCH_SIZE = 32
+# the whole-model restore check after every test (editors.restore.ModelFingerprint): every byte of every tensor
+# checksummed ("full"), a fixed sample of each tensor's words ("sampled"), or none ("off")
+RESTORE_CHECKS = ("full", "sampled", "off")
+DEFAULT_RESTORE_CHECK = "full"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,13 @@ class HubOptions:
     # cache root for organisms, statistics, corpora, trained editors and floors (None: pytest_editsafety.cache's
     # default, $EDITSAFETY_CACHE or the user cache directory)
     cache_root: str | None = None
+    # after every test, check that nothing outside the editor's declared parameters changed (RESTORE_CHECKS)
+    restore_check: str = DEFAULT_RESTORE_CHECK
+
+    def __post_init__(self) -> None:
+        if self.restore_check not in RESTORE_CHECKS:
+            raise ValueError(f"HubOptions.restore_check: {self.restore_check!r} is not one of "
+                             f"{', '.join(RESTORE_CHECKS)}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,8 @@ class _ModelState:
     slug: str
     loaded: Any = None
     device: str = "cpu"
+    # every tensor of the model as loaded (editors.restore.ModelFingerprint; None with the check off)
+    reference: Any = None
     baseline: dict[str, float] | None = None
     corpus: Any = None
     identity: str = ""
@@ -118,6 +131,11 @@ class ModelHub:
     Not thread-safe; one hub per xdist worker (a session fixture). Models are evicted least recently used
     beyond ``options.max_loaded_models``; what was measured on them (baselines, templates, probes, floors)
     stays, since it is a pure function of the weights.
+
+    Each load takes a fingerprint of every parameter and buffer (``options.restore_check``); after every
+    test's restore, and after an editor's set-up and denominator reports, the model is checked against it.
+    An editor that changed anything it does not declare fails that test (``UndeclaredChangeError``, naming
+    the tensors) and the model is evicted, so the next test loads the weights again.
     """
 
     def __init__(self, plan: Plan, options: HubOptions | None = None, *,
@@ -283,7 +301,10 @@ class ModelHub:
         probe = self._probe(state, item.case_set, case)
         request = EditRequest(case.subject, case.prompt, case.target_new)
         try:
-            with edit_session(model, editor.parameters_touched(model, family)):
+            # restored bit-exactly, then the whole model checked against its fingerprint: an editor that wrote
+            # outside parameters_touched fails here (UndeclaredChangeError, a RestoreError)
+            with edit_session(model, editor.parameters_touched(model, family), reference=state.reference,
+                              editor=item.editor):
                 outcome = editor.apply(model, tokenizer, family, [request])
                 prefix = outcome.test_prefix if case.is_hard else None
                 measured = edit_metrics(model, tokenizer, case, probe, test_prefix=prefix)
@@ -322,8 +343,10 @@ class ModelHub:
         baseline = self._baseline(state)["mean"]
         cases = self._tagged(item.model, item.case_set).cases
         try:
-            # the editor names the same parameters whatever the request, so one snapshot covers every edit
-            with edit_session(model, editor.parameters_touched(model, family)):
+            # the editor names the same parameters whatever the request, so one snapshot covers every edit (and
+            # the whole-model check runs once, after the restore at the end)
+            with edit_session(model, editor.parameters_touched(model, family), reference=state.reference,
+                              editor=item.editor):
                 for case in cases:
                     editor.apply(model, tokenizer, family, [EditRequest(case.subject, case.prompt, case.target_new)])
                     ppls.append(self._perplexity(state)["mean"])
@@ -373,6 +396,28 @@ class ModelHub:
         state.loaded = loaded
         state.device = device
         state.identity = loaded.identity
+        state.reference = None
+        if self.options.restore_check != "off":
+            from editors.restore import ModelFingerprint
+
+            started = time.perf_counter()
+            state.reference = ModelFingerprint.of(loaded.model, self.options.restore_check)
+            log.info("model %s: %s restore-check fingerprint of %d tensors in %.3f s", slug,
+                     self.options.restore_check, len(state.reference.names), time.perf_counter() - started)
+
+    def _verify_intact(self, state: _ModelState, editor: str, during: str) -> None:
+        """Check the whole model against its fingerprint after ``editor`` ran code outside an edit session (its
+        set-up, its denominator reports); a change evicts the model (the next test loads it fresh) and raises
+        UndeclaredChangeError. Nothing the hub caches is measured between such a check and the next test."""
+        if state.reference is None or state.loaded is None:
+            return
+        from editors.restore import UndeclaredChangeError
+
+        try:
+            state.reference.check(state.loaded.model, editor=editor, during=during)
+        except UndeclaredChangeError:
+            self._evict(state.slug)
+            raise
 
     def _evict(self, slug: str) -> None:
         state = self._states.get(slug)
@@ -380,6 +425,7 @@ class ModelHub:
             return
         log.info("releasing model %s", slug)
         state.loaded = None
+        state.reference = None
         state.resources = None
         state.editors.clear()  # they may hold covariances on the device
         state.provided.clear()
@@ -472,7 +518,10 @@ class ModelHub:
             error, traceback = failed
             raise error.with_traceback(traceback)  # the set-up's own traceback, not one grown by every test
         try:
-            return self._build_editor(state, name)
+            editor = self._build_editor(state, name)
+            # once per editor and load: a set-up that wrote the weights would taint everything measured after it
+            self._verify_intact(state, name, "set-up")
+            return editor
         except Exception as err:
             log.warning("model %s: editor %s could not be set up; its remaining tests report the same error",
                         state.slug, name)
@@ -525,7 +574,15 @@ class ModelHub:
                 "cases": stable_hash([c.to_dict() for c in normal]),
                 "provided": provided_digest(state.provided[name]),
             }
-            median = denominator_median(editor, loaded, normal, key_fields=key_fields, root=self._root)
+            # once per editor: the denominator reports run the editor's code on the unedited model, before any
+            # edit session could catch a write; checked before the median is cached, and the editor's later
+            # tests report the same error, as for a set-up
+            try:
+                median = denominator_median(editor, loaded, normal, key_fields=key_fields, root=self._root,
+                                            verify=lambda: self._verify_intact(state, name, "denominator reports"))
+            except Exception as err:
+                state.editor_errors[name] = (err, err.__traceback__)
+                raise
         state.floor_medians[name] = median
         return median
 

@@ -57,6 +57,14 @@ def _positive_int(raw: Any) -> int:
     return value
 
 
+def _restore_check(raw: Any) -> str:
+    from pytest_editsafety.hub import RESTORE_CHECKS
+
+    if str(raw).strip() not in RESTORE_CHECKS:
+        raise argparse.ArgumentTypeError(f"unsupported value {raw!r}; use one of {', '.join(RESTORE_CHECKS)}")
+    return str(raw).strip()
+
+
 def _dtype(raw: str) -> str:
     from pytest_editsafety.registry import DTYPES
 
@@ -140,6 +148,11 @@ OPTIONS: tuple[_Option, ...] = (
             "corpus otherwise)", metavar="NAME|PATH"),
     _Option(LOADING, "--editsafety-stats-dir", "stats_dir", "directory of ROME/MEMIT second-moment .npz files to "
             "use instead of computing statistics", metavar="PATH"),
+    _Option(LOADING, "--editsafety-restore-check", "restore_check", "after every test, check that the editor "
+            "changed nothing outside its declared parameters (else the test fails and the model is reloaded): "
+            "full (default; a checksum of every tensor, on its device), sampled (a fixed sample of each tensor: "
+            "catches dense writes and replaced tensors, not a few entries) or off", parse=_restore_check,
+            metavar="full|sampled|off"),
     _Option(LOADING, "--editsafety-cache", "cache", "cache root for organisms, statistics, corpora and trained "
             "editors (default: $EDITSAFETY_CACHE or the user cache dir)", metavar="PATH"),
     _Option(FUZZ, "--editsafety-fuzz-examples", "fuzz_examples", f"cases hypothesis generates per (editor, model) "
@@ -180,6 +193,8 @@ class Settings:
     cache_root: Path | None = None
     # --editsafety-allow-missing: baseline tests this run lacks are listed, not regressions
     allow_missing: bool = False
+    # --editsafety-restore-check: full, sampled or off (pytest_editsafety.hub.RESTORE_CHECKS)
+    restore_check: str = "full"
 
 
 Given = dict[str, tuple[Any, str] | None]  # option name -> (value, where it was set), None when unset
@@ -295,6 +310,7 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
         editor_hparams=_editor_hparams(config, given["hparams"]),
         cache_root=path("cache"),
         allow_missing=bool(value("allow_missing", False)),
+        restore_check=value("restore_check", "full"),
     )
 
 

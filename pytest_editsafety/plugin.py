@@ -238,6 +238,7 @@ def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
         stats_corpus=settings.stats_corpus,
         editor_hparams={editor: str(path) for editor, path in settings.editor_hparams} or None,
         cache_root=str(settings.cache_root) if settings.cache_root else None,
+        restore_check=settings.restore_check,
     )
     yield ModelHub(get_plan(pytestconfig), options)
 
