@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from editors.base import EditorBase, EditOutcome, EditRequest
+from editors.domain import check_count, check_number
 from editors.hooks import frozen
 from editors.maths.ft import clamp_to_linf_ball, linf_distance
 from editors.text import pad_id, padded
@@ -35,10 +36,9 @@ class FtHparams:
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"FtHparams.layer: expected an int >= 0, got {self.layer!r}")
-        if self.num_steps < 1:
-            raise ValueError(f"FtHparams.num_steps: expected >= 1, got {self.num_steps}")
-        if not self.eps >= 0:
-            raise ValueError(f"FtHparams.eps: expected >= 0, got {self.eps}")
+        check_count(self, ("num_steps",))
+        check_number(self, ("lr",), strict=True)
+        check_number(self, ("eps", "weight_decay", "early_stop_nll"))
 
 
 @dataclass(frozen=True)

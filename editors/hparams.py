@@ -417,3 +417,5 @@ def hparams_from_mapping(cls: type, hparams: Mapping[str, Any], *, source: str =
         return cls(**kwargs)
     except TypeError as err:
         raise HparamsError(f"{source}: cannot build {cls.__name__}: {err}") from err
+    except ValueError as err:  # a value outside its field's domain: the dataclass names the field
+        raise HparamsError(f"{source}: {err}") from err

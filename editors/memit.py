@@ -11,7 +11,6 @@ residual stream there. Then, layer by layer in order, with the earlier layers al
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,11 +18,12 @@ import torch
 from torch import Tensor
 
 from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, SecondMomentNeed
+from editors.domain import check_number
 from editors.ft import target_nll
 from editors.hooks import capture_output, rows_at
 from editors.maths import as_out_in, delta_to_storage
 from editors.maths.memit import distribute_residual, memit_layer_update
-from editors.rome import RomeHparams, keys_and_outputs, optimise_value_delta
+from editors.rome import RomeHparams, check_value_settings, keys_and_outputs, optimise_value_delta
 from editors.text import right_padded, subject_last_index
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ class MemitHparams:
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"MemitHparams.layers: expected increasing, distinct layers, got {self.layers!r}")
         object.__setattr__(self, "layers", layers)
-        if not math.isfinite(self.mom2_update_weight) or self.mom2_update_weight < 0:
-            raise ValueError(f"MemitHparams.mom2_update_weight: expected >= 0, got {self.mom2_update_weight}")
+        check_number(self, ("mom2_update_weight",))
+        check_value_settings(self)
 
     def value_hparams(self) -> RomeHparams:
         """ROME's v* settings at the last edited layer: the same optimisation finds MEMIT's δ*."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, SecondMomentNeed
+from editors.domain import check_count, check_number, check_template_recipe
 from editors.hooks import add_at_positions, capture_input, capture_output, frozen, rows_at
 from editors.maths import as_out_in, delta_to_storage
 from editors.maths.rome import covariance_solver, measure_keys, rome_update
@@ -36,6 +37,21 @@ class RomeHparams:
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     kl_prompt: str = "{} is a"
     early_stop_nll: float = 0.05
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"RomeHparams.layer: expected an int >= 0, got {self.layer!r}")
+        check_value_settings(self)
+
+
+def check_value_settings(hp) -> None:
+    """The domain of v*'s settings, shared by ROME and MEMIT (whose δ* is found the same way)."""
+    check_count(hp, ("v_num_grad_steps", "mom2_n_samples"))
+    check_number(hp, ("v_lr", "clamp_norm_factor"), strict=True)
+    check_number(hp, ("v_weight_decay", "kl_factor", "early_stop_nll"))
+    check_template_recipe(hp)
+    if not isinstance(hp.kl_prompt, str) or hp.kl_prompt.count("{}") != 1:
+        raise ValueError(f"{type(hp).__name__}.kl_prompt: expected a text with one '{{}}', got {hp.kl_prompt!r}")
 
 
 @dataclass(frozen=True)

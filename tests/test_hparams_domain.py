@@ -1,0 +1,61 @@
+"""Every hyper-parameter is checked against its domain when it is read, and the error names the field and the
+file it came from (a NaN clamp or a negative decay would otherwise edit silently wrong)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from editors.hparams import HparamsError, hparams_from_mapping
+
+
+@pytest.mark.parametrize(("cls_path", "base", "field", "value", "message"), [
+    ("editors.rome:RomeHparams", {"layer": 3}, "clamp_norm_factor", math.nan, "clamp_norm_factor: expected a finite number > 0"),
+    ("editors.rome:RomeHparams", {"layer": 3}, "v_weight_decay", -0.5, "v_weight_decay: expected a finite number >= 0"),
+    ("editors.rome:RomeHparams", {"layer": 3}, "v_lr", 0.0, "v_lr: expected a finite number > 0"),
+    ("editors.rome:RomeHparams", {"layer": 3}, "v_num_grad_steps", 0, "v_num_grad_steps: expected an integer >= 1"),
+    ("editors.rome:RomeHparams", {"layer": 3}, "context_templates", [[-5, 10]], "context_templates[0]: the length"),
+    ("editors.rome:RomeHparams", {"layer": 3}, "context_templates", [[5, -1]], "context_templates[0]: the count"),
+    ("editors.rome:RomeHparams", {"layer": 3}, "kl_prompt", "{} is {}", "kl_prompt: expected a text with one"),
+    ("editors.rome:RomeHparams", {"layer": 3}, "mom2_n_samples", 0, "mom2_n_samples: expected an integer >= 1"),
+    ("editors.memit:MemitHparams", {"layers": [3]}, "kl_factor", math.inf, "kl_factor: expected a finite number"),
+    ("editors.memit:MemitHparams", {"layers": [3]}, "mom2_update_weight", -1.0, "mom2_update_weight"),
+    ("editors.ft:FtHparams", {"layer": 0}, "lr", -1e-3, "lr: expected a finite number > 0"),
+    ("editors.ft:FtHparams", {"layer": 0}, "weight_decay", math.nan, "weight_decay: expected a finite number >= 0"),
+])
+def test_a_value_outside_its_domain_is_refused_naming_field_and_source(cls_path, base, field, value, message):
+    import importlib
+
+    module, _, name = cls_path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(HparamsError) as err:
+        hparams_from_mapping(cls, {**base, field: value}, source="my-hparams.json")
+    assert str(err.value).startswith("my-hparams.json: ") and message in str(err.value)
+
+
+def test_every_builtin_file_is_inside_the_domain():
+    """The built-in files pass the same checks (resolved against a model deep enough for every file)."""
+    from types import SimpleNamespace
+
+    from editors.hparams import builtin_hparams_keys, load_hparams, resolve_hparams_layers, schema_for
+
+    config = SimpleNamespace(num_hidden_layers=48, editsafety_causal_layer=0)
+    for editor in ("rome", "memit", "ft-linf", "mend"):
+        schema = schema_for(editor)
+        for key in builtin_hparams_keys(editor):
+            hparams = resolve_hparams_layers(editor, load_hparams(editor, key), config)
+            hparams_from_mapping(schema.dataclass(), hparams, source=f"{editor}/{key}.json")
+
+
+def test_a_user_file_outside_the_domain_fails_when_the_editor_is_built(tmp_path):
+    from types import SimpleNamespace
+
+    from editors.registry import build_editor
+
+    user = tmp_path / "bad-rome.json"
+    user.write_text(json.dumps({"clamp_norm_factor": -1}))
+    model = SimpleNamespace(config=SimpleNamespace(model_type="gpt2", num_hidden_layers=48, editsafety_causal_layer=0))
+    with pytest.raises(HparamsError, match="clamp_norm_factor: expected a finite number > 0"):
+        build_editor("rome", "gpt2-xl", model, user_hparams=user)
