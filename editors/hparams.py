@@ -34,6 +34,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from editors.jsontext import StrictJsonError, loads_strict
+
 __all__ = [
     "COMMENT_KEY",
     "HparamsError",
@@ -132,9 +134,11 @@ def read_hparams_file(path: str | Path | Any) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise HparamsError(f"{path}: cannot read hyper-parameters file: {err}") from err
     try:
-        data = json.loads(text)
+        data = loads_strict(text)
     except json.JSONDecodeError as err:
         raise HparamsError(f"{path}: not valid JSON: {err}") from err
+    except StrictJsonError as err:
+        raise HparamsError(f"{path}: {err}") from err
     if not isinstance(data, dict):
         raise HparamsError(f"{path}: expected a JSON object of hyper-parameters, got {type(data).__name__}")
     comment = data.get(COMMENT_KEY)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from editors.jsontext import StrictJsonError, loads_strict
 from pytest_editsafety.cases.model import MISSING
 from pytest_editsafety.cases.problems import CaseProblem
 
@@ -103,9 +104,11 @@ def _parse_jsonl(text: str) -> ParsedFile:
         if not raw.strip():
             continue
         try:
-            data = json.loads(raw)
+            data = loads_strict(raw)
         except json.JSONDecodeError as error:
             problems.append(_syntax_problem(error, line_offset=number - 1, index=index))
+        except StrictJsonError as error:
+            problems.append(CaseProblem("(json)", str(error), index=index, line=number))
         else:
             entries.append(RawEntry(index=index, line=number, data=data))
         index += 1
@@ -151,11 +154,13 @@ def parse_document(text: str) -> ParsedFile:
     if not text.strip():
         return ParsedFile("empty", (), None, (CaseProblem("(file)", "is empty"),))
     try:
-        doc = json.loads(text)
+        doc = loads_strict(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data" or _looks_like_jsonl(text):
             return _parse_jsonl(text)
         return ParsedFile("json", (), None, (_syntax_problem(error),))
+    except StrictJsonError as error:
+        return ParsedFile("json", (), None, (CaseProblem("(json)", str(error)),))
     start = _skip_ws(text, 0)
     if isinstance(doc, list):
         lines = _array_element_lines(text, start)

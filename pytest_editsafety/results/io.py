@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
+from editors.jsontext import StrictJsonError, loads_strict
 from editors.storage import atomic_write_text
 from pytest_editsafety.results.errors import ResultsError, ResultsFormatError
 from pytest_editsafety.results.records import RunResult
@@ -24,30 +24,13 @@ def to_json(result: RunResult) -> str:
     return json.dumps(result.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-class _DocumentError(Exception):
-    """Raised from inside ``json.loads``, which lets every other exception escape as it is."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise _DocumentError(f"non-standard JSON constant {name}; write \"nan\", \"inf\" or \"-inf\" as strings")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DocumentError(f"duplicate key {key!r} in an object")
-        out[key] = value
-    return out
-
-
 def from_json(text: str, *, source: str = "<string>") -> RunResult:
     """Parse and validate a results document; errors name ``source`` and the JSON path of the bad field."""
     try:
-        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+        data = loads_strict(text, allow_constants=False)
     except json.JSONDecodeError as err:
         raise ResultsFormatError(source, "$", f"not valid JSON: {err}") from None
-    except _DocumentError as err:
+    except StrictJsonError as err:
         raise ResultsFormatError(source, "$", str(err)) from None
     return RunResult.from_dict(data, source=source)
 

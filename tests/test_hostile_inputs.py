@@ -1,5 +1,6 @@
-"""Every hyper-parameter is checked against its domain when it is read, and the error names the field and the
-file it came from (a NaN clamp or a negative decay would otherwise edit silently wrong)."""
+"""Hostile inputs end in a clear error naming their source: hyper-parameters outside their domain (a NaN clamp
+or a negative decay would otherwise edit silently wrong), JSON with a key given twice (silently the last one)
+or nested deep enough to crash the parser."""
 
 from __future__ import annotations
 
@@ -59,3 +60,31 @@ def test_a_user_file_outside_the_domain_fails_when_the_editor_is_built(tmp_path)
     model = SimpleNamespace(config=SimpleNamespace(model_type="gpt2", num_hidden_layers=48, editsafety_causal_layer=0))
     with pytest.raises(HparamsError, match="clamp_norm_factor: expected a finite number > 0"):
         build_editor("rome", "gpt2-xl", model, user_hparams=user)
+
+
+@pytest.mark.parametrize("text", [
+    '{"layer": 3, "layer": 4}',
+    "[" * 100_000 + "]" * 100_000,
+])
+def test_hparams_files_refuse_duplicate_keys_and_absurd_nesting(tmp_path, text):
+    from editors.hparams import read_hparams_file
+
+    path = tmp_path / "h.json"
+    path.write_text(text)
+    with pytest.raises(HparamsError, match=r"h\.json: (duplicate key 'layer'|nested too deeply)"):
+        read_hparams_file(path)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('[{"case_id": "a", "subject": "Paris", "subject": "Rome", "prompt": "{} is in", "target_new": "Spain",'
+     ' "ground_truth": "France"}]', "duplicate key 'subject'"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"case_id": "a", "case_id": "b"}\n{"case_id": "c"}\n', "duplicate key 'case_id'"),
+])
+def test_case_files_refuse_duplicate_keys_and_absurd_nesting(tmp_path, text, problem):
+    from pytest_editsafety.cases import CaseValidationError, load_cases
+
+    path = tmp_path / "cases.json"
+    path.write_text(text)
+    with pytest.raises(CaseValidationError, match=problem):
+        load_cases(path)
