@@ -88,3 +88,11 @@ def test_case_files_refuse_duplicate_keys_and_absurd_nesting(tmp_path, text, pro
     path.write_text(text)
     with pytest.raises(CaseValidationError, match=problem):
         load_cases(path)
+
+
+def test_bidi_controls_and_invisible_characters_are_shown_in_the_report():
+    from pytest_editsafety.report.markdown import escape_md
+
+    shown = escape_md("Sub\u202eject\u200b\u2066x\u2069\ufeff")
+    assert shown == "Sub(U+202E)ject(U+200B)(U+2066)x(U+2069)(U+FEFF)"
+    assert not any(ch in shown for ch in "\u202e\u200b\u2066\u2069\ufeff")

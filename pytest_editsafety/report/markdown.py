@@ -46,6 +46,9 @@ DASH = "—"
 # Line and paragraph separators would end a table row; other control characters have no business in a report.
 _LINE_BREAKS = re.compile(r"\r\n|[\r\n\t\v\f\x1c-\x1e\x85\u2028\u2029]")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x1f\x7f-\x84\x86-\x9f]")
+# bidi controls and invisible characters: kept visible as (U+XXXX), so a subject cannot reorder or hide the
+# text a reviewer reads (an RTL override turns "gpj.exe" into what looks like "exe.jpg")
+_INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 # Markdown that would change the rendering: emphasis, code spans, links/images, headings, table cells,
 # strikethrough, GitHub math. The backslash itself first, so escapes we add are not escaped again.
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]#|~$])")
@@ -54,12 +57,14 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]#|~$])")
 def escape_md(text: str) -> str:
     """``text`` as inert inline markdown, safe inside a table cell.
 
-    Line breaks and tabs become spaces and control characters go; ``&``, ``<`` and ``>`` become HTML
+    Line breaks and tabs become spaces and control characters go; bidi controls and invisible characters are
+    shown as ``(U+XXXX)``; ``&``, ``<`` and ``>`` become HTML
     entities, so no tag (``<script>``, ``<img onerror=...>``) or autolink survives; markdown punctuation
     (``\\ ` * _ [ ] # | ~ $``) is backslash-escaped, which GitHub renders as the literal character.
     """
     text = _LINE_BREAKS.sub(" ", str(text))
     text = _CONTROL.sub("", text)
+    text = _INVISIBLE.sub(lambda m: f"(U+{ord(m.group()):04X})", text)
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return _MD_SPECIAL.sub(r"\\\1", text)
 
