@@ -295,6 +295,7 @@ class ModelHub:
         loaded = state.loaded
         model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
         editor = self._editor(state, item.editor)
+        _check_fits_context(loaded, case, state.provided[item.editor].context_templates or ("{}",))
         baseline = self._baseline(state)
         floor_median = self._floor_median(state, item.editor)
         floor = self.options.bounds.relative_denominator_floor(floor_median)
@@ -342,6 +343,8 @@ class ModelHub:
         editor = self._editor(state, item.editor)
         baseline = self._baseline(state)["mean"]
         cases = self._tagged(item.model, item.case_set).cases
+        for case in cases:  # before the first edit, not midway through the sequence
+            _check_fits_context(loaded, case, state.provided[item.editor].context_templates or ("{}",))
         try:
             # the editor names the same parameters whatever the request, so one snapshot covers every edit (and
             # the whole-model check runs once, after the restore at the end)
@@ -585,6 +588,36 @@ class ModelHub:
                 raise
         state.floor_medians[name] = median
         return median
+
+
+class CaseTooLongError(ValueError):
+    """A case whose texts do not fit the model's context window."""
+
+
+def _check_fits_context(loaded: Any, case: EditCase, templates: Sequence[str]) -> None:
+    """Refuse, with the lengths, a case whose longest text (a context template around the prompt and its target,
+    a paraphrase, a neighbourhood prompt) exceeds the model's positions: it would fail deep inside the model
+    with an IndexError, or be truncated silently."""
+    config = loaded.model.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    tokenizer = loaded.tokenizer
+
+    def length(text: str) -> int:
+        return len(tokenizer(text)["input_ids"])
+
+    # an edit reads a template around the prompt and the new target but its last token; the metrics read the
+    # rewrite, paraphrase and neighbourhood prompts followed by each answer they score
+    lengths = [(length(f"{t.replace('{}', case.rewrite_prompt, 1)} {case.target_new}") - 1, t) for t in templates]
+    lengths += [(length(f"{p} {a}"), p) for p in (case.rewrite_prompt, *case.paraphrase_prompts)
+                for a in (case.target_new, case.ground_truth)]
+    lengths += [(length(f"{n.prompt} {a}"), n.prompt) for n in case.neighborhood for a in (n.answer, case.target_new)]
+    n_tokens, text = max(lengths, key=lambda pair: pair[0])
+    if n_tokens > limit:
+        raise CaseTooLongError(f"case {case.case_id!r} needs {n_tokens} tokens ({text[:60]!r}...), more than the "
+                               f"model's context of {limit}: shorten the case, or certify it on a model with a longer "
+                               "context (an edit reads a context template around the prompt and its target)")
 
 
 # metric names the harness owns: an editor's diagnostic of the same name is dropped, never mistaken for them

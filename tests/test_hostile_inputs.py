@@ -96,3 +96,21 @@ def test_bidi_controls_and_invisible_characters_are_shown_in_the_report():
     shown = escape_md("Sub\u202eject\u200b\u2066x\u2069\ufeff")
     assert shown == "Sub(U+202E)ject(U+200B)(U+2066)x(U+2069)(U+FEFF)"
     assert not any(ch in shown for ch in "\u202e\u200b\u2066\u2069\ufeff")
+
+
+@pytest.mark.organism
+def test_a_case_longer_than_the_models_context_is_refused_with_the_lengths(tmp_path):
+    from pytest_editsafety.cases import dump_cases, resolve_cases
+    from pytest_editsafety.hub import CaseTooLongError, HubOptions, ModelHub
+    from pytest_editsafety.plan import build_plan
+
+    normal = resolve_cases("normal")
+    long_subject = " ".join(["Grimung"] * 40)  # tiny-gpt2 reads 32 tokens
+    case = normal.cases[0]
+    long_case = type(case)(case_id="long", subject=long_subject, prompt=case.prompt, target_new=case.target_new,
+                           ground_truth=case.ground_truth)
+    path = dump_cases(normal.with_cases((long_case,)), tmp_path / "long.json")
+    plan = build_plan(["rome"], ["tiny-gpt2"], [str(path)])
+    outcome = ModelHub(plan, HubOptions()).run(plan.items[0])
+    assert isinstance(outcome.error, CaseTooLongError)
+    assert "more than the model's context of 32" in str(outcome.error) and "'long'" in str(outcome.error)
