@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 __all__ = ["FLOOR_CACHE_FORMAT", "denominator_median", "provided_digest"]
 
 # /2: keyed by the editor's provided resources (templates, C per layer) instead of ROME's attributes
-FLOOR_CACHE_FORMAT = "pytest-editsafety/denominator-median/2"
+# /3: each entry carries a digest of its payload, checked on read
+FLOOR_CACHE_FORMAT = "pytest-editsafety/denominator-median/3"
 
 
 def provided_digest(provided: Any) -> dict[str, Any]:
@@ -52,7 +53,15 @@ def _read(path: Path, key_fields: Mapping[str, Any]) -> dict[str, Any] | None:
     median = data.get("median")
     if median is not None and not isinstance(median, (int, float)):
         return None
+    if data.get("digest") != _digest(data):
+        log.warning("denominator cache %s does not match the digest written with it (edited or damaged); "
+                    "measuring the median again", path)
+        return None
     return data
+
+
+def _digest(entry: Mapping[str, Any]) -> str:
+    return stable_hash({"key": entry.get("key"), "median": entry.get("median"), "n": entry.get("n")}, 64)
 
 
 def _denominators(editor: Any, loaded: Any, cases: Sequence[Any]) -> list[float] | None:
@@ -90,6 +99,7 @@ def denominator_median(editor: Any, loaded: Any, normal_cases: Sequence[Any], *,
             return None
         finite = [v for v in values if math.isfinite(v)]
         median = aggregates.median(finite)
-        atomic_write_text(path, json.dumps({"key": key, "median": median, "n": len(finite)}, indent=1))
+        entry = {"key": key, "median": median, "n": len(finite)}
+        atomic_write_text(path, json.dumps({**entry, "digest": _digest(entry)}, indent=1))
         log.info("%s: median |uᵀk| over %d normal cases = %s", key_fields.get("editor"), len(finite), median)
         return median

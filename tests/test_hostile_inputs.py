@@ -114,3 +114,42 @@ def test_a_case_longer_than_the_models_context_is_refused_with_the_lengths(tmp_p
     outcome = ModelHub(plan, HubOptions()).run(plan.items[0])
     assert isinstance(outcome.error, CaseTooLongError)
     assert "more than the model's context of 32" in str(outcome.error) and "'long'" in str(outcome.error)
+
+
+def test_a_changed_float_in_a_cached_organism_is_named_and_the_build_replaced(tmp_path, caplog):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from editors.storage import file_sha256
+    from pytest_editsafety.zoo.build import WEIGHTS_FILE, build_recipe, read_metadata
+    from tests.zoo_helpers import micro_recipe
+
+    directory = build_recipe(micro_recipe(), progress=False, root=tmp_path)
+    weights = directory / WEIGHTS_FILE
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.float32(tensors[name].flat[0] + 1.0)  # still finite, still loads
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert file_sha256(weights) != read_metadata(directory)["weights_sha256"]
+    with caplog.at_level("WARNING"):
+        again = build_recipe(micro_recipe(), progress=False, root=tmp_path)
+    assert again == directory
+    assert f"organism weights {weights}" in caplog.text
+    assert file_sha256(again / WEIGHTS_FILE) == read_metadata(again)["weights_sha256"]  # built again, whole
+
+
+def test_a_cached_floor_edited_by_hand_is_named_and_measured_again(tmp_path, caplog):
+    import json
+
+    from pytest_editsafety.floor import FLOOR_CACHE_FORMAT, _digest, _read
+
+    key = {"format": FLOOR_CACHE_FORMAT, "model": "m", "editor": "rome"}
+    path = tmp_path / "rome-x.json"
+    entry = {"key": key, "median": 2.5, "n": 48}
+    path.write_text(json.dumps({**entry, "digest": _digest(entry)}))
+    assert _read(path, key)["median"] == 2.5
+    path.write_text(json.dumps({**entry, "median": 1e6, "digest": _digest(entry)}))  # the floor made harmless
+    with caplog.at_level("WARNING"):
+        assert _read(path, key) is None
+    assert str(path) in caplog.text and "digest" in caplog.text

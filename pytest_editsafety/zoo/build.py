@@ -51,8 +51,26 @@ def ensure_built(name: str, *, progress: bool = True, root: Path | None = None) 
 
 
 def build_recipe(recipe: Recipe, *, progress: bool = True, root: Path | None = None) -> Path:
-    """Directory of the organism built from ``recipe`` (any recipe, not only the built-in ones)."""
-    return build_once(organism_dir(recipe, root), lambda tmp: build_into(recipe, tmp, progress=progress))
+    """Directory of the organism built from ``recipe`` (any recipe, not only the built-in ones). A cached build
+    whose weights no longer match the sha256 its metadata recorded is discarded and built again."""
+    return build_once(organism_dir(recipe, root), lambda tmp: build_into(recipe, tmp, progress=progress),
+                      replace=_corrupted)
+
+
+def _corrupted(directory: Path) -> bool:
+    """Whether a complete build's weights differ from the ones it recorded (a changed float, a truncated file)."""
+    weights = directory / WEIGHTS_FILE
+    try:
+        recorded = read_metadata(directory).get("weights_sha256")
+        actual = file_sha256(weights)
+    except (OSError, ValueError, AttributeError) as err:
+        log.warning("organism %s is unreadable (%s); rebuilding it", directory, err)
+        return True
+    if recorded != actual:
+        log.warning("organism weights %s have sha256 %s, not the %s recorded when they were built; discarding "
+                    "the build and training it again", weights, actual[:16], str(recorded)[:16])
+        return True
+    return False
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
