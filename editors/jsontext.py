@@ -3,7 +3,8 @@ parser with the three things it lets through refused, each with a clear message.
 
 * a key given twice in one object (``json.loads`` silently keeps the last);
 * the non-standard constants ``NaN``, ``Infinity`` and ``-Infinity``, where a caller refuses them;
-* nesting deep enough to exhaust Python's recursion (an INTERNALERROR traceback otherwise).
+* nesting deep enough to exhaust Python's recursion (an INTERNALERROR traceback otherwise);
+* integers longer than Python reads (thousands of digits), a ValueError that named no file.
 
 Syntax errors stay ``json.JSONDecodeError`` (callers report their line and column); the rest raise
 :class:`StrictJsonError`, a ``ValueError``.
@@ -43,3 +44,7 @@ def loads_strict(text: str, *, allow_constants: bool = True) -> Any:
         return json.loads(text, **kwargs)
     except RecursionError:
         raise StrictJsonError("nested too deeply (arrays or objects inside each other hundreds of levels deep)") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as err:  # Python's cap on integer digits (sys.get_int_max_str_digits), hit while parsing
+        raise StrictJsonError(f"a number too long to read: {err}") from None

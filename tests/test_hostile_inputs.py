@@ -153,3 +153,13 @@ def test_a_cached_floor_edited_by_hand_is_named_and_measured_again(tmp_path, cap
     with caplog.at_level("WARNING"):
         assert _read(path, key) is None
     assert str(path) in caplog.text and "digest" in caplog.text
+
+
+def test_a_case_id_of_thousands_of_digits_is_a_case_file_problem_not_a_model_error(tmp_path):
+    from pytest_editsafety.cases import CaseValidationError, load_cases
+
+    path = tmp_path / "ids.json"
+    path.write_text('[{"case_id": ' + "7" * 5000 + ', "subject": "Paris", "prompt": "{} is in", '
+                    '"target_new": "Spain", "ground_truth": "France"}]')
+    with pytest.raises(CaseValidationError, match="a number too long to read"):
+        load_cases(path)
