@@ -44,7 +44,7 @@ def loads_strict(text: str, *, allow_constants: bool = True) -> Any:
         return json.loads(text, **kwargs)
     except RecursionError:
         raise StrictJsonError("nested too deeply (arrays or objects inside each other hundreds of levels deep)") from None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, StrictJsonError):
         raise
     except ValueError as err:  # Python's cap on integer digits (sys.get_int_max_str_digits), hit while parsing
         raise StrictJsonError(f"a number too long to read: {err}") from None
