@@ -387,6 +387,21 @@ def cmd_hparams(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _loading(parser: argparse.ArgumentParser, *, device_map: bool = True, cache: bool = True) -> None:
+    """How a command loads its model: dtype, device map, cache root."""
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    if device_map:
+        parser.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda:0")
+    if cache:
+        parser.add_argument("--cache", default=None, help="cache root (default $EDITSAFETY_CACHE or the user cache dir)")
+
+
+def _output(parser: argparse.ArgumentParser, *, quiet: bool = True) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="editsafety",
@@ -401,12 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     build = zoo.add_parser("build", help="build (or reuse) organisms and report their measurements")
     build.add_argument("name", nargs="?", default="all",
                        help="tiny-gpt2, tiny-gptj, tiny-llama, tiny-gpt2-sink or all (default)")
-    build.add_argument("--json", action="store_true")
-    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output(build)
     build.set_defaults(func=cmd_zoo_build)
     site = zoo.add_parser("causal-site", help="rerun the ablation that finds an organism's causal edit layer")
     site.add_argument("name")
-    site.add_argument("--json", action="store_true")
+    _output(site, quiet=False)
     site.set_defaults(func=cmd_zoo_causal_site)
 
     experiment = commands.add_parser("experiment", help="the papers' experiments on a model").add_subparsers(
@@ -420,8 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "for organisms, me-ppl-50 otherwise)")
     collapse.add_argument("--limit", type=int, default=None, help="at most this many cases per set")
     collapse.add_argument("--layer", type=int, default=None, help="edit this layer instead of the hparams' one")
-    collapse.add_argument("--json", action="store_true")
-    collapse.add_argument("--quiet", action="store_true")
+    _output(collapse)
     collapse.set_defaults(func=cmd_experiment_collapse)
 
     guarding = commands.add_parser(
@@ -441,9 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     guarding.add_argument("--max-ppl-ratio", type=float, default=1.5, help="with --apply: the largest probe "
                                                                           "perplexity ratio kept (default 1.5)")
     guarding.add_argument("--hparams", default=None, help="a JSON file of the editor's hyper-parameters")
-    guarding.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
-    guarding.add_argument("--cache", default=None, help="cache root (default $EDITSAFETY_CACHE or the user cache dir)")
-    guarding.add_argument("--json", action="store_true")
+    _loading(guarding, device_map=False)
+    _output(guarding, quiet=False)
     guarding.set_defaults(func=cmd_guard)
 
     mining = commands.add_parser(
@@ -467,8 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "organism-ppl for organisms, me-ppl-50 otherwise)")
     mining.add_argument("--confirm", action="store_true", help="also run full edits of the top K through the "
                                                                "harness and report perplexity ratio and efficacy")
-    mining.add_argument("--json", action="store_true")
-    mining.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output(mining)
     mining.set_defaults(func=cmd_mine)
 
     train = commands.add_parser(
@@ -483,11 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hparams", default=None, help="a JSON file of the editor's hyper-parameters over the "
                                                        "built-in ones")
     train.add_argument("--force", action="store_true", help="retrain even if the cache holds this network")
-    train.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
-    train.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda:0")
-    train.add_argument("--cache", default=None, help="cache root (default $EDITSAFETY_CACHE or the user cache dir)")
-    train.add_argument("--json", action="store_true")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _loading(train)
+    _output(train)
     train.set_defaults(func=cmd_train)
 
     hparams = commands.add_parser(
@@ -507,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="an override over both (VALUE as JSON: layer=3, mom2_adjustment=true); repeatable")
     hparams.add_argument("--cache", default=None, help="cache root where organisms are built (default "
                                                        "$EDITSAFETY_CACHE or the user cache dir)")
-    hparams.add_argument("--json", action="store_true")
+    _output(hparams, quiet=False)
     hparams.set_defaults(func=cmd_hparams)
 
     ppl = commands.add_parser("ppl", help="perplexity of a model on a corpus")
@@ -517,10 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default organism-ppl for organisms, me-ppl-50 otherwise)")
     ppl.add_argument("--batch-size", type=int, default=16)
     ppl.add_argument("--add-bos", action="store_true", help="prepend BOS (BOS families) and score every token")
-    ppl.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
-    ppl.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda:0")
-    ppl.add_argument("--json", action="store_true")
-    ppl.add_argument("--quiet", action="store_true")
+    _loading(ppl, cache=False)
+    _output(ppl)
     ppl.set_defaults(func=cmd_ppl)
     return parser
 
