@@ -57,6 +57,8 @@ class RunRecords:
     hparams: dict[str, dict[str, str]] = field(default_factory=dict)
     corpora: dict[str, tuple[str, str]] = field(default_factory=dict)
     hardware: set[str] = field(default_factory=set)
+    # worker -> the device its last record named, for the records the controller makes for its tests
+    devices: dict[str, str] = field(default_factory=dict)
     seen: bool = False
     # the planned test ids this session selected, once collection has ended (None until then, or unknown)
     selected: frozenset[str] | None = None
@@ -91,6 +93,14 @@ def _short(longrepr: Any) -> str:
     return (errors[-1][1:].strip() if errors else lines[-1])[:300]
 
 
+def _worker_of(report: pytest.TestReport) -> str:
+    """The xdist worker a report came from (xdist's controller sets ``report.node``), else this process."""
+    from pytest_editsafety.devices import MAIN_WORKER
+
+    gateway = getattr(getattr(report, "node", None), "gateway", None)
+    return str(gateway.id) if gateway is not None else MAIN_WORKER
+
+
 def _on_report(plan: Any, controller: RunRecords, report: pytest.TestReport) -> None:
     for meta in properties(report, META_PROPERTY):
         absorb_meta(controller, meta)
@@ -114,6 +124,9 @@ def _on_report(plan: Any, controller: RunRecords, report: pytest.TestReport) -> 
         if report.failed and record.get("outcome") == "passed":
             record["outcome"] = "failed"
         controller.records[item.test_id] = record
+        worker, device = record.get("worker"), record.get("device")
+        if isinstance(worker, str) and isinstance(device, str):
+            controller.devices[worker] = device
     elif report.failed:  # setup or teardown errors, a call that failed before attaching, a dead worker
         from pytest_editsafety.plan import error_record
 
@@ -123,7 +136,9 @@ def _on_report(plan: Any, controller: RunRecords, report: pytest.TestReport) -> 
             # xdist reports a test whose worker died with when="???"
             why = ("the worker running this test crashed" if report.when == "???"
                    else f"{report.when}: {_short(report.longrepr)}")
-            controller.records[item.test_id] = error_record(plan, item, why, duration_s=float(report.duration or 0.0))
+            worker = _worker_of(report)
+            controller.records[item.test_id] = error_record(plan, item, why, duration_s=float(report.duration or 0.0),
+                                                            worker=worker, device=controller.devices.get(worker))
 
 
 def absorb_meta(controller: RunRecords, meta: Any) -> None:

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from editors.storage import stable_hash
 from pytest_editsafety.bounds import Bounds, Verdict, judge
 from pytest_editsafety.cache import cache_root
 from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
+from pytest_editsafety.devices import MAIN_WORKER, device_label
 from pytest_editsafety.plan import Plan, PlanItem
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ class HubOptions:
     cache_root: str | None = None
     # after every test, check that nothing outside the editor's declared parameters changed (RESTORE_CHECKS)
     restore_check: str = DEFAULT_RESTORE_CHECK
+    # the process the hub runs in, as each record names it: an xdist worker id, or "main"
+    worker: str = MAIN_WORKER
 
     def __post_init__(self) -> None:
         if self.restore_check not in RESTORE_CHECKS:
@@ -84,7 +88,11 @@ class _ModelState:
 
     slug: str
     loaded: Any = None
-    device: str = "cpu"
+    # where the model was last loaded (torch's name, "cuda:0"); kept after an eviction for the records
+    device: str | None = None
+    # a load that failed: raised again for every later test of the model rather than retried, since a load
+    # can take minutes and fail the same way (frames cleared: they would pin a half-loaded model's memory)
+    load_error: tuple[BaseException, Any] | None = None
     # every tensor of the model as loaded (editors.restore.ModelFingerprint; None with the check off)
     reference: Any = None
     baseline: dict[str, float] | None = None
@@ -136,6 +144,9 @@ class ModelHub:
     test's restore, and after an editor's set-up and denominator reports, the model is checked against it.
     An editor that changed anything it does not declare fails that test (``UndeclaredChangeError``, naming
     the tensors) and the model is evicted, so the next test loads the weights again.
+
+    A model that fails to load fails that test with the reason, and every later test of the model in this hub
+    with the same error and traceback, without loading again.
     """
 
     def __init__(self, plan: Plan, options: HubOptions | None = None, *,
@@ -193,7 +204,8 @@ class ModelHub:
             case_id=case.case_id, is_hard=is_hard, subject=case.subject, prompt=case.prompt,
             target_new=case.target_new, ground_truth=case.ground_truth, metrics=metrics,
             certified=error is None and verdict.certified, collapse=verdict.collapse, violations=violations,
-            outcome=outcome, duration_s=time.perf_counter() - started,
+            outcome=outcome, duration_s=time.perf_counter() - started, worker=self.options.worker,
+            device=self._device_of(item.model),
         )
         return RunOutcome(record.to_dict(), self.meta(item), violations, error)
 
@@ -225,7 +237,8 @@ class ModelHub:
             test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set,
             n_edits=len(cases), ppl_after_each=tuple(ppls), ppl_unedited=unedited,
             certified=error is None and verdict.certified, collapse=verdict.collapse, violations=violations,
-            outcome=outcome, duration_s=time.perf_counter() - started,
+            outcome=outcome, duration_s=time.perf_counter() - started, worker=self.options.worker,
+            device=self._device_of(item.model),
         )
         return RunOutcome(record.to_dict(), self.meta(item), violations, error)
 
@@ -364,19 +377,29 @@ class ModelHub:
 
     def _state(self, slug: str) -> _ModelState:
         state = self._states.setdefault(slug, _ModelState(slug))
+        if state.load_error is not None:
+            error, tb = state.load_error
+            raise error.with_traceback(tb)  # the load's own traceback, not one grown by every test
         if state.loaded is None:
             # free the least recently used models first: two large models rarely fit one GPU
             while len(self._lru) >= max(1, self.options.max_loaded_models):
                 self._evict(self._lru[0])
-            self._load(state)
+            try:
+                self._load(state)
+            except Exception as err:
+                log.warning("model %s could not be loaded; its remaining tests on this worker report the same "
+                            "error", slug)
+                _clear_frames(err)
+                state.load_error = (err, err.__traceback__)
+                _empty_cuda_cache()
+                raise
         if slug in self._lru:
             self._lru.remove(slug)
         self._lru.append(slug)
         return state
 
     def _load(self, state: _ModelState) -> None:
-        import torch
-
+        """Load model ``state.slug`` into ``state``, which is left as it was if anything fails."""
         from pytest_editsafety.registry import LoadOptions, load_model
 
         slug = state.slug
@@ -391,22 +414,23 @@ class ModelHub:
                               cache_root=str(self._root))
         log.info("loading model %s (%s)", slug, choice.given)
         loaded = load_model(choice.spec, options)
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        device = _default_device()
         if self.options.device_map is None:
             loaded.model.to(device)
         else:
             device = str(next(loaded.model.parameters()).device)
-        state.loaded = loaded
-        state.device = device
-        state.identity = loaded.identity
-        state.reference = None
+        reference = None
         if self.options.restore_check != "off":
             from editors.restore import ModelFingerprint
 
             started = time.perf_counter()
-            state.reference = ModelFingerprint.of(loaded.model, self.options.restore_check)
+            reference = ModelFingerprint.of(loaded.model, self.options.restore_check)
             log.info("model %s: %s restore-check fingerprint of %d tensors in %.3f s", slug,
-                     self.options.restore_check, len(state.reference.names), time.perf_counter() - started)
+                     self.options.restore_check, len(reference.names), time.perf_counter() - started)
+        state.loaded = loaded
+        state.device = device
+        state.identity = loaded.identity
+        state.reference = reference
 
     def _verify_intact(self, state: _ModelState, editor: str, during: str) -> None:
         """Check the whole model against its fingerprint after ``editor`` ran code outside an edit session (its
@@ -434,13 +458,16 @@ class ModelHub:
         state.provided.clear()
         if slug in self._lru:
             self._lru.remove(slug)
-        try:
-            import torch
+        _empty_cuda_cache()
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:  # freeing memory is a courtesy
-            log.debug("could not empty the CUDA cache", exc_info=True)
+    def _device_of(self, slug: str) -> str | None:
+        """The device a record of model ``slug`` names (``devices.device_label``): where the model was loaded;
+        before it ever was (its load failed), where the hub puts models, or None under a device map."""
+        state = self._states.get(slug)
+        device = state.device if state is not None else None
+        if device is None and self.options.device_map is None and slug not in self._held_models:
+            device = _default_device()
+        return None if device is None else device_label(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def _corpus(self, name: str) -> Any:
         if name not in self._corpora:
@@ -638,6 +665,38 @@ def _hparams_digest(hp: Any) -> str | None:
     except ValueError as err:  # a third-party editor's hparams that are not JSON values
         log.warning("cannot hash hyper-parameters: %s", err)
     return None
+
+
+def _default_device() -> str:
+    """Where the hub puts a model without a device map: this process's first GPU (its own one on an xdist
+    worker, which sees only its GPU), else the CPU."""
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _clear_frames(error: BaseException) -> None:
+    """Drop the local variables of the frames ``error`` and the exceptions it chains to passed through, keeping
+    the traceback's lines: a failed load's frames may hold the half-loaded model's tensors on the GPU."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # freeing memory is a courtesy
+        log.debug("could not empty the CUDA cache", exc_info=True)
 
 
 def _describe_hardware() -> str:

@@ -285,8 +285,10 @@ def controller_identity(choice: ModelChoice) -> str:
     return f"{spec.location}@{spec.revision or 'unresolved'}"
 
 
-def error_record(plan: Plan, item: PlanItem, message: str, *, duration_s: float = 0.0) -> dict[str, Any]:
-    """A record for a test that produced none itself (a setup error, a crashed worker)."""
+def error_record(plan: Plan, item: PlanItem, message: str, *, duration_s: float = 0.0, worker: str | None = None,
+                 device: str | None = None) -> dict[str, Any]:
+    """A record for a test that produced none itself (a setup error, a crashed worker), which ran on ``worker``
+    and ``device`` where known."""
     from pytest_editsafety.results import CaseRecord, SequentialRecord
 
     violations = (f"error: {message}",)
@@ -295,12 +297,12 @@ def error_record(plan: Plan, item: PlanItem, message: str, *, duration_s: float 
         return SequentialRecord(
             test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set, n_edits=n_edits,
             ppl_after_each=(), ppl_unedited=math.nan, certified=False, collapse=False, violations=violations,
-            outcome="error", duration_s=duration_s,
+            outcome="error", duration_s=duration_s, worker=worker, device=device,
         ).to_dict()
     case = plan.case(item)
     return CaseRecord(
         test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set, case_id=case.case_id,
         is_hard=bool(case.is_hard), subject=case.subject, prompt=case.prompt, target_new=case.target_new,
         ground_truth=case.ground_truth, metrics={}, certified=False, collapse=False, violations=violations,
-        outcome="error", duration_s=duration_s,
+        outcome="error", duration_s=duration_s, worker=worker, device=device,
     ).to_dict()

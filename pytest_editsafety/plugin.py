@@ -10,7 +10,8 @@ options and markers and nothing else. It activates:
 * at configure time when an editsafety option is set, on the command line or as its ``editsafety_*`` ini
   twin. Such a run is *owned*: the options are validated and the plan is built at once (a bad value is a
   ``pytest.UsageError``, exit 4), and under xdist the controller and its workers take the roles of
-  ``xdist_glue`` (``--dist loadgroup`` by default, ``-n auto`` = number of GPUs, one GPU per worker);
+  ``xdist_glue`` (``-n auto`` = number of GPUs, one GPU per worker; xdist's ``load`` scheduling spreads
+  every (editor, model) over all workers, in the plan's model-major order);
 * otherwise when collection first meets a test that requests ``editsafety_item`` or
   ``editsafety_fuzz_target`` (the modules in ``suites/``), or when an xdist controller first receives such
   a test's record: the plan is built from the defaults then, and xdist keeps its own scheduling.
@@ -209,11 +210,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def xdist_group(item: Any) -> str:
-    """The ``--dist loadgroup`` group of a test: its (model, editor) pair.
+    """The ``--dist loadgroup`` group of a test, for a user who chooses that mode: its (model, editor) pair.
 
-    A worker runs a group's tests back to back and the plan is model-major, so each worker loads a model
-    once, while different editors of one model still spread over workers (one GPU each). Grouping by
-    model alone would run a one-model certification on a single GPU however many there are.
+    Under loadgroup a worker runs a group's tests back to back and each (model, editor) stays on one GPU;
+    xdist's default ``load``, which owned runs keep, spreads every group over all workers instead.
     """
     return f"{item.model}.{item.editor}"
 
@@ -227,6 +227,7 @@ def editsafety_plan(pytestconfig: pytest.Config) -> Any:
 @pytest.fixture(scope="session")
 def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
     """This worker's ``ModelHub``: loads each model once and runs certification tests against it."""
+    from pytest_editsafety.devices import MAIN_WORKER
     from pytest_editsafety.hub import HubOptions, ModelHub
 
     settings = get_settings(pytestconfig)
@@ -239,6 +240,8 @@ def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
         editor_hparams={editor: str(path) for editor, path in settings.editor_hparams} or None,
         cache_root=str(settings.cache_root) if settings.cache_root else None,
         restore_check=settings.restore_check,
+        # "gw0"... on an xdist worker: each record says which worker measured it
+        worker=str(pytestconfig.workerinput["workerid"]) if hasattr(pytestconfig, "workerinput") else MAIN_WORKER,
     )
     yield ModelHub(get_plan(pytestconfig), options)
 

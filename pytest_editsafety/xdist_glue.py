@@ -1,5 +1,5 @@
-"""pytest-xdist glue for the runs the plugin owns: one GPU per worker, ``-n auto`` = number of GPUs,
-``--dist loadgroup`` by default, a crash-safe group scheduler.
+"""pytest-xdist glue for the runs the plugin owns: one GPU per worker, ``-n auto`` = number of GPUs, and a
+crash-safe scheduler for users who choose ``--dist loadgroup``.
 
 A run is owned when an editsafety option is given (``plugin.options_given``); any other run, including
 one that merely collects the certification suite, keeps xdist's own behaviour. Nothing here is a
@@ -8,45 +8,39 @@ module-level hook: the plugin registers ``ControllerXdist`` on an owned run's co
 calls a role's own ``pytest_configure`` as it is registered), and answers xdist's ``-n auto`` question,
 asked before configuration, with ``auto_num_workers`` in owned runs.
 
+Scheduling is xdist's own. Its default for ``-n N``, ``--dist load``, sends each worker runs of consecutive
+tests from one queue in collection order, which is the plan's model-major order: every worker takes part in
+every (model, editor), all of them finish one model before the next, so each worker loads a model once and
+holds one at a time (the hub frees the previous model). When a worker crashes, ``load`` reports the test it
+was running as failed and re-queues only the others. ``--dist loadgroup``, which the user may still choose,
+keeps each (model, editor) on one worker (``plugin.xdist_group``), with the crash handling of
+``crash_safe_loadgroup``.
+
 The controller never imports torch: it counts GPUs from ``CUDA_VISIBLE_DEVICES`` (the caller's choice wins)
-or from ``nvidia-smi -L`` in a subprocess, and hands each worker one device through ``workerinput``. The
-worker pins itself by narrowing ``CUDA_VISIBLE_DEVICES`` while it is configured, before anything can
-initialise CUDA, so ``cuda:0`` in the worker is its own GPU. CPU-only machines are left alone. Every xdist
-hook is optional, so the roles load whether or not xdist is installed.
+or from ``nvidia-smi -L`` in a subprocess, and hands each worker the GPU fewest live workers hold through
+``workerinput``. The worker pins itself by narrowing ``CUDA_VISIBLE_DEVICES`` while it is configured, before
+anything can initialise CUDA, so ``cuda:0`` in the worker is its own GPU. CPU-only machines are left alone.
+Every xdist hook is optional, so the roles load whether or not xdist is installed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shlex
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
 
+from pytest_editsafety.devices import parse_visible_devices
+
 log = logging.getLogger(__name__)
 
 DEVICE_KEY = "editsafety_device"
-LOADGROUP_KEY = "editsafety_loadgroup"
 CPU = "cpu"
 _DEVICES = pytest.StashKey[tuple[str, ...]]()
-
-
-def parse_visible_devices(value: str) -> tuple[str, ...]:
-    """The devices a ``CUDA_VISIBLE_DEVICES`` value names: indices or UUIDs, in order.
-
-    CUDA stops at the first invalid entry; ``-1`` (or any negative index) is the usual way to hide every GPU.
-    """
-    devices: list[str] = []
-    for raw in value.split(","):
-        entry = raw.strip()
-        if not entry or entry.startswith("-"):
-            break
-        devices.append(entry)
-    return tuple(devices)
 
 
 def count_gpus_with_nvidia_smi(timeout: float = 10.0) -> int:
@@ -72,30 +66,20 @@ def visible_gpus(environ: Any = None) -> tuple[str, ...]:
     return tuple(str(i) for i in range(count_gpus_with_nvidia_smi()))
 
 
-def device_for_worker(worker_id: str, devices: Sequence[str]) -> str:
-    """Round-robin: worker ``gwN`` gets ``devices[N % len(devices)]``; ``"cpu"`` when there is no GPU."""
+def least_used_device(devices: Sequence[str], in_use: Iterable[str]) -> str:
+    """The device the fewest live workers hold (``in_use``: one entry per worker), the first such in order;
+    ``"cpu"`` when there is no GPU. Workers started one after another get the GPUs round-robin, and a crashed
+    worker's replacement (a new id to xdist) takes the GPU its predecessor left."""
     if not devices:
         return CPU
-    digits = "".join(ch for ch in worker_id if ch.isdigit())
-    index = int(digits) if digits else 0
-    return devices[index % len(devices)]
+    held = list(in_use)
+    return min(devices, key=lambda device: (held.count(device), devices.index(device)))
 
 
 def _config_devices(config: pytest.Config) -> tuple[str, ...]:
     if _DEVICES not in config.stash:
         config.stash[_DEVICES] = visible_gpus()
     return config.stash[_DEVICES]
-
-
-def dist_chosen_explicitly(config: pytest.Config) -> bool:
-    """Whether the user asked for a distribution mode (``--dist``, ``-d``) anywhere pytest reads options."""
-    args = [str(a) for a in config.invocation_params.args]
-    args += shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
-    try:
-        args += [str(a) for a in config.getini("addopts")]
-    except (ValueError, KeyError):
-        pass
-    return any(a == "-d" or a == "--distload" or a.startswith("--dist") for a in args)
 
 
 def auto_num_workers(config: pytest.Config) -> int | None:
@@ -130,22 +114,26 @@ def restore_group_suffixes(items: Sequence[pytest.Item]) -> None:
 
 
 class ControllerXdist:
-    """The controller of an owned run: ``--dist loadgroup`` unless the user chose a mode, a device for each
-    worker, and the crash-safe group scheduler."""
+    """The controller of an owned run: a GPU for each worker, and the crash-safe scheduler under
+    ``--dist loadgroup``."""
 
-    def pytest_configure(self, config: pytest.Config) -> None:
-        # -n N without --dist: xdist picks load; grouping by (model, editor) keeps a model on one worker
-        if getattr(config.option, "dist", "no") == "load" and not dist_chosen_explicitly(config):
-            config.option.dist = "loadgroup"
+    def __init__(self) -> None:
+        # live worker id -> the device it was given
+        self._given: dict[str, str] = {}
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         devices = _config_devices(node.config)
-        device = device_for_worker(str(node.gateway.id), devices)
+        device = least_used_device(devices, self._given.values())
+        worker = str(node.gateway.id)
+        self._given[worker] = device
         node.workerinput[DEVICE_KEY] = device
-        # workers parse the original command line, so a dist mode set here must travel explicitly
-        node.workerinput[LOADGROUP_KEY] = node.config.getoption("dist", "no") == "loadgroup"
-        log.info("worker %s gets device %s", node.gateway.id, device)
+        log.info("worker %s gets device %s", worker, device)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        # called before xdist starts a crashed worker's replacement, which may then take this device
+        self._given.pop(str(node.gateway.id), None)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
@@ -158,12 +146,10 @@ class ControllerXdist:
 
 class WorkerXdist:
     """A worker of an owned run (its ``workerinput`` carries ``DEVICE_KEY``): pinned to its device, its
-    groups' node ids restored."""
+    groups' node ids restored under ``--dist loadgroup``."""
 
     def pytest_configure(self, config: pytest.Config) -> None:
         workerinput = config.workerinput  # type: ignore[attr-defined]
-        if workerinput.get(LOADGROUP_KEY):
-            config.option.loadgroup = True
         device = workerinput.get(DEVICE_KEY)
         if device and device != CPU:
             os.environ["CUDA_VISIBLE_DEVICES"] = device

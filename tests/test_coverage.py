@@ -98,6 +98,13 @@ def test_plans_edited_by_hand_and_records_outside_them_are_refused(tmp_path: Pat
         dataclasses.replace(run, plan=plan_of(run, ids_of(run)[1:]))
 
 
+def _as_v1(data: dict[str, Any]) -> None:
+    """A v2 document relabelled v1 without the v1-unknown top-level fields (its records keep theirs)."""
+    data.update(schema=SCHEMA_V1)
+    for name in ("plan", "sessions", "coverage"):
+        del data[name]
+
+
 @pytest.mark.parametrize(("edit", "json_path", "problem"), [
     (lambda d: d["cases"].pop(2), "$.coverage", "says complete with 0 planned test(s) missing, but the plan, "
                                                 "sessions and records make it partial with 1 missing"),
@@ -110,6 +117,7 @@ def test_plans_edited_by_hand_and_records_outside_them_are_refused(tmp_path: Pat
     (lambda d: d["plan"]["case_sets"][0].update(n_planned=2), "$.plan.case_sets[0].n_planned",
      "2 planned of 3 cases does not follow from limit None"),
     (lambda d: d.update(schema=SCHEMA_V1), "$.plan", "unknown field in a pytest-editsafety/v1 file"),
+    (lambda d: _as_v1(d), "$.cases[0].worker", "unknown field in a pytest-editsafety/v1 file"),
 ])
 def test_a_file_that_misstates_its_coverage_is_refused(tmp_path: Path, edit: Any, json_path: str,
                                                        problem: str) -> None:
@@ -126,7 +134,10 @@ def test_a_file_that_misstates_its_coverage_is_refused(tmp_path: Path, edit: Any
 def test_v1_files_render_but_never_certify(tmp_path: Path) -> None:
     old = read_result(GOLDEN / "run_v1.json")
     assert (old.plan, old.sessions, old.coverage.status) == (None, (), "unknown")
-    assert old.cases == read_result(GOLDEN / "run.json").cases
+    # the same records, except that a v1 file does not say where its tests ran
+    assert all(r.worker is None and r.device is None for r in (*old.cases, *old.sequential))
+    current = read_result(GOLDEN / "run.json").cases
+    assert old.cases == tuple(dataclasses.replace(r, worker=None, device=None) for r in current)
     all_certified = dataclasses.replace(old, cases=tuple(r for r in old.cases if r.ok),
                                         sequential=tuple(r for r in old.sequential if r.ok))
     assert not all_certified.certified
@@ -134,6 +145,7 @@ def test_v1_files_render_but_never_certify(tmp_path: Path) -> None:
     md = render_markdown(all_certified)
     assert "> ⚠️ **PARTIAL**: 5 of 5 cases certified; 1 of 1 sequential runs certified." in md
     assert "No plan recorded: the results record no plan (a file older than pytest-editsafety/v2)" in md
+    assert "**Workers:**" not in md
     # written again, a v1 result is a v2 file that still says it has no plan
     write_result(old, tmp_path / "again.json")
     data = json.loads((tmp_path / "again.json").read_text(encoding="utf-8"))

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from editors.registry import available_editors
 from pytest_editsafety import xdist_glue
 from pytest_editsafety.cases import CaseSet, EditCase
+from pytest_editsafety.devices import device_label
 from editors.storage import slugify
 from pytest_editsafety.plan import PlanError, build_plan
 from pytest_editsafety.plugin import get_plan, get_settings
@@ -53,8 +54,16 @@ class Noop(EditorBase):
             os._exit(3)  # a worker dying mid-test, as an OOM kill or a segfault would
         return EditOutcome(edited=())
 
+class Where(Noop):
+    """Changes nothing and reports the GPU its xdist worker was pinned to, as a metric of every record."""
+    def apply(self, model, tokenizer, family, requests):
+        return EditOutcome(edited=(), diagnostics={"visible_gpu": int(os.environ["CUDA_VISIBLE_DEVICES"])})
+
 def make_noop(hparams):
     return Noop("noop")
+
+def make_where(hparams):
+    return Where("where")
 
 def make_crasher(hparams):
     return Noop("noop-crash", crash_subject="Crashwell")
@@ -83,9 +92,9 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def fake_editors(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory that, on sys.path, makes the editors ``noop`` and ``noop-crash`` installed."""
+    """A directory that, on sys.path, makes the editors ``noop``, ``noop-crash`` and ``where`` installed."""
     return write_editor_package(tmp_path_factory.mktemp("fake-editors"), "editsafety_fake_editors", FAKE_EDITORS,
-                                {"noop": "make_noop", "noop-crash": "make_crasher"})
+                                {"noop": "make_noop", "noop-crash": "make_crasher", "where": "make_where"})
 
 
 @pytest.fixture()
@@ -244,30 +253,45 @@ def test_gpus_are_counted_without_torch(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_workers_get_devices_round_robin_and_auto_means_gpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,7")
-    config = types.SimpleNamespace(stash=pytest.Stash(), getoption=lambda name, default=None: "loadgroup")
+    config = types.SimpleNamespace(stash=pytest.Stash())
     assert xdist_glue.auto_num_workers(config) == 2
-    given = {}
-    for worker in ("gw0", "gw1", "gw2"):
+    controller = xdist_glue.ControllerXdist()
+
+    def start(worker: str) -> str:
         node = types.SimpleNamespace(config=config, gateway=types.SimpleNamespace(id=worker), workerinput={})
-        xdist_glue.ControllerXdist().pytest_configure_node(node)
-        given[worker] = node.workerinput
-    assert [w[xdist_glue.DEVICE_KEY] for w in given.values()] == ["3", "7", "3"]
-    assert all(w[xdist_glue.LOADGROUP_KEY] for w in given.values())
+        controller.pytest_configure_node(node)
+        return node.workerinput[xdist_glue.DEVICE_KEY]
+
+    def down(worker: str) -> None:
+        controller.pytest_testnodedown(types.SimpleNamespace(gateway=types.SimpleNamespace(id=worker)), None)
+
+    assert [start(w) for w in ("gw0", "gw1", "gw2")] == ["3", "7", "3"]
+    down("gw0")
+    down("gw1")
+    # xdist replaces a crashed worker under a new id: it takes a GPU left free, not gw3's round-robin turn
+    assert start("gw3") == "7"
+    assert start("gw4") == "3"
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     cpu_config = types.SimpleNamespace(stash=pytest.Stash())
     assert xdist_glue.auto_num_workers(cpu_config) is None  # xdist keeps its CPU count
-    assert xdist_glue.device_for_worker("gw5", ()) == "cpu"
+    assert xdist_glue.least_used_device((), ["cpu"]) == "cpu"
 
 
 def test_a_worker_pins_itself_to_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,7")
-    option = types.SimpleNamespace(loadgroup=False)
-    worker = types.SimpleNamespace(workerinput={xdist_glue.DEVICE_KEY: "7", xdist_glue.LOADGROUP_KEY: True},
-                                   option=option)
+    worker = types.SimpleNamespace(workerinput={xdist_glue.DEVICE_KEY: "7"})
     xdist_glue.WorkerXdist().pytest_configure(worker)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
-    assert option.loadgroup is True
+
+
+@pytest.mark.parametrize(("device", "visible", "label"), [
+    ("cuda:0", "3", "cuda:0 (GPU 3)"), ("cuda:1", "3, 7", "cuda:1 (GPU 7)"), ("cuda:0", None, "cuda:0"),
+    ("cuda:0", "GPU-8f2e", "cuda:0 (GPU-8f2e)"), ("cpu", "3", "cpu"), ("cuda:2", "3,7", "cuda:2"),
+])
+def test_a_records_device_names_the_gpu_a_pinned_worker_sees_as_cuda_0(device: str, visible: str | None,
+                                                                        label: str) -> None:
+    assert device_label(device, visible) == label
 
 
 def test_collection_imports_neither_torch_nor_transformers(tmp_path: Path) -> None:
@@ -488,6 +512,50 @@ def test_an_editor_that_fails_to_set_up_fails_every_test_without_retrying(
     assert "--editsafety-hparams mend=" in str(outcomes[0].error)
 
 
+def test_a_model_that_fails_to_load_fails_its_tests_once_with_the_reason(
+    micro_model: Path, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, editors_installed: Path,
+    one_torch_thread: None,
+) -> None:
+    import shutil
+    import traceback
+
+    from pytest_editsafety import registry
+    from pytest_editsafety.hub import HubOptions, ModelHub
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(micro_model, broken)
+    loads: list[str] = []
+    load = registry.load_model
+
+    def load_or_fail(spec, options=None):
+        loads.append(Path(spec.location).name)
+        if Path(spec.location).name == broken.name:
+            raise OSError("the weights are truncated")
+        return load(spec, options)
+
+    monkeypatch.setattr(registry, "load_model", load_or_fail)
+    cases = write_cases(tmp_path / "cases.json", [
+        {"case_id": c, "subject": "Alpha", "prompt": "{} lives in", "target_new": t, "ground_truth": "Rome"}
+        for c, t in (("one", "Paris"), ("two", "Oslo"), ("three", "Lima"))])
+    plan = build_plan(["noop"], [str(broken), str(micro_model)], [str(cases)], ppl_corpus=str(corpus_file))
+    hub = ModelHub(plan, HubOptions(cache_root=str(tmp_path / "cache")))
+    outcomes = {item.test_id: hub.run(item) for item in plan.items}
+
+    # loaded once each: the broken model's later tests get its error at once, and the other model still runs
+    assert loads == [broken.name, micro_model.name]
+    failed = [o for item_id, o in outcomes.items() if broken.name in item_id]
+    assert len(failed) == 3 and all(o.error is failed[0].error for o in failed)
+    assert isinstance(failed[0].error, OSError)
+    # with the load's own traceback (down to the loader), not one grown by every test
+    frames = [frame.name for frame in traceback.extract_tb(failed[2].error.__traceback__)]
+    assert frames[-2:] == ["_load", "load_or_fail"] and frames.count("run_case") == 1
+    for outcome in failed:
+        assert outcome.record["outcome"] == "error"
+        assert outcome.record["violations"] == ["error: OSError: the weights are truncated"]
+        assert (outcome.record["worker"], outcome.record["device"]) == ("main", "cpu")
+    assert all(o.error is None for item_id, o in outcomes.items() if broken.name not in item_id)
+
+
 def test_noop_editor_fails_certification_and_hostile_case_text_is_escaped(
     isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, editors_installed: Path, tmp_path: Path,
 ) -> None:
@@ -583,10 +651,12 @@ def test_a_test_that_errors_is_recorded_as_an_error(
     assert by_id["short"].outcome == "passed"
 
 
+@pytest.mark.parametrize("dist", [[], ["--dist", "loadgroup"]], ids=["load", "loadgroup"])
 def test_a_worker_killed_mid_run_loses_only_its_case(
     isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, fake_editors: Path, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, dist: list[str],
 ) -> None:
+    # xdist's default scheduling and, for a user who chooses it, the crash-safe loadgroup scheduler
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake_editors), os.environ.get("PYTHONPATH", "")]))
     cases = write_cases(tmp_path / "cases.json", [
         {"case_id": c, "subject": s, "prompt": "{} lives in", "target_new": "Paris", "ground_truth": "Rome"}
@@ -597,7 +667,7 @@ def test_a_worker_killed_mid_run_loses_only_its_case(
                     "--editsafety-min-efficacy=0", "--editsafety-min-locality=0")
     collected = isolated.runpytest_subprocess(*args, "--collect-only", "-q")
     expected = sorted(re.search(r"\[(.*)\]", line).group(1) for line in collected.outlines if "::" in line)
-    result = isolated.runpytest_subprocess(*args, "-n", "2", timeout=300)
+    result = isolated.runpytest_subprocess(*args, "-n", "2", *dist, timeout=300)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*crashed while running*-b]*"])
     run = read_result(out / "r.json")
@@ -608,6 +678,37 @@ def test_a_worker_killed_mid_run_loses_only_its_case(
     assert outcomes == {"a": "passed", "b": "error", "c": "passed", "d": "passed"}
     crashed = next(r for r in run.cases if r.case_id == "b")
     assert "crashed" in crashed.violations[0] and crashed.subject == "Crashwell"
+    # the controller's record of the crashed test names the worker, and the device its earlier record named
+    before = next(r for r in run.cases if r.case_id == "a")
+    assert crashed.worker == before.worker and crashed.worker.startswith("gw") and crashed.device == before.device
+
+
+def test_every_worker_runs_cases_of_one_editor_and_model_each_on_its_own_gpu(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, fake_editors: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # four GPUs as the controller counts them; torch here has no CUDA, so the models stay on the CPU and the
+    # editor "where" reports the GPU each worker was pinned to as a metric
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake_editors), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    cases = write_cases(tmp_path / "cases.json", [
+        {"case_id": f"c{i}", "subject": s, "prompt": "{} lives in", "target_new": "Paris", "ground_truth": "Rome"}
+        for i, s in enumerate(("Alpha", "Beta", "Gamma", "Delta", "Epsilon", "Zeta", "Eta", "Theta"))
+    ])
+    out = tmp_path / "out"
+    result = isolated.runpytest_subprocess(*run_args(
+        micro_model, corpus_file, out, "--editor=where", f"--cases={cases}", "--editsafety-min-efficacy=0",
+        "--editsafety-min-locality=0", "-n", "4"), timeout=300)
+    result.assert_outcomes(passed=8)
+    run = read_result(out / "r.json")
+    gpus: dict[str, set[float]] = {}
+    for record in run.cases:
+        gpus.setdefault(record.worker, set()).add(record.metrics["visible_gpu"])
+        assert record.device == "cpu"
+    assert sorted(gpus) == ["gw0", "gw1", "gw2", "gw3"]  # one (editor, model) spread over every worker
+    assert sorted(gpu for pinned in gpus.values() for gpu in pinned) == [0.0, 1.0, 2.0, 3.0]  # one GPU each
+    workers = next(line for line in (out / "r.md").read_text().splitlines() if line.startswith("- **Workers:**"))
+    assert all(f"{worker} on cpu: " in workers for worker in gpus)
 
 
 # ---------------------------------------------------------------------------------------------- partial runs

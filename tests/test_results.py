@@ -45,6 +45,8 @@ GOLDEN = Path(__file__).parent / "golden"
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
 any_float = st.floats(allow_nan=True, allow_infinity=True)
 text = st.text(max_size=40)  # any unicode, newlines and quotes included
+workers = st.one_of(st.none(), st.sampled_from(["main", "gw0", "gw13"]))
+devices = st.one_of(st.none(), st.sampled_from(["cpu", "cuda:0", "cuda:0 (GPU 3)", "cuda:1 (GPU-8f2e)"]))
 
 
 def metadata_for(editor_names: tuple[str, ...], model_names: tuple[str, ...], **overrides: Any) -> RunMetadata:
@@ -88,6 +90,8 @@ def case_records(draw: st.DrawFn, editor: str, model: str, test_id: str) -> Case
         violations=() if certified else tuple(draw(st.lists(text, max_size=3))),
         outcome=draw(st.sampled_from(["passed", "failed", "error"])),
         duration_s=draw(st.floats(min_value=0, max_value=1e4)),
+        worker=draw(workers),
+        device=draw(devices),
     )
 
 
@@ -108,6 +112,8 @@ def sequential_records(draw: st.DrawFn, editor: str, model: str, test_id: str) -
         violations=() if certified else tuple(draw(st.lists(text, max_size=2))),
         outcome=draw(st.sampled_from(["passed", "failed", "error"])),
         duration_s=draw(st.floats(min_value=0, max_value=1e4)),
+        worker=draw(workers),
+        device=draw(devices),
     )
 
 
@@ -302,6 +308,8 @@ def test_record_constructors_check_invariants() -> None:
         CaseRecord("t", "e", "m", "s", "1", False, "s", "p", "x", "y", {"a": "1"}, False, False, (), "failed", 0.0)  # type: ignore[dict-item]
     with pytest.raises(RecordError, match="test_id: must not be empty"):
         SequentialRecord("", "e", "m", "s", 1, (1.0,), 1.0, True, False, (), "passed", 0.0)
+    with pytest.raises(RecordError, match=r"device: must not be empty \(null when unknown\)"):
+        SequentialRecord("t", "e", "m", "s", 1, (1.0,), 1.0, True, False, (), "passed", 0.0, "gw0", "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -355,8 +363,10 @@ def test_merge_unions_editors_and_models() -> None:
 
 def test_merge_keeps_agreeing_duplicates_and_rejects_conflicts() -> None:
     whole = read_result(GOLDEN / "run.json")
-    rerun = dataclasses.replace(whole, cases=tuple(dataclasses.replace(r, duration_s=r.duration_s + 1)
-                                                   for r in whole.cases))
+    # re-run elsewhere: other durations, workers and devices, the same measurements
+    rerun = dataclasses.replace(whole, cases=tuple(
+        dataclasses.replace(r, duration_s=r.duration_s + 1, worker="gw7", device="cuda:0 (GPU 7)")
+        for r in whole.cases))
     assert merge([whole, rerun]).cases == whole.cases
     flipped = [dataclasses.replace(r, outcome="error", certified=False, violations=("boom",)) if i in (0, 3) else r
                for i, r in enumerate(whole.cases)]

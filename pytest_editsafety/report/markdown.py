@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 from tabulate import tabulate
@@ -179,11 +180,32 @@ def _run_section(result: RunResult) -> list[str]:
         f"- **Time:** {escape_md(meta.started)} to {escape_md(meta.finished)} "
         f"({format_number(meta.duration_s)} s of test time)",
         f"- **Hardware:** {escape_md(meta.hardware)}",
-        f"- **Libraries:** {libraries or DASH}",
     ]
+    workers = _workers_text(result)
+    if workers:
+        lines.append(f"- **Workers:** {workers}")
+    lines.append(f"- **Libraries:** {libraries or DASH}")
     for command in meta.commands:
         lines.append(f"- **Command:** {escape_md(command)}")
     return lines
+
+
+def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that puts gw2 before gw10."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part)
+
+
+def _workers_text(result: RunResult) -> str:
+    """Each worker that recorded tests, the device it ran them on and how many: ``gw0 on cuda:0 (GPU 0): 24
+    tests; ...``; empty when no record says (a v1 file)."""
+    counts = Counter((r.worker, r.device) for r in (*result.cases, *result.sequential))
+    entries = [(worker, device, n) for (worker, device), n in counts.items() if worker is not None]
+    entries.sort(key=lambda entry: (_natural(entry[0]), entry[1] is None, entry[1] or ""))
+    return "; ".join(
+        f"{escape_md(worker)} on {escape_md(device) if device is not None else 'an unrecorded device'}: "
+        f"{n} test{'' if n == 1 else 's'}"
+        for worker, device, n in entries
+    )
 
 
 def _plan_section(result: RunResult) -> list[str]:

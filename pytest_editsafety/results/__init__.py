@@ -13,8 +13,9 @@ Layout::
      "cases":      [{CaseRecord fields}, ...],       # sorted by test_id
      "sequential": [{SequentialRecord fields}, ...]} # sorted by test_id
 
-``pytest-editsafety/v1`` files (no plan, sessions or coverage) are still read; their coverage is unknown,
-so they render but never certify.
+Each record names the worker that ran it (``"gw0"``, or ``"main"`` without xdist) and the device
+(``"cuda:0 (GPU 3)"``, ``"cpu"``; null when unknown). ``pytest-editsafety/v1`` files (no plan, sessions,
+coverage, workers or devices) are still read; their coverage is unknown, so they render but never certify.
 
 Non-finite floats are the strings ``"nan"``, ``"inf"``, ``"-inf"``; ``null`` appears only where a value is
 optional (a metric an editor does not have, e.g. ``denominator`` for MEMIT). Validation is strict: unknown

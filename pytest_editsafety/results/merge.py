@@ -21,8 +21,9 @@ class MergeError(ResultsError):
     """Shards that cannot form one run (other plans, bounds, corpus or model weights, conflicting records)."""
 
 
-def _without_duration(record: CaseRecord | SequentialRecord) -> CaseRecord | SequentialRecord:
-    return dataclasses.replace(record, duration_s=0.0)
+def _what_was_measured(record: CaseRecord | SequentialRecord) -> CaseRecord | SequentialRecord:
+    """The record without how long it took and where it ran, which a re-run shard may change."""
+    return dataclasses.replace(record, duration_s=0.0, worker=None, device=None)
 
 
 def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None) -> RunResult:
@@ -33,7 +34,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
     shards; editors and models are the union (first-seen order); start is the earliest, finish the latest;
     ``duration_s`` is the shards' sum (machine time, not wall time); hardware, differing library versions,
     commands and sessions are kept side by side. A test id in several shards is fine
-    when the records agree (a re-run shard) up to duration, an error naming the ids otherwise.
+    when the records agree (a re-run shard) up to duration, worker and device, an error naming the ids otherwise.
     """
     if not results:
         raise MergeError("no results to merge")
@@ -127,7 +128,7 @@ def _merge_records(groups: Sequence[Iterable[Any]], names: Sequence[str]) -> lis
             if known is None:
                 merged[record.test_id] = record
                 origin[record.test_id] = name
-            elif _without_duration(known) != _without_duration(record):
+            elif _what_was_measured(known) != _what_was_measured(record):
                 conflicts.append(f"{record.test_id} ({origin[record.test_id]} vs {name})")
     if conflicts:
         shown = ", ".join(conflicts[:10]) + (f" and {len(conflicts) - 10} more" if len(conflicts) > 10 else "")

@@ -23,6 +23,8 @@ from pytest_editsafety.results.schema import READABLE_SCHEMAS, SCHEMA, SCHEMA_V1
 __all__ = ["OUTCOMES", "CaseRecord", "RunMetadata", "RunResult", "SequentialRecord"]
 
 OUTCOMES = ("passed", "failed", "error")
+# record fields v2 added: where a test ran (null in a v1 file)
+_V2_RECORD_FIELDS = ("worker", "device")
 
 
 def _parse_time(text: str) -> datetime:
@@ -102,6 +104,9 @@ def _check_test(record: CaseRecord | SequentialRecord, noun: str) -> None:
     _check_duration(record.duration_s)
     if record.certified and record.violations:
         raise RecordError("certified", f"a certified {noun} cannot list violations")
+    for name in _V2_RECORD_FIELDS:
+        if getattr(record, name) == "":
+            raise RecordError(name, "must not be empty (null when unknown)")
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,12 @@ class CaseRecord(Record):
     violations: tuple[str, ...]
     outcome: str
     duration_s: float
+    # the process that ran the test: an xdist worker id ("gw0") or "main"; None when unknown (a v1 file)
+    worker: str | None = None
+    # the device the model sat on, as torch names it in that process plus the GPU that is when
+    # CUDA_VISIBLE_DEVICES renumbers them ("cuda:0 (GPU 3)", "cpu"); None when unknown (the test produced no
+    # record of its own, a device map that never placed the model, a v1 file)
+    device: str | None = None
 
     def _validate(self) -> None:
         if "" in self.metrics:
@@ -158,6 +169,9 @@ class SequentialRecord(Record):
     violations: tuple[str, ...]
     outcome: str
     duration_s: float
+    # as in CaseRecord
+    worker: str | None = None
+    device: str | None = None
 
     def _validate(self) -> None:
         _check_test(self, "run")
@@ -250,6 +264,9 @@ class RunResult(Record):
                 if name in data:
                     raise ResultsFormatError(source, f"{path}.{name}", f"unknown field in a {SCHEMA_V1} file")
             body.update(plan=None, sessions=[])
+            for name in ("cases", "sequential"):
+                if isinstance(body.get(name), list):
+                    body[name] = [_v1_record(r, source, f"{path}.{name}[{i}]") for i, r in enumerate(body[name])]
         elif "coverage" not in data:
             raise ResultsFormatError(source, path, "missing field(s) 'coverage'")
         result = super().from_dict(body, source=source, path=path)
@@ -257,6 +274,16 @@ class RunResult(Record):
             _check_coverage(result, Coverage.from_dict(data["coverage"], source=source, path=f"{path}.coverage"),
                             source, f"{path}.coverage")
         return result
+
+
+def _v1_record(record: Any, source: str, path: str) -> Any:
+    """A v1 file's record in v2 form: where it ran is unknown."""
+    if not isinstance(record, dict):
+        return record  # the record's own check reports it
+    for name in _V2_RECORD_FIELDS:
+        if name in record:
+            raise ResultsFormatError(source, f"{path}.{name}", f"unknown field in a {SCHEMA_V1} file")
+    return {**record, **dict.fromkeys(_V2_RECORD_FIELDS)}
 
 
 def _check_coverage(result: RunResult, recorded: Coverage, source: str, path: str) -> None:

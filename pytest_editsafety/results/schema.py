@@ -28,7 +28,8 @@ from pytest_editsafety.results.errors import RecordError, ResultsFormatError
 
 __all__ = ["READABLE_SCHEMAS", "SCHEMA", "SCHEMA_V1", "Record", "decode_float", "describe_json", "encode_float"]
 
-# v2 added the plan, the sessions and the coverage; v1 files are still read (their coverage is unknown)
+# v2 added the plan, the sessions and the coverage, and each record's worker and device; v1 files are still read
+# (their coverage is unknown, and where their tests ran)
 SCHEMA = "pytest-editsafety/v2"
 SCHEMA_V1 = "pytest-editsafety/v1"
 READABLE_SCHEMAS = (SCHEMA_V1, SCHEMA)
