@@ -635,7 +635,7 @@ def test_a_baseline_regression_fails_a_run_whose_tests_pass(
 def test_a_test_that_errors_is_recorded_as_an_error(
     isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, editors_installed: Path, tmp_path: Path,
 ) -> None:
-    # the micro model reads 32 positions: a longer prompt makes measuring it raise
+    # the micro model reads 32 positions: a longer prompt is refused before the edit, with the lengths
     cases = write_cases(tmp_path / "cases.json", [
         {"case_id": "long", "subject": "Alpha", "prompt": "{} " + "and then " * 40 + "lives in",
          "target_new": "Paris", "ground_truth": "Rome"},
@@ -647,7 +647,8 @@ def test_a_test_that_errors_is_recorded_as_an_error(
                                           "--editsafety-min-efficacy=0", "--editsafety-min-locality=0"))
     result.assert_outcomes(passed=1, failed=1)
     by_id = {r.case_id: r for r in read_result(out / "r.json").cases}
-    assert by_id["long"].outcome == "error" and "IndexError" in by_id["long"].violations[0]
+    assert by_id["long"].outcome == "error" and "CaseTooLongError" in by_id["long"].violations[0]
+    assert "more than the model's context of 32" in by_id["long"].violations[0]
     assert by_id["short"].outcome == "passed"
 
 
