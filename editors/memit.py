@@ -20,7 +20,7 @@ from torch import Tensor
 from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, SecondMomentNeed
 from editors.domain import check_number
 from editors.ft import target_nll
-from editors.hooks import capture_output, rows_at
+from editors.hooks import capture_output, eval_mode, rows_at
 from editors.maths import as_out_in, delta_to_storage
 from editors.maths.memit import distribute_residual, memit_layer_update
 from editors.rome import RomeHparams, check_value_settings, keys_and_outputs, optimise_value_delta
@@ -142,12 +142,8 @@ class MemitEditor(EditorBase):
     def apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
         if not requests:
             raise ValueError(f"{self.name}: no edit requests")
-        was_training = model.training
-        model.eval()  # keys and residuals without dropout: the same edit every time
-        try:
+        with eval_mode(model):  # keys and residuals without dropout: the same edit every time
             return self._apply(model, tokenizer, family, requests)
-        finally:
-            model.train(was_training)
 
     def _apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
         hp = self.hparams

@@ -67,7 +67,7 @@ class MendEditor(EditorBase):
         self._provenance: dict[str, str] = {}
 
     def needs(self, model, family) -> Needs:
-        if self.hparams.archive:
+        if self.hparams.archive or self.network is not None:  # a network in hand, or a path to one
             return Needs()
         hp = self.hparams
         return Needs(trained_network=TrainedNetworkNeed(
@@ -81,6 +81,9 @@ class MendEditor(EditorBase):
 
         super().setup(model, tokenizer, family, provided)
         path = Path(self.hparams.archive).expanduser() if self.hparams.archive else provided.trained_network
+        if path is None and self.network is not None:  # given to the constructor: used as it is
+            self.network = self.network.to(next(model.parameters()).device)
+            return
         if path is None:
             raise ValueError(f"{self.name}: no trained network was provided; {TRAIN_HINT}")
         identity = provided.identity or default_identity(model)

@@ -48,6 +48,9 @@ def provide(editor_name: str, needs: Needs, provider: Provider, model: Any, fami
     templates = None
     if needs.context_templates is not None:
         templates = provider.context_templates(tuple((int(n), int(k)) for n, k in needs.context_templates))
+        if not templates or templates[0] != "{}":  # editors read row 0 as the bare prompt
+            raise ProvisionError(f"{editor_name}: context templates must start with the bare '{{}}', got "
+                                 f"{list(templates)[:2]!r}")
     network = None if needs.trained_network is None else provider.trained_network(needs.trained_network)
     return Provided(identity=provider.identity, second_moments=moments, context_templates=templates,
                     trained_network=network)
@@ -77,7 +80,8 @@ class SimpleProvider:
         self._model = model
         self._tokenizer = tokenizer
         self._moments = dict(second_moments or {})
-        self._templates = tuple(context_templates) if context_templates is not None else None
+        self._given_templates = tuple(context_templates) if context_templates is not None else None
+        self._sampled: dict[tuple[tuple[int, int], ...], tuple[str, ...]] = {}
         self._network = Path(trained_network) if trained_network is not None else None
 
     def second_moment(self, layer: int, n_samples: int) -> Any:
@@ -86,11 +90,13 @@ class SimpleProvider:
         return self._moments[layer]
 
     def context_templates(self, recipe: tuple[tuple[int, int], ...]) -> tuple[str, ...]:
-        if self._templates is None:
+        if self._given_templates is not None:  # the caller's own templates, whatever the recipe
+            return self._given_templates
+        if recipe not in self._sampled:
             from editors.context import sample_context_templates
 
-            self._templates = sample_context_templates(self._model, self._tokenizer, recipe)
-        return self._templates
+            self._sampled[recipe] = sample_context_templates(self._model, self._tokenizer, recipe)
+        return self._sampled[recipe]
 
     def trained_network(self, need: TrainedNetworkNeed) -> Path:
         if self._network is None:

@@ -97,15 +97,19 @@ def _held_model(model: Any, tokenizer: Any) -> Any:
     except (UnknownModelError, ValueError):
         spec = None
     if spec is None:
-        spec = ModelSpec(name=name or type(model).__name__, source="local", location=name,
-                         family=family.name, description="a model object passed to the API")
+        spec = ModelSpec(name=name or type(model).__name__, source="local", location=name, family=family.name,
+                         revision=None, description="a model object passed to the API")
     recipe_hash = organism_recipe_hash(config)
     if recipe_hash is not None:
         identity = recipe_hash
-    elif spec.source == "local" and Path(spec.location).is_dir():
+    elif name and spec.source == "local" and Path(spec.location).is_dir():
         identity = local_identity(Path(spec.location))
-    else:
-        identity = f"{name or type(model).__name__}@{getattr(config, '_commit_hash', None) or 'unpinned'}"
+    elif name:
+        identity = f"{name}@{getattr(config, '_commit_hash', None) or 'unpinned'}"
+    else:  # a model built in memory names nothing: its weights are its identity (the caches are keyed by it)
+        from editors.restore import model_digest
+
+        identity = f"{type(model).__name__}:{model_digest(model)[:32]}"
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, family=family,
                        n_layers=family.n_layers(config), identity=identity)
 
@@ -219,6 +223,8 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
     for request in _requests(requests):
         started = time.perf_counter()
         report = prepared.denominator(loaded.model, loaded.tokenizer, loaded.family, request)
+        if report is not None and "denominator" not in report:
+            raise ValueError(f"editor {name!r}: its denominator() report has no 'denominator' key (got {sorted(report)})")
         first = subject_last_index(loaded.tokenizer, "{}", request.prompt, request.subject) == 0
         measures = {k: float(v) for k, v in (report or {}).items() if k != "denominator"}
         value = float(report["denominator"]) if report is not None else None
@@ -231,9 +237,13 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
         if allowed and probe is not None:
             texts, before = probe
             snapshot = ParameterSnapshot.from_model(loaded.model, prepared.parameters_touched(loaded.model, loaded.family))
-            prepared.apply(loaded.model, loaded.tokenizer, loaded.family, [EditRequest(request.subject, request.prompt,
-                                                                                       request.target_new)])
-            ratio = perplexity(loaded.model, loaded.tokenizer, texts).mean_ppl / before
+            try:
+                prepared.apply(loaded.model, loaded.tokenizer, loaded.family,
+                               [EditRequest(request.subject, request.prompt, request.target_new)])
+                ratio = perplexity(loaded.model, loaded.tokenizer, texts).mean_ppl / before
+            except BaseException:  # an edit that raised midway is undone before the error reaches the caller
+                snapshot.restore()
+                raise
             if not ratio <= max_ppl_ratio:  # NaN counts as broken
                 snapshot.restore()
                 allowed, reason = False, f"probe perplexity ratio {ratio:.4g} > {max_ppl_ratio:g}: edit rolled back"

@@ -72,17 +72,25 @@ def _denominators(editor: Any, loaded: Any, cases: Sequence[Any]) -> list[float]
                                     EditRequest(case.subject, case.prompt, case.target_new))
         if report is None:
             return None
+        if "denominator" not in report:
+            raise ValueError(f"editor {editor.name!r}: its denominator() report has no 'denominator' key "
+                             f"(got {sorted(report)})")
         values.append(float(report["denominator"]))
     return values
 
 
 def denominator_median(editor: Any, loaded: Any, normal_cases: Sequence[Any], *, key_fields: Mapping[str, Any],
-                       root: Path, verify: Callable[[], None] = lambda: None) -> float | None:
+                       root: Path | None, verify: Callable[[], None] = lambda: None) -> float | None:
     """Median ``|uᵀk|`` of ``editor`` over ``normal_cases`` on ``loaded``, from the cache under ``root`` when
     an entry with exactly ``key_fields`` (plus this module's format) is there; None without a denominator.
+    ``root`` None measures without the disk cache (a key that cannot name everything the median depends on).
     ``verify`` runs after the reports and before anything is written (it raises when the model was changed)."""
     if not normal_cases:
         return None
+    if root is None:
+        values = _denominators(editor, loaded, normal_cases)
+        verify()
+        return None if values is None else aggregates.median([v for v in values if math.isfinite(v)])
     key = {"format": FLOOR_CACHE_FORMAT, **key_fields}
     path = root / "denominators" / f"{slugify(str(key_fields.get('editor', 'editor')))}-{stable_hash(key)}.json"
     cached = _read(path, key)

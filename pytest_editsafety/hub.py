@@ -408,6 +408,7 @@ class ModelHub:
             state.loaded = held
             state.device = str(next(held.model.parameters()).device)
             state.identity = held.identity
+            state.reference = self._fingerprint(slug, held.model)
             return
         choice = self.plan.model(slug)
         options = LoadOptions(dtype=self.options.dtype, device_map=self.options.device_map,
@@ -419,18 +420,22 @@ class ModelHub:
             loaded.model.to(device)
         else:
             device = str(next(loaded.model.parameters()).device)
-        reference = None
-        if self.options.restore_check != "off":
-            from editors.restore import ModelFingerprint
-
-            started = time.perf_counter()
-            reference = ModelFingerprint.of(loaded.model, self.options.restore_check)
-            log.info("model %s: %s restore-check fingerprint of %d tensors in %.3f s", slug,
-                     self.options.restore_check, len(reference.names), time.perf_counter() - started)
+        reference = self._fingerprint(slug, loaded.model)
         state.loaded = loaded
         state.device = device
         state.identity = loaded.identity
         state.reference = reference
+
+    def _fingerprint(self, slug: str, model: Any) -> Any:
+        if self.options.restore_check == "off":
+            return None
+        from editors.restore import ModelFingerprint
+
+        started = time.perf_counter()
+        reference = ModelFingerprint.of(model, self.options.restore_check)
+        log.info("model %s: %s restore-check fingerprint of %d tensors in %.3f s", slug, self.options.restore_check,
+                 len(reference.names), time.perf_counter() - started)
+        return reference
 
     def _verify_intact(self, state: _ModelState, editor: str, during: str) -> None:
         """Check the whole model against its fingerprint after ``editor`` ran code outside an edit session (its
@@ -450,6 +455,12 @@ class ModelHub:
         state = self._states.get(slug)
         if state is None or state.loaded is None:
             return
+        if slug in self._held_models and state.load_error is None:
+            # the caller's own model object: it cannot be loaded again, so after a failed restore or an undeclared
+            # change its later tests fail at once rather than measure a model that is no longer the one given
+            error = RuntimeError(f"model {slug}: the model object given to the hub was changed by an edit that "
+                                 "could not be undone; its remaining tests are not run")
+            state.load_error = (error, None)
         log.info("releasing model %s", slug)
         state.loaded = None
         state.reference = None
@@ -541,12 +552,12 @@ class ModelHub:
         return state.resources
 
     def _editor(self, state: _ModelState, name: str) -> Any:
-        if name in state.editors:
-            return state.editors[name]
-        failed = state.editor_errors.get(name)
+        failed = state.editor_errors.get(name)  # first: a floor that failed after set-up is recorded here too
         if failed is not None:
             error, traceback = failed
             raise error.with_traceback(traceback)  # the set-up's own traceback, not one grown by every test
+        if name in state.editors:
+            return state.editors[name]
         try:
             editor = self._build_editor(state, name)
             # once per editor and load: a set-up that wrote the weights would taint everything measured after it
@@ -608,7 +619,9 @@ class ModelHub:
             # edit session could catch a write; checked before the median is cached, and the editor's later
             # tests report the same error, as for a set-up
             try:
-                median = denominator_median(editor, loaded, normal, key_fields=key_fields, root=self._root,
+                # hyper-parameters that cannot be hashed cannot key a file: measured, not cached
+                root = self._root if key_fields["hparams"] is not None else None
+                median = denominator_median(editor, loaded, normal, key_fields=key_fields, root=root,
                                             verify=lambda: self._verify_intact(state, name, "denominator reports"))
             except Exception as err:
                 state.editor_errors[name] = (err, err.__traceback__)

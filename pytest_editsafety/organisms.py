@@ -21,7 +21,7 @@ def is_organism(spec: ModelSpec) -> bool:
     """A zoo name, or a local directory whose config carries the recipe hash (read without loading weights)."""
     if spec.source == "zoo":
         return True
-    if spec.source != "local":
+    if spec.source != "local" or not spec.location:
         return False
     try:
         config = json.loads((Path(spec.location) / "config.json").read_text(encoding="utf-8"))

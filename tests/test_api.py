@@ -102,3 +102,43 @@ def test_guard_command_exits_1_when_an_edit_is_refused_and_prints_one_decision_p
     assert done.returncode == 1
     refused = payload["decisions"][0]
     assert refused["floor"] == 1.0 and refused["subject_first"] and "< floor 1" in refused["reason"]
+
+
+def test_guard_undoes_an_edit_that_raises_midway(organism):
+    import torch
+
+    from editors.base import EditorBase
+    from editors.restore import model_digest
+    from pytest_editsafety.api import guard
+    from pytest_editsafety.cases import resolve_cases
+
+    class HalfEdit(EditorBase):
+        name = "half-edit"
+        hparams = {}
+
+        def parameters_touched(self, model, family):
+            return (family.layer_name("mlp_out", 0) + ".weight",)
+
+        def apply(self, model, tokenizer, family, requests):
+            weight = family.get_module(model, family.layer_name("mlp_out", 0)).weight
+            with torch.no_grad():
+                weight.mul_(3.0)
+            raise RuntimeError("out of memory halfway through the edit")
+
+    digest = model_digest(organism.model)
+    with pytest.raises(RuntimeError, match="halfway"):
+        guard(organism.model, organism.tokenizer, HalfEdit(), resolve_cases("normal").cases[:1], apply=True,
+              probe_texts=4)
+    assert model_digest(organism.model) == digest
+
+
+def test_a_model_built_in_memory_is_known_by_its_weights(organism):
+    import copy
+
+    from pytest_editsafety.api import _held_model
+
+    clone = copy.deepcopy(organism.model)
+    clone.config._name_or_path = ""
+    del clone.config.editsafety_recipe_hash  # no longer recognisable as an organism either
+    held = _held_model(clone, organism.tokenizer)
+    assert held.identity.startswith(type(clone).__name__ + ":") and len(held.identity.split(":")[1]) == 32
