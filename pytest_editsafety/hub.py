@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,9 @@ from editors.storage import stable_hash
 from pytest_editsafety.bounds import Bounds, Verdict, judge
 from pytest_editsafety.cache import cache_root
 from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
-from pytest_editsafety.devices import MAIN_WORKER, device_label
+from pytest_editsafety.devices import MAIN_WORKER
+from pytest_editsafety.context_fit import check_fits_context
+from pytest_editsafety.model_pool import ModelPool, ModelState
 from pytest_editsafety.plan import Plan, PlanItem
 
 log = logging.getLogger(__name__)
@@ -82,36 +83,6 @@ class RunOutcome:
         return self.error is None and not self.violations
 
 
-@dataclass
-class _ModelState:
-    """Everything cached for one model in this worker; the heavy parts go when the model is evicted."""
-
-    slug: str
-    loaded: Any = None
-    # where the model was last loaded (torch's name, "cuda:0"); kept after an eviction for the records
-    device: str | None = None
-    # a load that failed: raised again for every later test of the model rather than retried, since a load
-    # can take minutes and fail the same way (frames cleared: they would pin a half-loaded model's memory)
-    load_error: tuple[BaseException, Any] | None = None
-    # every tensor of the model as loaded (editors.restore.ModelFingerprint; None with the check off)
-    reference: Any = None
-    baseline: dict[str, float] | None = None
-    corpus: Any = None
-    identity: str = ""
-    # what editors' needs are met with (C, templates, trained networks), while the model is loaded
-    resources: Any = None
-    editors: dict[str, Any] = field(default_factory=dict)
-    # what each editor was given at set-up (editors.base.Provided), for cache keys that depend on it
-    provided: dict[str, Any] = field(default_factory=dict)
-    # editors whose set-up failed (a MEND archive missing, a bad hparams file): raised again for every later
-    # test rather than retried, since set-up can train or compute statistics for minutes and fail the same way
-    editor_errors: dict[str, tuple[BaseException, Any]] = field(default_factory=dict)
-    hparams_hashes: dict[str, str | None] = field(default_factory=dict)
-    tagged: dict[str, CaseSet] = field(default_factory=dict)
-    probes: dict[tuple[str, str], Any] = field(default_factory=dict)
-    floor_medians: dict[str, float | None] = field(default_factory=dict)
-
-
 def _float_or_none(value: Any) -> float | None:
     if isinstance(value, bool):
         return float(value)
@@ -133,7 +104,7 @@ def _ratio(edited: float, unedited: float) -> float:
     return edited / unedited
 
 
-class ModelHub:
+class ModelHub(ModelPool):
     """Loads models once per process and runs certification tests against them.
 
     Not thread-safe; one hub per xdist worker (a session fixture). Models are evicted least recently used
@@ -154,15 +125,10 @@ class ModelHub:
         """``models`` maps a plan model slug to a model the caller already holds (a ``registry.LoadedModel``: the
         hub uses it as it is, on its own device, and never loads or releases it); ``editors`` maps an editor
         name of the plan to an editor object (set up through its declared needs like a registered one)."""
-        self.plan = plan
-        self.options = options or HubOptions()
-        self._held_models = dict(models or {})
+        options = options or HubOptions()
+        super().__init__(plan, options, cache_root(options.cache_root), models)
         self._editor_objects = dict(editors or {})
-        self._states: dict[str, _ModelState] = {}
-        # slugs of the loaded models, least recently used first
-        self._lru: list[str] = []
         self._stats_cache: Any = None
-        self._root = cache_root(self.options.cache_root)
         self._corpora: dict[str, Any] = {}
         self._hardware: str | None = None
 
@@ -299,7 +265,7 @@ class ModelHub:
 
     # ---- the measurements ------------------------------------------------------------------------
 
-    def _edit_and_measure(self, state: _ModelState, item: PlanItem, case: EditCase
+    def _edit_and_measure(self, state: ModelState, item: PlanItem, case: EditCase
                           ) -> tuple[dict[str, float | None], Verdict]:
         from editors.base import EditRequest
         from editors.restore import RestoreError, edit_session
@@ -308,7 +274,7 @@ class ModelHub:
         loaded = state.loaded
         model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
         editor = self._editor(state, item.editor)
-        _check_fits_context(loaded, case, state.provided[item.editor].context_templates or ("{}",))
+        check_fits_context(loaded, case, state.provided[item.editor].context_templates or ("{}",))
         baseline = self._baseline(state)
         floor_median = self._floor_median(state, item.editor)
         floor = self.options.bounds.relative_denominator_floor(floor_median)
@@ -347,7 +313,7 @@ class ModelHub:
         })
         return metrics, judge(self.options.bounds, metrics, denominator_floor=floor)
 
-    def _sequential_edits(self, state: _ModelState, item: PlanItem, ppls: list[float]) -> Verdict:
+    def _sequential_edits(self, state: ModelState, item: PlanItem, ppls: list[float]) -> Verdict:
         from editors.base import EditRequest
         from editors.restore import RestoreError, edit_session
 
@@ -357,7 +323,7 @@ class ModelHub:
         baseline = self._baseline(state)["mean"]
         cases = self._tagged(item.model, item.case_set).cases
         for case in cases:  # before the first edit, not midway through the sequence
-            _check_fits_context(loaded, case, state.provided[item.editor].context_templates or ("{}",))
+            check_fits_context(loaded, case, state.provided[item.editor].context_templates or ("{}",))
         try:
             # the editor names the same parameters whatever the request, so one snapshot covers every edit (and
             # the whole-model check runs once, after the restore at the end)
@@ -375,111 +341,6 @@ class ModelHub:
 
     # ---- per-model caches ------------------------------------------------------------------------
 
-    def _state(self, slug: str) -> _ModelState:
-        state = self._states.setdefault(slug, _ModelState(slug))
-        if state.load_error is not None:
-            error, tb = state.load_error
-            raise error.with_traceback(tb)  # the load's own traceback, not one grown by every test
-        if state.loaded is None:
-            # free the least recently used models first: two large models rarely fit one GPU
-            while len(self._lru) >= max(1, self.options.max_loaded_models):
-                self._evict(self._lru[0])
-            try:
-                self._load(state)
-            except Exception as err:
-                log.warning("model %s could not be loaded; its remaining tests on this worker report the same "
-                            "error", slug)
-                _clear_frames(err)
-                state.load_error = (err, err.__traceback__)
-                _empty_cuda_cache()
-                raise
-        if slug in self._lru:
-            self._lru.remove(slug)
-        self._lru.append(slug)
-        return state
-
-    def _load(self, state: _ModelState) -> None:
-        """Load model ``state.slug`` into ``state``, which is left as it was if anything fails."""
-        from pytest_editsafety.registry import LoadOptions, load_model
-
-        slug = state.slug
-        held = self._held_models.get(slug)
-        if held is not None:
-            state.loaded = held
-            state.device = str(next(held.model.parameters()).device)
-            state.identity = held.identity
-            state.reference = self._fingerprint(slug, held.model)
-            return
-        choice = self.plan.model(slug)
-        options = LoadOptions(dtype=self.options.dtype, device_map=self.options.device_map,
-                              cache_root=str(self._root))
-        log.info("loading model %s (%s)", slug, choice.given)
-        loaded = load_model(choice.spec, options)
-        device = _default_device()
-        if self.options.device_map is None:
-            loaded.model.to(device)
-        else:
-            device = str(next(loaded.model.parameters()).device)
-        reference = self._fingerprint(slug, loaded.model)
-        state.loaded = loaded
-        state.device = device
-        state.identity = loaded.identity
-        state.reference = reference
-
-    def _fingerprint(self, slug: str, model: Any) -> Any:
-        if self.options.restore_check == "off":
-            return None
-        from editors.restore import ModelFingerprint
-
-        started = time.perf_counter()
-        reference = ModelFingerprint.of(model, self.options.restore_check)
-        log.info("model %s: %s restore-check fingerprint of %d tensors in %.3f s", slug, self.options.restore_check,
-                 len(reference.names), time.perf_counter() - started)
-        return reference
-
-    def _verify_intact(self, state: _ModelState, editor: str, during: str) -> None:
-        """Check the whole model against its fingerprint after ``editor`` ran code outside an edit session (its
-        set-up, its denominator reports); a change evicts the model (the next test loads it fresh) and raises
-        UndeclaredChangeError. Nothing the hub caches is measured between such a check and the next test."""
-        if state.reference is None or state.loaded is None:
-            return
-        from editors.restore import UndeclaredChangeError
-
-        try:
-            state.reference.check(state.loaded.model, editor=editor, during=during)
-        except UndeclaredChangeError:
-            self._evict(state.slug)
-            raise
-
-    def _evict(self, slug: str) -> None:
-        state = self._states.get(slug)
-        if state is None or state.loaded is None:
-            return
-        if slug in self._held_models and state.load_error is None:
-            # the caller's own model object: it cannot be loaded again, so after a failed restore or an undeclared
-            # change its later tests fail at once rather than measure a model that is no longer the one given
-            error = RuntimeError(f"model {slug}: the model object given to the hub was changed by an edit that "
-                                 "could not be undone; its remaining tests are not run")
-            state.load_error = (error, None)
-        log.info("releasing model %s", slug)
-        state.loaded = None
-        state.reference = None
-        state.resources = None
-        state.editors.clear()  # they may hold covariances on the device
-        state.provided.clear()
-        if slug in self._lru:
-            self._lru.remove(slug)
-        _empty_cuda_cache()
-
-    def _device_of(self, slug: str) -> str | None:
-        """The device a record of model ``slug`` names (``devices.device_label``): where the model was loaded;
-        before it ever was (its load failed), where the hub puts models, or None under a device map."""
-        state = self._states.get(slug)
-        device = state.device if state is not None else None
-        if device is None and self.options.device_map is None and slug not in self._held_models:
-            device = _default_device()
-        return None if device is None else device_label(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
-
     def _corpus(self, name: str) -> Any:
         if name not in self._corpora:
             from pytest_editsafety.corpora import resolve_corpus
@@ -487,14 +348,14 @@ class ModelHub:
             self._corpora[name] = resolve_corpus(name)
         return self._corpora[name]
 
-    def _perplexity(self, state: _ModelState) -> dict[str, float]:
+    def _perplexity(self, state: ModelState) -> dict[str, float]:
         from pytest_editsafety.perplexity import perplexity
 
         loaded = state.loaded
         result = perplexity(loaded.model, loaded.tokenizer, state.corpus.texts, batch_size=self.options.ppl_batch_size)
         return {"mean": result.mean_ppl, "corpus": result.corpus_ppl, "median": result.median_ppl, "max": result.max_ppl}
 
-    def _baseline(self, state: _ModelState) -> dict[str, float]:
+    def _baseline(self, state: ModelState) -> dict[str, float]:
         if state.baseline is None:
             slug = state.slug
             state.corpus = self._corpus(self.plan.model(slug).ppl_corpus)
@@ -506,7 +367,7 @@ class ModelHub:
         """A planned case set with hardness set for this model's tokenizer."""
         return self._tag(self._state(slug), set_slug, lambda: self.plan.case_set(set_slug).case_set)
 
-    def _tag(self, state: _ModelState, key: str, source: Callable[[], CaseSet]) -> CaseSet:
+    def _tag(self, state: ModelState, key: str, source: Callable[[], CaseSet]) -> CaseSet:
         if key not in state.tagged:
             from pytest_editsafety.cases.classify import UnsupportedTokenizerError, tag_hardness
 
@@ -520,7 +381,7 @@ class ModelHub:
                 state.tagged[key] = cases
         return state.tagged[key]
 
-    def _tag_case(self, state: _ModelState, case: EditCase) -> EditCase:
+    def _tag_case(self, state: ModelState, case: EditCase) -> EditCase:
         """One case outside the plan with its hardness set as ``_tag`` sets it for planned cases."""
         from pytest_editsafety.cases.classify import UnsupportedTokenizerError, is_hard_case
 
@@ -530,7 +391,7 @@ class ModelHub:
         except UnsupportedTokenizerError:
             return case
 
-    def _probe(self, state: _ModelState, set_slug: str, case: EditCase) -> Any:
+    def _probe(self, state: ModelState, set_slug: str, case: EditCase) -> Any:
         key = (set_slug, case.case_id)
         if key not in state.probes:
             from pytest_editsafety.metrics import probe_before
@@ -538,7 +399,7 @@ class ModelHub:
             state.probes[key] = probe_before(state.loaded.model, state.loaded.tokenizer, case)
         return state.probes[key]
 
-    def _resources(self, state: _ModelState) -> Any:
+    def _resources(self, state: ModelState) -> Any:
         """What this model provides to editors' needs (:mod:`pytest_editsafety.resources`)."""
         if state.resources is None:
             from editors.stats import SecondMomentCache
@@ -551,7 +412,7 @@ class ModelHub:
                                              stats_cache=self._stats_cache, stats_dir=self.options.stats_dir)
         return state.resources
 
-    def _editor(self, state: _ModelState, name: str) -> Any:
+    def _editor(self, state: ModelState, name: str) -> Any:
         failed = state.editor_errors.get(name)  # first: a floor that failed after set-up is recorded here too
         if failed is not None:
             error, traceback = failed
@@ -569,7 +430,7 @@ class ModelHub:
             state.editor_errors[name] = (err, err.__traceback__)
             raise
 
-    def _build_editor(self, state: _ModelState, name: str) -> Any:
+    def _build_editor(self, state: ModelState, name: str) -> Any:
         from editors.provision import set_up
         from editors.registry import build_editor
         from pytest_editsafety.organisms import hparams_keys
@@ -589,7 +450,7 @@ class ModelHub:
 
     # ---- the denominator floor ------------------------------------------------------------------
 
-    def _floor_median(self, state: _ModelState, name: str) -> float | None:
+    def _floor_median(self, state: ModelState, name: str) -> float | None:
         """The editor's median |uᵀk| over the model's normal reference cases (None without a denominator)."""
         if name in state.floor_medians:
             return state.floor_medians[name]
@@ -630,36 +491,6 @@ class ModelHub:
         return median
 
 
-class CaseTooLongError(ValueError):
-    """A case whose texts do not fit the model's context window."""
-
-
-def _check_fits_context(loaded: Any, case: EditCase, templates: Sequence[str]) -> None:
-    """Refuse, with the lengths, a case whose longest text (a context template around the prompt and its target,
-    a paraphrase, a neighbourhood prompt) exceeds the model's positions: it would fail deep inside the model
-    with an IndexError, or be truncated silently."""
-    config = loaded.model.config
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0:
-        return
-    tokenizer = loaded.tokenizer
-
-    def length(text: str) -> int:
-        return len(tokenizer(text)["input_ids"])
-
-    # an edit reads a template around the prompt and the new target but its last token; the metrics read the
-    # rewrite, paraphrase and neighbourhood prompts followed by each answer they score
-    lengths = [(length(f"{t.replace('{}', case.rewrite_prompt, 1)} {case.target_new}") - 1, t) for t in templates]
-    lengths += [(length(f"{p} {a}"), p) for p in (case.rewrite_prompt, *case.paraphrase_prompts)
-                for a in (case.target_new, case.ground_truth)]
-    lengths += [(length(f"{n.prompt} {a}"), n.prompt) for n in case.neighborhood for a in (n.answer, case.target_new)]
-    n_tokens, text = max(lengths, key=lambda pair: pair[0])
-    if n_tokens > limit:
-        raise CaseTooLongError(f"case {case.case_id!r} needs {n_tokens} tokens ({text[:60]!r}...), more than the "
-                               f"model's context of {limit}: shorten the case, or certify it on a model with a longer "
-                               "context (an edit reads a context template around the prompt and its target)")
-
-
 # metric names the harness owns: an editor's diagnostic of the same name is dropped, never mistaken for them
 _HARNESS_METRICS = frozenset({
     "denominator_floor", "ppl_ratio", "ppl_edited", "ppl_unedited", "ppl_corpus_unedited", "ppl_corpus_edited",
@@ -678,38 +509,6 @@ def _hparams_digest(hp: Any) -> str | None:
     except ValueError as err:  # a third-party editor's hparams that are not JSON values
         log.warning("cannot hash hyper-parameters: %s", err)
     return None
-
-
-def _default_device() -> str:
-    """Where the hub puts a model without a device map: this process's first GPU (its own one on an xdist
-    worker, which sees only its GPU), else the CPU."""
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
-def _clear_frames(error: BaseException) -> None:
-    """Drop the local variables of the frames ``error`` and the exceptions it chains to passed through, keeping
-    the traceback's lines: a failed load's frames may hold the half-loaded model's tensors on the GPU."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
-        pending += [current.__cause__, current.__context__]
-
-
-def _empty_cuda_cache() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # freeing memory is a courtesy
-        log.debug("could not empty the CUDA cache", exc_info=True)
 
 
 def _describe_hardware() -> str:

@@ -101,7 +101,8 @@ def test_bidi_controls_and_invisible_characters_are_shown_in_the_report():
 @pytest.mark.organism
 def test_a_case_longer_than_the_models_context_is_refused_with_the_lengths(tmp_path):
     from pytest_editsafety.cases import dump_cases, resolve_cases
-    from pytest_editsafety.hub import CaseTooLongError, HubOptions, ModelHub
+    from pytest_editsafety.context_fit import CaseTooLongError
+    from pytest_editsafety.hub import HubOptions, ModelHub
     from pytest_editsafety.plan import build_plan
 
     normal = resolve_cases("normal")

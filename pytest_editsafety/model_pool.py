@@ -1,0 +1,210 @@
+"""The models a hub holds: loaded once per worker, released least recently used, fingerprinted for the
+restore check, and remembered when they fail to load.
+
+:class:`ModelPool` is the model half of :class:`pytest_editsafety.hub.ModelHub`: everything about having a model
+in memory (loading it, or taking the one a caller holds; the device it is on; the fingerprint every test's
+restore is checked against; releasing it), none of how a test runs on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_editsafety.cases import CaseSet
+from pytest_editsafety.devices import device_label
+from pytest_editsafety.plan import Plan
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelPool", "ModelState", "default_device", "empty_cuda_cache"]
+
+
+@dataclass
+class ModelState:
+    """Everything cached for one model in this worker; the heavy parts go when the model is evicted."""
+
+    slug: str
+    loaded: Any = None
+    # where the model was last loaded (torch's name, "cuda:0"); kept after an eviction for the records
+    device: str | None = None
+    # a load that failed: raised again for every later test of the model rather than retried, since a load
+    # can take minutes and fail the same way (frames cleared: they would pin a half-loaded model's memory)
+    load_error: tuple[BaseException, Any] | None = None
+    # every tensor of the model as loaded (editors.restore.ModelFingerprint; None with the check off)
+    reference: Any = None
+    baseline: dict[str, float] | None = None
+    corpus: Any = None
+    identity: str = ""
+    # what editors' needs are met with (C, templates, trained networks), while the model is loaded
+    resources: Any = None
+    editors: dict[str, Any] = field(default_factory=dict)
+    # what each editor was given at set-up (editors.base.Provided), for cache keys that depend on it
+    provided: dict[str, Any] = field(default_factory=dict)
+    # editors whose set-up failed (a MEND archive missing, a bad hparams file): raised again for every later
+    # test rather than retried, since set-up can train or compute statistics for minutes and fail the same way
+    editor_errors: dict[str, tuple[BaseException, Any]] = field(default_factory=dict)
+    hparams_hashes: dict[str, str | None] = field(default_factory=dict)
+    tagged: dict[str, CaseSet] = field(default_factory=dict)
+    probes: dict[tuple[str, str], Any] = field(default_factory=dict)
+    floor_medians: dict[str, float | None] = field(default_factory=dict)
+
+
+class ModelPool:
+    """Models by plan slug, at most ``options.max_loaded_models`` loaded at once (least recently used released
+    first); what was measured on a released model stays in its state, since it is a pure function of the
+    weights. ``held`` maps a slug to a model the caller holds (``registry.LoadedModel``): used as it is, never
+    loaded or released; after an edit that could not be undone its later tests fail at once."""
+
+    def __init__(self, plan: Plan, options: Any, root: Path, held: Mapping[str, Any] | None = None) -> None:
+        self.plan = plan
+        self.options = options
+        self._root = root
+        self._held_models = dict(held or {})
+        self._states: dict[str, ModelState] = {}
+        # slugs of the loaded models, least recently used first
+        self._lru: list[str] = []
+
+    def _state(self, slug: str) -> ModelState:
+        state = self._states.setdefault(slug, ModelState(slug))
+        if state.load_error is not None:
+            error, tb = state.load_error
+            raise error.with_traceback(tb)  # the load's own traceback, not one grown by every test
+        if state.loaded is None:
+            # free the least recently used models first: two large models rarely fit one GPU
+            while len(self._lru) >= max(1, self.options.max_loaded_models):
+                self._evict(self._lru[0])
+            try:
+                self._load(state)
+            except Exception as err:
+                log.warning("model %s could not be loaded; its remaining tests on this worker report the same "
+                            "error", slug)
+                _clear_frames(err)
+                state.load_error = (err, err.__traceback__)
+                empty_cuda_cache()
+                raise
+        if slug in self._lru:
+            self._lru.remove(slug)
+        self._lru.append(slug)
+        return state
+
+    def _load(self, state: ModelState) -> None:
+        """Load model ``state.slug`` into ``state``, which is left as it was if anything fails."""
+        from pytest_editsafety.registry import LoadOptions, load_model
+
+        slug = state.slug
+        held = self._held_models.get(slug)
+        if held is not None:
+            state.loaded = held
+            state.device = str(next(held.model.parameters()).device)
+            state.identity = held.identity
+            state.reference = self._fingerprint(slug, held.model)
+            return
+        choice = self.plan.model(slug)
+        options = LoadOptions(dtype=self.options.dtype, device_map=self.options.device_map,
+                              cache_root=str(self._root))
+        log.info("loading model %s (%s)", slug, choice.given)
+        loaded = load_model(choice.spec, options)
+        device = default_device()
+        if self.options.device_map is None:
+            loaded.model.to(device)
+        else:
+            device = str(next(loaded.model.parameters()).device)
+        reference = self._fingerprint(slug, loaded.model)
+        state.loaded = loaded
+        state.device = device
+        state.identity = loaded.identity
+        state.reference = reference
+
+    def _fingerprint(self, slug: str, model: Any) -> Any:
+        if self.options.restore_check == "off":
+            return None
+        from editors.restore import ModelFingerprint
+
+        started = time.perf_counter()
+        reference = ModelFingerprint.of(model, self.options.restore_check)
+        log.info("model %s: %s restore-check fingerprint of %d tensors in %.3f s", slug, self.options.restore_check,
+                 len(reference.names), time.perf_counter() - started)
+        return reference
+
+    def _verify_intact(self, state: ModelState, editor: str, during: str) -> None:
+        """Check the whole model against its fingerprint after ``editor`` ran code outside an edit session (its
+        set-up, its denominator reports); a change evicts the model (the next test loads it fresh) and raises
+        UndeclaredChangeError. Nothing the hub caches is measured between such a check and the next test."""
+        if state.reference is None or state.loaded is None:
+            return
+        from editors.restore import UndeclaredChangeError
+
+        try:
+            state.reference.check(state.loaded.model, editor=editor, during=during)
+        except UndeclaredChangeError:
+            self._evict(state.slug)
+            raise
+
+    def _evict(self, slug: str) -> None:
+        state = self._states.get(slug)
+        if state is None or state.loaded is None:
+            return
+        if slug in self._held_models and state.load_error is None:
+            # the caller's own model object: it cannot be loaded again, so after a failed restore or an undeclared
+            # change its later tests fail at once rather than measure a model that is no longer the one given
+            error = RuntimeError(f"model {slug}: the model object given to the hub was changed by an edit that "
+                                 "could not be undone; its remaining tests are not run")
+            state.load_error = (error, None)
+        log.info("releasing model %s", slug)
+        state.loaded = None
+        state.reference = None
+        state.resources = None
+        state.editors.clear()  # they may hold covariances on the device
+        state.provided.clear()
+        if slug in self._lru:
+            self._lru.remove(slug)
+        empty_cuda_cache()
+
+    def _device_of(self, slug: str) -> str | None:
+        """The device a record of model ``slug`` names (``devices.device_label``): where the model was loaded;
+        before it ever was (its load failed), where the hub puts models, or None under a device map."""
+        state = self._states.get(slug)
+        device = state.device if state is not None else None
+        if device is None and self.options.device_map is None and slug not in self._held_models:
+            device = default_device()
+        return None if device is None else device_label(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+
+def default_device() -> str:
+    """Where the hub puts a model without a device map: this process's first GPU (its own one on an xdist
+    worker, which sees only its GPU), else the CPU."""
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _clear_frames(error: BaseException) -> None:
+    """Drop the local variables of the frames ``error`` and the exceptions it chains to passed through, keeping
+    the traceback's lines: a failed load's frames may hold the half-loaded model's tensors on the GPU."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
+
+
+def empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # freeing memory is a courtesy
+        log.debug("could not empty the CUDA cache", exc_info=True)
