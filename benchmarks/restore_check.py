@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from editors.restore import ModelFingerprint, model_digest
+from editors.fingerprint import ModelFingerprint
+from editors.restore import model_digest
 
 
 def _best_ms(fn: Callable[[], Any], repeat: int, device: torch.device) -> float:

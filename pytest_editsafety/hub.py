@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_RESTORE_CHECK", "RESTORE_CHECKS", "HubOptions", "ModelHub", "RunOutcome"]
 
 PPL_BATCH_SIZE = 32
-# the whole-model restore check after every test (editors.restore.ModelFingerprint): every byte of every tensor
+# the whole-model restore check after every test (editors.fingerprint.ModelFingerprint): every byte of every tensor
 # checksummed ("full"), a fixed sample of each tensor's words ("sampled"), or none ("off")
 RESTORE_CHECKS = ("full", "sampled", "off")
 DEFAULT_RESTORE_CHECK = "full"

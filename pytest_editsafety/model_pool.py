@@ -37,7 +37,7 @@ class ModelState:
     # a load that failed: raised again for every later test of the model rather than retried, since a load
     # can take minutes and fail the same way (frames cleared: they would pin a half-loaded model's memory)
     load_error: tuple[BaseException, Any] | None = None
-    # every tensor of the model as loaded (editors.restore.ModelFingerprint; None with the check off)
+    # every tensor of the model as loaded (editors.fingerprint.ModelFingerprint; None with the check off)
     reference: Any = None
     baseline: dict[str, float] | None = None
     corpus: Any = None
@@ -125,7 +125,7 @@ class ModelPool:
     def _fingerprint(self, slug: str, model: Any) -> Any:
         if self.options.restore_check == "off":
             return None
-        from editors.restore import ModelFingerprint
+        from editors.fingerprint import ModelFingerprint
 
         started = time.perf_counter()
         reference = ModelFingerprint.of(model, self.options.restore_check)
@@ -139,7 +139,7 @@ class ModelPool:
         UndeclaredChangeError. Nothing the hub caches is measured between such a check and the next test."""
         if state.reference is None or state.loaded is None:
             return
-        from editors.restore import UndeclaredChangeError
+        from editors.fingerprint import UndeclaredChangeError
 
         try:
             state.reference.check(state.loaded.model, editor=editor, during=during)

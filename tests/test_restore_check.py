@@ -23,17 +23,15 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from editors.restore import (
+from editors.fingerprint import (
     FINGERPRINT_MODES,
     ModelFingerprint,
-    RestoreError,
     UndeclaredChangeError,
     _checksum,
     _sample_positions,
     _words,
-    edit_session,
-    named_parameter,
 )
+from editors.restore import RestoreError, edit_session, named_parameter
 from tests.editor_packages import write_editor_package
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
