@@ -281,9 +281,11 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
     stats_dir = path("stats_dir")
     if stats_dir is not None and not stats_dir.is_dir():
         raise pytest.UsageError(f"{origin(given, 'stats_dir')}: {stats_dir} is not a directory")
+    corpora: dict[str, str | None] = {}
     for name in ("ppl_corpus", "stats_corpus"):
-        if given[name] is not None:
-            _validate_corpus(str(given[name][0]), origin(given, name))
+        corpora[name] = None if given[name] is None else _corpus(config, str(given[name][0]), given[name][1])
+        if corpora[name] is not None:
+            _validate_corpus(corpora[name], origin(given, name), str(given[name][0]))
     report_md, report_json = path("report", DEFAULT_REPORT), path("json", DEFAULT_JSON)
     if report_md is not None and report_json is not None and report_md.resolve() == report_json.resolve():
         # one would overwrite the other: the certificate must not be the markdown, nor the reverse
@@ -293,8 +295,8 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
         editors=_editor_names(_split(value("editor", "all")), origin(given, "editor")),
         models=tuple(_split(value("model", DEFAULT_MODEL))),
         cases=tuple(_split(value("cases", DEFAULT_CASES))),
-        ppl_corpus=value("ppl_corpus"),
-        stats_corpus=value("stats_corpus"),
+        ppl_corpus=corpora["ppl_corpus"],
+        stats_corpus=corpora["stats_corpus"],
         bounds=bounds,
         sequential=bool(value("sequential", False)),
         report_md=report_md,
@@ -369,7 +371,17 @@ def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None) -> tup
     return tuple(pairs.items())
 
 
-def _validate_corpus(name: str, origin: str) -> None:
+def _corpus(config: pytest.Config, text: str, where: str) -> str:
+    """A corpus option's value: a known corpus name as given, anything else a path, relative to where pytest ran
+    (command line) or to the ini file (ini), as every other path option."""
+    from pytest_editsafety.corpora import known_corpus_names
+
+    if text.strip().lower() in known_corpus_names():
+        return text.strip()
+    return str(_path(config, text, where))
+
+
+def _validate_corpus(name: str, origin: str, given: str) -> None:
     from pytest_editsafety.corpora import CorpusError, known_corpus_names, load_me_ppl
 
     path = Path(name).expanduser()
@@ -381,7 +393,7 @@ def _validate_corpus(name: str, origin: str) -> None:
         return
     if name.strip().lower() not in known_corpus_names():
         raise pytest.UsageError(
-            f"{origin}: {name!r} is neither an existing ME-PPL JSON file nor a known corpus "
+            f"{origin}: {given!r} is neither an existing ME-PPL JSON file ({name}) nor a known corpus "
             f"({', '.join(known_corpus_names())})"
         )
 

@@ -223,6 +223,16 @@ def build_plan(
             raise PlanError(f"empty selection: no {what} selected")
 
     specs = [spec_of[m] if m in spec_of else resolve_model(m) for m in models]
+    # one model under two names (a built-in alias and its Hugging Face id) is certified once, under the first
+    first: dict[tuple[str, str, str | None], str] = {}
+    kept = []
+    for given, spec in zip(models, specs):
+        same = first.setdefault((spec.source, spec.location, spec.revision), given)
+        if same == given:
+            kept.append((given, spec))
+        else:
+            log.warning("--model: %r names the same model as %r; certifying it once", given, same)
+    models, specs = [g for g, _ in kept], [s for _, s in kept]
     model_slugs = _unique([_model_slug(s) for s in specs], [s.location for s in specs])
     choices = []
     for given, spec, slug in zip(models, specs, model_slugs):

@@ -164,3 +164,10 @@ def test_a_case_id_of_thousands_of_digits_is_a_case_file_problem_not_a_model_err
                     '"target_new": "Spain", "ground_truth": "France"}]')
     with pytest.raises(CaseValidationError, match="a number too long to read"):
         load_cases(path)
+
+
+def test_one_model_under_two_names_is_planned_once():
+    from pytest_editsafety.plan import build_plan
+
+    plan = build_plan(["rome"], ["gpt2-xl", "openai-community/gpt2-xl"], ["real-normal"], limit=1)
+    assert [m.given for m in plan.models] == ["gpt2-xl"] and len(plan.items) == 1

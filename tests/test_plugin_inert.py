@@ -268,7 +268,7 @@ def test_every_option_and_its_ini_twin_reach_the_settings(pytester: pytest.Pytes
     assert (b.min_efficacy, b.min_generalization, b.min_locality, b.metric_family) == (0.9, 0.3, 0.6, "easyedit")
     assert (s.report_md, s.report_json, s.fuzz_out) == (root / "out/r.md", root / "out/r.json", root / "out/fuzz.json")
     assert (s.dtype, s.device_map, s.stats_dir, s.stats_corpus) == ("float32", "cpu", root / "stats", "organism-ppl")
-    assert s.ppl_corpus == "corpus.json" and s.editor_hparams == (("rome", root / "rome.json"),)
+    assert s.ppl_corpus == str(root / "corpus.json") and s.editor_hparams == (("rome", root / "rome.json"),)
     assert (s.fuzz_examples, s.fuzz_max_runs, s.cache_root, s.allow_missing) == (5, 7, root / "cache", True)
     assert len(get_plan(config).items) == 2 + 1
     assert _environment() == before  # the cache root travels in the settings, not the environment
@@ -336,3 +336,18 @@ def test_help_lists_the_option_groups_and_ini_twins(pytester: pytest.Pytester) -
         "*editsafety_editor (linelist):*", "*editsafety_limit (int):*", "*editsafety_sequential (bool):*",
         "*editsafety_min_efficacy (float):*",
     ])
+
+
+def test_an_ini_corpus_path_is_relative_to_the_ini_file(pytester: pytest.Pytester) -> None:
+    import json
+
+    pytester.makeini("[pytest]\neditsafety_ppl_corpus = data/ppl.json\n")
+    data = pytester.mkdir("data")
+    (data / "ppl.json").write_text(json.dumps([{"Corpus": "t", "Text": "A river runs past the mill."}]))
+    sub = pytester.mkdir("sub")
+    pytester.makepyfile(**{"sub/test_x.py": "def test_x():\n    pass\n"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(sub)
+        result = pytester.runpytest("-p", "no:cacheprovider", "--co", "-q")
+    assert result.ret != pytest.ExitCode.USAGE_ERROR, result.stderr.str()
+    result.stdout.fnmatch_lines(["*test_x*"])
