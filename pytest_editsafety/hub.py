@@ -223,10 +223,8 @@ class ModelHub(ModelPool):
         return self._floor_median(self._state(model), editor)
 
     def corpus_texts(self, model: str) -> tuple[str, ...]:
-        """The texts of ``model``'s perplexity corpus."""
-        state = self._state(model)
-        self._baseline(state)
-        return tuple(state.corpus.texts)
+        """The texts of ``model``'s perplexity corpus (read, not measured: no baseline perplexity pass)."""
+        return tuple(self._corpus(self.plan.model(model).ppl_corpus).texts)
 
     def provided(self, model: str, editor: str) -> Any:
         """What ``editor`` was given at set-up on ``model`` (:class:`editors.base.Provided`)."""
