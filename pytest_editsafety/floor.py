@@ -87,10 +87,16 @@ def denominator_median(editor: Any, loaded: Any, normal_cases: Sequence[Any], *,
     ``verify`` runs after the reports and before anything is written (it raises when the model was changed)."""
     if not normal_cases:
         return None
-    if root is None:
+
+    def measure() -> list[float] | None:
         values = _denominators(editor, loaded, normal_cases)
+        # the reports ran the editor's code: a model it changed must not leave a median behind for later runs
         verify()
-        return None if values is None else aggregates.median([v for v in values if math.isfinite(v)])
+        return None if values is None else [v for v in values if math.isfinite(v)]
+
+    if root is None:
+        finite = measure()
+        return None if finite is None else aggregates.median(finite)
     key = {"format": FLOOR_CACHE_FORMAT, **key_fields}
     path = root / "denominators" / f"{slugify(str(key_fields.get('editor', 'editor')))}-{stable_hash(key)}.json"
     cached = _read(path, key)
@@ -100,12 +106,9 @@ def denominator_median(editor: Any, loaded: Any, normal_cases: Sequence[Any], *,
         cached = _read(path, key)
         if cached is not None:
             return cached["median"]
-        values = _denominators(editor, loaded, normal_cases)
-        # the reports ran the editor's code: a model it changed must not leave a median behind for later runs
-        verify()
-        if values is None:  # the first case already said so: nothing is written for such an editor
+        finite = measure()
+        if finite is None:  # the first case already said so: nothing is written for such an editor
             return None
-        finite = [v for v in values if math.isfinite(v)]
         median = aggregates.median(finite)
         entry = {"key": key, "median": median, "n": len(finite)}
         atomic_write_text(path, json.dumps({**entry, "digest": _digest(entry)}, indent=1))
