@@ -52,10 +52,13 @@ class Certificate:
         return to_json(self.result)
 
     def write(self, json_path: str | Path, md_path: str | Path) -> None:
-        """Write the certificate as the plugin does, each file atomically: the JSON and the markdown report."""
+        """Write the certificate as the plugin does, each file atomically: the JSON and the markdown report.
+        Raises ``output_lock.OutputsInUseError`` while a certification run holds either path."""
+        from pytest_editsafety.output_lock import holding_outputs
         from pytest_editsafety.report import write_outputs
 
-        write_outputs(self.result, Path(json_path), Path(md_path))
+        with holding_outputs((json_path, md_path), command="pytest_editsafety.certify(...).write"):
+            write_outputs(self.result, Path(json_path), Path(md_path))
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,15 @@ from typing import Any
 
 import pytest
 
+from pytest_editsafety.results.journal import IN_PROGRESS
+
 log = logging.getLogger(__name__)
 
 __all__ = ["IN_PROGRESS", "META_PROPERTY", "RECORD_PROPERTY", "ControllerHooks", "RunRecords", "absorb_meta",
-           "build_result", "outcome_properties", "planned_ids", "properties"]
+           "build_result", "invocation_commands", "outcome_properties", "planned_ids", "properties"]
 
 RECORD_PROPERTY = "editsafety_record"
 META_PROPERTY = "editsafety_meta"
-# the interruption an in-progress report carries until the run replaces it with its final one
-IN_PROGRESS = "the run has not finished: still running, or killed before it wrote its report"
 # pytest-split's options (dests); read defensively, as the plugin is optional and another could own the names
 SPLIT_OPTIONS = ("splits", "group")
 
@@ -65,6 +65,8 @@ class RunRecords:
     # why the session stopped before running everything it selected (Ctrl-C, pytest.exit, -x, a crash)
     interrupted: str | None = None
     in_progress_written: bool = False
+    # the records appended as tests finish (results.journal.RecordJournal), started with the in-progress report
+    journal: Any = None
     result: Any = None
     outputs: Any = None
     write_error: str | None = None
@@ -124,6 +126,7 @@ def _on_report(plan: Any, controller: RunRecords, report: pytest.TestReport) -> 
         if report.failed and record.get("outcome") == "passed":
             record["outcome"] = "failed"
         controller.records[item.test_id] = record
+        _journal(controller, item)
         worker, device = record.get("worker"), record.get("device")
         if isinstance(worker, str) and isinstance(device, str):
             controller.devices[worker] = device
@@ -132,6 +135,7 @@ def _on_report(plan: Any, controller: RunRecords, report: pytest.TestReport) -> 
 
         if known is not None:
             known["outcome"] = "error"
+            _journal(controller, item)
         else:
             # xdist reports a test whose worker died with when="???"
             why = ("the worker running this test crashed" if report.when == "???"
@@ -139,6 +143,12 @@ def _on_report(plan: Any, controller: RunRecords, report: pytest.TestReport) -> 
             worker = _worker_of(report)
             controller.records[item.test_id] = error_record(plan, item, why, duration_s=float(report.duration or 0.0),
                                                             worker=worker, device=controller.devices.get(worker))
+            _journal(controller, item)
+
+
+def _journal(controller: RunRecords, item: Any) -> None:
+    if controller.journal is not None:
+        controller.journal.append(item.test_id, item.kind, controller.records[item.test_id])
 
 
 def absorb_meta(controller: RunRecords, meta: Any) -> None:
@@ -217,7 +227,8 @@ def _stopped(session: pytest.Session, exitstatus: int) -> str | None:
     return None
 
 
-def _commands(config: pytest.Config) -> tuple[str, ...]:
+def invocation_commands(config: pytest.Config) -> tuple[str, ...]:
+    """The command line of this pytest session, as the certificate records it."""
     return (shlex.join(["pytest", *map(str, config.invocation_params.args)]),)
 
 
@@ -261,6 +272,9 @@ class ControllerHooks:
         self.plan = plan
         self.settings = settings
         self.controller = controller
+        from pytest_editsafety.results.journal import RecordJournal, journal_path
+
+        controller.journal = RecordJournal(journal_path(settings.report_json))
 
     def note_selection(self, nodeids: Iterable[str]) -> None:
         """The tests this session will run, once collection has ended: the planned ones among them become
@@ -272,13 +286,17 @@ class ControllerHooks:
         from pytest_editsafety.report import write_outputs
 
         try:
-            result = build_result(self.plan, self.settings.bounds, controller, _commands(self.config),
+            result = build_result(self.plan, self.settings.bounds, controller, invocation_commands(self.config),
                                   _session(self.config, self.plan, controller, IN_PROGRESS))
             write_outputs(result, self.settings.report_json, self.settings.report_md, job_summary=False)
         except Exception as err:  # the final report is what counts; it says so itself if it fails too
             log.warning("could not write the in-progress editsafety report: %s: %s", type(err).__name__, err)
             return
         controller.in_progress_written = True
+        try:
+            controller.journal.start(self.plan.record.plan_hash)
+        except OSError as err:
+            log.warning("could not start the record journal %s: %s", controller.journal.path, err)
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         # without xdist (a controller's session collects nothing: plugin.pytest_xdist_node_collection_finished)
@@ -305,16 +323,20 @@ class ControllerHooks:
             controller.interrupted = _stopped(session, exitstatus)
         settings = self.settings
         try:
-            controller.result = build_result(self.plan, settings.bounds, controller, _commands(self.config),
+            controller.result = build_result(self.plan, settings.bounds, controller, invocation_commands(self.config),
                                              _session(self.config, self.plan, controller, controller.interrupted))
             controller.outputs = write_outputs(controller.result, settings.report_json, settings.report_md,
                                                baseline=controller.baseline, allow_missing=settings.allow_missing)
         except Exception as err:  # a missing certificate must not pass CI
             log.exception("writing the editsafety report failed")
             controller.write_error = f"{type(err).__name__}: {err}"
+            controller.journal.close()
+            if controller.journal.path.exists():
+                controller.write_error += f" (the records of finished tests are in {controller.journal.path})"
             if session.exitstatus == 0:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
             return
+        controller.journal.discard()
         if controller.outputs.exit_code == 1 and session.exitstatus == 0:
             # e.g. every test passed but the run is partial or regressed against the baseline
             session.exitstatus = pytest.ExitCode.TESTS_FAILED

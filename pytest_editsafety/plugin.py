@@ -41,6 +41,7 @@ from pytest_editsafety.controller import (
     RECORD_PROPERTY,
     ControllerHooks,
     RunRecords,
+    invocation_commands,
     outcome_properties,
     properties,
 )
@@ -99,11 +100,24 @@ def _activate(config: pytest.Config) -> Any:
                 controller.baseline = read_result(settings.baseline)
             except ResultsError as err:
                 raise pytest.UsageError(f"{origin(given, 'baseline')}: {err}") from None
+        if not config.getoption("collectonly", False):
+            _lock_outputs(config, settings)
     config.stash[_SETTINGS] = settings
     config.stash[_PLAN] = plan
     if controller is not None:
         config.pluginmanager.register(ControllerHooks(config, plan, settings, controller), CONTROLLER_PLUGIN)
     return plan
+
+
+def _lock_outputs(config: pytest.Config, settings: Settings) -> None:
+    """Hold the run's output paths until pytest unconfigures, refusing to start while another run holds them."""
+    from pytest_editsafety.output_lock import OutputsInUseError, lock_outputs
+
+    try:
+        lock = lock_outputs((settings.report_json, settings.report_md), command=invocation_commands(config)[0])
+    except OutputsInUseError as err:
+        raise pytest.UsageError(str(err)) from None
+    config.add_cleanup(lock.release)
 
 
 def _active_plan(config: pytest.Config) -> Any:

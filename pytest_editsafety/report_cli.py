@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from pytest_editsafety.output_lock import OutputsInUseError, holding_outputs
 from pytest_editsafety.report import write_outputs
 from pytest_editsafety.results import ResultsError, RunResult, merge, read_result, shown_ids
+from pytest_editsafety.results.journal import IN_PROGRESS, journal_path, recover_from_journal
 
 __all__ = ["NOT_CERTIFIED_EXIT", "USAGE_ERROR", "main"]
 
@@ -63,8 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read(path: str) -> RunResult:
+    """A results file; an in-progress report (its run still going, or killed) with the records its run
+    journaled beside it, so a crashed run's finished tests are not lost."""
+    result = read_result(path)
+    if any(session.interrupted == IN_PROGRESS for session in result.sessions):
+        recovered = recover_from_journal(result, journal_path(path))
+        if recovered is None:
+            log.warning("%s is the report of a run that has not finished, and no record journal is beside it", path)
+        else:
+            sys.stderr.write(f"{path}: the report of a run that has not finished; {recovered.note}\n")
+            result = recovered.result
+    return result
+
+
 def _load(paths: Sequence[str]) -> RunResult:
-    results = [read_result(path) for path in paths]
+    results = [_read(path) for path in paths]
     return merge(results, sources=list(paths))
 
 
@@ -90,8 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not result.coverage.complete and not args.allow_partial:
             sys.stderr.write(_refusal(result, args.results))
             return NOT_CERTIFIED_EXIT
-        outputs = write_outputs(result, args.json_out, args.md_out, baseline=baseline,
-                                allow_missing=args.allow_missing)
+        try:
+            with holding_outputs((args.json_out, args.md_out), command=shlex.join(["report", *args.results])):
+                outputs = write_outputs(result, args.json_out, args.md_out, baseline=baseline,
+                                        allow_missing=args.allow_missing)
+        except OutputsInUseError as err:
+            raise _UsageError(f"error: {err}") from None
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
     except _UsageError as err:

@@ -816,6 +816,106 @@ def test_an_interrupted_run_leaves_a_report_marked_incomplete(
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
 
 
+# a real signal, in the process that gathers the records (the xdist controller under -n), after the first test
+SIGNAL_AFTER_FIRST = """
+import os
+import signal
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown" and "-one]" in report.nodeid:
+        os.kill(os.getpid(), signal.{signal})
+"""
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["no-xdist", "xdist"])
+def test_sigint_after_the_first_test_leaves_no_certificate(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
+    workers: list[str],
+) -> None:
+    from pytest_editsafety import report_cli
+
+    isolated.makeconftest(SIGNAL_AFTER_FIRST.replace("{signal}", "SIGINT"))
+    out = tmp_path / "out"
+    result = isolated.runpytest_subprocess(*run_args(micro_model, corpus_file, out, *LOOSE, f"--cases={two_cases}"),
+                                           *workers, timeout=300)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    run = read_result(out / "r.json")
+    assert not run.certified and run.coverage.status == "partial"
+    assert run.sessions[0].interrupted == "KeyboardInterrupt (Ctrl-C)"
+    assert "CERTIFIED" not in (out / "r.md").read_text().splitlines()[2].replace("NOT CERTIFIED", "")
+    assert [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".lock", ".jsonl"))] == []
+    # and the report command does not certify it either
+    assert report_cli.main([str(out / "r.json"), "--json", str(tmp_path / "m.json"),
+                            "--md", str(tmp_path / "m.md")]) == report_cli.NOT_CERTIFIED_EXIT
+
+
+def test_a_killed_run_keeps_the_records_of_its_finished_tests(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pytest_editsafety import report_cli
+    from pytest_editsafety.controller import IN_PROGRESS
+
+    # SIGKILL: no hook, no finally, nothing of pytest's runs after it; only what was on disk counts
+    isolated.makeconftest(SIGNAL_AFTER_FIRST.replace("{signal}", "SIGKILL"))
+    out = tmp_path / "out"
+    result = isolated.runpytest_subprocess(*run_args(micro_model, corpus_file, out, *LOOSE, f"--cases={two_cases}"),
+                                           timeout=300)
+    assert result.ret == -9
+    left = read_result(out / "r.json")
+    assert (left.cases, left.sessions[0].interrupted, left.certified) == ((), IN_PROGRESS, False)
+    assert (out / "r.records.jsonl").is_file()
+
+    merged = [str(out / "r.json"), "--json", str(tmp_path / "m.json"), "--md", str(tmp_path / "m.md")]
+    assert report_cli.main(merged) == report_cli.NOT_CERTIFIED_EXIT  # refused: it does not cover its plan
+    assert "recovered 1 records of finished tests" in capsys.readouterr().err
+    assert report_cli.main([*merged, "--allow-partial"]) == report_cli.NOT_CERTIFIED_EXIT
+    recovered = read_result(tmp_path / "m.json")
+    assert [r.case_id for r in recovered.cases] == ["one"] and recovered.cases[0].ok
+    assert recovered.coverage.status == "partial" and not recovered.certified
+    assert (tmp_path / "m.md").read_text().splitlines()[2] == "> ⚠️ **PARTIAL**: 1 of 1 cases certified."
+
+
+HOLD_UNTIL_TOLD = """
+import time
+from pathlib import Path
+
+def pytest_runtest_setup(item):
+    Path("started").touch()
+    deadline = time.monotonic() + 120
+    while not Path("go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
+
+
+def test_a_second_run_on_the_same_outputs_is_refused_naming_the_first(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
+) -> None:
+    import time
+
+    isolated.makeconftest(HOLD_UNTIL_TOLD)
+    out = tmp_path / "out"
+    args = run_args(micro_model, corpus_file, out, *LOOSE, f"--cases={two_cases}")
+    first = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=isolated.path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (isolated.path / "started").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.stdout else ""
+            time.sleep(0.05)
+        second = isolated.runpytest_subprocess(*args, timeout=300)
+        assert second.ret == pytest.ExitCode.USAGE_ERROR
+        second.stderr.fnmatch_lines([f"*{out / 'r.json'} is being written by another editsafety run (pid {first.pid} "
+                                     f"on *, started *, command: pytest --model=*; wait for it to finish or give "
+                                     f"this run other output paths*"])
+    finally:
+        (isolated.path / "go").touch()
+        output, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, output
+    assert read_result(out / "r.json").certified  # the first run's certificate, whole
+    assert sorted(p.name for p in out.iterdir()) == ["r.json", "r.md"]  # its locks and journal are gone
+
+
 def test_pytest_split_shards_merge_into_one_certificate_only_together(
     isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
