@@ -30,6 +30,7 @@ __all__ = [
     "build_lock",
     "build_once",
     "file_sha256",
+    "safetensors_problem",
     "slugify",
     "stable_hash",
 ]
@@ -149,3 +150,36 @@ def _swap_in(new: Path, target: Path) -> None:
         raise
     finally:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+# a safetensors header is JSON of a few KiB per hundred tensors; anything near this is not one
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file, or None: unreadable, a header that does not parse, or
+    fewer bytes than its header describes (a truncated copy or download). Reads the header only, so it costs
+    microseconds on a file of many gigabytes."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return f"{size} bytes long, too short to hold a safetensors header"
+            header_length = int.from_bytes(prefix, "little")
+            if header_length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+                return f"truncated or not safetensors: its header claims {header_length} bytes of a {size}-byte file"
+            header = json.loads(handle.read(header_length))
+    except OSError as err:
+        return f"unreadable ({err})"
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"not safetensors: its header is not JSON ({err})"
+    if not isinstance(header, dict):
+        return "not safetensors: its header is not a JSON object"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
+    expected = 8 + header_length + max(ends, default=0)
+    if size < expected:
+        return f"truncated: {size} bytes where its header describes {expected}"
+    return None

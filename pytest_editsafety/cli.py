@@ -258,9 +258,9 @@ def _model_config(spec: Any, cache: str | None) -> tuple[dict[str, Any] | None, 
     try:  # the hub: the local cache only, never the network
         from huggingface_hub import try_to_load_from_cache
 
-        from pytest_editsafety.registry import _hub_cache_dir
+        from pytest_editsafety.registry import hub_cache_dir
 
-        found = try_to_load_from_cache(spec.location, "config.json", cache_dir=_hub_cache_dir(),
+        found = try_to_load_from_cache(spec.location, "config.json", cache_dir=hub_cache_dir(),
                                        revision=spec.revision)
     except Exception as err:  # best effort: no cache, no huggingface_hub, a malformed cache entry
         found = None

@@ -65,6 +65,8 @@ class RunRecords:
     # why the session stopped before running everything it selected (Ctrl-C, pytest.exit, -x, a crash)
     interrupted: str | None = None
     in_progress_written: bool = False
+    # the plan's models found unable to load before the run started: slug -> why (their tests error)
+    unloadable: dict[str, str] = field(default_factory=dict)
     # the records appended as tests finish (results.journal.RecordJournal), started with the in-progress report
     journal: Any = None
     result: Any = None
@@ -367,6 +369,9 @@ class ControllerHooks:
         certified = outputs.verdict == CERTIFIED
         terminalreporter.write_line(line, green=certified, yellow=outputs.verdict == PARTIAL,
                                     red=outputs.verdict not in (CERTIFIED, PARTIAL), bold=True)
+        for slug, why in sorted(controller.unloadable.items()):
+            terminalreporter.write_line(f"editsafety: model {slug} could not be loaded, so its tests errored: "
+                                        f"{why.splitlines()[0]}", red=True)
         for gap in coverage.gaps:
             terminalreporter.write_line(f"editsafety: {PARTIAL.lower()} ({gap.kind}): {gap.message}", yellow=True)
         terminalreporter.write_line(f"editsafety: report {outputs.md_path}, results {outputs.json_path}")

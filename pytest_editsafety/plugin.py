@@ -101,12 +101,27 @@ def _activate(config: pytest.Config) -> Any:
             except ResultsError as err:
                 raise pytest.UsageError(f"{origin(given, 'baseline')}: {err}") from None
         if not config.getoption("collectonly", False):
+            controller.unloadable = _check_models(plan, given)
             _lock_outputs(config, settings)
     config.stash[_SETTINGS] = settings
     config.stash[_PLAN] = plan
     if controller is not None:
         config.pluginmanager.register(ControllerHooks(config, plan, settings, controller), CONTROLLER_PLUGIN)
     return plan
+
+
+def _check_models(plan: Any, given: Any) -> dict[str, str]:
+    """The plan's models that cannot load, found before any test runs: a usage error when that is every model
+    of the run (nothing could be certified), else ``{slug: why}`` for the summary (their tests error)."""
+    from pytest_editsafety.model_check import unloadable_models
+
+    problems = dict(unloadable_models(plan.models))
+    if problems and len(problems) == len(plan.models):
+        raise pytest.UsageError(f"{origin(given, 'model')}: no model of this run can be loaded:\n"
+                                + "\n".join(problems.values()))
+    for slug, why in problems.items():
+        log.warning("model %s cannot be loaded; its tests will error: %s", slug, why)
+    return problems
 
 
 def _lock_outputs(config: pytest.Config, settings: Settings) -> None:

@@ -244,11 +244,11 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _offline_env() -> bool:
+def offline_env() -> bool:
     return _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
 
 
-def _hub_cache_dir() -> str | None:
+def hub_cache_dir() -> str | None:
     """The hub cache the environment names *now*; huggingface_hub reads it only once, at import."""
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
@@ -283,7 +283,8 @@ def _is_gated(err: BaseException) -> bool:
     return any(isinstance(e, hub_errors.GatedRepoError) for e in _exception_chain(err))
 
 
-def _describe(spec: ModelSpec) -> str:
+def describe_model(spec: ModelSpec) -> str:
+    """The model for a message: its name and where it comes from."""
     if spec.source == "hub":
         pinned = f", revision {spec.revision!r}" if spec.revision else ""
         if spec.name == spec.location:
@@ -294,28 +295,28 @@ def _describe(spec: ModelSpec) -> str:
     return f"{spec.name!r} (local directory {spec.location})"
 
 
-def _unavailable_message(spec: ModelSpec, what: str, err: BaseException, revision: str | None) -> str:
+def unavailable_message(spec: ModelSpec, what: str, err: BaseException, revision: str | None) -> str:
     first_line = (str(err).strip().splitlines() or [""])[0]
     cause = f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
     if spec.source == "local":
         return (
-            f"model {_describe(spec)}: cannot load its {what}: {cause}. The directory must hold a "
+            f"model {describe_model(spec)}: cannot load its {what}: {cause}. The directory must hold a "
             "save_pretrained model (config.json and weights) and its tokenizer files; or pass a built-in "
             "name or a Hugging Face repo id to --model."
         )
     if spec.source == "zoo":
         return (
-            f"model {_describe(spec)}: cannot load its {what} from the organism directory {spec.location}: {cause}. "
+            f"model {describe_model(spec)}: cannot load its {what} from the organism directory {spec.location}: {cause}. "
             "The cached build looks incomplete; delete it from the editsafety cache (EDITSAFETY_CACHE) to rebuild."
         )
     import huggingface_hub.constants as hub_constants
 
     repo = spec.location
     pinned = f" --revision {revision}" if revision else ""
-    cache = _hub_cache_dir() or hub_constants.HF_HUB_CACHE
-    offline_now = "set" if _offline_env() else "not set"
+    cache = hub_cache_dir() or hub_constants.HF_HUB_CACHE
+    offline_now = "set" if offline_env() else "not set"
     lines = [
-        f"model {_describe(spec)} is not available: cannot load its {what}: {cause}",
+        f"model {describe_model(spec)} is not available: cannot load its {what}: {cause}",
         "Ways to provide it:",
         f"  - pre-download it into the Hugging Face cache on a machine with network access "
         f"(`hf download {repo}{pinned}`, or `huggingface-cli download {repo}{pinned}` with older "
@@ -340,7 +341,7 @@ def _unavailable_as_error(spec: ModelSpec, what: str, revision: str | None) -> I
     try:
         yield
     except _unavailable_errors() as err:
-        raise ModelUnavailableError(_unavailable_message(spec, what, err, revision)) from err
+        raise ModelUnavailableError(unavailable_message(spec, what, err, revision)) from err
 
 
 def _effective_revision(spec: ModelSpec, options: LoadOptions) -> str | None:
@@ -409,11 +410,29 @@ def _hub_identity(model: Any, repo: str, revision: str | None, cache_dir: str | 
     return f"{repo}@{commit or revision or 'unpinned'}"
 
 
-def _check_tokenizer_files(spec: ModelSpec, directory: Path) -> None:
+def check_weights_files(spec: ModelSpec, directory: Path) -> None:
+    """Every safetensors file of ``directory`` whole (headers only: microseconds), so a truncated copy is
+    named here rather than deep inside transformers' loader."""
+    from editors.storage import safetensors_problem
+
+    weights = [p for p in sorted(directory.iterdir()) if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+    if not weights:
+        raise ModelUnavailableError(
+            f"model {describe_model(spec)}: {directory} holds no weights file (expected model.safetensors or another "
+            f"save_pretrained weights file)"
+        )
+    for path in weights:
+        problem = safetensors_problem(path) if path.suffix == ".safetensors" else None
+        if problem is not None:
+            raise ModelUnavailableError(f"model {describe_model(spec)}: weights file {path} is {problem}; copy or "
+                                        f"download it again")
+
+
+def check_tokenizer_files(spec: ModelSpec, directory: Path) -> None:
     # transformers silently builds an empty GPT-2 tokenizer for a directory without tokenizer files.
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelUnavailableError(
-            f"model {_describe(spec)}: {directory} holds no tokenizer files (expected one of "
+            f"model {describe_model(spec)}: {directory} holds no tokenizer files (expected one of "
             f"{', '.join(sorted(_TOKENIZER_FILES))}); save the tokenizer there with save_pretrained"
         )
 
@@ -435,19 +454,20 @@ def load_model(spec: ModelSpec | str, options: LoadOptions | None = None) -> Loa
         root = Path(options.cache_root) if options.cache_root else None
         directory = Path(ensure_built(spec.location, root=root))
         identity = _organism_identity(directory, spec.name)
-        _check_tokenizer_files(spec, directory)
+        check_tokenizer_files(spec, directory)
         location = str(directory)
     elif spec.source == "local":
         directory = Path(spec.location)
         if not directory.is_dir():
-            raise ModelUnavailableError(f"model {_describe(spec)}: directory {directory} does not exist")
+            raise ModelUnavailableError(f"model {describe_model(spec)}: directory {directory} does not exist")
         read_model_type(directory)
-        _check_tokenizer_files(spec, directory)
+        check_tokenizer_files(spec, directory)
+        check_weights_files(spec, directory)
         identity = local_identity(directory)
         location = str(directory)
     elif spec.source == "hub":
-        cache_dir = _hub_cache_dir()
-        local_only = options.local_files_only if options.local_files_only is not None else _offline_env()
+        cache_dir = hub_cache_dir()
+        local_only = options.local_files_only if options.local_files_only is not None else offline_env()
         hub_kwargs = {"revision": revision, "local_files_only": local_only}
         if cache_dir is not None:
             hub_kwargs["cache_dir"] = cache_dir
@@ -461,10 +481,10 @@ def load_model(spec: ModelSpec | str, options: LoadOptions | None = None) -> Loa
     try:
         family = family_for_model_type(config.model_type)
     except UnsupportedArchitectureError as err:
-        raise UnsupportedArchitectureError(f"model {_describe(spec)}: {err}") from None
+        raise UnsupportedArchitectureError(f"model {describe_model(spec)}: {err}") from None
     if spec.family and spec.family != family.name:
         raise UnsupportedArchitectureError(
-            f"model {_describe(spec)}: expected a {spec.family} model, but its config says model_type "
+            f"model {describe_model(spec)}: expected a {spec.family} model, but its config says model_type "
             f"{config.model_type!r} ({family.name})"
         )
 
@@ -492,11 +512,11 @@ def load_model(spec: ModelSpec | str, options: LoadOptions | None = None) -> Loa
             "its causal mask would be dropped"
         )
     if not getattr(tokenizer, "vocab_size", 0):
-        raise ModelUnavailableError(f"model {_describe(spec)}: its tokenizer is empty (no vocabulary found)")
+        raise ModelUnavailableError(f"model {describe_model(spec)}: its tokenizer is empty (no vocabulary found)")
     n_embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embeddings:
         raise IncompatibleTokenizerError(
-            f"model {_describe(spec)}: the tokenizer has {len(tokenizer)} tokens but the model only "
+            f"model {describe_model(spec)}: the tokenizer has {len(tokenizer)} tokens but the model only "
             f"{n_embeddings} embeddings"
         )
 

@@ -171,3 +171,44 @@ def test_one_model_under_two_names_is_planned_once():
 
     plan = build_plan(["rome"], ["gpt2-xl", "openai-community/gpt2-xl"], ["real-normal"], limit=1)
     assert [m.given for m in plan.models] == ["gpt2-xl"] and len(plan.items) == 1
+
+
+def test_a_truncated_or_garbled_safetensors_file_is_named_before_any_load(micro_model, tmp_path):
+    import shutil
+
+    from editors.storage import safetensors_problem
+    from pytest_editsafety.model_check import check_loadable
+    from pytest_editsafety.registry import ModelUnavailableError, resolve_model
+
+    weights = micro_model / "model.safetensors"
+    assert safetensors_problem(weights) is None
+    copy = tmp_path / "copy"
+    shutil.copytree(micro_model, copy)
+    check_loadable(resolve_model(str(copy)))
+    size = weights.stat().st_size
+    with open(copy / "model.safetensors", "r+b") as handle:
+        handle.truncate(size - 100)
+    with pytest.raises(ModelUnavailableError, match=rf"weights file {copy / 'model.safetensors'} is truncated: "
+                                                    rf"{size - 100} bytes where its header describes {size}"):
+        check_loadable(resolve_model(str(copy)))
+    (copy / "model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    assert safetensors_problem(copy / "model.safetensors").startswith("truncated or not safetensors: its header claims")
+    (copy / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"[]")
+    assert safetensors_problem(copy / "model.safetensors") == "not safetensors: its header is not a JSON object"
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(ModelUnavailableError, match="holds no weights file"):
+        check_loadable(resolve_model(str(copy)))
+
+
+def test_an_uncached_hub_model_offline_is_refused_saying_how_to_provide_it(tmp_path, monkeypatch):
+    from pytest_editsafety.model_check import check_loadable
+    from pytest_editsafety.registry import LoadOptions, ModelUnavailableError, resolve_model
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailableError) as refused:
+        check_loadable(resolve_model("no-such-owner/no-such-model"))
+    message = str(refused.value)
+    assert message.startswith("model 'no-such-owner/no-such-model' (Hugging Face repo) is not available")
+    assert "hf download no-such-owner/no-such-model" in message and str(tmp_path / "hf") in message
+    check_loadable(resolve_model("no-such-owner/no-such-model"), LoadOptions(local_files_only=False))  # online: the load decides

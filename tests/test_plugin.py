@@ -556,6 +556,45 @@ def test_a_model_that_fails_to_load_fails_its_tests_once_with_the_reason(
     assert all(o.error is None for item_id, o in outcomes.items() if broken.name not in item_id)
 
 
+def _truncated_copy(model: Path, where: Path) -> Path:
+    import shutil
+
+    broken = shutil.copytree(model, where)
+    weights = broken / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    return broken
+
+
+def test_a_run_whose_only_model_cannot_load_is_a_usage_error_naming_the_file(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
+) -> None:
+    broken = _truncated_copy(micro_model, tmp_path / "broken")
+    out = tmp_path / "out"
+    result = isolated.runpytest(*run_args(broken, corpus_file, out, *LOOSE, f"--cases={two_cases}"))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--model: no model of this run can be loaded:",
+                                 f"*weights file {broken / 'model.safetensors'} is truncated: * bytes where its "
+                                 f"header describes *"])
+    assert not out.exists()  # nothing written, no test run
+
+
+def test_a_model_that_cannot_load_beside_one_that_can_is_named_once(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
+) -> None:
+    broken = _truncated_copy(micro_model, tmp_path / "broken")
+    out = tmp_path / "out"
+    result = isolated.runpytest(*run_args(micro_model, corpus_file, out, *LOOSE, f"--cases={two_cases}",
+                                          f"--model={broken}"))
+    result.assert_outcomes(passed=2, failed=2)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines([f"*editsafety: model broken could not be loaded, so its tests errored: model "
+                                 f"'{broken}' (local directory {broken}): weights file *is truncated*"])
+    run = read_result(out / "r.json")
+    assert not run.certified
+    assert {r.model: r.outcome for r in run.cases} == {micro_model.name: "passed", "broken": "error"}
+
+
 def test_noop_editor_fails_certification_and_hostile_case_text_is_escaped(
     isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, editors_installed: Path, tmp_path: Path,
 ) -> None:
