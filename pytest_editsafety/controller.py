@@ -31,13 +31,15 @@ from pytest_editsafety.results.journal import IN_PROGRESS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IN_PROGRESS", "META_PROPERTY", "RECORD_PROPERTY", "ControllerHooks", "RunRecords", "absorb_meta",
+__all__ = ["IN_PROGRESS", "META_PROPERTY", "RECORD_PROPERTY", "ControllerHooks", "TERMINATED", "RunRecords", "absorb_meta",
            "build_result", "invocation_commands", "outcome_properties", "planned_ids", "properties"]
 
 RECORD_PROPERTY = "editsafety_record"
 META_PROPERTY = "editsafety_meta"
 # pytest-split's options (dests); read defensively, as the plugin is optional and another could own the names
 SPLIT_OPTIONS = ("splits", "group")
+# why a run that received SIGTERM stopped (the plugin turns the signal into a KeyboardInterrupt carrying this)
+TERMINATED = "SIGTERM (terminated)"
 
 
 def outcome_properties(outcome: Any) -> list[tuple[str, Any]]:
@@ -311,6 +313,8 @@ class ControllerHooks:
     def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
         if excinfo.errisinstance(pytest.exit.Exception):
             self.controller.interrupted = f"pytest.exit: {getattr(excinfo.value, 'msg', '') or 'no reason given'}"
+        elif excinfo.value.args == (TERMINATED,):
+            self.controller.interrupted = TERMINATED
         else:
             self.controller.interrupted = "KeyboardInterrupt (Ctrl-C)"
 

@@ -40,6 +40,7 @@ from pytest_editsafety.controller import (
     META_PROPERTY,
     RECORD_PROPERTY,
     ControllerHooks,
+    TERMINATED,
     RunRecords,
     invocation_commands,
     outcome_properties,
@@ -103,6 +104,7 @@ def _activate(config: pytest.Config) -> Any:
         if not config.getoption("collectonly", False):
             controller.unloadable = _check_models(plan, given)
             _lock_outputs(config, settings)
+            _terminate_as_interrupt(config)
     config.stash[_SETTINGS] = settings
     config.stash[_PLAN] = plan
     if controller is not None:
@@ -122,6 +124,22 @@ def _check_models(plan: Any, given: Any) -> dict[str, str]:
     for slug, why in problems.items():
         log.warning("model %s cannot be loaded; its tests will error: %s", slug, why)
     return problems
+
+
+def _terminate_as_interrupt(config: pytest.Config) -> None:
+    """SIGTERM (a cancelled CI job, a scheduler's time limit) ends the run as Ctrl-C does, so it writes a report
+    marked interrupted rather than dying with the in-progress one; only where nobody else handles SIGTERM."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(TERMINATED)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
 
 def _lock_outputs(config: pytest.Config, settings: Settings) -> None:

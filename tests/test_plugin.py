@@ -370,6 +370,10 @@ def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pyt
     (["--editsafety-limit=0"], "at least 1"),
     (["--editsafety-max-ppl-ratio=lots"], "max_ppl_ratio"),
     (["--editsafety-ppl-corpus=no-such-corpus"], "no-such-corpus"),
+    # the option that named the bad corpus, not its twin
+    (["--editsafety-stats-corpus={broken}"], "--editsafety-stats-corpus"),
+    (["--editsafety-json=out.x", "--editsafety-report=out.x"], "--editsafety-json and --editsafety-report name the "
+                                                                "same file"),
     (["--editsafety-baseline={broken}"], "broken_cases.json"),
     (["--editsafety-hparams=mend"], "--editsafety-hparams: expected EDITOR=FILE, got 'mend'"),
     (["--editsafety-hparams=nope={empty}"], "unknown editor 'nope' in 'nope="),
@@ -866,21 +870,25 @@ def pytest_runtest_logreport(report):
 """
 
 
-@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["no-xdist", "xdist"])
-def test_sigint_after_the_first_test_leaves_no_certificate(
+@pytest.mark.parametrize(("signal", "workers", "reason"), [
+    ("SIGINT", [], "KeyboardInterrupt (Ctrl-C)"),
+    ("SIGINT", ["-n", "2"], "KeyboardInterrupt (Ctrl-C)"),
+    ("SIGTERM", [], "SIGTERM (terminated)"),
+], ids=["sigint", "sigint-xdist", "sigterm"])
+def test_a_signal_after_the_first_test_leaves_no_certificate(
     isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
-    workers: list[str],
+    signal: str, workers: list[str], reason: str,
 ) -> None:
     from pytest_editsafety import report_cli
 
-    isolated.makeconftest(SIGNAL_AFTER_FIRST.replace("{signal}", "SIGINT"))
+    isolated.makeconftest(SIGNAL_AFTER_FIRST.replace("{signal}", signal))
     out = tmp_path / "out"
     result = isolated.runpytest_subprocess(*run_args(micro_model, corpus_file, out, *LOOSE, f"--cases={two_cases}"),
                                            *workers, timeout=300)
     assert result.ret == pytest.ExitCode.INTERRUPTED
     run = read_result(out / "r.json")
     assert not run.certified and run.coverage.status == "partial"
-    assert run.sessions[0].interrupted == "KeyboardInterrupt (Ctrl-C)"
+    assert run.sessions[0].interrupted == reason
     assert "CERTIFIED" not in (out / "r.md").read_text().splitlines()[2].replace("NOT CERTIFIED", "")
     assert [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".lock", ".jsonl"))] == []
     # and the report command does not certify it either
