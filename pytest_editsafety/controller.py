@@ -271,8 +271,12 @@ def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple
 class ControllerHooks:
     """Hooks of the controller (or the single process without xdist): records in, report out."""
 
-    def __init__(self, config: pytest.Config, plan: Any, settings: Any, controller: RunRecords) -> None:
+    def __init__(self, config: pytest.Config, plan: Any, settings: Any, controller: RunRecords, *,
+                 owned: bool = False) -> None:
         self.config = config
+        # the run was asked for (an editsafety option given): a selection with none of its tests is still
+        # a run of its plan, reported PARTIAL, not a silent success
+        self.owned = owned
         self.plan = plan
         self.settings = settings
         self.controller = controller
@@ -285,7 +289,9 @@ class ControllerHooks:
         the session's selection, and an in-progress report replaces any older certificate."""
         controller = self.controller
         controller.selected = planned_ids(self.plan, nodeids)
-        if not controller.selected or self.config.getoption("collectonly", False) or controller.in_progress_written:
+        if self.config.getoption("collectonly", False) or controller.in_progress_written:
+            return
+        if not (controller.selected or self.owned):
             return
         from pytest_editsafety.report import write_outputs
 

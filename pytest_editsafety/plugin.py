@@ -108,7 +108,8 @@ def _activate(config: pytest.Config) -> Any:
     config.stash[_SETTINGS] = settings
     config.stash[_PLAN] = plan
     if controller is not None:
-        config.pluginmanager.register(ControllerHooks(config, plan, settings, controller), CONTROLLER_PLUGIN)
+        config.pluginmanager.register(ControllerHooks(config, plan, settings, controller, owned=options_given(config)),
+                                      CONTROLLER_PLUGIN)
     return plan
 
 

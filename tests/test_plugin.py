@@ -870,6 +870,20 @@ def pytest_runtest_logreport(report):
 """
 
 
+def test_a_run_that_selects_none_of_its_plan_is_partial_not_a_silent_pass(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
+) -> None:
+    isolated.makepyfile(test_other="def test_other():\n    pass\n")
+    out = tmp_path / "out"
+    result = isolated.runpytest(*run_args(micro_model, corpus_file, out, *LOOSE, f"--cases={two_cases}", "-k", "other"))
+    result.assert_outcomes(passed=1, deselected=2)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*editsafety: PARTIAL: 0/0 tests certified, 0 collapse(s); 0 of 2 planned tests "
+                                 "recorded"])
+    run = read_result(out / "r.json")
+    assert (run.cases, run.coverage.status, run.certified) == ((), "partial", False)
+
+
 @pytest.mark.parametrize(("signal", "workers", "reason"), [
     ("SIGINT", [], "KeyboardInterrupt (Ctrl-C)"),
     ("SIGINT", ["-n", "2"], "KeyboardInterrupt (Ctrl-C)"),
