@@ -38,6 +38,7 @@ RECORD_PROPERTY = "editsafety_record"
 META_PROPERTY = "editsafety_meta"
 # pytest-split's options (dests); read defensively, as the plugin is optional and another could own the names
 SPLIT_OPTIONS = ("splits", "group")
+STOPPED_EARLY = "stopped early"
 # why a run that received SIGTERM stopped (the plugin turns the signal into a KeyboardInterrupt carrying this)
 TERMINATED = "SIGTERM (terminated)"
 
@@ -227,7 +228,7 @@ def _stopped(session: pytest.Session, exitstatus: int) -> str | None:
         return "pytest stopped on an internal error"
     reason = session.shouldfail or session.shouldstop
     if reason:
-        return "stopped early" + (f": {reason}" if isinstance(reason, str) else "")
+        return STOPPED_EARLY + (f": {reason}" if isinstance(reason, str) else "")
     return None
 
 
@@ -333,6 +334,10 @@ class ControllerHooks:
 
         if controller.interrupted is None:
             controller.interrupted = _stopped(session, exitstatus)
+            if (controller.interrupted or "").startswith(STOPPED_EARLY) and controller.selected is not None \
+                    and controller.selected <= controller.records.keys():
+                # -x or --maxfail on the last test: it stopped nothing, every selected test has its record
+                controller.interrupted = None
         settings = self.settings
         try:
             controller.result = build_result(self.plan, settings.bounds, controller, invocation_commands(self.config),

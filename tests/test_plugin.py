@@ -870,6 +870,22 @@ def pytest_runtest_logreport(report):
 """
 
 
+@pytest.mark.parametrize(("stop", "gap"), [(["-x"], "interrupted"), (["--maxfail=2"], None)],
+                         ids=["x-stops-a-test", "maxfail-on-the-last-test"])
+def test_a_stop_on_failure_is_partial_only_when_it_left_a_test_unrun(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, editors_installed: Path, two_cases: Path,
+    tmp_path: Path, stop: list[str], gap: str | None,
+) -> None:
+    out = tmp_path / "out"
+    result = isolated.runpytest(*run_args(micro_model, corpus_file, out, "--editor=noop", f"--cases={two_cases}"),
+                                *stop)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    run = read_result(out / "r.json")
+    assert not run.certified
+    assert [g.kind for g in run.coverage.gaps] == ([gap] if gap else [])
+    assert (run.sessions[0].interrupted is None) == (gap is None)
+
+
 def test_a_run_that_selects_none_of_its_plan_is_partial_not_a_silent_pass(
     isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, two_cases: Path, tmp_path: Path,
 ) -> None:
