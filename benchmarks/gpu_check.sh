@@ -59,6 +59,13 @@ else
         echo "gpu_check: no CUDA device (torch sees none): run it on a GPU machine, or with --cpu for the plumbing" >&2
         exit 1
     fi
+    if [ "$planned" -eq 0 ] && [ -z "${CUDA_VISIBLE_DEVICES+set}" ]; then
+        # no nvidia-smi (some containers): name torch's GPUs, so that the controller hands them out
+        CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((seen - 1)))
+        export CUDA_VISIBLE_DEVICES
+        echo "gpu_check: nvidia-smi lists no GPU; CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES from torch's count"
+        planned=$seen
+    fi
     if [ "$planned" -ne "$seen" ]; then
         echo "gpu_check: the xdist controller would hand out $planned GPUs but torch sees $seen;" \
             "set CUDA_VISIBLE_DEVICES" >&2
