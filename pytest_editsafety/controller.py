@@ -269,6 +269,22 @@ def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple
     return RunResult(metadata, tuple(cases), tuple(sequential), plan.record, (session,))
 
 
+def _terminate_as_interrupt(config: pytest.Config) -> None:
+    """SIGTERM (a cancelled CI job, a scheduler's time limit) ends the run as Ctrl-C does, so it writes a report
+    marked interrupted rather than dying with the in-progress one; only where nobody else handles SIGTERM."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(TERMINATED)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+
+
 class ControllerHooks:
     """Hooks of the controller (or the single process without xdist): records in, report out."""
 
@@ -278,12 +294,34 @@ class ControllerHooks:
         # the run was asked for (an editsafety option given): a selection with none of its tests is still
         # a run of its plan, reported PARTIAL, not a silent success
         self.owned = owned
+        self.outputs_lock: Any = None
         self.plan = plan
         self.settings = settings
         self.controller = controller
         from pytest_editsafety.results.journal import RecordJournal, journal_path
 
         controller.journal = RecordJournal(journal_path(settings.report_json))
+
+    def hold_outputs(self) -> None:
+        """Lock the run's output paths until pytest unconfigures (once); ``pytest.UsageError`` naming the other
+        run while one holds them. Taken when the session starts, not at configure: one process may configure
+        several times without running (pytester's ``parseconfigure``)."""
+        if self.outputs_lock is not None:
+            return
+        from pytest_editsafety.output_lock import OutputsInUseError, lock_outputs
+
+        try:
+            self.outputs_lock = lock_outputs((self.settings.report_json, self.settings.report_md),
+                                             command=invocation_commands(self.config)[0])
+        except OutputsInUseError as err:
+            raise pytest.UsageError(str(err)) from None
+        self.config.add_cleanup(self.outputs_lock.release)
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.config.getoption("collectonly", False):
+            return
+        self.hold_outputs()
+        _terminate_as_interrupt(self.config)
 
     def note_selection(self, nodeids: Iterable[str]) -> None:
         """The tests this session will run, once collection has ended: the planned ones among them become
@@ -297,6 +335,7 @@ class ControllerHooks:
         from pytest_editsafety.report import write_outputs
 
         try:
+            self.hold_outputs()
             result = build_result(self.plan, self.settings.bounds, controller, invocation_commands(self.config),
                                   _session(self.config, self.plan, controller, IN_PROGRESS))
             write_outputs(result, self.settings.report_json, self.settings.report_md, job_summary=False)
@@ -340,6 +379,7 @@ class ControllerHooks:
                 controller.interrupted = None
         settings = self.settings
         try:
+            self.hold_outputs()
             controller.result = build_result(self.plan, settings.bounds, controller, invocation_commands(self.config),
                                              _session(self.config, self.plan, controller, controller.interrupted))
             controller.outputs = write_outputs(controller.result, settings.report_json, settings.report_md,

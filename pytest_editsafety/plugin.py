@@ -40,9 +40,7 @@ from pytest_editsafety.controller import (
     META_PROPERTY,
     RECORD_PROPERTY,
     ControllerHooks,
-    TERMINATED,
     RunRecords,
-    invocation_commands,
     outcome_properties,
     properties,
 )
@@ -103,8 +101,6 @@ def _activate(config: pytest.Config) -> Any:
                 raise pytest.UsageError(f"{origin(given, 'baseline')}: {err}") from None
         if not config.getoption("collectonly", False):
             controller.unloadable = _check_models(plan, given)
-            _lock_outputs(config, settings)
-            _terminate_as_interrupt(config)
     config.stash[_SETTINGS] = settings
     config.stash[_PLAN] = plan
     if controller is not None:
@@ -125,33 +121,6 @@ def _check_models(plan: Any, given: Any) -> dict[str, str]:
     for slug, why in problems.items():
         log.warning("model %s cannot be loaded; its tests will error: %s", slug, why)
     return problems
-
-
-def _terminate_as_interrupt(config: pytest.Config) -> None:
-    """SIGTERM (a cancelled CI job, a scheduler's time limit) ends the run as Ctrl-C does, so it writes a report
-    marked interrupted rather than dying with the in-progress one; only where nobody else handles SIGTERM."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(TERMINATED)
-
-    signal.signal(signal.SIGTERM, interrupt)
-    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
-
-
-def _lock_outputs(config: pytest.Config, settings: Settings) -> None:
-    """Hold the run's output paths until pytest unconfigures, refusing to start while another run holds them."""
-    from pytest_editsafety.output_lock import OutputsInUseError, lock_outputs
-
-    try:
-        lock = lock_outputs((settings.report_json, settings.report_md), command=invocation_commands(config)[0])
-    except OutputsInUseError as err:
-        raise pytest.UsageError(str(err)) from None
-    config.add_cleanup(lock.release)
 
 
 def _active_plan(config: pytest.Config) -> Any:
