@@ -290,25 +290,89 @@ def test_the_hubs_statistics_live_under_its_cache_root(tmp_path, monkeypatch, co
     assert seen["cache"].root == tmp_path / ("configured" if configured else "env") / "stats"
 
 
-def test_file_of_another_key_is_an_error_naming_the_file(tmp_path):
+def _rebuilt(cache, key, path, caplog):
+    """Get ``key`` over a bad file at ``path``: the warning names the file and the value is recomputed."""
+    fresh = _spd(4, 3)
+    calls: list[int] = []
+    with caplog.at_level("WARNING", logger="editors.stats"):
+        entry = cache.get_entry(key, lambda: (calls.append(1), (fresh, 11))[1])
+    assert calls == [1]
+    assert any(str(path) in r.getMessage() and "discarding" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(entry.covariance, fresh)
+    assert entry.token_count == 11 and read_entry(path, key).token_count == 11
+    return caplog.text
+
+
+def test_file_of_another_key_is_discarded_and_rebuilt(tmp_path, caplog):
     cache = SecondMomentCache(tmp_path)
     key = _key()
     path = cache.path_for(key)
     write_entry(path, _key(corpus="tiny:ffff"), _spd(4, 2), 10)
     with pytest.raises(StatsCacheError) as err:
-        cache.get(key, lambda: pytest.fail("must not recompute over a mismatching file"))
+        read_entry(path, key)
     assert str(path) in str(err.value) and "corpus" in str(err.value)
+    assert "corpus" in _rebuilt(cache, key, path, caplog)
 
 
-def test_corrupted_file_is_an_error_naming_the_file(tmp_path):
+def test_corrupted_file_is_discarded_and_rebuilt(tmp_path, caplog):
     cache = SecondMomentCache(tmp_path)
     key = _key()
     path = cache.path_for(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(StatsCacheError) as err:
-        cache.get(key, lambda: (_spd(4, 3), 1))
-    assert str(path) in str(err.value)
+    _rebuilt(cache, key, path, caplog)
+
+
+def _flip_one_float(path: Path) -> None:
+    """Change one float of the tensor in place, leaving the header (and its recorded digest) as written."""
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_every_file_records_the_digest_of_its_tensor(tmp_path):
+    from safetensors import safe_open
+
+    from editors.stats import payload_sha256
+
+    key = _key()
+    path = SecondMomentCache(tmp_path).path_for(key)
+    value = _spd(4, 5)
+    write_entry(path, key, value, 10)
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["payload_sha256"] == payload_sha256(value)
+    assert read_entry(path, key).token_count == 10
+
+
+def test_a_changed_float_is_caught_named_discarded_and_rebuilt(tmp_path, caplog):
+    from editors.stats import StatsIntegrityError
+
+    cache = SecondMomentCache(tmp_path)
+    key = _key()
+    path = cache.path_for(key)
+    write_entry(path, key, _spd(4, 2), 10)
+    _flip_one_float(path)
+    with pytest.raises(StatsIntegrityError) as err:
+        read_entry(path, key)
+    assert str(path) in str(err.value) and "sha256" in str(err.value)
+    assert "sha256" in _rebuilt(cache, key, path, caplog)
+
+
+def test_a_file_without_a_digest_is_stale_and_rebuilt(tmp_path, caplog):
+    """Files written before the digest existed carry every other field; they are recomputed, not trusted."""
+    from safetensors.torch import save_file
+
+    from editors.stats import CACHE_FORMAT, StatsIntegrityError
+
+    cache = SecondMomentCache(tmp_path)
+    key = _key()
+    path = cache.path_for(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"C": _spd(4, 2)}, str(path), metadata={"format": CACHE_FORMAT, "token_count": "10", **key.fields()})
+    with pytest.raises(StatsIntegrityError, match="payload_sha256"):
+        read_entry(path, key)
+    _rebuilt(cache, key, path, caplog)
 
 
 def test_failed_compute_leaves_no_file(tmp_path):
@@ -509,7 +573,7 @@ def test_covariance_for_computes_through_the_cache(tmp_path, setup):
     tokenizer.padding_side = "right"
     cache = SecondMomentCache(tmp_path)
     C = covariance_for(model, tokenizer, family, 1, identity="tiny-test", corpus=_corpus(), cache=cache,
-                       n_samples=5, max_length=32, progress=False)
+                       n_samples=5, max_length=32, progress=False, check=False)
     expected, n = compute_second_moment(model, tokenizer, family, 1, TEXTS[:5], max_length=32, progress=False)
     torch.testing.assert_close(C, expected, rtol=0, atol=1e-6)
     files = list(tmp_path.glob("*.safetensors"))
@@ -538,12 +602,12 @@ def test_covariance_for_prefers_rome_file(tmp_path, setup):
     _rome_npz(stats_dir / "org_tiny" / "wikipedia_stats" / f"{module}_float32_mom2_100000.npz", mom2, 2)
     cache = SecondMomentCache(tmp_path / "cache")
     C = covariance_for(model, tokenizer, family, 0, identity="tiny-test", corpus=_corpus(), cache=cache,
-                       stats_dir=stats_dir, rome_model_name="org/tiny", progress=False)
+                       stats_dir=stats_dir, rome_model_name="org/tiny", progress=False, check=False)
     torch.testing.assert_close(C, torch.eye(d_in) * 2.0)
     assert not (tmp_path / "cache").exists()  # nothing computed
     # no file for layer 1 under stats_dir: it falls back to computing
     C1 = covariance_for(model, tokenizer, family, 1, identity="tiny-test", corpus=_corpus(), cache=cache,
-                        stats_dir=stats_dir, rome_model_name="org/tiny", progress=False)
+                        stats_dir=stats_dir, rome_model_name="org/tiny", progress=False, check=False)
     assert C1.shape == (d_in, d_in) and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
 
