@@ -619,3 +619,112 @@ def test_covariance_for_rejects_rome_file_of_wrong_width(tmp_path, setup):
         covariance_for(model, tokenizer, family, 0, identity="t", corpus=_corpus(),
                        cache=SecondMomentCache(tmp_path / "c"), stats_dir=tmp_path, rome_model_name="m")
     assert str(path) in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches by a token budget
+
+
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=60), budget=st.integers(1, 200),
+       cap=st.one_of(st.none(), st.integers(1, 10)))
+@SETTINGS
+def test_token_batches_cover_every_text_once_within_the_budget(lengths, budget, cap):
+    from editors.stats import token_batches
+
+    batches = token_batches(lengths, budget, max_texts=cap)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        padded_size = len(batch) * max(max(lengths[i] for i in batch), 1)
+        assert padded_size <= budget or len(batch) == 1  # a text longer than the budget goes alone
+        assert cap is None or len(batch) <= cap
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 7, 30, 10_000])
+def test_token_budget_does_not_change_the_statistic(setup, batch_tokens):
+    model, tokenizer, family = setup
+    tokenizer.padding_side = "right"
+    reference, n_ref = compute_second_moment(model, tokenizer, family, 1, TEXTS, batch_size=1, progress=False)
+    C, n = compute_second_moment(model, tokenizer, family, 1, TEXTS, batch_tokens=batch_tokens, progress=False)
+    assert n == n_ref
+    torch.testing.assert_close(C, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_progress_counts_tokens_against_a_known_total(setup, monkeypatch):
+    """The bar's total is the token count, known before the pass, so tqdm's ETA means something."""
+    import tqdm.auto
+
+    model, tokenizer, family = setup
+    bars: list = []
+    real = tqdm.auto.tqdm
+
+    def spy(*args, **kwargs):
+        bar = real(*args, **kwargs)
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", spy)
+    _, n = compute_second_moment(model, tokenizer, family, 0, TEXTS, batch_tokens=16, progress=True)
+    assert bars[0].total == n and bars[0].n == n and bars[0].unit == "tok"
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusing an ill-posed C
+
+
+def test_organism_like_conditioning_is_accepted_and_too_few_tokens_refused():
+    from editors.maths.moments import assess_second_moment, second_moment_problems
+
+    g = torch.Generator().manual_seed(0)
+    scales = torch.logspace(0, -3.5, 32, dtype=torch.float64)  # condition ~1e7, like the organisms' C
+    keys = torch.randn(640, 32, generator=g, dtype=torch.float64) * scales
+    good = assess_second_moment((keys.T @ keys / 640).float(), 640)
+    assert good.rank == 32 and 1e5 < good.condition < 1e10 and good.well_sampled
+    assert second_moment_problems(good) == []
+    few = assess_second_moment((keys[:20].T @ keys[:20] / 20).float(), 20)
+    problems = second_moment_problems(few)
+    assert few.rank <= 24 and any("fewer than the key dimension 32" in p for p in problems)
+    assert any("numerical rank" in p for p in problems)
+
+
+def test_condition_beyond_the_limit_is_refused_with_the_number():
+    from editors.maths.moments import assess_second_moment, second_moment_problems
+
+    C = torch.diag(torch.tensor([1.0, 1.0, 1e-11], dtype=torch.float64))
+    quality = assess_second_moment(C, 1000)
+    assert quality.rank == 3
+    (problem,) = second_moment_problems(quality)
+    assert "condition number 1e+11 exceeds 1e+10" in problem
+
+
+def test_covariance_for_refuses_a_c_from_too_few_tokens_with_the_numbers(tmp_path, setup):
+    from editors.stats import IllPosedStatsError
+
+    model, tokenizer, family = setup
+    with pytest.raises(IllPosedStatsError) as err:
+        covariance_for(model, tokenizer, family, 1, identity="tiny-test", corpus=_corpus(),
+                       cache=SecondMomentCache(tmp_path), n_samples=2, progress=False)
+    message = str(err.value)
+    d = reference_keys(model, tokenizer, family, 1, TEXTS[:1], 8).shape[1]
+    assert f"key dimension {d}" in message and "tokens" in message and "numerical rank" in message
+    assert "condition number" in message and "mom2_n_samples" in message and "--editsafety-stats-dir" in message
+    # the measured numbers are stored with the statistic, so a later read does not measure again
+    (path,) = tmp_path.glob("*.safetensors")
+    assert read_entry(path, _key_of(path)).quality is not None
+
+
+def test_covariance_for_accepts_a_well_sampled_c_and_reads_the_corpus_lazily(tmp_path, setup):
+    model, tokenizer, family = setup
+    d = reference_keys(model, tokenizer, family, 0, TEXTS[:1], 8).shape[1]
+    module = family.layer_name("mlp_out", 0)
+    _rome_npz(tmp_path / f"{module}_float32_mom2_100000.npz", (np.eye(d) * 50 * d).astype(np.float32), 50 * d)
+    C = covariance_for(model, tokenizer, family, 0, identity="t", cache=SecondMomentCache(tmp_path / "c"),
+                       corpus=lambda: pytest.fail("a ROME file answers: the corpus must not be read"),
+                       stats_dir=tmp_path, rome_model_name="m", progress=False)
+    torch.testing.assert_close(C, torch.eye(d))
+    # ROME's own count is the token count: a file from fewer keys than dimensions is refused
+    from editors.stats import IllPosedStatsError
+
+    _rome_npz(tmp_path / f"{module}_float32_mom2_10.npz", np.eye(d, dtype=np.float32), 3)
+    with pytest.raises(IllPosedStatsError, match="ROME statistics file"):
+        covariance_for(model, tokenizer, family, 0, identity="t", cache=SecondMomentCache(tmp_path / "c"),
+                       corpus=_corpus, stats_dir=tmp_path, rome_model_name="m", n_samples=10, progress=False)
