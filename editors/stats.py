@@ -39,6 +39,7 @@ from editors.maths.moments import (
     WELL_SAMPLED_TOKENS_PER_DIM,
     SecondMomentQuality,
     assess_second_moment,
+    second_moment_concerns,
     second_moment_problems,
 )
 from editors.maths.rome import SecondMomentAccumulator
@@ -662,6 +663,11 @@ def _refuse_ill_posed(quality: SecondMomentQuality, source: str, module_name: st
             f"To fix: {remedy}, point --editsafety-stats-dir at ROME's statistics files, or turn mom2_adjustment "
             f"off (C = I)"
         )
-    if not quality.well_sampled:
+    concerns = second_moment_concerns(quality)
+    if concerns:
+        log.warning("%s for %s (%s): %s; the sample is large enough, so this is the model's own key space "
+                    "(e.g. neurons that never fire), and solves with C are unreliable along it", source,
+                    module_name, quality.describe(), "; ".join(concerns))
+    elif not quality.well_sampled:
         log.warning("%s for %s: %s; at least %d tokens per dimension are advised", source, module_name,
                     quality.describe(), WELL_SAMPLED_TOKENS_PER_DIM)

@@ -689,11 +689,16 @@ def test_organism_like_conditioning_is_accepted_and_too_few_tokens_refused():
 def test_condition_beyond_the_limit_is_refused_with_the_number():
     from editors.maths.moments import assess_second_moment, second_moment_problems
 
+    from editors.maths.moments import second_moment_concerns
+
     C = torch.diag(torch.tensor([1.0, 1.0, 1e-11], dtype=torch.float64))
-    quality = assess_second_moment(C, 1000)
+    quality = assess_second_moment(C, 20)  # thin: under 10 keys per dimension
     assert quality.rank == 3
     (problem,) = second_moment_problems(quality)
     assert "condition number 1e+11 exceeds 1e+10" in problem
+    # well sampled, the same conditioning is the model's: reported, not refused
+    rich = assess_second_moment(C, 1000)
+    assert second_moment_problems(rich) == [] and "condition number" in second_moment_concerns(rich)[0]
 
 
 def test_covariance_for_refuses_a_c_from_too_few_tokens_with_the_numbers(tmp_path, setup):
