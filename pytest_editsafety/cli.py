@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score with C from text (--mom2) or C = I (--no-mom2) whatever the editor's hparams "
                              "say (default: the hparams decide)")
     mining.add_argument("--stats-corpus", default=None, help="corpus for C (default organism-heldout for "
-                                                              "organisms, the perplexity corpus otherwise)")
+                                                              "organisms, wikitext-103 otherwise)")
     mining.add_argument("--ppl-corpus", default=None, help="perplexity corpus for --confirm (default "
                                                            "organism-ppl for organisms, me-ppl-50 otherwise)")
     mining.add_argument("--confirm", action="store_true", help="also run full edits of the top K through the "

@@ -1,7 +1,10 @@
-"""Perplexity corpora: the ME-PPL JSON format, the papers' pinned ME-PPL files, and a name registry.
+"""Corpora: the ME-PPL JSON format, the papers' pinned ME-PPL files, real text for statistics through Hugging Face
+``datasets``, and a name registry.
 
-``resolve_corpus`` turns what a user passes as a perplexity corpus (``--editsafety-ppl-corpus``) into a ``Corpus``: an existing path is
-loaded as ME-PPL JSON; a registered name is handed to its loader. The built-in ME-PPL names fetch the
+``resolve_corpus`` turns what a user passes as a corpus (``--editsafety-ppl-corpus``, ``--editsafety-stats-corpus``)
+into a ``Corpus``: an existing path is loaded (ME-PPL JSON, a ``.txt`` file of one text per line, or a directory a
+``datasets`` ``save_to_disk`` wrote); a registered name is handed to its loader. ``wikitext-103``, the real models'
+default sample for second moments, comes from the ``datasets`` cache (optional extra ``stats``). The built-in ME-PPL names fetch the
 papers' files once into the cache (pinned commit, sha256-checked) and re-check the hash on every load, so
 a corrupted cache is reported rather than silently measured. The project never ships ME-PPL itself.
 """
@@ -15,10 +18,11 @@ import logging
 import os
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from editors.corpus import Corpus
 from editors.storage import build_lock
@@ -234,6 +238,160 @@ def load_builtin_me_ppl(name: str, *, cache_dir: Path | None = None, offline: bo
 
 
 # --------------------------------------------------------------------------------------------------
+# Real text for second-moment statistics, through Hugging Face ``datasets``
+
+# ROME takes C over 100,000 Wikipedia texts (mom2_n_samples); the sample holds that many so that the papers'
+# setting is honoured, and a smaller mom2_n_samples takes its first texts.
+STATS_SAMPLE_TEXTS = 100000
+
+
+@dataclass(frozen=True)
+class HFTextSource:
+    """A text column of a Hugging Face dataset, loaded with ``datasets.load_dataset`` through its cache
+    (``HF_HOME`` / ``HF_DATASETS_CACHE``): the first ``max_texts`` non-blank texts of ``split``, stripped,
+    wikitext's ``= Heading =`` lines left out when ``drop_headings``."""
+
+    name: str
+    path: str
+    config: str | None = None
+    split: str = "train"
+    column: str = "text"
+    data_files: tuple[str, ...] | None = None
+    max_texts: int = STATS_SAMPLE_TEXTS
+    drop_headings: bool = False
+
+    def prefetch_command(self) -> str:
+        args = ", ".join(repr(a) for a in (self.path, self.config) if a is not None)
+        return f"python -c \"import datasets; datasets.load_dataset({args}, split={self.split!r})\""
+
+
+# wikitext-103 (Merity et al. 2016): verified Wikipedia articles, the closest well-kept stand-in for ROME's
+# Wikipedia dump that `datasets` still serves (the "wikipedia" loading script is gone); one paragraph a text.
+WIKITEXT_103 = HFTextSource(name="wikitext-103", path="Salesforce/wikitext", config="wikitext-103-raw-v1",
+                            drop_headings=True)
+
+
+def _how_to_provide_stats(source: HFTextSource, reason: str) -> str:
+    return (
+        f"statistics corpus {source.name!r} ({source.path}, {source.config or 'default'}, split {source.split}) "
+        f"{reason}. Either fetch it once on a machine with internet access into the Hugging Face cache "
+        f"(pip install 'pytest-editsafety[stats]'; {source.prefetch_command()}; then copy HF_HOME, and set "
+        f"HF_HUB_OFFLINE=1 where there is none), or pass local text with --editsafety-stats-corpus PATH (an "
+        f"ME-PPL JSON file, a .txt file of one text per line, or a directory written by datasets' save_to_disk), "
+        f"or ROME's statistics files with --editsafety-stats-dir DIR"
+    )
+
+
+@contextmanager
+def _datasets_offline(datasets_module: Any, offline: bool) -> Iterator[None]:
+    """``datasets`` reads HF_HUB_OFFLINE once, at import; EDITSAFETY_OFFLINE (or ``offline=True``) must keep it
+    off the network too, so its flag is raised for the duration of one load and put back."""
+    config = datasets_module.config
+    before = config.HF_HUB_OFFLINE
+    if offline and not before:
+        config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        config.HF_HUB_OFFLINE = before
+
+
+def load_hf_text(source: HFTextSource, *, offline: bool | None = None, hf_cache_dir: str | None = None) -> Corpus:
+    """``source``'s texts as a ``Corpus`` named ``source.name``; ``offline=None`` reads the environment.
+    ``hf_cache_dir`` overrides ``datasets``' cache (tests). A missing ``datasets``, or a dataset neither cached
+    nor reachable, is a :class:`CorpusUnavailableError` saying how to provide the text."""
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusUnavailableError(_how_to_provide_stats(source, "needs the `datasets` package, which is not "
+                                                                   "installed")) from None
+    offline = is_offline() if offline is None else offline
+    try:
+        with _datasets_offline(datasets, offline):
+            dataset = datasets.load_dataset(
+                source.path, source.config, split=source.split, cache_dir=hf_cache_dir,
+                data_files=list(source.data_files) if source.data_files else None,
+            )
+    except (ConnectionError, OSError, ValueError) as err:
+        # datasets reports "not cached and offline" as ConnectionError, a missing dataset as FileNotFoundError
+        # or DatasetNotFoundError (a FileNotFoundError), a bad config as ValueError
+        mode = "offline" if offline else "online"
+        raise CorpusUnavailableError(_how_to_provide_stats(
+            source, f"could not be loaded ({mode}: {type(err).__name__}: {err})")) from None
+    return _texts_of(dataset, source.name, source.column, source.max_texts, drop_headings=source.drop_headings,
+                     origin=f"{source.path} ({source.config or 'default'}, split {source.split})")
+
+
+def _is_heading(text: str) -> bool:
+    return text.startswith("=") and text.endswith("=")
+
+
+def _texts_of(dataset: Any, name: str, column: str, max_texts: int, *, drop_headings: bool, origin: str) -> Corpus:
+    if column not in dataset.column_names:
+        raise CorpusFormatError(f"{origin}: no column {column!r} (columns: {dataset.column_names})")
+    texts: list[str] = []
+    for batch in dataset.iter(batch_size=10000):
+        for raw in batch[column]:
+            text = raw.strip() if isinstance(raw, str) else ""
+            if text and not (drop_headings and _is_heading(text)):
+                texts.append(text)
+                if len(texts) >= max_texts:
+                    break
+        if len(texts) >= max_texts:
+            break
+    if not texts:
+        raise CorpusFormatError(f"{origin}: column {column!r} holds no non-blank text")
+    return Corpus.from_texts(name, texts)
+
+
+def load_saved_dataset(path: Path, *, column: str = "text", max_texts: int = STATS_SAMPLE_TEXTS) -> Corpus:
+    """A directory ``datasets``' ``save_to_disk`` wrote (a dataset, or a dataset dict: its ``train`` split)."""
+    if not any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
+        raise CorpusUnavailableError(f"corpus path {path} is a directory, but not one written by datasets' "
+                                     f"save_to_disk (no state.json or dataset_dict.json); expected that, an ME-PPL "
+                                     f"JSON file or a .txt file")
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusUnavailableError(f"corpus directory {path} needs the `datasets` package to read "
+                                     f"(pip install 'pytest-editsafety[stats]')") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise CorpusFormatError(f"corpus directory {path} is not a dataset written by datasets' save_to_disk "
+                                f"({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise CorpusFormatError(f"corpus directory {path}: a dataset dict without a 'train' split "
+                                    f"(splits: {sorted(loaded)})")
+        loaded = loaded["train"]
+    return _texts_of(loaded, path.name, column, max_texts, drop_headings=False, origin=f"corpus directory {path}")
+
+
+def load_text_lines(path: Path) -> Corpus:
+    """A UTF-8 text file, one text per non-blank line, named after the file."""
+    data = _read(path)
+    try:
+        lines = data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise CorpusFormatError(f"{path}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise CorpusFormatError(f"{path}: holds no non-blank line")
+    return Corpus.from_texts(path.stem, texts)
+
+
+def load_corpus_path(path: str | os.PathLike[str]) -> Corpus:
+    """A corpus from a path: a ``datasets`` directory, a ``.txt`` file (one text per line), else ME-PPL JSON."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return load_saved_dataset(p)
+    if p.suffix.lower() == ".txt":
+        return load_text_lines(p)
+    return load_me_ppl(p)
+
+
+# --------------------------------------------------------------------------------------------------
 # Registry and resolution
 
 
@@ -268,6 +426,17 @@ CORPUS_LOADERS.update({"organism": _organism_ppl, "organism-ppl": _organism_ppl,
                        "organism-heldout": _organism_heldout})
 
 
+def _hf_loader(source: HFTextSource) -> CorpusLoader:
+    def load(*, cache_dir: Path | None = None, offline: bool | None = None) -> Corpus:
+        # datasets keeps its own cache (HF_HOME), shared with every other tool; cache_dir is this project's
+        return load_hf_text(source, offline=offline)
+
+    return load
+
+
+CORPUS_LOADERS[WIKITEXT_103.name] = _hf_loader(WIKITEXT_103)
+
+
 def register_corpus(name: str, loader: CorpusLoader | Callable[..., Corpus], *, replace: bool = False) -> None:
     """Make ``name`` resolvable; ``loader(cache_dir=..., offline=...)`` returns the ``Corpus``."""
     key = name.lower()
@@ -283,14 +452,14 @@ def known_corpus_names() -> tuple[str, ...]:
 def resolve_corpus(
     name_or_path: str | os.PathLike[str], *, cache_dir: Path | None = None, offline: bool | None = None
 ) -> Corpus:
-    """A corpus from an existing ME-PPL JSON path or a registered name (see ``known_corpus_names``).
+    """A corpus from an existing path (:func:`load_corpus_path`) or a registered name (``known_corpus_names``).
 
     ``cache_dir`` overrides the cache root (as ``--editsafety-cache`` does); ``offline=None`` reads the
     environment. A path wins over a name of the same spelling.
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return load_me_ppl(path)
+        return load_corpus_path(path)
     key = str(name_or_path).strip().lower()
     loader = CORPUS_LOADERS.get(key)
     if loader is not None:

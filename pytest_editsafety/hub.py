@@ -46,7 +46,7 @@ class HubOptions:
     device_map: str | None = None
     # ROME/MEMIT .npz statistics directory; without it, C is computed over the statistics corpus
     stats_dir: str | None = None
-    # corpus for second-moment statistics; None = each model's perplexity corpus
+    # corpus for second-moment statistics; None = each model's default (organism-heldout, wikitext-103)
     stats_corpus: str | None = None
     ppl_batch_size: int = PPL_BATCH_SIZE
     # loaded models kept at once: large models on one GPU do not fit twice
@@ -406,7 +406,9 @@ class ModelHub(ModelPool):
             if self._stats_cache is None:
                 self._stats_cache = SecondMomentCache(self._root / "stats")
             corpus_name = self.options.stats_corpus or self.plan.model(state.slug).stats_corpus
-            state.resources = ModelResources(state.loaded, cache_root=self._root, stats_corpus=self._corpus(corpus_name),
+            # resolved when C is first computed: editors with C = I, or ROME's files, need no corpus (and no network)
+            state.resources = ModelResources(state.loaded, cache_root=self._root,
+                                             stats_corpus=lambda: self._corpus(corpus_name),
                                              stats_cache=self._stats_cache, stats_dir=self.options.stats_dir)
         return state.resources
 

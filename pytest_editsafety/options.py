@@ -144,8 +144,9 @@ OPTIONS: tuple[_Option, ...] = (
     _Option(LOADING, "--editsafety-ppl-corpus", "ppl_corpus", "perplexity corpus: a built-in name or an ME-PPL "
             "JSON file (default organism-ppl for the model organisms, me-ppl-50 otherwise)", metavar="NAME|PATH"),
     _Option(LOADING, "--editsafety-stats-corpus", "stats_corpus", "corpus for the second-moment statistics of "
-            "editors with mom2_adjustment (default organism-heldout for the model organisms, the perplexity "
-            "corpus otherwise)", metavar="NAME|PATH"),
+            "editors with mom2_adjustment: a built-in name, an ME-PPL JSON file, a .txt file (one text per line) or a "
+            "directory written by datasets' save_to_disk (default organism-heldout for the model organisms, "
+            "wikitext-103 from the Hugging Face datasets cache otherwise)", metavar="NAME|PATH"),
     _Option(LOADING, "--editsafety-stats-dir", "stats_dir", "directory of ROME/MEMIT second-moment .npz files to "
             "use instead of computing statistics", metavar="PATH"),
     _Option(LOADING, "--editsafety-restore-check", "restore_check", "after every test, check that the editor "
@@ -382,18 +383,24 @@ def _corpus(config: pytest.Config, text: str, where: str) -> str:
 
 
 def _validate_corpus(name: str, origin: str, given: str) -> None:
-    from pytest_editsafety.corpora import CorpusError, known_corpus_names, load_me_ppl
+    from pytest_editsafety.corpora import CorpusError, known_corpus_names, load_corpus_path
 
     path = Path(name).expanduser()
+    if path.is_dir():
+        # a datasets directory is read when C is computed; here only its shape is checked, not its texts
+        if not any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
+            raise pytest.UsageError(f"{origin}: directory {path} was not written by datasets' save_to_disk "
+                                    f"(no state.json or dataset_dict.json)")
+        return
     if path.exists():
         try:
-            load_me_ppl(path)
+            load_corpus_path(path)
         except CorpusError as err:
             raise pytest.UsageError(f"{origin}: {err}") from None
         return
     if name.strip().lower() not in known_corpus_names():
         raise pytest.UsageError(
-            f"{origin}: {given!r} is neither an existing ME-PPL JSON file ({name}) nor a known corpus "
+            f"{origin}: {given!r} is neither an existing corpus file or directory ({name}) nor a known corpus "
             f"({', '.join(known_corpus_names())})"
         )
 

@@ -41,10 +41,12 @@ __all__ = [
 
 SEQUENTIAL_TAG = "seq"
 ORGANISM_CORPUS = "organism-ppl"
-# C for the organisms comes from other text than the perplexity corpus (ROME: Wikipedia, scored on ME-PPL);
-# real models take it from their perplexity corpus unless --editsafety-stats-corpus or --editsafety-stats-dir
-# says otherwise.
+# C comes from other text than the perplexity corpus (ROME: Wikipedia, scored on ME-PPL): the organisms' held-out
+# generic sentences, and for real models wikitext-103 (Wikipedia articles, through the datasets cache), unless
+# --editsafety-stats-corpus or --editsafety-stats-dir says otherwise. Never the perplexity corpus by default: 50
+# ME-PPL sentences hold fewer keys than GPT-2-XL's 6400 dimensions, and C would be measured on the scored text.
 ORGANISM_STATS_CORPUS = "organism-heldout"
+REAL_STATS_CORPUS = "wikitext-103"
 REAL_CORPUS = "me-ppl-50"
 # The case sets whose normal cases define a model's reference ROME denominator.
 ORGANISM_REFERENCE_SET = "normal"
@@ -240,7 +242,7 @@ def build_plan(
         choices.append(ModelChoice(
             given=given, slug=slug, spec=spec, organism=organism,
             ppl_corpus=ppl_corpus or (ORGANISM_CORPUS if organism else REAL_CORPUS),
-            stats_corpus=ORGANISM_STATS_CORPUS if organism else (ppl_corpus or REAL_CORPUS),
+            stats_corpus=ORGANISM_STATS_CORPUS if organism else REAL_STATS_CORPUS,
             reference_set=ORGANISM_REFERENCE_SET if organism else REAL_REFERENCE_SET,
         ))
 

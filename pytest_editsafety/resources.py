@@ -25,6 +25,8 @@ class ModelResources:
 
     def __init__(self, loaded: Any, *, cache_root: Path, stats_corpus: Any, stats_cache: Any,
                  stats_dir: str | None = None) -> None:
+        """``stats_corpus`` is the statistics ``Corpus`` or a callable returning it, called only when a second
+        moment is computed from text."""
         self.loaded = loaded
         self.identity = loaded.identity
         self._cache_root = cache_root

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import shutil
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -301,9 +303,9 @@ def test_network_error_is_unavailable_with_how_to(cache, monkeypatch, error):
 
 def test_unknown_name_lists_known_names(cache):
     with pytest.raises(CorpusUnavailableError) as info:
-        resolve_corpus("wikitext-103")
+        resolve_corpus("no-such-corpus")
     message = str(info.value)
-    assert "wikitext-103" in message
+    assert "no-such-corpus" in message and "wikitext-103" in message
     for name in ("me-ppl-50", "me-ppl-1k", "me-ppl-10k", "organism-ppl", "organism-heldout"):
         assert name in message
 
@@ -385,3 +387,74 @@ def test_draw_distinct_keeps_first_seen_order_and_names_a_pool_too_small():
     assert draw_distinct(lambda: next(values), 3, "letters") == ["a", "b", "c"]
     with pytest.raises(ValueError, match=r"could not draw 4 distinct letters \(found 3\)"):
         draw_distinct(lambda: next(values), 4, "letters")
+
+
+# --------------------------------------------------------------------------------------------------
+# Real text for second moments: Hugging Face datasets (offline, on files written here), text files
+
+
+WIKI_LINES = [" = Valkyria Chronicles = \n", " \n", " The game began development in 2010 . \n", "\n",
+              " = = Gameplay = = \n", " It is a tactical role playing game . \n", " Battles are fought in turns . \n"]
+
+
+def test_wikitext_is_registered_and_the_real_models_default():
+    from pytest_editsafety.corpora import WIKITEXT_103, known_corpus_names
+    from pytest_editsafety.plan import REAL_STATS_CORPUS
+
+    assert WIKITEXT_103.name == REAL_STATS_CORPUS == "wikitext-103" and "wikitext-103" in known_corpus_names()
+    assert WIKITEXT_103.max_texts == 100000  # ROME's mom2_n_samples
+
+
+def test_datasets_loader_reads_local_files_offline(tmp_path):
+    pytest.importorskip("datasets")
+    from pytest_editsafety.corpora import HFTextSource, load_hf_text
+
+    data = tmp_path / "wiki.train.txt"
+    data.write_text("".join(WIKI_LINES), encoding="utf-8")
+    source = HFTextSource(name="wiki-local", path="text", data_files=(str(data),), drop_headings=True)
+    corpus = load_hf_text(source, offline=True, hf_cache_dir=str(tmp_path / "hf"))
+    assert corpus.name == "wiki-local"
+    assert corpus.texts == ("The game began development in 2010 .", "It is a tactical role playing game .",
+                            "Battles are fought in turns .")
+    short = load_hf_text(dataclasses.replace(source, max_texts=2), offline=True, hf_cache_dir=str(tmp_path / "hf"))
+    assert short.texts == corpus.texts[:2]
+
+
+def test_wikitext_offline_and_not_cached_says_how_to_provide_it(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from pytest_editsafety.corpora import WIKITEXT_103, CorpusUnavailableError, load_hf_text
+
+    before = datasets.config.HF_HUB_OFFLINE
+    with pytest.raises(CorpusUnavailableError) as err:
+        load_hf_text(WIKITEXT_103, offline=True, hf_cache_dir=str(tmp_path / "empty"))
+    assert datasets.config.HF_HUB_OFFLINE == before  # the offline switch is put back
+    message = str(err.value)
+    for needed in ("wikitext-103", "offline", "--editsafety-stats-corpus", "--editsafety-stats-dir",
+                   "datasets.load_dataset('Salesforce/wikitext', 'wikitext-103-raw-v1', split='train')"):
+        assert needed in message
+
+
+def test_missing_datasets_package_says_how_to_provide_the_text(monkeypatch):
+    from pytest_editsafety.corpora import WIKITEXT_103, CorpusUnavailableError, load_hf_text
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(CorpusUnavailableError, match=r"`datasets` package.*pytest-editsafety\[stats\].*--editsafety-stats-corpus"):
+        load_hf_text(WIKITEXT_103, offline=True)
+
+
+def test_a_text_file_and_a_saved_dataset_are_corpora(tmp_path):
+    from pytest_editsafety.corpora import CorpusFormatError, resolve_corpus
+
+    lines = tmp_path / "sample.txt"
+    lines.write_text("first text\n\n  second text  \n", encoding="utf-8")
+    assert resolve_corpus(lines).texts == ("first text", "second text")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(CorpusFormatError, match=str(empty)):
+        resolve_corpus(empty)
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["alpha beta", " ", "gamma"]}).save_to_disk(str(tmp_path / "saved"))
+    corpus = resolve_corpus(tmp_path / "saved")
+    assert corpus.texts == ("alpha beta", "gamma") and corpus.name == "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["delta"]})}).save_to_disk(str(tmp_path / "dd"))
+    assert resolve_corpus(tmp_path / "dd").texts == ("delta",)

@@ -193,7 +193,9 @@ def test_organisms_take_c_from_other_text_than_their_perplexity_corpus() -> None
     chosen = build_plan(["rome"], ["tiny-gpt2"], ["hard"], ppl_corpus="me-ppl-50").models[0]
     assert (chosen.ppl_corpus, chosen.stats_corpus) == ("me-ppl-50", "organism-heldout")
     real = build_plan(["rome"], ["gpt2-xl"], ["real-hard"]).models[0]
-    assert (real.ppl_corpus, real.stats_corpus) == ("me-ppl-50", "me-ppl-50")  # unless --editsafety-stats-corpus/-dir
+    # C from real text, never the perplexity corpus, unless --editsafety-stats-corpus/-dir says otherwise
+    assert (real.ppl_corpus, real.stats_corpus) == ("me-ppl-50", "wikitext-103")
+    assert build_plan(["rome"], ["gpt2-xl"], ["real-hard"], ppl_corpus="me-ppl-1k").models[0].stats_corpus == "wikitext-103"
 
 
 @pytest.mark.parametrize(("stats_corpus", "expected"), [(None, "organism-heldout"), ("organism-ppl", "organism-ppl")])
@@ -208,7 +210,8 @@ def test_the_hub_computes_c_over_the_models_stats_corpus(monkeypatch: pytest.Mon
     state = types.SimpleNamespace(slug="tiny-gpt2", resources=None,
                                   loaded=types.SimpleNamespace(model=None, tokenizer=None, family=None, identity="x"))
     hub._resources(state).second_moment(0, 10)
-    assert seen["corpus"].name == expected
+    # handed over unresolved: only computing C from text reads the corpus
+    assert callable(seen["corpus"]) and seen["corpus"]().name == expected
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

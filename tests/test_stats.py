@@ -290,25 +290,89 @@ def test_the_hubs_statistics_live_under_its_cache_root(tmp_path, monkeypatch, co
     assert seen["cache"].root == tmp_path / ("configured" if configured else "env") / "stats"
 
 
-def test_file_of_another_key_is_an_error_naming_the_file(tmp_path):
+def _rebuilt(cache, key, path, caplog):
+    """Get ``key`` over a bad file at ``path``: the warning names the file and the value is recomputed."""
+    fresh = _spd(4, 3)
+    calls: list[int] = []
+    with caplog.at_level("WARNING", logger="editors.stats"):
+        entry = cache.get_entry(key, lambda: (calls.append(1), (fresh, 11))[1])
+    assert calls == [1]
+    assert any(str(path) in r.getMessage() and "discarding" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(entry.covariance, fresh)
+    assert entry.token_count == 11 and read_entry(path, key).token_count == 11
+    return caplog.text
+
+
+def test_file_of_another_key_is_discarded_and_rebuilt(tmp_path, caplog):
     cache = SecondMomentCache(tmp_path)
     key = _key()
     path = cache.path_for(key)
     write_entry(path, _key(corpus="tiny:ffff"), _spd(4, 2), 10)
     with pytest.raises(StatsCacheError) as err:
-        cache.get(key, lambda: pytest.fail("must not recompute over a mismatching file"))
+        read_entry(path, key)
     assert str(path) in str(err.value) and "corpus" in str(err.value)
+    assert "corpus" in _rebuilt(cache, key, path, caplog)
 
 
-def test_corrupted_file_is_an_error_naming_the_file(tmp_path):
+def test_corrupted_file_is_discarded_and_rebuilt(tmp_path, caplog):
     cache = SecondMomentCache(tmp_path)
     key = _key()
     path = cache.path_for(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(StatsCacheError) as err:
-        cache.get(key, lambda: (_spd(4, 3), 1))
-    assert str(path) in str(err.value)
+    _rebuilt(cache, key, path, caplog)
+
+
+def _flip_one_float(path: Path) -> None:
+    """Change one float of the tensor in place, leaving the header (and its recorded digest) as written."""
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_every_file_records_the_digest_of_its_tensor(tmp_path):
+    from safetensors import safe_open
+
+    from editors.stats import payload_sha256
+
+    key = _key()
+    path = SecondMomentCache(tmp_path).path_for(key)
+    value = _spd(4, 5)
+    write_entry(path, key, value, 10)
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["payload_sha256"] == payload_sha256(value)
+    assert read_entry(path, key).token_count == 10
+
+
+def test_a_changed_float_is_caught_named_discarded_and_rebuilt(tmp_path, caplog):
+    from editors.stats import StatsIntegrityError
+
+    cache = SecondMomentCache(tmp_path)
+    key = _key()
+    path = cache.path_for(key)
+    write_entry(path, key, _spd(4, 2), 10)
+    _flip_one_float(path)
+    with pytest.raises(StatsIntegrityError) as err:
+        read_entry(path, key)
+    assert str(path) in str(err.value) and "sha256" in str(err.value)
+    assert "sha256" in _rebuilt(cache, key, path, caplog)
+
+
+def test_a_file_without_a_digest_is_stale_and_rebuilt(tmp_path, caplog):
+    """Files written before the digest existed carry every other field; they are recomputed, not trusted."""
+    from safetensors.torch import save_file
+
+    from editors.stats import CACHE_FORMAT, StatsIntegrityError
+
+    cache = SecondMomentCache(tmp_path)
+    key = _key()
+    path = cache.path_for(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"C": _spd(4, 2)}, str(path), metadata={"format": CACHE_FORMAT, "token_count": "10", **key.fields()})
+    with pytest.raises(StatsIntegrityError, match="payload_sha256"):
+        read_entry(path, key)
+    _rebuilt(cache, key, path, caplog)
 
 
 def test_failed_compute_leaves_no_file(tmp_path):
@@ -509,7 +573,7 @@ def test_covariance_for_computes_through_the_cache(tmp_path, setup):
     tokenizer.padding_side = "right"
     cache = SecondMomentCache(tmp_path)
     C = covariance_for(model, tokenizer, family, 1, identity="tiny-test", corpus=_corpus(), cache=cache,
-                       n_samples=5, max_length=32, progress=False)
+                       n_samples=5, max_length=32, progress=False, check=False)
     expected, n = compute_second_moment(model, tokenizer, family, 1, TEXTS[:5], max_length=32, progress=False)
     torch.testing.assert_close(C, expected, rtol=0, atol=1e-6)
     files = list(tmp_path.glob("*.safetensors"))
@@ -538,12 +602,12 @@ def test_covariance_for_prefers_rome_file(tmp_path, setup):
     _rome_npz(stats_dir / "org_tiny" / "wikipedia_stats" / f"{module}_float32_mom2_100000.npz", mom2, 2)
     cache = SecondMomentCache(tmp_path / "cache")
     C = covariance_for(model, tokenizer, family, 0, identity="tiny-test", corpus=_corpus(), cache=cache,
-                       stats_dir=stats_dir, rome_model_name="org/tiny", progress=False)
+                       stats_dir=stats_dir, rome_model_name="org/tiny", progress=False, check=False)
     torch.testing.assert_close(C, torch.eye(d_in) * 2.0)
     assert not (tmp_path / "cache").exists()  # nothing computed
     # no file for layer 1 under stats_dir: it falls back to computing
     C1 = covariance_for(model, tokenizer, family, 1, identity="tiny-test", corpus=_corpus(), cache=cache,
-                        stats_dir=stats_dir, rome_model_name="org/tiny", progress=False)
+                        stats_dir=stats_dir, rome_model_name="org/tiny", progress=False, check=False)
     assert C1.shape == (d_in, d_in) and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
 
@@ -555,3 +619,117 @@ def test_covariance_for_rejects_rome_file_of_wrong_width(tmp_path, setup):
         covariance_for(model, tokenizer, family, 0, identity="t", corpus=_corpus(),
                        cache=SecondMomentCache(tmp_path / "c"), stats_dir=tmp_path, rome_model_name="m")
     assert str(path) in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches by a token budget
+
+
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=60), budget=st.integers(1, 200),
+       cap=st.one_of(st.none(), st.integers(1, 10)))
+@SETTINGS
+def test_token_batches_cover_every_text_once_within_the_budget(lengths, budget, cap):
+    from editors.stats import token_batches
+
+    batches = token_batches(lengths, budget, max_texts=cap)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        padded_size = len(batch) * max(max(lengths[i] for i in batch), 1)
+        assert padded_size <= budget or len(batch) == 1  # a text longer than the budget goes alone
+        assert cap is None or len(batch) <= cap
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 7, 30, 10_000])
+def test_token_budget_does_not_change_the_statistic(setup, batch_tokens):
+    model, tokenizer, family = setup
+    tokenizer.padding_side = "right"
+    reference, n_ref = compute_second_moment(model, tokenizer, family, 1, TEXTS, batch_size=1, progress=False)
+    C, n = compute_second_moment(model, tokenizer, family, 1, TEXTS, batch_tokens=batch_tokens, progress=False)
+    assert n == n_ref
+    torch.testing.assert_close(C, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_progress_counts_tokens_against_a_known_total(setup, monkeypatch):
+    """The bar's total is the token count, known before the pass, so tqdm's ETA means something."""
+    import tqdm.auto
+
+    model, tokenizer, family = setup
+    bars: list = []
+    real = tqdm.auto.tqdm
+
+    def spy(*args, **kwargs):
+        bar = real(*args, **kwargs)
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", spy)
+    _, n = compute_second_moment(model, tokenizer, family, 0, TEXTS, batch_tokens=16, progress=True)
+    assert bars[0].total == n and bars[0].n == n and bars[0].unit == "tok"
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusing an ill-posed C
+
+
+def test_organism_like_conditioning_is_accepted_and_too_few_tokens_refused():
+    from editors.maths.moments import assess_second_moment, second_moment_problems
+
+    g = torch.Generator().manual_seed(0)
+    scales = torch.logspace(0, -3.5, 32, dtype=torch.float64)  # condition ~1e7, like the organisms' C
+    keys = torch.randn(640, 32, generator=g, dtype=torch.float64) * scales
+    good = assess_second_moment((keys.T @ keys / 640).float(), 640)
+    assert good.rank == 32 and 1e5 < good.condition < 1e10 and good.well_sampled
+    assert second_moment_problems(good) == []
+    few = assess_second_moment((keys[:20].T @ keys[:20] / 20).float(), 20)
+    problems = second_moment_problems(few)
+    assert few.rank <= 24 and any("fewer than the key dimension 32" in p for p in problems)
+    assert any("numerical rank" in p for p in problems)
+
+
+def test_condition_beyond_the_limit_is_refused_with_the_number():
+    from editors.maths.moments import assess_second_moment, second_moment_problems
+
+    from editors.maths.moments import second_moment_concerns
+
+    C = torch.diag(torch.tensor([1.0, 1.0, 1e-11], dtype=torch.float64))
+    quality = assess_second_moment(C, 20)  # thin: under 10 keys per dimension
+    assert quality.rank == 3
+    (problem,) = second_moment_problems(quality)
+    assert "condition number 1e+11 exceeds 1e+10" in problem
+    # well sampled, the same conditioning is the model's: reported, not refused
+    rich = assess_second_moment(C, 1000)
+    assert second_moment_problems(rich) == [] and "condition number" in second_moment_concerns(rich)[0]
+
+
+def test_covariance_for_refuses_a_c_from_too_few_tokens_with_the_numbers(tmp_path, setup):
+    from editors.stats import IllPosedStatsError
+
+    model, tokenizer, family = setup
+    with pytest.raises(IllPosedStatsError) as err:
+        covariance_for(model, tokenizer, family, 1, identity="tiny-test", corpus=_corpus(),
+                       cache=SecondMomentCache(tmp_path), n_samples=2, progress=False)
+    message = str(err.value)
+    d = reference_keys(model, tokenizer, family, 1, TEXTS[:1], 8).shape[1]
+    assert f"key dimension {d}" in message and "tokens" in message and "numerical rank" in message
+    assert "condition number" in message and "mom2_n_samples" in message and "--editsafety-stats-dir" in message
+    # the measured numbers are stored with the statistic, so a later read does not measure again
+    (path,) = tmp_path.glob("*.safetensors")
+    assert read_entry(path, _key_of(path)).quality is not None
+
+
+def test_covariance_for_accepts_a_well_sampled_c_and_reads_the_corpus_lazily(tmp_path, setup):
+    model, tokenizer, family = setup
+    d = reference_keys(model, tokenizer, family, 0, TEXTS[:1], 8).shape[1]
+    module = family.layer_name("mlp_out", 0)
+    _rome_npz(tmp_path / f"{module}_float32_mom2_100000.npz", (np.eye(d) * 50 * d).astype(np.float32), 50 * d)
+    C = covariance_for(model, tokenizer, family, 0, identity="t", cache=SecondMomentCache(tmp_path / "c"),
+                       corpus=lambda: pytest.fail("a ROME file answers: the corpus must not be read"),
+                       stats_dir=tmp_path, rome_model_name="m", progress=False)
+    torch.testing.assert_close(C, torch.eye(d))
+    # ROME's own count is the token count: a file from fewer keys than dimensions is refused
+    from editors.stats import IllPosedStatsError
+
+    _rome_npz(tmp_path / f"{module}_float32_mom2_10.npz", np.eye(d, dtype=np.float32), 3)
+    with pytest.raises(IllPosedStatsError, match="ROME statistics file"):
+        covariance_for(model, tokenizer, family, 0, identity="t", cache=SecondMomentCache(tmp_path / "c"),
+                       corpus=_corpus, stats_dir=tmp_path, rome_model_name="m", n_samples=10, progress=False)
