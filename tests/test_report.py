@@ -177,9 +177,13 @@ def test_write_outputs_writes_json_markdown_and_plots(tmp_path: Path, run: RunRe
     assert out.exit_code == 1
     assert read_result(out.json_path).to_dict() == run.to_dict()
     md = out.md_path.read_text(encoding="utf-8")
-    assert len(out.plots) == len({(r.editor, r.model, r.case_set) for r in run.sequential}) == 2
+    # the sequential plots, then one perplexity-ratio-against-denominator figure per (editor, model)
+    n_sequential = len({(r.editor, r.model, r.case_set) for r in run.sequential})
+    n_denominator = len({(r.editor, r.model) for r in run.cases if r.metrics.get("denominator") is not None})
+    assert (n_sequential, n_denominator) == (2, 2)
+    assert len(out.plots) == n_sequential + n_denominator
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 2
+    assert len(links) == len(out.plots)
     for link in links:
         png = out.md_path.parent / link
         assert png in out.plots
@@ -201,13 +205,16 @@ def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path: Path, run: R
     assert out.plots == () and "![" not in md
 
 
-def test_no_plots_without_sequential_records(tmp_path: Path, run: RunResult,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_plots_without_sequential_records_or_denominators(tmp_path: Path, run: RunResult,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    out = write_outputs(dataclasses.replace(run, sequential=()), tmp_path / "a.json", tmp_path / "a.md")
+    # as a MEMIT, FT or MEND run records it: no denominator, so no perplexity-ratio-against-denominator figure
+    cases = tuple(dataclasses.replace(r, metrics={**r.metrics, "denominator": None}) for r in run.cases)
+    out = write_outputs(dataclasses.replace(run, sequential=(), cases=cases), tmp_path / "a.json", tmp_path / "a.md")
     assert out.plots == ()
     assert not (tmp_path / "a_plots").exists()
-    assert "## Sequential editing" not in out.md_path.read_text(encoding="utf-8")
+    md = out.md_path.read_text(encoding="utf-8")
+    assert "## Sequential editing" not in md and "figures" not in md
 
 
 def test_github_step_summary_is_appended(tmp_path: Path, run: RunResult, baseline: RunResult,

@@ -1,11 +1,12 @@
-"""The certification report of a run: markdown (``markdown``), sequential plots (``plots``), the files and
+"""The certification report of a run: markdown (``markdown``), sequential plots and the perplexity ratio
+against the denominator (``plots``, ``denominator_figure``), the files and
 job summary a run leaves (``outputs``), its verdict and exit code (``verdict``)."""
 
 from __future__ import annotations
 
 from pytest_editsafety.report.markdown import WORST_CASES, escape_md
 from pytest_editsafety.report.outputs import GITHUB_STEP_SUMMARY, ReportOutputs, render_markdown, write_outputs
-from pytest_editsafety.report.plots import write_sequential_plots
+from pytest_editsafety.report.plots import write_denominator_plots, write_sequential_plots
 from pytest_editsafety.report.verdict import CERTIFIED, NOT_CERTIFIED, PARTIAL, exit_code, verdict
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "exit_code",
     "render_markdown",
     "verdict",
+    "write_denominator_plots",
     "write_outputs",
     "write_sequential_plots",
 ]

@@ -2,7 +2,8 @@
 
 Sections: a verdict banner (CERTIFIED, NOT CERTIFIED or PARTIAL, with what the run left out of its plan), the
 run's conditions, its plan and coverage, an editor × model certification table, the papers'-style
-numerator/denominator table (hard vs normal cases), results split by hard vs normal, the worst cases, every
+numerator/denominator table (hard vs normal cases) with the papers' figure per (editor, model) (links to
+the perplexity ratio against the denominator), results split by hard vs normal, the worst cases, every
 failed case with its reasons, sequential-editing curves (links to the plots) and the diff against a baseline.
 
 Everything a user or a case file controls (case text, editor and model names, violation sentences) passes
@@ -16,6 +17,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 from tabulate import tabulate
 
@@ -34,12 +36,21 @@ from pytest_editsafety.results import (
 )
 from pytest_editsafety.results.summary import metric_values
 
-__all__ = ["WORST_CASES", "escape_md", "render"]
+__all__ = ["WORST_CASES", "FigureLink", "escape_md", "render"]
 
 WORST_CASES = 10
 # Beyond this many failed cases the report points to the JSON, which has them all.
 MAX_FAILED_LISTED = 100
 DASH = "—"
+
+
+class FigureLink(NamedTuple):
+    """A figure the report links: its alt text, its link (relative to the report) and the caption shown
+    under it (plain text, escaped here)."""
+
+    alt: str
+    link: str
+    caption: str
 
 # ---------------------------------------------------------------------------------------------------
 # Escaping
@@ -289,7 +300,16 @@ def _by_kind(result: RunResult) -> list[tuple[str, str, str, list[CaseRecord]]]:
     return out
 
 
-def _update_table(result: RunResult) -> list[str]:
+def _figure_lines(figures: Sequence[FigureLink], note: str | None) -> list[str]:
+    lines: list[str] = []
+    for figure in figures:
+        lines += ["", f"![{escape_md(figure.alt)}]({figure.link})", "", f"_{escape_md(figure.caption)}_"]
+    if note:
+        lines += ["", f"_{note}_"]
+    return lines
+
+
+def _update_table(result: RunResult, figures: Sequence[FigureLink], figure_note: str | None) -> list[str]:
     rows = []
     for editor, model, kind, records in _by_kind(result):
         numerators = metric_values(records, "numerator")
@@ -311,6 +331,7 @@ def _update_table(result: RunResult) -> list[str]:
         "",
         "Numerator ‖(v\\* − Wk)uᵀ‖ and denominator \\|uᵀk\\| of ΔW = (v\\* − Wk)uᵀ / (uᵀk). The papers measured "
         "denominators of 0.01-0.04 on collapsing cases against 2.6-12.8 on normal ones.",
+        *_figure_lines(figures, figure_note),
     ]
 
 
@@ -438,16 +459,19 @@ def render(
     plot_links: Mapping[str, str],
     plot_note: str | None,
     allowed_missing: Sequence[str] = (),
+    denominator_figures: Sequence[FigureLink] = (),
+    denominator_note: str | None = None,
 ) -> str:
     """The report; ``plot_links`` maps each sequential plot's caption to its link, ``plot_note`` says why
     plots are missing (or where they are), ``allowed_missing`` lists the baseline's tests this run lacks
-    that were allowed to be missing."""
+    that were allowed to be missing; ``denominator_figures`` and ``denominator_note`` are the same for the
+    perplexity ratio against the denominator, shown under the numerator/denominator table."""
     sections: list[list[str]] = [
         ["# Model-editing certification report", "", _banner(result, regressions)],
         _run_section(result),
         _plan_section(result),
         _certification_table(result),
-        _update_table(result),
+        _update_table(result, denominator_figures, denominator_note),
         _kind_table(result),
         _worst_cases(result),
         _failures(result),

@@ -1,10 +1,14 @@
-"""Sequential-editing plots for the report: one PNG per (editor, model, case set), drawn with matplotlib when
-it is installed (the ``plots`` extra)."""
+"""The report's figures, drawn with matplotlib when it is installed (the ``plots`` extra): sequential-editing
+plots, one PNG per (editor, model, case set), and the papers' perplexity ratio against the denominator, one PNG
+per (editor, model) with a denominator (``denominator_figure``).
+
+PNGs are reproducible: a fixed size and dpi, the Agg canvas, and no "Software" entry in their metadata."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import os
 import re
@@ -14,9 +18,15 @@ from urllib.parse import quote
 
 from editors.storage import atomic_write_bytes
 from pytest_editsafety.bounds import format_number
+from pytest_editsafety.report.denominator_figure import DenominatorFigure, denominator_figures, draw
+from pytest_editsafety.report.markdown import FigureLink
 from pytest_editsafety.results import RunResult, SequentialRecord
 
-__all__ = ["report_plots", "write_sequential_plots"]
+log = logging.getLogger(__name__)
+
+__all__ = ["report_denominator_plots", "report_plots", "write_denominator_plots", "write_sequential_plots"]
+
+MATPLOTLIB_MISSING = "matplotlib is not installed (pip install 'pytest-editsafety[plots]')"
 
 
 def _load_matplotlib() -> tuple[Any, Any]:
@@ -30,12 +40,21 @@ def _load_matplotlib() -> tuple[Any, Any]:
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def _plot_filename(editor: str, model: str, case_set: str) -> str:
-    # Names can hold "/" (Hugging Face ids) or anything a user typed; the hash keeps distinct triples
+def _plot_filename(kind: str, *parts: str) -> str:
+    # Names can hold "/" (Hugging Face ids) or anything a user typed; the hash keeps distinct names
     # distinct after slugging.
-    slug = "-".join(_UNSAFE_NAME.sub("_", part).strip("._") or "x" for part in (editor, model, case_set))
-    digest = hashlib.sha256("\0".join((editor, model, case_set)).encode("utf-8")).hexdigest()[:8]
-    return f"sequential-{slug[:80]}-{digest}.png"
+    slug = "-".join(_UNSAFE_NAME.sub("_", part).strip("._") or "x" for part in parts)
+    digest = hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:8]
+    return f"{kind}-{slug[:80]}-{digest}.png"
+
+
+def _png(fig: Any) -> bytes:
+    """The figure as PNG bytes; without the "Software" entry (matplotlib's version) the bytes depend only on
+    what is drawn, so golden files and artifacts stay stable."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
 
 
 def write_sequential_plots(result: RunResult, plots_dir: str | os.PathLike[str]) -> tuple[dict[str, Path], str | None]:
@@ -48,7 +67,7 @@ def write_sequential_plots(result: RunResult, plots_dir: str | os.PathLike[str])
     try:
         Figure, FigureCanvasAgg = _load_matplotlib()
     except ImportError:
-        return {}, "Sequential plots skipped: matplotlib is not installed (pip install 'pytest-editsafety[plots]')."
+        return {}, f"Sequential plots skipped: {MATPLOTLIB_MISSING}."
     collapse_line = result.metadata.parsed_bounds.collapse_ppl
     triples: dict[tuple[str, str, str], list[SequentialRecord]] = {}
     for r in result.sequential:
@@ -76,11 +95,8 @@ def write_sequential_plots(result: RunResult, plots_dir: str | os.PathLike[str])
         title = f"{editor} on {model}, {case_set}"
         ax.set_title(title + (" (non-finite values not drawn)" if dropped else ""), fontsize=10)
         ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", metadata={"Software": None})
-        path = out_dir / _plot_filename(editor, model, case_set)
-        atomic_write_bytes(path, buffer.getvalue())
+        path = out_dir / _plot_filename("sequential", editor, model, case_set)
+        atomic_write_bytes(path, _png(fig))
         written[title] = path
     return written, None
 
@@ -99,3 +115,44 @@ def report_plots(
     prefix = quote(Path(plots_dir).name)
     links = {caption: f"{prefix}/{quote(path.name)}" for caption, path in written.items()}
     return links, tuple(written.values()), note
+
+
+def write_denominator_plots(
+    figures: list[DenominatorFigure], plots_dir: str | os.PathLike[str]
+) -> tuple[list[tuple[DenominatorFigure, Path]], str | None]:
+    """One PNG per figure (``denominator_figures``): the perplexity ratio against |uᵀk|, log-log.
+
+    Returns ``([(figure, path)], note)``; without matplotlib nothing is written and the note says why.
+    """
+    if not figures:
+        return [], None
+    try:
+        Figure, FigureCanvasAgg = _load_matplotlib()
+    except ImportError:
+        return [], f"Perplexity-ratio-against-denominator figures skipped: {MATPLOTLIB_MISSING}."
+    written = []
+    for data in figures:
+        fig = Figure(figsize=(6.4, 4.4), dpi=100)
+        FigureCanvasAgg(fig)
+        draw(data, fig)
+        path = Path(plots_dir) / _plot_filename("denominator", data.editor, data.model)
+        atomic_write_bytes(path, _png(fig))
+        log.debug("wrote %s (%d of %d cases drawn)", path, data.n_drawn, data.n_cases)
+        written.append((data, path))
+    return written, None
+
+
+def report_denominator_plots(
+    result: RunResult, plots_dir: str | os.PathLike[str] | None
+) -> tuple[list[FigureLink], tuple[Path, ...], str | None]:
+    """Write the perplexity-ratio-against-denominator figures into ``plots_dir`` and return (one link per
+    figure, relative to the directory that holds ``plots_dir``, the files written, a note for the report)."""
+    figures = denominator_figures(result)
+    if not figures:
+        return [], (), None
+    if plots_dir is None:
+        return [], (), "Perplexity-ratio-against-denominator figures not written (no plots directory given)."
+    written, note = write_denominator_plots(figures, plots_dir)
+    prefix = quote(Path(plots_dir).name)
+    links = [FigureLink(data.title, f"{prefix}/{quote(path.name)}", data.caption) for data, path in written]
+    return links, tuple(path for _, path in written), note
