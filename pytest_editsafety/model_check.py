@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from pytest_editsafety.registry import (
     LoadOptions,
     ModelSpec,
     ModelUnavailableError,
-    check_tokenizer_files,
-    check_weights_files,
+    check_local_directory,
     hub_cache_dir,
     offline_env,
-    read_model_type,
     unavailable_message,
 )
 
@@ -44,12 +41,7 @@ def check_loadable(spec: ModelSpec, options: LoadOptions | None = None) -> None:
     the file); return when nothing that can be checked without loading stands in the way."""
     options = options or LoadOptions()
     if spec.source == "local":
-        directory = Path(spec.location)
-        if not directory.is_dir():
-            raise ModelUnavailableError(f"model {spec.name!r}: directory {directory} does not exist")
-        read_model_type(directory)
-        check_tokenizer_files(spec, directory)
-        check_weights_files(spec, directory)
+        check_local_directory(spec)
     elif spec.source == "hub":
         local_only = options.local_files_only if options.local_files_only is not None else offline_env()
         # online, the load itself fetches what is missing; offline, the cache must already hold the model

@@ -410,6 +410,17 @@ def _hub_identity(model: Any, repo: str, revision: str | None, cache_dir: str | 
     return f"{repo}@{commit or revision or 'unpinned'}"
 
 
+def check_local_directory(spec: ModelSpec) -> Path:
+    """A local model's directory, once it holds a readable config, tokenizer files and whole weights files."""
+    directory = Path(spec.location)
+    if not directory.is_dir():
+        raise ModelUnavailableError(f"model {describe_model(spec)}: directory {directory} does not exist")
+    read_model_type(directory)
+    check_tokenizer_files(spec, directory)
+    check_weights_files(spec, directory)
+    return directory
+
+
 def check_weights_files(spec: ModelSpec, directory: Path) -> None:
     """Every safetensors file of ``directory`` whole (headers only: microseconds), so a truncated copy is
     named here rather than deep inside transformers' loader."""
@@ -457,12 +468,7 @@ def load_model(spec: ModelSpec | str, options: LoadOptions | None = None) -> Loa
         check_tokenizer_files(spec, directory)
         location = str(directory)
     elif spec.source == "local":
-        directory = Path(spec.location)
-        if not directory.is_dir():
-            raise ModelUnavailableError(f"model {describe_model(spec)}: directory {directory} does not exist")
-        read_model_type(directory)
-        check_tokenizer_files(spec, directory)
-        check_weights_files(spec, directory)
+        directory = check_local_directory(spec)
         identity = local_identity(directory)
         location = str(directory)
     elif spec.source == "hub":

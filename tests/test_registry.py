@@ -579,8 +579,8 @@ def test_directory_without_weights_is_unavailable(tmp_path: Path, tiny_dirs: dic
     (directory / "model.safetensors").unlink()
     with pytest.raises(ModelUnavailableError) as info:
         load_model(str(directory))
-    assert str(directory) in str(info.value) and "weights" in str(info.value)
-    assert info.value.__cause__ is not None
+    # found before transformers is asked, which would say only that no file of its known names exists
+    assert f"{directory} holds no weights file" in str(info.value)
 
 
 # --------------------------------------------------------------------------------- hub, offline only
