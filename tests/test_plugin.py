@@ -993,7 +993,8 @@ def test_a_second_run_on_the_same_outputs_is_refused_naming_the_first(
         output, _ = first.communicate(timeout=300)
     assert first.returncode == 0, output
     assert read_result(out / "r.json").certified  # the first run's certificate, whole
-    assert sorted(p.name for p in out.iterdir()) == ["r.json", "r.md"]  # its locks and journal are gone
+    # its locks and journal are gone (r_plots: the report's figures)
+    assert sorted(p.name for p in out.iterdir()) == ["r.json", "r.md", "r_plots"]
 
 
 def test_pytest_split_shards_merge_into_one_certificate_only_together(
