@@ -43,7 +43,9 @@ class MemitHparams:
     mom2_n_samples: int = 100000
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     kl_prompt: str = "{} is a"
-    early_stop_nll: float = 0.05
+    # as RomeHparams: MEMIT's compute_z stops its search on the whole loss too ("if loss < 5e-2: break")
+    early_stop_on: str = "loss"
+    early_stop_below: float = 0.05
 
     def __post_init__(self) -> None:
         layers = tuple(self.layers)
@@ -67,7 +69,8 @@ class MemitHparams:
             mom2_adjustment=self.mom2_adjustment,
             context_templates=self.context_templates,
             kl_prompt=self.kl_prompt,
-            early_stop_nll=self.early_stop_nll,
+            early_stop_on=self.early_stop_on,
+            early_stop_below=self.early_stop_below,
         )
 
 

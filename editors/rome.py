@@ -17,7 +17,15 @@ from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, 
 from editors.domain import check_count, check_number, check_template_recipe
 from editors.hooks import add_at_positions, capture_input, capture_output, frozen, rows_at
 from editors.maths import as_out_in, delta_to_storage
-from editors.maths.rome import covariance_solver, measure_keys, rome_update
+from editors.maths.rome import (
+    CONSISTENT_TARGETS,
+    EARLY_STOP_ON,
+    covariance_solver,
+    measure_keys,
+    rome_update,
+    value_search_stops,
+    value_target,
+)
 from editors.text import fill, right_padded, subject_last_index
 
 log = logging.getLogger(__name__)
@@ -36,19 +44,29 @@ class RomeHparams:
     mom2_n_samples: int = 100000
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     kl_prompt: str = "{} is a"
-    early_stop_nll: float = 0.05
+    # v*'s search stops at the first step whose loss is below early_stop_below; "loss" (NLL + KL + decay) is
+    # ROME's compute_v, "nll" (the target's NLL alone) a named variant: see value_search_stops
+    early_stop_on: str = "loss"
+    early_stop_below: float = 0.05
+    # the value C-ROME maps k̄ to: "bare" (W kᵘ + δ, the papers' fork) or "mean" (W k̄ + δ): see value_target
+    c_rome_target: str = "bare"
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"RomeHparams.layer: expected an int >= 0, got {self.layer!r}")
         check_value_settings(self)
+        if self.c_rome_target not in CONSISTENT_TARGETS:
+            raise ValueError(f"RomeHparams.c_rome_target: expected one of {CONSISTENT_TARGETS}, "
+                             f"got {self.c_rome_target!r}")
 
 
 def check_value_settings(hp) -> None:
     """The domain of v*'s settings, shared by ROME and MEMIT (whose δ* is found the same way)."""
     check_count(hp, ("v_num_grad_steps", "mom2_n_samples"))
     check_number(hp, ("v_lr", "clamp_norm_factor"), strict=True)
-    check_number(hp, ("v_weight_decay", "kl_factor", "early_stop_nll"))
+    check_number(hp, ("v_weight_decay", "kl_factor", "early_stop_below"))
+    if hp.early_stop_on not in EARLY_STOP_ON:
+        raise ValueError(f"{type(hp).__name__}.early_stop_on: expected one of {EARLY_STOP_ON}, got {hp.early_stop_on!r}")
     check_template_recipe(hp)
     if not isinstance(hp.kl_prompt, str) or hp.kl_prompt.count("{}") != 1:
         raise ValueError(f"{type(hp).__name__}.kl_prompt: expected a text with one '{{}}', got {hp.kl_prompt!r}")
@@ -62,8 +80,10 @@ class RomeInputs:
     k_mean: torch.Tensor
     out_bare: torch.Tensor  # MLP output (with bias) at the subject, bare prompt
     out_mean: torch.Tensor  # mean MLP output over context templates
-    delta: torch.Tensor  # optimised addition to the MLP output (v* - current output)
+    delta: torch.Tensor  # optimised addition to the MLP output at the subject (v* - the bare prompt's output)
     final_nll: float
+    final_loss: float
+    steps: int
     subject_positions: tuple[int, ...] = field(default=())
 
 
@@ -84,10 +104,30 @@ def keys_and_outputs(model, tokenizer, family, layer: int, contexts, request: Ed
     return rows_at(store["input"], positions).float(), rows_at(store["output"], positions).float(), positions
 
 
+@dataclass(frozen=True)
+class ValueFit:
+    """v*'s search: ``δ``, the NLL and whole loss at the step it stopped on, and the forward passes it took."""
+
+    delta: torch.Tensor
+    nll: float
+    loss: float
+    steps: int
+
+
 def optimise_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, request: EditRequest,
                          out_bare: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(δ, final NLL)`` of :func:`search_value_delta`: the form editors outside this package call."""
+    fit = search_value_delta(model, tokenizer, family, hp, contexts, request, out_bare)
+    return fit.delta, fit.nll
+
+
+def search_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, request: EditRequest,
+                       out_bare: torch.Tensor) -> ValueFit:
     """Find ``δ`` so that adding it to the layer's MLP output at the subject makes every templated prompt
-    predict ``target_new`` (NLL + KL on ``kl_prompt`` + weight decay, norm clamped), as ROME's compute_v."""
+    predict ``target_new`` (NLL + KL on ``kl_prompt`` + weight decay, norm clamped), as ROME's compute_v.
+
+    Like compute_v it evaluates the loss, then stops (``hp.early_stop_on``/``early_stop_below``, see
+    :func:`value_search_stops`) or, on the last of ``v_num_grad_steps`` passes, ends without stepping."""
     device = next(model.parameters()).device
     target_ids = tokenizer(" " + request.target_new.strip(), add_special_tokens=False)["input_ids"]
     decoded_prefix = tokenizer.decode(target_ids[:-1]) if len(target_ids) > 1 else ""
@@ -111,7 +151,8 @@ def optimise_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, re
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * float(out_bare.norm())
     kl_reference = None
-    nll = float("inf")
+    nll = total = float("inf")
+    steps = 0
     with frozen(model):  # only delta is optimised; the model's flags and mode come back as they were
         for step in range(hp.v_num_grad_steps):
             optimiser.zero_grad()
@@ -129,8 +170,8 @@ def optimise_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, re
             kl = torch.nn.functional.kl_div(kl_reference, kl_log_probs, log_target=True, reduction="sum")
             decay = hp.v_weight_decay * delta.norm() / out_bare.norm() ** 2
             loss = nll_loss + hp.kl_factor * kl + decay
-            nll = float(nll_loss.detach())
-            if nll < hp.early_stop_nll:
+            nll, total, steps = float(nll_loss.detach()), float(loss.detach()), step + 1
+            if value_search_stops(nll, total, below=hp.early_stop_below, on=hp.early_stop_on):
                 break
             if step == hp.v_num_grad_steps - 1:
                 break
@@ -140,7 +181,7 @@ def optimise_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, re
                 norm = float(delta.norm())
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
-    return delta.detach(), nll
+    return ValueFit(delta.detach(), nll, total, steps)
 
 
 class RomeEditor(EditorBase):
@@ -183,9 +224,10 @@ class RomeEditor(EditorBase):
     def measure(self, model, tokenizer, family, request: EditRequest) -> RomeInputs:
         contexts = self._contexts(model, tokenizer)
         keys, outputs, positions = keys_and_outputs(model, tokenizer, family, self.hparams.layer, contexts, request)
-        delta, nll = optimise_value_delta(model, tokenizer, family, self.hparams, contexts, request, outputs[0])
+        fit = search_value_delta(model, tokenizer, family, self.hparams, contexts, request, outputs[0])
         return RomeInputs(k_bare=keys[0], k_mean=keys.mean(0), out_bare=outputs[0], out_mean=outputs.mean(0),
-                          delta=delta, final_nll=nll, subject_positions=tuple(positions))
+                          delta=fit.delta, final_nll=fit.nll, final_loss=fit.loss, steps=fit.steps,
+                          subject_positions=tuple(positions))
 
     def denominator(self, model, tokenizer, family, request: EditRequest) -> dict[str, float]:
         """``|uᵀkᵘ|`` (rome) or ``|uᵀk̄|`` (C-ROME) for ``request``, one forward pass over the templated
@@ -204,13 +246,15 @@ class RomeEditor(EditorBase):
         name = self.parameters_touched(model, family)[0]
         param = family.get_module(model, name.rsplit(".", 1)[0]).weight
         W = as_out_in(param.detach(), family.weight_transposed).float()
-        key = inputs.k_mean if self.consistent else inputs.k_bare
-        v_star = W @ key + inputs.delta  # the value the edited layer must produce for that key
+        # the value the edited layer must produce for the key it edits (rome: kᵘ, C-ROME: k̄)
+        v_star = value_target(W, inputs.k_bare, inputs.k_mean, inputs.delta, consistent=self.consistent,
+                              anchor=self.hparams.c_rome_target)
         update = rome_update(W, inputs.k_bare, inputs.k_mean, v_star, consistent=self.consistent,
                              covariance=self.covariance)
         with torch.no_grad():
             param.add_(delta_to_storage(update.delta, family.weight_transposed).to(param.dtype))
         diagnostics = {**update.diagnostics(), "layer": self.hparams.layer, "v_final_nll": inputs.final_nll,
+                       "v_final_loss": inputs.final_loss, "v_steps": inputs.steps,
                        "delta_norm": float(inputs.delta.norm()), "subject_position_bare": inputs.subject_positions[0]}
         prefix = None
         if self.test_prefix:

@@ -60,8 +60,10 @@ PAPERS: list[tuple[str, str, str, object]] = [
         "layer": 5, "v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0,
         "kl_factor": 0.0625, "mom2_adjustment": False, "mom2_n_samples": 100000,
         "context_templates": [[5, 10], [10, 10]]}.items()],
-    # easyeditor/models/rome/compute_v.py: kl_prompts ["{} is a"], "if loss < 5e-2: break"
-    *[("rome", m, f, v) for m in PAPERS_FILE for f, v in {"kl_prompt": "{} is a", "early_stop_nll": 0.05}.items()],
+    # easyeditor/models/rome/compute_v.py: kl_prompts ["{} is a"], "if loss < 5e-2: break" (the whole loss),
+    # "target = target_init + delta" (C-ROME's value: the bare prompt's output plus delta)
+    *[("rome", m, f, v) for m in PAPERS_FILE for f, v in {
+        "kl_prompt": "{} is a", "early_stop_on": "loss", "early_stop_below": 0.05, "c_rome_target": "bare"}.items()],
     # hparams/MEMIT/gpt2-xl.yaml
     *[("memit", "gpt2-xl", f, v) for f, v in {
         "layers": [13, 14, 15, 16, 17], "clamp_norm_factor": 0.75, "v_num_grad_steps": 20, "v_lr": 0.5,
@@ -85,7 +87,8 @@ PAPERS: list[tuple[str, str, str, object]] = [
     # easyeditor/models/memit/memit_main.py get_context_templates: "for length, n_gen in [(10, 5)]" (5 prefixes
     # of 10 tokens); compute_z.py: kl_prompts ["{} is a"], "if loss < 5e-2: break"
     *[("memit", m, f, v) for m in PAPERS_FILE for f, v in {
-        "context_templates": [[10, 5]], "kl_prompt": "{} is a", "early_stop_nll": 0.05}.items()],
+        "context_templates": [[10, 5]], "kl_prompt": "{} is a", "early_stop_on": "loss",
+        "early_stop_below": 0.05}.items()],
     # hparams/FT/gpt2-xl.yaml (norm_constraint 5e-4 -> eps)
     *[("ft-linf", "gpt2-xl", f, v) for f, v in {
         "layer": 0, "num_steps": 25, "lr": 5e-4, "weight_decay": 0.0, "eps": 5e-4}.items()],
@@ -140,9 +143,12 @@ KMENG01: list[tuple[str, str, str, object]] = [
         "layer": 5, "v_num_grad_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0,
         "kl_factor": 0.0625, "mom2_adjustment": True, "mom2_n_samples": 100000,
         "context_templates": [[5, 10], [10, 10]]}.items()],
-    # kmeng01/rome rome/compute_v.py: kl_prompts ["{} is a"], "if loss < 5e-2: break"
-    *[("rome", m, f, v) for m in ("gpt2-xl", "gpt-j") for f, v in {"kl_prompt": "{} is a",
-                                                                    "early_stop_nll": 0.05}.items()],
+    # kmeng01/rome rome/compute_v.py: kl_prompts ["{} is a"], "if loss < 5e-2: break" (the whole loss)
+    *[("rome", m, f, v) for m in ("gpt2-xl", "gpt-j") for f, v in {
+        "kl_prompt": "{} is a", "early_stop_on": "loss", "early_stop_below": 0.05}.items()],
+    # ROME's code has no C-ROME: the value C-ROME maps k-bar to is the collapse papers' (their compute_v), so
+    # that the named set differs from the defaults in C alone
+    *[("rome", m, "c_rome_target", "bare") for m in ("gpt2-xl", "gpt-j")],
     # kmeng01/rome hparams/FT/gpt2-xl_constr.json
     *[("ft-linf", "gpt2-xl", f, v) for f, v in {
         "layer": 0, "num_steps": 25, "lr": 5e-4, "weight_decay": 0.0, "eps": 5e-4}.items()],

@@ -9,6 +9,11 @@ the bare, unprefixed prompt) in both the residual and the denominator, while ``u
 ``u`` the denominator collapses and the update explodes; that blow-up is the phenomenon the project
 certifies against, so nothing here guards against it: a zero denominator yields ``inf``/``nan`` entries and
 no exception. Guards belong to the editors, which can report them.
+
+``v*`` is the bare prompt's value plus the searched ``δ`` for both methods (:func:`value_target`), so C-ROME's
+residual is ``δ + W(kᵘ − k̄)``, as the papers' fork computes it. ``C⁻¹k̄`` is a float64 solve, where ROME's
+code inverts C with float32-cast ``torch.inverse`` (rome/compute_u.py get_inv_cov): a stated deviation, since
+an explicit float32 inverse loses the small eigen-directions of an ill-conditioned C that ``u`` depends on.
 """
 
 from __future__ import annotations
@@ -260,6 +265,54 @@ class RomeUpdate:
     def diagnostics(self) -> dict[str, float | str]:
         """As :meth:`RankOneUpdate.diagnostics`, plus ``cos(kᵘ, k̄)`` and the key convention."""
         return {**_update_diagnostics(self), "key_cosine": self.key_cosine, "key_convention": self.key_convention}
+
+
+EarlyStopOn = Literal["loss", "nll"]
+EARLY_STOP_ON: tuple[str, ...] = ("loss", "nll")
+ConsistentTarget = Literal["bare", "mean"]
+CONSISTENT_TARGETS: tuple[str, ...] = ("bare", "mean")
+
+
+def value_search_stops(nll: float, loss: float, *, below: float, on: EarlyStopOn = "loss") -> bool:
+    """Whether v*'s search stops at a step whose target NLL is ``nll`` and whose whole loss is ``loss``.
+
+    ``on="loss"`` is ROME's rule (kmeng01/rome rome/compute_v.py:150 and the collapse papers' fork,
+    easyeditor/models/rome/compute_v.py:162: ``if loss < 5e-2: break``, the loss being NLL + KL + decay).
+    Whenever the decay alone (``wd·‖δ‖/‖out‖²``) is above ``below``, that rule never fires and every step runs.
+    ``on="nll"`` stops once the target is learned, whatever the decay: the project's earlier rule.
+    """
+    if on not in EARLY_STOP_ON:
+        raise MathsError(f"on: expected one of {EARLY_STOP_ON}, got {on!r}")
+    return (loss if on == "loss" else nll) < below
+
+
+def value_target(W: Tensor, k_bare: Tensor, k_bar: Tensor, delta: Tensor, *, consistent: bool,
+                 anchor: ConsistentTarget = "bare") -> Tensor:
+    """The value ``v*`` (bias left out) that the edited layer must produce for the key it edits.
+
+    ``δ`` is what v*'s search adds to the layer's output at the subject. ROME's target is the bare prompt's
+    output plus ``δ``, ``W kᵘ + δ`` (compute_v.py: ``target = target_init + delta``, ``target_init`` read on
+    the bare prompt), so its residual ``v* − W kᵘ`` is ``δ``. C-ROME (``consistent``) maps ``k̄`` to a value:
+
+    - ``anchor="bare"``, the papers' fork: the same ``W kᵘ + δ``; its residual ``v* − W k̄`` is
+      ``δ + W(kᵘ − k̄)``, the fork's ``target − cur_output`` with ``cur_output`` the mean output over the
+      templates (easyeditor/models/rome/compute_v.py:178-206, rome_main's get_module_input_output_at_word
+      averaging input and output when ``if_c_rome``).
+    - ``anchor="mean"``: ``W k̄ + δ``, residual ``δ``. The search added ``δ`` at every template's subject, so
+      each template's output was trained towards ``W kᵢ + b + δ``; their mean is exactly ``W k̄ + b + δ``, the
+      value this anchor asks of ``k̄``. The bare anchor adds ``W(kᵘ − k̄)``, which no step of the search saw.
+
+    Arithmetic in float32 (float64 when any input is), on ``W``'s device.
+    """
+    W = _matrix("W", W)
+    d_out, d_in = W.shape
+    if anchor not in CONSISTENT_TARGETS:
+        raise MathsError(f"anchor: expected one of {CONSISTENT_TARGETS}, got {anchor!r}")
+    k_bare, k_bar = _vector("k_bare", k_bare, d_in), _vector("k_bar", k_bar, d_in)
+    key = k_bar if consistent and anchor == "mean" else k_bare
+    delta = _vector("delta", delta, d_out)
+    cdt = compute_dtype(W, key, delta)
+    return W.to(cdt) @ key.to(device=W.device, dtype=cdt) + delta.to(device=W.device, dtype=cdt)
 
 
 def key_cosine(a: Tensor, b: Tensor) -> float:
