@@ -50,3 +50,25 @@ def make_mend(hparams: Mapping[str, Any]):
     from editors.mend import MendEditor, MendHparams
 
     return MendEditor(hparams_from_mapping(MendHparams, hparams, source="mend hparams"))
+
+
+def make_r_rome(hparams: Mapping[str, Any]):
+    """r-ROME (Gupta et al. 2024): C-ROME's keys with the value its authors map them to (see editors.rrome)."""
+    from editors.rome import RomeHparams
+    from editors.rrome import RRomeEditor
+
+    return RRomeEditor(hparams_from_mapping(RomeHparams, hparams, source="r-rome hparams"))
+
+
+def make_emmet(hparams: Mapping[str, Any]):
+    """EMMET (Gupta et al. 2024): batched ROME with equality constraints over MEMIT's residual spread."""
+    from editors.emmet import EmmetEditor, EmmetHparams
+
+    return EmmetEditor(hparams_from_mapping(EmmetHparams, hparams, source="emmet hparams"))
+
+
+def make_alphaedit(hparams: Mapping[str, Any]):
+    """AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of preserved keys."""
+    from editors.alphaedit import AlphaEditEditor, AlphaEditHparams
+
+    return AlphaEditEditor(hparams_from_mapping(AlphaEditHparams, hparams, source="alphaedit hparams"))
