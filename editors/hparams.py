@@ -3,7 +3,8 @@
 Files live in ``editors/hparams/<editor>/<key>.json`` where ``<key>`` is a built-in model name (``gpt2-xl``,
 ``tiny-gpt2``, ...) or a family default (``gpt2``, ``gptj``, ``llama``). Every file carries a ``"_comment"``
 saying where its numbers come from. The keys a file may use are the fields of the editor's frozen hparams
-dataclass (``RomeHparams``, ``MemitHparams``, ``FtHparams``, ``MendHparams``); anything else is an error
+dataclass (``RomeHparams``, ``MemitHparams``, ``FtHparams``, ``MendHparams``, ``EmmetHparams``,
+``AlphaEditHparams``); anything else is an error
 naming the file.
 
 Named sets: ``editors/hparams/<editor>/<name>/<key>.json`` hold an alternative published setting the user
@@ -99,6 +100,10 @@ _SCHEMAS: Mapping[str, HparamsSchema] = {
     "memit": HparamsSchema("memit", "editors.memit", "MemitHparams", "layers", many_layers=True),
     "ft-linf": HparamsSchema("ft-linf", "editors.ft", "FtHparams", "layer", many_layers=False),
     "mend": HparamsSchema("mend", "editors.mend", "MendHparams", "layers", many_layers=True),
+    # r-ROME has ROME's hyper-parameters and files of its own (its authors' configs turn mom2_adjustment on)
+    "r-rome": HparamsSchema("r-rome", "editors.rome", "RomeHparams", "layer", many_layers=False),
+    "emmet": HparamsSchema("emmet", "editors.emmet", "EmmetHparams", "layers", many_layers=True),
+    "alphaedit": HparamsSchema("alphaedit", "editors.alphaedit", "AlphaEditHparams", "layers", many_layers=True),
 }
 
 

@@ -43,12 +43,19 @@ from editors.registry import (
 
 EXAMPLE_PKG = Path(__file__).parent / "example_editor_pkg"
 # this distribution's editors, listed first and sorted (as its installed entry points are)
-BUILTINS = ("c-rome", "c-rome-prefix", "ft-linf", "memit", "mend", "rome")
-HPARAMS_EDITORS = ("rome", "memit", "ft-linf", "mend")
+BUILTINS = ("alphaedit", "c-rome", "c-rome-prefix", "emmet", "ft-linf", "memit", "mend", "r-rome", "rome")
+HPARAMS_EDITORS = ("rome", "memit", "ft-linf", "mend", "r-rome", "emmet", "alphaedit")
 MODEL_KEYS = ("gpt2-xl", "gpt-j", "llama2-7b", "mistral-7b", "llama3-8b", "tiny-gpt2", "tiny-gptj", "tiny-llama", "gpt2",
               "gptj", "llama", "mistral")
 # organisms with settings of their own; the others edit with their family's organism file
-OWN_KEYS = {"rome": ("tiny-gpt2-sink",)}
+OWN_KEYS = {"rome": ("tiny-gpt2-sink",), "r-rome": ("tiny-gpt2-sink",)}
+# the newer editors cover the models whose authors publish a config, their families and the organisms
+ORGANISM_KEYS = ("tiny-gpt2", "tiny-gptj", "tiny-llama")
+EDITOR_KEYS = {
+    "r-rome": ("gpt2-xl", "gpt-j", "gpt2", "gptj") + ORGANISM_KEYS,
+    "emmet": ("gpt2-xl", "gpt-j", "llama2-7b", "gpt2", "gptj", "llama") + ORGANISM_KEYS,
+    "alphaedit": ("gpt2-xl", "gpt-j", "llama3-8b", "gpt2", "gptj", "llama") + ORGANISM_KEYS,
+}
 
 
 @pytest.fixture()
@@ -156,7 +163,7 @@ def test_editors_without_needs_declare_none() -> None:
 
 
 def test_unknown_editor_lists_what_is_available() -> None:
-    listed = "c-rome, c-rome-prefix, ft-linf, memit, mend, rome"
+    listed = "alphaedit, c-rome, c-rome-prefix, emmet, ft-linf, memit, mend, r-rome, rome"
     with pytest.raises(UnknownEditorError, match=f"unknown editor 'romee'.*{listed}") as err:
         get_editor("romee")
     assert isinstance(err.value, ValueError)
@@ -242,7 +249,7 @@ def _config(n_layers: int, causal: int | None = None) -> SimpleNamespace:
 def test_every_builtin_file_is_documented_complete_and_buildable(editor: str) -> None:
     schema = schema_for(editor)
     fields = set(schema.field_names())
-    keys = MODEL_KEYS + OWN_KEYS.get(editor, ())
+    keys = EDITOR_KEYS.get(editor, MODEL_KEYS) + OWN_KEYS.get(editor, ())
     assert set(builtin_hparams_keys(editor)) == set(keys)
     for key in keys:
         raw = json.loads((Path(registry.__file__).parent / "hparams" / schema.directory / f"{key}.json").read_text())

@@ -411,7 +411,7 @@ def test_hparams_command_layers_a_named_set_a_user_file_and_overrides(isolated: 
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--model", "no-such-model", "--editor", "rome"), "unknown model 'no-such-model'"),
-    (("--model", "gpt2-xl", "--editor", "romee"), "unknown editor 'romee'; available: c-rome"),
+    (("--model", "gpt2-xl", "--editor", "romee"), "unknown editor 'romee'; available: alphaedit, c-rome"),
     (("--model", "llama2-7b", "--editor", "rome", "--hparams", "kmeng01"), "have no file for model 'llama2-7b'"),
     (("--model", "gpt2-xl", "--editor", "rome", "--set", "lr=1"), "overrides: unknown hyper-parameter 'lr'"),
     (("--model", "gpt2-xl", "--editor", "rome", "--set", "layer"), "--set 'layer': expected KEY=VALUE"),
