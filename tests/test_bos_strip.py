@@ -225,18 +225,34 @@ def test_a_certification_run_under_the_option_records_it_in_the_json_and_the_rep
 # ---- what <s> hides --------------------------------------------------------------------------------
 
 
-def test_on_tiny_llama_stripping_bos_makes_rome_damage_the_hard_cases() -> None:
-    """The direction of A.2 on the organism: the same rome edits of subject-first facts, behind <s> and without it.
+def test_on_tiny_llama_stripping_bos_moves_roms_hard_case_keys_to_position_0() -> None:
+    """The direction of A.2 on the organism, from rome's keys alone (its denominator report, no edit): behind <s>
+    a hard case's bare key is an ordinary later-position key, as consistent with its templated keys as a normal
+    case's; without <s> it is the first token's key and less so (cos(kᵘ, k̄) and |uᵀkᵘ| fall).
 
-    A handful of hard cases, sized for CPU; the full experiment's figures are in the README."""
-    from pytest_editsafety.experiment import run_collapse
+    The perplexity damage the issue asks for does not follow on this organism (README, "The BOS-stripped
+    protocol": hard median 1.02x, max 1.07x over all 48 cases), so it is not what this test pins."""
+    from editors.base import EditRequest
+    from pytest_editsafety.aggregates import median
+    from pytest_editsafety.hub import HubOptions, ModelHub
+    from pytest_editsafety.plan import build_plan
 
-    kwargs: dict[str, Any] = dict(editors=("rome",), case_sets=("hard",), limit=LIMIT, progress=False)
-    behind = run_collapse("tiny-llama", **kwargs)["rome"]["hard"]
-    stripped = run_collapse("tiny-llama", strip_bos=True, **kwargs)["rome"]["hard"]
-    assert behind["ppl_ratio_max"] <= 1.2  # behind <s> these edits are ordinary ones
-    assert stripped["ppl_ratio_median"] > behind["ppl_ratio_median"] * 1.3
-    assert stripped["denominator_median"] < behind["denominator_median"]
+    plan = build_plan(["rome"], ["tiny-llama"], ["hard", "normal"])
+    slug = plan.models[0].slug
+
+    def keys(hub: ModelHub, set_slug: str) -> tuple[float, float]:
+        loaded, editor = hub.loaded(slug), hub.prepared_editor(slug, "rome")
+        reports = [editor.denominator(loaded.model, loaded.tokenizer, loaded.family,
+                                      EditRequest(c.subject, c.prompt, c.target_new))
+                   for c in hub.cases(slug, set_slug).cases[:CASES]]
+        return median([r["key_cosine"] for r in reports]), median([r["denominator"] for r in reports])
+
+    hard, normal = (s.slug for s in plan.case_sets)
+    behind, stripped = ModelHub(plan), ModelHub(plan, HubOptions(strip_bos=True))
+    (cos_behind, den_behind), (cos_stripped, den_stripped) = keys(behind, hard), keys(stripped, hard)
+    cos_normal, _ = keys(stripped, normal)  # normal cases keep a context before the subject under either protocol
+    assert cos_stripped < cos_behind and den_stripped < den_behind
+    assert cos_stripped < cos_normal
 
 
-LIMIT = 8
+CASES = 12
