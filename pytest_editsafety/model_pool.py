@@ -131,9 +131,15 @@ class ModelPool:
         before it reached the pool), "" when the run does not use it."""
         if not self.options.strip_bos:
             return ""
-        from pytest_editsafety.bos import NOTHING_TO_STRIP, STRIPPED
+        from pytest_editsafety.bos import NOTHING_TO_STRIP, OPTION, STRIPPED
+        from pytest_editsafety.cases.classify import default_prepends_bos
 
-        return STRIPPED if loaded.bos_stripped else NOTHING_TO_STRIP
+        if loaded.bos_stripped:
+            return STRIPPED
+        if default_prepends_bos(loaded.tokenizer):  # a held model handed over unstripped: the record would lie
+            raise ValueError(f"{OPTION}: model {loaded.spec.name}: its tokenizer still prepends BOS; strip it "
+                             "(pytest_editsafety.bos.strip_bos) before handing the model to the hub")
+        return NOTHING_TO_STRIP
 
     def _fingerprint(self, slug: str, model: Any) -> Any:
         if self.options.restore_check == "off":

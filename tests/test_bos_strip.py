@@ -207,19 +207,28 @@ def test_the_plugin_option_and_its_ini_twin_reach_the_settings(pytester: pytest.
     assert get_settings(pytester.parseconfigure()).strip_bos is True
 
 
-def test_a_certification_run_under_the_option_records_it_in_the_json_and_the_report(pytester: pytest.Pytester) -> None:
-    suite = Path(__file__).parents[1] / "suites" / "test_certify.py"
-    pytester.makepyfile(test_certify=suite.read_text())
-    out = pytester.path / "out"
-    result = pytester.runpytest("--editor=rome", "--model=tiny-llama", "--cases=hard", "--editsafety-limit=1",
-                                "--editsafety-strip-bos", f"--editsafety-json={out / 'run.json'}",
-                                f"--editsafety-report={out / 'run.md'}", "-p", "no:cacheprovider")
-    assert result.ret in (0, 1), result.stdout.str()
-    data = json.loads((out / "run.json").read_text())
-    assert data["metadata"]["bos_protocol"] == {"tiny-llama": BOS_STRIPPED}
-    assert data["metadata"]["models"]["tiny-llama"].endswith(STRIPPED_SUFFIX)
-    assert data["cases"][0]["is_hard"] is True  # the subject is the first token again
-    assert "**BOS-stripped protocol**" in (out / "run.md").read_text()
+def test_the_controller_records_what_the_protocol_did_to_each_planned_model() -> None:
+    """What a worker's test metadata says reaches the certificate; a model no test loaded is "not loaded"."""
+    import time
+    from datetime import datetime, timezone
+
+    from pytest_editsafety.bounds import Bounds
+    from pytest_editsafety.controller import RunRecords, absorb_meta, build_result
+    from pytest_editsafety.plan import build_plan
+    from pytest_editsafety.results import Session
+
+    plan = build_plan(["rome"], ["tiny-llama", "tiny-gpt2"], ["hard"], limit=1)
+    session = Session(keyword="", markexpr="", shard=None, deselected=(), interrupted=None)
+
+    def certificate(strip: bool, *metas: dict[str, Any]) -> RunResult:
+        records = RunRecords(started=datetime.now(timezone.utc), t0=time.monotonic(), strip_bos=strip)
+        for meta in metas:
+            absorb_meta(records, meta)
+        return build_result(plan, Bounds(), records, ("pytest",), session)
+
+    llama = {"model": "tiny-llama", "editor": "rome", "identity": "abc" + STRIPPED_SUFFIX, "bos_protocol": BOS_STRIPPED}
+    assert certificate(True, llama).metadata.bos_protocol == {"tiny-llama": BOS_STRIPPED, "tiny-gpt2": BOS_NOT_LOADED}
+    assert certificate(False).metadata.bos_protocol == {}
 
 
 # ---- what <s> hides --------------------------------------------------------------------------------
