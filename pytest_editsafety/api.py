@@ -84,8 +84,9 @@ class GuardDecision:
         return asdict(self)
 
 
-def _held_model(model: Any, tokenizer: Any) -> Any:
-    """A model object in hand as the registry's ``LoadedModel``: its family, layers and identity."""
+def _held_model(model: Any, tokenizer: Any, strip_bos: bool = False) -> Any:
+    """A model object in hand as the registry's ``LoadedModel``: its family, layers and identity. ``strip_bos``
+    strips the BOS of a *copy* of ``tokenizer`` (:mod:`pytest_editsafety.bos`): the caller's own is left as given."""
     from editors.families import family_for_model_type
     from pytest_editsafety.registry import LoadedModel, ModelSpec, UnknownModelError, local_identity, resolve_model
     from pytest_editsafety.zoo.recipe import organism_recipe_hash
@@ -113,8 +114,17 @@ def _held_model(model: Any, tokenizer: Any) -> Any:
         from editors.restore import model_digest
 
         identity = f"{type(model).__name__}:{model_digest(model)[:32]}"
+    stripped = False
+    if strip_bos:
+        import copy
+
+        from pytest_editsafety.bos import strip_bos as strip, stripped_identity
+
+        tokenizer = copy.deepcopy(tokenizer)
+        stripped = strip(tokenizer, spec.name)
+        identity = stripped_identity(identity) if stripped else identity
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, family=family,
-                       n_layers=family.n_layers(config), identity=identity)
+                       n_layers=family.n_layers(config), identity=identity, bos_stripped=stripped)
 
 
 def _case_sets(cases: Any) -> list[str | CaseSet]:
@@ -130,12 +140,13 @@ def _case_sets(cases: Any) -> list[str | CaseSet]:
 
 def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | CaseSet], *, bounds: Bounds | None,
          corpus: str | None, limit: int | None, sequential: bool, hparams: str | Mapping[str, Any] | None,
-         stats_corpus: str | None, stats_dir: str | None, cache_root: str | None, dtype: str | None) -> tuple[Any, Any]:
+         stats_corpus: str | None, stats_dir: str | None, cache_root: str | None, dtype: str | None,
+         strip_bos: bool) -> tuple[Any, Any]:
     """The plan and the hub for one model and one editor: the plugin's own, with the caller's objects in it."""
     from pytest_editsafety.hub import HubOptions, ModelHub
     from pytest_editsafety.plan import build_plan
 
-    held = None if isinstance(model, str) else _held_model(model, tokenizer)
+    held = None if isinstance(model, str) else _held_model(model, tokenizer, strip_bos)
     editor_name = editor if isinstance(editor, str) else editor.name
     if isinstance(editor, str):
         from editors.registry import available_editors
@@ -148,7 +159,7 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
     options = HubOptions(
         bounds=bounds or Bounds(), dtype=dtype, stats_dir=stats_dir, stats_corpus=stats_corpus, cache_root=cache_root,
         editor_hparams={editor_name: str(hparams)} if isinstance(hparams, (str, Path)) else None,
-        editor_overrides=overrides,
+        editor_overrides=overrides, strip_bos=strip_bos,
     )
     slug = plan.models[0].slug
     hub = ModelHub(plan, options, models={slug: held} if held is not None else None,
@@ -159,13 +170,16 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
 def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
             bounds: Bounds | None = None, corpus: str | None = None, limit: int | None = None,
             sequential: bool = False, hparams: str | Mapping[str, Any] | None = None, stats_corpus: str | None = None,
-            stats_dir: str | None = None, cache_root: str | None = None, dtype: str | None = None) -> Certificate:
+            stats_dir: str | None = None, cache_root: str | None = None, dtype: str | None = None,
+            strip_bos: bool = False) -> Certificate:
     """Certify ``editor`` on ``model`` over ``cases`` as ``pytest --editor=... --model=... --cases=...`` would.
 
     Every case is edited from the unedited model, measured, restored bit-exactly and judged against ``bounds``
     (default ``Bounds()``, the plugin's defaults). ``hparams`` is a JSON file or a mapping layered over the
     editor's built-in hyper-parameters; ``corpus`` the perplexity corpus (default: the model's, as the plugin
-    picks it). The model is left as it was given.
+    picks it). ``strip_bos`` runs the papers' BOS-stripped protocol (A.2, ``--editsafety-strip-bos``): a tokenizer
+    that prepends BOS runs without it (a copy of a tokenizer given here is stripped), recorded in the certificate.
+    The model is left as it was given.
     """
     from pytest_editsafety.controller import RunRecords, absorb_meta, build_result
     from pytest_editsafety.results import Session
@@ -174,8 +188,8 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     t0 = time.monotonic()
     plan, hub = _hub(model, tokenizer, editor, _case_sets(cases), bounds=bounds, corpus=corpus, limit=limit,
                      sequential=sequential, hparams=hparams, stats_corpus=stats_corpus, stats_dir=stats_dir,
-                     cache_root=cache_root, dtype=dtype)
-    records = RunRecords(started=started, t0=t0, seen=True)
+                     cache_root=cache_root, dtype=dtype, strip_bos=strip_bos)
+    records = RunRecords(started=started, t0=t0, seen=True, strip_bos=strip_bos)
     for item in plan.items:
         outcome = hub.run(item)
         absorb_meta(records, outcome.meta)
@@ -190,7 +204,7 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
           fraction: float = 0.5, floor: float | None = None, apply: bool = False, max_ppl_ratio: float = 1.5,
           probe_texts: int = GUARD_PROBE_TEXTS, hparams: str | Mapping[str, Any] | None = None,
           stats_corpus: str | None = None, stats_dir: str | None = None, cache_root: str | None = None,
-          dtype: str | None = None) -> tuple[GuardDecision, ...]:
+          dtype: str | None = None, strip_bos: bool = False) -> tuple[GuardDecision, ...]:
     """One decision per request (an ``editors.base.EditRequest``, an ``EditCase``, or cases as :func:`certify`
     takes them), made before any weight moves.
 
@@ -201,7 +215,8 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
     finite. An editor without a denominator is allowed on that count. With ``apply=True`` an allowed edit is
     made, the perplexity of the first ``probe_texts`` texts of the model's perplexity corpus is measured before
     and after, and the edit is rolled back bit-exactly (and refused) when the ratio exceeds ``max_ppl_ratio``;
-    the kept edits stay in the model, one after another.
+    the kept edits stay in the model, one after another. ``strip_bos`` judges the edits as the model runs under the
+    BOS-stripped protocol (:func:`certify`), with the floor derived under it.
     """
     from editors.base import EditRequest
     from editors.restore import ParameterSnapshot
@@ -210,7 +225,7 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
 
     plan, hub = _hub(model, tokenizer, editor, ["normal" if _is_organism_plan(model) else "real-normal"],
                      bounds=None, corpus=None, limit=1, sequential=False, hparams=hparams, stats_corpus=stats_corpus,
-                     stats_dir=stats_dir, cache_root=cache_root, dtype=dtype)
+                     stats_dir=stats_dir, cache_root=cache_root, dtype=dtype, strip_bos=strip_bos)
     slug, name = plan.models[0].slug, plan.editors[0]
     loaded = hub.loaded(slug)
     prepared = hub.prepared_editor(slug, name)

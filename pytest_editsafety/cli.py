@@ -101,6 +101,7 @@ def cmd_experiment_collapse(args: argparse.Namespace) -> int:
         corpus=args.corpus,
         limit=args.limit,
         layer=args.layer,
+        strip_bos=args.strip_bos,
         progress=not args.quiet,
     )
     _emit(summary, args.json, render_table(summary))
@@ -114,7 +115,7 @@ def cmd_guard(args: argparse.Namespace) -> int:
 
     decisions = guard(args.model, None, args.editor, args.cases, fraction=args.fraction, floor=args.floor,
                       apply=args.apply, max_ppl_ratio=args.max_ppl_ratio, hparams=args.hparams, cache_root=args.cache,
-                      dtype=args.dtype)
+                      dtype=args.dtype, strip_bos=args.strip_bos)
     refused = [d for d in decisions if not d.allowed]
     rows = [["allow" if d.allowed else "REFUSE", d.prompt.replace("{}", d.subject, 1), d.target_new, d.denominator,
              d.floor, "yes" if d.subject_first else "no", d.reason] for d in decisions]
@@ -434,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "for organisms, me-ppl-50 otherwise)")
     collapse.add_argument("--limit", type=int, default=None, help="at most this many cases per set")
     collapse.add_argument("--layer", type=int, default=None, help="edit this layer instead of the hparams' one")
+    collapse.add_argument("--strip-bos", action="store_true",
+                          help="the papers' BOS-stripped protocol (A.2): a BOS family's tokenizer (Llama's <s>) "
+                               "stops prepending BOS for edits, metrics, context templates and statistics; a no-op "
+                               "for a tokenizer that prepends none (GPT-2, GPT-J)")
     _output(collapse)
     collapse.set_defaults(func=cmd_experiment_collapse)
 
@@ -454,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     guarding.add_argument("--max-ppl-ratio", type=float, default=1.5, help="with --apply: the largest probe "
                                                                           "perplexity ratio kept (default 1.5)")
     guarding.add_argument("--hparams", default=None, help="a JSON file of the editor's hyper-parameters")
+    guarding.add_argument("--strip-bos", action="store_true",
+                          help="the papers' BOS-stripped protocol (A.2): judge edits with a BOS family's tokenizer "
+                               "prepending no BOS (a no-op for GPT-2, GPT-J)")
     _loading(guarding, device_map=False)
     _output(guarding, quiet=False)
     guarding.set_defaults(func=cmd_guard)

@@ -60,6 +60,9 @@ class RunRecords:
     hparams: dict[str, dict[str, str]] = field(default_factory=dict)
     corpora: dict[str, tuple[str, str]] = field(default_factory=dict)
     hardware: set[str] = field(default_factory=set)
+    # the run uses the BOS-stripped protocol (--editsafety-strip-bos), and what it did to each model that loaded
+    strip_bos: bool = False
+    bos_protocols: dict[str, str] = field(default_factory=dict)
     # worker -> the device its last record named, for the records the controller makes for its tests
     devices: dict[str, str] = field(default_factory=dict)
     seen: bool = False
@@ -168,6 +171,8 @@ def absorb_meta(controller: RunRecords, meta: Any) -> None:
         controller.corpora[model] = (meta["corpus"], meta["corpus_sha256"])
     if isinstance(meta.get("hardware"), str):
         controller.hardware.add(meta["hardware"])
+    if isinstance(model, str) and isinstance(meta.get("bos_protocol"), str):
+        controller.bos_protocols[model] = meta["bos_protocol"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,7 +246,7 @@ def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple
     """The certificate (``results.RunResult``) of what ``controller`` gathered for ``plan`` in one ``session``
     (``results.Session``): shared by the plugin and the Python API (:func:`pytest_editsafety.api.certify`)."""
     from pytest_editsafety.plan import controller_identity
-    from pytest_editsafety.results import CaseRecord, RunMetadata, RunResult, SequentialRecord
+    from pytest_editsafety.results import BOS_NOT_LOADED, CaseRecord, RunMetadata, RunResult, SequentialRecord
 
     corpus, corpus_sha = _corpus_summary(plan, controller)
     finished = datetime.now(timezone.utc)
@@ -258,6 +263,9 @@ def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple
         finished=finished.isoformat(timespec="seconds"),
         duration_s=max(0.0, time.monotonic() - controller.t0),
         commands=commands,
+        # a model none of whose tests loaded it cannot say whether it had a BOS to strip
+        bos_protocol={m.slug: controller.bos_protocols.get(m.slug, BOS_NOT_LOADED) for m in plan.models}
+        if controller.strip_bos else {},
     )
     cases, sequential = [], []
     for test_id in sorted(controller.records):

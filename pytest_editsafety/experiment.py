@@ -54,9 +54,13 @@ def run_collapse(
     corpus: str | None = None,
     limit: int | None = None,
     layer: int | None = None,
+    strip_bos: bool = False,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """``{editor: {case set: summary}}`` plus ``"_baseline"``; raises if any edit could not be measured."""
+    """``{editor: {case set: summary}}`` plus ``"_baseline"``; raises if any edit could not be measured.
+
+    ``strip_bos`` runs the model under the BOS-stripped protocol (the paper's A.2, :mod:`pytest_editsafety.bos`):
+    a BOS family's subject-first prompts then put the subject at position 0, and its hard cases are hard."""
     from tqdm.auto import tqdm
 
     from pytest_editsafety.hub import HubOptions, ModelHub
@@ -64,15 +68,19 @@ def run_collapse(
     from pytest_editsafety.results import CaseRecord
 
     plan = build_plan(editors, [model_name], case_sets, ppl_corpus=corpus, limit=limit)
-    hub = ModelHub(plan, HubOptions(editor_overrides={"layer": layer} if layer is not None else None))
+    hub = ModelHub(plan, HubOptions(editor_overrides={"layer": layer} if layer is not None else None,
+                                    strip_bos=strip_bos))
     given = {selected.slug: selected.given for selected in plan.case_sets}
     by_group: dict[tuple[str, str], list[Mapping[str, float | None]]] = {}
+    hard: dict[str, int] = {}
     for item in tqdm(plan.items, desc=f"collapse experiment on {model_name}", disable=not progress):
         outcome = hub.run(item)
         if outcome.error is not None:
             raise RuntimeError(f"{item.test_id}: the edit could not be measured") from outcome.error
         record = CaseRecord.from_dict(outcome.record)
         by_group.setdefault((item.editor, given[item.case_set]), []).append(record.metrics)
+        if item.editor == plan.editors[0]:  # how many cases put the subject's key at position 0 for this tokenizer
+            hard[given[item.case_set]] = hard.get(given[item.case_set], 0) + int(record.is_hard)
 
     summary: dict[str, dict[str, Any]] = {}
     for (editor, set_name), metrics in by_group.items():
@@ -80,7 +88,9 @@ def run_collapse(
     first = next(iter(by_group.values()))[0]
     meta = hub.meta(plan.items[0])
     summary["_baseline"] = {"model": model_name, "identity": meta.get("identity"), "corpus": plan.models[0].ppl_corpus,
-                            "mean_ppl": first.get("ppl_unedited"), "layer": layer}
+                            "mean_ppl": first.get("ppl_unedited"), "layer": layer,
+                            "strip_bos": strip_bos, "bos_protocol": meta.get("bos_protocol", "default"),
+                            "subject_first_cases": hard}
     return summary
 
 
@@ -98,6 +108,10 @@ def render_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     headers = ["editor", "cases", "n", "|uᵀk| median", "numerator median", "cos(kᵘ,k̄)", "ppl ratio median",
                "ppl ratio max", "efficacy", "efficacy w/o prefix", "generalization", "locality"]
     base = summary.get("_baseline", {})
+    protocol = base.get("bos_protocol", "default")
+    bos = "" if protocol == "default" else f"; BOS-stripped protocol: {protocol}"
+    first = ", ".join(f"{name} {n}" for name, n in base.get("subject_first_cases", {}).items())
     return (f"{base.get('model')} ({base.get('identity')}), unedited mean per-sentence ppl "
-            f"{base.get('mean_ppl', float('nan')):.3f} on {base.get('corpus')}\n"
+            f"{base.get('mean_ppl', float('nan')):.3f} on {base.get('corpus')}{bos}\n"
+            + (f"cases whose subject key is at position 0 (hard for this tokenizer): {first}\n" if first else "")
             + tabulate(rows, headers=headers, floatfmt=".3g", tablefmt="github"))

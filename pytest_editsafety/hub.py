@@ -62,6 +62,9 @@ class HubOptions:
     restore_check: str = DEFAULT_RESTORE_CHECK
     # the process the hub runs in, as each record names it: an xdist worker id, or "main"
     worker: str = MAIN_WORKER
+    # the BOS-stripped protocol (--editsafety-strip-bos, pytest_editsafety.bos): models load with a tokenizer that
+    # prepends no BOS; a model the caller holds must come stripped already (the API strips a copy of its tokenizer)
+    strip_bos: bool = False
 
     def __post_init__(self) -> None:
         if self.restore_check not in RESTORE_CHECKS:
@@ -243,6 +246,8 @@ class ModelHub(ModelPool):
         if state is not None:
             if state.identity:
                 out["identity"] = state.identity
+            if state.bos_protocol:
+                out["bos_protocol"] = state.bos_protocol
             digest = state.hparams_hashes.get(item.editor)
             if digest:
                 out["hparams_hash"] = digest

@@ -42,6 +42,8 @@ class ModelState:
     baseline: dict[str, float] | None = None
     corpus: Any = None
     identity: str = ""
+    # under the BOS-stripped protocol, what it did to this model (bos.STRIPPED or bos.NOTHING_TO_STRIP); "" without it
+    bos_protocol: str = ""
     # what editors' needs are met with (C, templates, trained networks), while the model is loaded
     resources: Any = None
     editors: dict[str, Any] = field(default_factory=dict)
@@ -104,11 +106,12 @@ class ModelPool:
             state.loaded = held
             state.device = str(next(held.model.parameters()).device)
             state.identity = held.identity
+            state.bos_protocol = self._bos_protocol(held)
             state.reference = self._fingerprint(slug, held.model)
             return
         choice = self.plan.model(slug)
         options = LoadOptions(dtype=self.options.dtype, device_map=self.options.device_map,
-                              cache_root=str(self._root))
+                              cache_root=str(self._root), strip_bos=self.options.strip_bos)
         log.info("loading model %s (%s)", slug, choice.given)
         loaded = load_model(choice.spec, options)
         device = default_device()
@@ -120,7 +123,23 @@ class ModelPool:
         state.loaded = loaded
         state.device = device
         state.identity = loaded.identity
+        state.bos_protocol = self._bos_protocol(loaded)
         state.reference = reference
+
+    def _bos_protocol(self, loaded: Any) -> str:
+        """What the BOS-stripped protocol did to ``loaded`` (a model the caller holds was stripped by the API
+        before it reached the pool), "" when the run does not use it."""
+        if not self.options.strip_bos:
+            return ""
+        from pytest_editsafety.bos import NOTHING_TO_STRIP, OPTION, STRIPPED
+        from pytest_editsafety.cases.classify import default_prepends_bos
+
+        if loaded.bos_stripped:
+            return STRIPPED
+        if default_prepends_bos(loaded.tokenizer):  # a held model handed over unstripped: the record would lie
+            raise ValueError(f"{OPTION}: model {loaded.spec.name}: its tokenizer still prepends BOS; strip it "
+                             "(pytest_editsafety.bos.strip_bos) before handing the model to the hub")
+        return NOTHING_TO_STRIP
 
     def _fingerprint(self, slug: str, model: Any) -> Any:
         if self.options.restore_check == "off":

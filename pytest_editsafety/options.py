@@ -154,6 +154,10 @@ OPTIONS: tuple[_Option, ...] = (
             "full (default; a checksum of every tensor, on its device), sampled (a fixed sample of each tensor: "
             "catches dense writes and replaced tensors, not a few entries) or off", parse=_restore_check,
             metavar="full|sampled|off"),
+    _Option(LOADING, "--editsafety-strip-bos", "strip_bos", "the papers' BOS-stripped protocol (A.2): a model whose "
+            "tokenizer prepends BOS (Llama's <s>) runs without it, for edits, metrics, context templates and "
+            "statistics, so a subject that opens a prompt is the first token; recorded in the report; a no-op, "
+            "noted there, for a tokenizer that prepends none (GPT-2, GPT-J)", "bool"),
     _Option(LOADING, "--editsafety-cache", "cache", "cache root for organisms, statistics, corpora and trained "
             "editors (default: $EDITSAFETY_CACHE or the user cache dir)", metavar="PATH"),
     _Option(FUZZ, "--editsafety-fuzz-examples", "fuzz_examples", f"cases hypothesis generates per (editor, model) "
@@ -196,6 +200,8 @@ class Settings:
     allow_missing: bool = False
     # --editsafety-restore-check: full, sampled or off (pytest_editsafety.hub.RESTORE_CHECKS)
     restore_check: str = "full"
+    # --editsafety-strip-bos: the BOS-stripped protocol (pytest_editsafety.bos)
+    strip_bos: bool = False
 
 
 Given = dict[str, tuple[Any, str] | None]  # option name -> (value, where it was set), None when unset
@@ -314,6 +320,7 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
         cache_root=path("cache"),
         allow_missing=bool(value("allow_missing", False)),
         restore_check=value("restore_check", "full"),
+        strip_bos=bool(value("strip_bos", False)),
     )
 
 

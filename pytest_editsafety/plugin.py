@@ -91,7 +91,7 @@ def _activate(config: pytest.Config) -> Any:
     plan = plan_for(settings, given)
     controller = None
     if not hasattr(config, "workerinput"):
-        controller = RunRecords(started=datetime.now(timezone.utc), t0=time.monotonic())
+        controller = RunRecords(started=datetime.now(timezone.utc), t0=time.monotonic(), strip_bos=settings.strip_bos)
         if settings.baseline is not None:
             from pytest_editsafety.results import ResultsError, read_result
 
@@ -257,6 +257,7 @@ def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
         editor_hparams={editor: str(path) for editor, path in settings.editor_hparams} or None,
         cache_root=str(settings.cache_root) if settings.cache_root else None,
         restore_check=settings.restore_check,
+        strip_bos=settings.strip_bos,
         # "gw0"... on an xdist worker: each record says which worker measured it
         worker=str(pytestconfig.workerinput["workerid"]) if hasattr(pytestconfig, "workerinput") else MAIN_WORKER,
     )

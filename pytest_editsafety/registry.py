@@ -221,12 +221,17 @@ class LoadOptions:
     local_files_only: bool | None = None
     # where organisms are built and kept (None: pytest_editsafety.cache.cache_root()'s default)
     cache_root: str | None = None
+    # the BOS-stripped protocol (pytest_editsafety.bos): the tokenizer stops prepending its BOS; a no-op for
+    # tokenizers that prepend none
+    strip_bos: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"LoadOptions.dtype: unsupported value {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.local_files_only is not None and not isinstance(self.local_files_only, bool):
             raise ValueError(f"LoadOptions.local_files_only: expected a bool or None, got {self.local_files_only!r}")
+        if not isinstance(self.strip_bos, bool):
+            raise ValueError(f"LoadOptions.strip_bos: expected a bool, got {self.strip_bos!r}")
 
 
 @dataclass
@@ -236,8 +241,11 @@ class LoadedModel:
     spec: ModelSpec
     family: ArchitectureFamily
     n_layers: int
-    # Names the exact weights: organism recipe hash (zoo), "repo@commit" (hub), "local:<hash>" (local).
+    # Names the exact weights: organism recipe hash (zoo), "repo@commit" (hub), "local:<hash>" (local); with
+    # bos.STRIPPED_SUFFIX when the tokenizer's BOS was stripped (the keys, and all cached from them, differ)
     identity: str
+    # the BOS-stripped protocol took effect: the tokenizer prepended a BOS and no longer does (pytest_editsafety.bos)
+    bos_stripped: bool = False
 
 
 def _env_flag(name: str) -> bool:
@@ -529,6 +537,12 @@ def load_model(spec: ModelSpec | str, options: LoadOptions | None = None) -> Loa
     if spec.source == "hub":
         identity = _hub_identity(model, spec.location, revision, cache_dir)
         spec = dataclasses.replace(spec, family=family.name)
+    stripped = False
+    if options.strip_bos:
+        from pytest_editsafety.bos import strip_bos, stripped_identity
+
+        stripped = strip_bos(tokenizer, spec.name)
+        identity = stripped_identity(identity) if stripped else identity
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -536,4 +550,5 @@ def load_model(spec: ModelSpec | str, options: LoadOptions | None = None) -> Loa
         family=family,
         n_layers=family.n_layers(model.config),
         identity=identity,
+        bos_stripped=stripped,
     )

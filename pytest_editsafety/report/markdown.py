@@ -25,6 +25,9 @@ from pytest_editsafety.aggregates import mean, median
 from pytest_editsafety.bounds import Bounds, format_number
 from pytest_editsafety.report.verdict import CERTIFIED, PARTIAL, verdict
 from pytest_editsafety.results import (
+    BOS_NOT_LOADED,
+    BOS_NOTHING_TO_STRIP,
+    BOS_STRIPPED,
     SCHEMA,
     CaseRecord,
     Regression,
@@ -186,6 +189,7 @@ def _run_section(result: RunResult) -> list[str]:
         "",
         f"- **Editors:** {', '.join(escape_md(e) for e in meta.editors) or DASH}",
         f"- **Models:** {models or DASH}",
+        *_bos_protocol_lines(meta.bos_protocol),
         f"- **Perplexity corpus:** {escape_md(meta.corpus)} (sha256 {escape_md(meta.corpus_sha256[:16])})",
         f"- **Bounds:** {_bounds_text(meta.parsed_bounds)}",
         f"- **Time:** {escape_md(meta.started)} to {escape_md(meta.finished)} "
@@ -199,6 +203,23 @@ def _run_section(result: RunResult) -> list[str]:
     for command in meta.commands:
         lines.append(f"- **Command:** {escape_md(command)}")
     return lines
+
+
+_BOS_PROTOCOL_TEXT = {
+    BOS_STRIPPED: "its tokenizer's BOS removed, so a subject that opens a prompt is the first token",
+    BOS_NOTHING_TO_STRIP: "its tokenizer prepends no BOS, already the papers' protocol (the option changed nothing)",
+    BOS_NOT_LOADED: "never loaded in this run, so whether it had a BOS to strip is unknown",
+}
+
+
+def _bos_protocol_lines(protocol: Mapping[str, str]) -> list[str]:
+    """The BOS-stripped protocol's line, when the run used it: the figures of a BOS family are then not those of
+    the model as its tokenizer runs it by default, and the certificate must say so."""
+    if not protocol:
+        return []
+    per_model = "; ".join(f"{escape_md(model)}: {_BOS_PROTOCOL_TEXT.get(what, escape_md(what))}"
+                          for model, what in protocol.items())
+    return [f"- **BOS-stripped protocol** (the papers' A.2, `--editsafety-strip-bos`): {per_model}"]
 
 
 def _natural(text: str) -> tuple[tuple[int, int | str], ...]:

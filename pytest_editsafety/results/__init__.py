@@ -45,11 +45,25 @@ from pytest_editsafety.results.coverage import (
 from pytest_editsafety.results.errors import RecordError, ResultsError, ResultsFormatError
 from pytest_editsafety.results.io import from_json, read_result, to_json, write_result
 from pytest_editsafety.results.merge import MergeError, merge
-from pytest_editsafety.results.records import OUTCOMES, CaseRecord, RunMetadata, RunResult, SequentialRecord
+from pytest_editsafety.results.records import (
+    BOS_NOT_LOADED,
+    BOS_NOTHING_TO_STRIP,
+    BOS_PROTOCOL_VALUES,
+    BOS_STRIPPED,
+    OUTCOMES,
+    CaseRecord,
+    RunMetadata,
+    RunResult,
+    SequentialRecord,
+)
 from pytest_editsafety.results.schema import READABLE_SCHEMAS, SCHEMA, SCHEMA_V1, decode_float, encode_float
 from pytest_editsafety.results.summary import GroupSummary, group_keys, summarize_cases, summarize_groups
 
 __all__ = [
+    "BOS_NOT_LOADED",
+    "BOS_NOTHING_TO_STRIP",
+    "BOS_PROTOCOL_VALUES",
+    "BOS_STRIPPED",
     "MAX_PPL_RATIO_GROWTH",
     "OUTCOMES",
     "READABLE_SCHEMAS",

@@ -7,12 +7,12 @@ that plan is the merged run's ``coverage`` (callers such as ``report`` refuse an
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pytest_editsafety.results.coverage import RunPlan, describe_plan_difference
 from pytest_editsafety.results.errors import ResultsError
-from pytest_editsafety.results.records import CaseRecord, RunMetadata, RunResult, SequentialRecord
+from pytest_editsafety.results.records import BOS_NOT_LOADED, CaseRecord, RunMetadata, RunResult, SequentialRecord
 
 __all__ = ["MergeError", "merge"]
 
@@ -24,6 +24,23 @@ class MergeError(ResultsError):
 def _what_was_measured(record: CaseRecord | SequentialRecord) -> CaseRecord | SequentialRecord:
     """The record without how long it took and where it ran, which a re-run shard may change."""
     return dataclasses.replace(record, duration_s=0.0, worker=None, device=None)
+
+
+def _merge_bos_protocol(merged: dict[str, str], shard: Mapping[str, str], first_used: bool, name: str,
+                        first_name: str) -> None:
+    """Fold one shard's BOS-stripped protocol record into ``merged``: every shard must run it or none (a model's
+    keys differ between the protocols), and a model the protocol stripped in one shard was stripped in all; a
+    shard where the model never loaded ("not loaded") leaves another shard's account standing."""
+    if bool(shard) != first_used:
+        with_it, without = (name, first_name) if shard else (first_name, name)
+        raise MergeError(f"{with_it} ran the BOS-stripped protocol (--editsafety-strip-bos) and {without} did not")
+    for model, what in shard.items():
+        known = merged.setdefault(model, what)
+        if known == BOS_NOT_LOADED:
+            merged[model] = what
+        elif what not in (known, BOS_NOT_LOADED):
+            raise MergeError(f"model {model!r}: the BOS-stripped protocol says {known!r} in one shard but {what!r} in "
+                             f"{name}")
 
 
 def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None) -> RunResult:
@@ -53,8 +70,10 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
     versions: dict[str, list[str]] = {}
     hardware: list[str] = []
     commands: list[str] = []
+    bos: dict[str, str] = {}
     for name, result in zip(names, results):
         meta = result.metadata
+        _merge_bos_protocol(bos, meta.bos_protocol, bool(first.bos_protocol), name, names[0])
         if meta.bounds != first.bounds:
             diff = sorted(k for k in set(meta.bounds) | set(first.bounds) if meta.bounds.get(k) != first.bounds.get(k))
             details = ", ".join(f"{k}: {first.bounds.get(k)!r} vs {meta.bounds.get(k)!r}" for k in diff)
@@ -99,6 +118,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
         finished=max((r.metadata for r in results), key=lambda m: m.finished_at).finished,
         duration_s=sum(r.metadata.duration_s for r in results),
         commands=tuple(commands),
+        bos_protocol=bos,
     )
     sessions = tuple(session for result in results for session in result.sessions)
     return RunResult(metadata, tuple(cases), tuple(sequential), plan, sessions)

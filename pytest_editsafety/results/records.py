@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -18,11 +18,16 @@ from pytest_editsafety.aggregates import worst
 from pytest_editsafety.bounds import Bounds, BoundsError
 from pytest_editsafety.results.errors import RecordError, ResultsFormatError
 from pytest_editsafety.results.coverage import Coverage, RunPlan, Session, coverage_of, shown_ids
-from pytest_editsafety.results.schema import READABLE_SCHEMAS, SCHEMA, SCHEMA_V1, Record, describe_json
+from pytest_editsafety.results.schema import OPTIONAL, READABLE_SCHEMAS, SCHEMA, SCHEMA_V1, Record, describe_json
 
-__all__ = ["OUTCOMES", "CaseRecord", "RunMetadata", "RunResult", "SequentialRecord"]
+__all__ = ["BOS_NOTHING_TO_STRIP", "BOS_NOT_LOADED", "BOS_PROTOCOL_VALUES", "BOS_STRIPPED", "OUTCOMES", "CaseRecord", "RunMetadata", "RunResult", "SequentialRecord"]
 
 OUTCOMES = ("passed", "failed", "error")
+# what the BOS-stripped protocol did to a model (pytest_editsafety.bos), as RunMetadata.bos_protocol records it
+BOS_STRIPPED = "stripped"
+BOS_NOTHING_TO_STRIP = "no BOS to strip"
+BOS_NOT_LOADED = "not loaded"
+BOS_PROTOCOL_VALUES = (BOS_STRIPPED, BOS_NOTHING_TO_STRIP, BOS_NOT_LOADED)
 # record fields v2 added: where a test ran (null in a v1 file)
 _V2_RECORD_FIELDS = ("worker", "device")
 
@@ -59,6 +64,10 @@ class RunMetadata(Record):
     duration_s: float
     # the command line(s) that produced the result: one per run, one per shard after a merge
     commands: tuple[str, ...]
+    # the BOS-stripped protocol (--editsafety-strip-bos; the papers' A.2): model name -> what it did to that model
+    # (BOS_PROTOCOL_VALUES); empty when the run did not use it. Optional: absent from files of runs without it, and
+    # from every file written before it existed
+    bos_protocol: Mapping[str, str] = field(default_factory=dict, metadata={OPTIONAL: True})
 
     def _validate(self) -> None:
         if len(set(self.editors)) != len(self.editors):
@@ -80,6 +89,12 @@ class RunMetadata(Record):
             for model in per_model:
                 if model not in self.models:
                     raise RecordError(f"hparams_hashes.{editor}.{model}", "model is not listed in 'models'")
+        for model, what in self.bos_protocol.items():
+            if model not in self.models:
+                raise RecordError(f"bos_protocol.{model}", "model is not listed in 'models'")
+            if what not in BOS_PROTOCOL_VALUES:
+                raise RecordError(f"bos_protocol.{model}", f"must be one of {', '.join(BOS_PROTOCOL_VALUES)}, got "
+                                                           f"{what!r}")
 
     @property
     def parsed_bounds(self) -> Bounds:

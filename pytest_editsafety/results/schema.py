@@ -9,6 +9,11 @@ field against its annotation and stores a private canonical copy (tuples, key-so
 Numbers. JSON has no NaN or infinity, and a collapsed model produces both, so every float is a JSON number
 when finite and one of the strings ``"nan"``, ``"inf"``, ``"-inf"`` otherwise.
 
+Fields added to a schema version after its first files were written are *optional*: declared with a default and
+``metadata={OPTIONAL: True}``, left out of the JSON while they hold their default (so a run that does not use them
+writes the same file as before) and read as the default from a file that lacks them (so older files still read).
+A reader older than the field refuses a file that carries it (an unknown field), rather than drop what it says.
+
 Errors name the path of the bad value: ``RecordError("metrics.ppl_ratio", ...)`` from a constructor,
 ``ResultsFormatError(source, "$.cases[3].metrics.ppl_ratio", ...)`` from ``from_dict``.
 """
@@ -26,13 +31,17 @@ from typing import Any, TypeVar, Union
 
 from pytest_editsafety.results.errors import RecordError, ResultsFormatError
 
-__all__ = ["READABLE_SCHEMAS", "SCHEMA", "SCHEMA_V1", "Record", "decode_float", "describe_json", "encode_float"]
+__all__ = ["OPTIONAL", "READABLE_SCHEMAS", "SCHEMA", "SCHEMA_V1", "Record", "decode_float", "describe_json",
+           "encode_float"]
 
 # v2 added the plan, the sessions and the coverage, and each record's worker and device; v1 files are still read
 # (their coverage is unknown, and where their tests ran)
 SCHEMA = "pytest-editsafety/v2"
 SCHEMA_V1 = "pytest-editsafety/v1"
 READABLE_SCHEMAS = (SCHEMA_V1, SCHEMA)
+
+# dataclasses.field(metadata=...) key of an optional field (see the module's docstring)
+OPTIONAL = "editsafety_optional"
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -224,14 +233,25 @@ def _build(cls: type[R], data: Any, path: str) -> R:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise _Invalid(f"{path}.{unknown[0]}", f"unknown field (known: {', '.join(fields)})")
-    missing = [name for name in fields if name not in data]
+    optional = _optional_fields(cls)
+    missing = [name for name in fields if name not in data and name not in optional]
     if missing:
         raise _Invalid(path, f"missing field(s) {', '.join(map(repr, missing))}")
-    values = {name: codec.check(data[name], f"{path}.{name}", True) for name, codec in fields.items()}
+    values = {name: codec.check(data[name], f"{path}.{name}", True) for name, codec in fields.items() if name in data}
     try:
         return cls(**values)
     except RecordError as err:
         raise _Invalid(f"{path}.{err.field}", err.problem) from None
+
+
+@functools.cache
+def _optional_fields(cls: type[Record]) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get(OPTIONAL))
+
+
+def _default(cls: type[Record], name: str) -> Any:
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
 class Record:
@@ -255,7 +275,10 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe plain form (non-finite floats as strings): what travels on an xdist test report."""
-        return {name: codec.encode(getattr(self, name)) for name, codec in _fields(type(self)).items()}
+        cls = type(self)
+        optional = _optional_fields(cls)
+        return {name: codec.encode(getattr(self, name)) for name, codec in _fields(cls).items()
+                if name not in optional or getattr(self, name) != _default(cls, name)}
 
     @classmethod
     def from_dict(cls: type[R], data: Any, *, source: str = "<record>", path: str = "$") -> R:
