@@ -239,9 +239,22 @@ def test_every_editor_shares_one_figure_per_model_and_case_set(tmp_path: Path) -
     (png,) = out.plots
     assert png.read_bytes().startswith(b"\x89PNG") and png.parent == tmp_path / "r_plots"
     md = out.md_path.read_text(encoding="utf-8")
-    assert f"r_plots/{png.name}" in md
+    assert f"![sequential editing on tiny-gpt2, hard](r_plots/{png.name})" in md
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[4:14]]
             for line in md.splitlines() if line.startswith(("| memit", "| alphaedit"))}
     # measurements/edits, unedited, final, max ppl, max ratio, corpus, collapse at edit, final norm ratio, retained
     assert rows["memit"] == ["3/5", "3.6", "1500", "1500", "417x", "organism-ppl", "5", "4x", "2/5", "**collapse**"]
     assert rows["alphaedit"][6:9] == ["never", "1.03x", "2/5"]
+
+
+@pytest.mark.organism
+@pytest.mark.xdist_group("tiny-gpt2")
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_python_api_runs_the_same_protocol() -> None:
+    from pytest_editsafety.api import certify
+
+    certificate = certify("tiny-gpt2", None, "c-rome", "normal", limit=2, sequential=True, sequential_edits=2,
+                          sequential_every=5, sequential_corpus="organism-heldout")
+    (record,) = certificate.result.sequential
+    assert (record.n_edits, record.steps, record.ppl_corpus) == (2, (2,), "organism-heldout")
+    assert len(record.efficacy_at_end) == 2

@@ -452,7 +452,7 @@ def _sequential_section(result: RunResult, plot_links: Mapping[str, str], plot_n
                   "over the edited weights after the last edit. Retained: edits whose efficacy still holds after the "
                   "last edit.", ""]
     for caption, link in plot_links.items():
-        title = caption.split(":", 1)[0]
+        title = caption.split(":", 1)[0]  # a figure's caption opens with its title
         lines += [f"![{escape_md(title)}]({link})", "", f"_{escape_md(caption)}_", ""]
     if plot_note:
         lines += [f"_{plot_note}_", ""]

@@ -69,7 +69,7 @@ class SequentialFigure:
 
     @property
     def title(self) -> str:
-        return f"{self.model}, {self.case_set}: sequential editing"
+        return f"sequential editing on {self.model}, {self.case_set}"
 
     @property
     def caption(self) -> str:
