@@ -150,8 +150,8 @@ OPTIONS: tuple[_Option, ...] = (
     _Option(LOADING, "--editsafety-ppl-corpus", "ppl_corpus", "perplexity corpus: a built-in name or an ME-PPL "
             "JSON file (default organism-ppl for the model organisms, me-ppl-50 otherwise)", metavar="NAME|PATH"),
     _Option(LOADING, "--editsafety-sequential-ppl-corpus", "sequential_ppl_corpus", "perplexity corpus of "
-            "sequential runs: a built-in name or an ME-PPL JSON file (default organism-ppl for the model organisms, "
-            "the papers' me-ppl-1k otherwise)", metavar="NAME|PATH"),
+            "sequential runs: a built-in name or an ME-PPL JSON file (default the papers' me-ppl-1k; a model organism's "
+            "own perplexity corpus, --editsafety-ppl-corpus's or organism-ppl)", metavar="NAME|PATH"),
     _Option(LOADING, "--editsafety-stats-corpus", "stats_corpus", "corpus for the second-moment statistics of "
             "editors with mom2_adjustment: a built-in name, an ME-PPL JSON file, a .txt file (one text per line) or a "
             "directory written by datasets' save_to_disk (default organism-heldout for the model organisms, "

@@ -1,7 +1,7 @@
 """The plan: what a certification run runs, as plain data (no torch, no pytest).
 
 The selected editors × models × case sets become ``PlanItem``s with stable ids (``rome-tiny-gpt2-hard-0007``;
-sequential runs ``rome-tiny-gpt2-seq-hard``), built the same way on the controller and on every xdist worker
+sequential runs ``rome-tiny-gpt2-seq-hard``, ``rome-tiny-gpt2-seq10-hard`` for 10 edits), built the same way on the controller and on every xdist worker
 from the options alone: nothing random, timed or device-dependent. The plugin validates options and collects
 with it without loading a model.
 """
@@ -23,7 +23,7 @@ from editors.storage import slugify
 from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
 from pytest_editsafety.organisms import is_organism
 from pytest_editsafety.registry import ModelSpec, resolve_model
-from pytest_editsafety.sequential import ORGANISM_SEQUENTIAL_CORPUS, REAL_SEQUENTIAL_CORPUS, sequential_length
+from pytest_editsafety.sequential import REAL_SEQUENTIAL_CORPUS, sequential_length
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ class ModelChoice:
     stats_corpus: str  # the default sample for C (--stats-corpus overrides it)
     # the case set whose normal cases give the reference denominator (organism or real-text cases)
     reference_set: str
-    # the corpus sequential runs are scored on: the papers' ME-PPL_1k for real models, the organism's own corpus
-    sequential_ppl_corpus: str = ORGANISM_SEQUENTIAL_CORPUS
+    # the corpus sequential runs are scored on: the papers' ME-PPL_1k for real models, an organism's ppl_corpus
+    sequential_ppl_corpus: str
 
 
 def case_set_sha256(cases: Sequence[EditCase]) -> str:
@@ -223,8 +223,8 @@ def build_plan(
     """The run's items, model-major (a worker finishes one model before the next), then editor, case set
     and the case file's order. A model is a name or an already resolved ``ModelSpec``, a case set a name, a file
     or a ``CaseSet`` in hand. A sequential run makes ``sequential_edits`` edits (default: the papers' 107, or the
-    whole set where it holds fewer), scored on ``sequential_ppl_corpus`` (default ME-PPL_1k, the organism's own
-    corpus for organisms). Raises ``UnknownModelError``/``CaseValidationError`` from the resolvers and
+    whole set where it holds fewer), scored on ``sequential_ppl_corpus`` (default ME-PPL_1k, an organism's own
+    perplexity corpus for organisms). Raises ``UnknownModelError``/``CaseValidationError`` from the resolvers and
     ``PlanError`` for an empty selection; editors are validated by the caller (the registry)."""
     editors = _dedupe([e for e in editors if e])
     spec_of = {m.name: m for m in models if isinstance(m, ModelSpec)}
@@ -255,13 +255,13 @@ def build_plan(
     choices = []
     for given, spec, slug in zip(models, specs, model_slugs):
         organism = is_organism(spec)
+        model_corpus = ppl_corpus or (ORGANISM_CORPUS if organism else REAL_CORPUS)
         choices.append(ModelChoice(
             given=given, slug=slug, spec=spec, organism=organism,
-            ppl_corpus=ppl_corpus or (ORGANISM_CORPUS if organism else REAL_CORPUS),
+            ppl_corpus=model_corpus,
             stats_corpus=ORGANISM_STATS_CORPUS if organism else REAL_STATS_CORPUS,
             reference_set=ORGANISM_REFERENCE_SET if organism else REAL_REFERENCE_SET,
-            sequential_ppl_corpus=sequential_ppl_corpus or (
-                ORGANISM_SEQUENTIAL_CORPUS if organism else REAL_SEQUENTIAL_CORPUS),
+            sequential_ppl_corpus=sequential_ppl_corpus or (model_corpus if organism else REAL_SEQUENTIAL_CORPUS),
         ))
 
     loaded = [in_hand[c] if c in in_hand else resolve(c) for c in case_sets]
@@ -294,13 +294,21 @@ def build_plan(
                     items.append(PlanItem(f"{prefix}-{part}", "case", editor, choice.slug, chosen.slug, case.case_id))
             if sequential:
                 for chosen in selected:
-                    items.append(PlanItem(f"{prefix}-{SEQUENTIAL_TAG}-{chosen.slug}", "sequential", editor,
-                                          choice.slug, chosen.slug))
+                    items.append(PlanItem(f"{prefix}-{_sequential_tag(sequential_edits, chosen)}-{chosen.slug}",
+                                          "sequential", editor, choice.slug, chosen.slug))
     counts = Counter(item.test_id for item in items)
     duplicates = sorted(test_id for test_id, n in counts.items() if n > 1)
     if duplicates:  # only reachable with hostile names; refuse rather than merge two tests' records
         raise PlanError(f"test ids collide: {', '.join(duplicates[:5])}")
     return Plan(tuple(editors), tuple(choices), tuple(selected), tuple(items), limit, sequential_edits)
+
+
+def _sequential_tag(requested: int | None, chosen: SelectedCaseSet) -> str:
+    """``seq`` for a sequential run of the default length, ``seq10`` for one of 10 edits otherwise: the length is in
+    the test id, so the plan's hash tells runs of different lengths apart and a baseline never compares them."""
+    n_cases = len(chosen.case_set.cases)
+    length = sequential_length(requested, n_cases)
+    return SEQUENTIAL_TAG if length == sequential_length(None, n_cases) else f"{SEQUENTIAL_TAG}{length}"
 
 
 def controller_identity(choice: ModelChoice) -> str:

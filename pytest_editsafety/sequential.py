@@ -14,7 +14,6 @@ from collections.abc import Sequence
 __all__ = [
     "DEFAULT_EVERY_ORGANISM",
     "DEFAULT_EVERY_REAL",
-    "ORGANISM_SEQUENTIAL_CORPUS",
     "PAPERS_SEQUENTIAL_EDITS",
     "REAL_SEQUENTIAL_CORPUS",
     "default_every",
@@ -25,9 +24,9 @@ __all__ = [
 
 # The papers' sequential runs: 107 edits (their HardCF subsets), perplexity on ME-PPL_1k.
 PAPERS_SEQUENTIAL_EDITS = 107
+# Real models' sequential default. An organism's sequential runs are scored on its single-edit corpus (organism-ppl,
+# or what --editsafety-ppl-corpus names): it has no larger corpus of its kind.
 REAL_SEQUENTIAL_CORPUS = "me-ppl-1k"
-# An organism has one perplexity corpus (400 fact sentences and 100 generic ones): it scores sequential runs too.
-ORGANISM_SEQUENTIAL_CORPUS = "organism-ppl"
 # Perplexity after every edit costs one pass over the corpus per edit: well under a second on an organism, a
 # minute or more over ME-PPL_1k on a 7B model, where every 10th edit (and the last) keeps 107 edits affordable.
 DEFAULT_EVERY_ORGANISM = 1

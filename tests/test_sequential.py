@@ -78,11 +78,29 @@ def test_the_plan_takes_the_first_n_cases_and_the_sequential_corpus() -> None:
     assert plan.sequential_cases(item) == hard[:5]
     assert plan.models[0].sequential_ppl_corpus == "organism-heldout"
     assert plan.models[0].ppl_corpus == "organism-ppl"  # single edits keep theirs
+    # an organism has one corpus of its kind: its sequential runs follow the one the caller chose for it
+    plan = build_plan(["rome"], ["tiny-gpt2"], ["hard"], sequential=True, ppl_corpus="organism-heldout")
+    assert plan.models[0].sequential_ppl_corpus == "organism-heldout"
+
+
+def test_the_test_id_names_a_length_other_than_the_default() -> None:
+    def ids(**kwargs) -> list[str]:
+        plan = build_plan(["rome"], ["tiny-gpt2"], ["hard"], sequential=True, **kwargs)
+        return [i.test_id for i in plan.items if i.kind == "sequential"]
+
+    assert ids() == ids(sequential_edits=48) == ["rome-tiny-gpt2-seq-hard"]  # 48: the whole set, the default
+    assert ids(sequential_edits=10) == ["rome-tiny-gpt2-seq10-hard"]
+    assert ids(limit=5) == ["rome-tiny-gpt2-seq-hard"]  # the limit narrows the set, and the default with it
+    plan = build_plan(["rome"], ["tiny-gpt2"], ["hard"], sequential=True, sequential_edits=10)
+    assert plan.plan_hash != build_plan(["rome"], ["tiny-gpt2"], ["hard"], sequential=True).plan_hash
 
 
 def test_real_models_default_to_me_ppl_1k_for_sequential_runs() -> None:
     plan = build_plan(["rome"], ["gpt2-xl"], ["hard"], sequential=True)  # a spec only: nothing is loaded
     assert (plan.models[0].ppl_corpus, plan.models[0].sequential_ppl_corpus) == ("me-ppl-50", "me-ppl-1k")
+    # the papers score sequential runs on ME-PPL_1k whatever single edits are scored on
+    plan = build_plan(["rome"], ["gpt2-xl"], ["hard"], sequential=True, ppl_corpus="organism-heldout")
+    assert plan.models[0].sequential_ppl_corpus == "me-ppl-1k"
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
