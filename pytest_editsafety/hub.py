@@ -204,9 +204,10 @@ class ModelHub(ModelPool):
         verdict = Verdict(certified=False, collapse=False, violations=())
         try:
             state = self._state(item.model)
-            corpus = self._corpus(self.plan.model(item.model).sequential_ppl_corpus)
+            corpus_given = self.plan.model(item.model).sequential_ppl_corpus
+            corpus = self._corpus(corpus_given)
             corpus_name, corpus_sha = corpus.name, corpus.sha256
-            unedited = self._corpus_baseline(state, corpus)["mean"]
+            unedited = self._corpus_baseline(state, corpus_given)["mean"]
             verdict = self._sequential_edits(state, item, corpus, progress)
         except Exception as err:
             log.warning("%s: the sequential run stopped after %d edits: %s: %s", item.test_id,
@@ -345,7 +346,7 @@ class ModelHub(ModelPool):
         loaded = state.loaded
         model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
         editor = self._editor(state, item.editor)
-        baseline = self._corpus_baseline(state, corpus)["mean"]
+        baseline = self._corpus_baseline(state, self.plan.model(item.model).sequential_ppl_corpus)["mean"]
         n_edits = len(self.plan.sequential_cases(item))
         cases = self._tagged(item.model, item.case_set).cases[:n_edits]
         every = self.options.sequential_every or default_every(self.plan.model(item.model).organism)
@@ -411,16 +412,17 @@ class ModelHub(ModelPool):
             log.info("model %s: unedited mean ppl %.4g on %s", slug, state.baseline["mean"], state.corpus.name)
         return state.baseline
 
-    def _corpus_baseline(self, state: ModelState, corpus: Any) -> dict[str, float]:
-        """The unedited model's perplexity on ``corpus`` (the single-edit baseline when it is that corpus)."""
-        baseline = self._baseline(state)
-        if corpus.name == state.corpus.name and corpus.sha256 == state.corpus.sha256:
-            return baseline
-        if corpus.name not in state.other_baselines:
-            state.other_baselines[corpus.name] = self._perplexity(state, corpus)
-            log.info("model %s: unedited mean ppl %.4g on %s", state.slug, state.other_baselines[corpus.name]["mean"],
+    def _corpus_baseline(self, state: ModelState, name: str) -> dict[str, float]:
+        """The unedited model's perplexity on corpus ``name``: the single-edit baseline when it is that corpus, else
+        measured on its own (so a run of sequential tests alone never needs the single-edit corpus, ME-PPL_50)."""
+        if name == self.plan.model(state.slug).ppl_corpus:
+            return self._baseline(state)
+        if name not in state.other_baselines:
+            corpus = self._corpus(name)
+            state.other_baselines[name] = self._perplexity(state, corpus)
+            log.info("model %s: unedited mean ppl %.4g on %s", state.slug, state.other_baselines[name]["mean"],
                      corpus.name)
-        return state.other_baselines[corpus.name]
+        return state.other_baselines[name]
 
     def _tagged(self, slug: str, set_slug: str) -> CaseSet:
         """A planned case set with hardness set for this model's tokenizer."""
