@@ -1,7 +1,7 @@
 """The plan: what a certification run runs, as plain data (no torch, no pytest).
 
 The selected editors × models × case sets become ``PlanItem``s with stable ids (``rome-tiny-gpt2-hard-0007``;
-sequential runs ``rome-tiny-gpt2-seq-hard``), built the same way on the controller and on every xdist worker
+sequential runs ``rome-tiny-gpt2-seq-hard``; with a batch size, batches ``memit-tiny-gpt2-normal-batch-003``), built the same way on the controller and on every xdist worker
 from the options alone: nothing random, timed or device-dependent. The plugin validates options and collects
 with it without loading a model.
 """
@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 SEQUENTIAL_TAG = "seq"
+BATCH_TAG = "batch"
 ORGANISM_CORPUS = "organism-ppl"
 # C comes from other text than the perplexity corpus (ROME: Wikipedia, scored on ME-PPL): the organisms' held-out
 # generic sentences, and for real models wikitext-103 (Wikipedia articles, through the datasets cache), unless
@@ -121,11 +122,16 @@ class PlanItem:
     """One certification test; plain strings only, so it is hashable and identical on every worker."""
 
     test_id: str
-    kind: Literal["case", "sequential"]
+    kind: Literal["case", "sequential", "batch"]
     editor: str
     model: str  # ModelChoice.slug
     case_set: str  # SelectedCaseSet.slug
-    case_id: str = ""  # empty for sequential runs
+    case_id: str = ""  # empty for sequential runs and batches
+    # a batch's member cases, in the case file's order (--editsafety-batch-size); empty for other kinds
+    case_ids: tuple[str, ...] = ()
+    # each member's part of the id the case has as a single-edit test ("normal-0024"): member records are named
+    # "<batch test id>/<part>"
+    case_parts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,10 @@ class Plan:
 
     def case(self, item: PlanItem) -> EditCase:
         return self._cases[(item.case_set, item.case_id)]
+
+    def members(self, item: PlanItem) -> tuple[EditCase, ...]:
+        """A batch's member cases, in order."""
+        return tuple(self._cases[(item.case_set, case_id)] for case_id in item.case_ids)
 
     def item(self, test_id: str) -> PlanItem | None:
         return self._items_by_id.get(test_id)
@@ -207,10 +217,12 @@ def build_plan(
     ppl_corpus: str | None = None,
     limit: int | None = None,
     sequential: bool = False,
+    batch_size: int = 1,
     resolve: Callable[[str], CaseSet] = resolve_cases,
 ) -> Plan:
     """The run's items, model-major (a worker finishes one model before the next), then editor, case set
-    and the case file's order. A model is a name or an already resolved ``ModelSpec``, a case set a name, a file
+    and the case file's order. A ``batch_size`` above 1 makes each case set's cases, in order, into batches of
+    that many (the last may be smaller), one test per batch, instead of one test per case. A model is a name or an already resolved ``ModelSpec``, a case set a name, a file
     or a ``CaseSet`` in hand. Raises ``UnknownModelError``/``CaseValidationError`` from the resolvers and
     ``PlanError`` for an empty selection; editors are validated by the caller (the registry)."""
     editors = _dedupe([e for e in editors if e])
@@ -220,6 +232,8 @@ def build_plan(
     case_sets = _dedupe([c.name if isinstance(c, CaseSet) else c for c in case_sets if c])
     if limit is not None and limit < 1:
         raise PlanError(f"--editsafety-limit must be at least 1, got {limit}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PlanError(f"--editsafety-batch-size must be an integer >= 1, got {batch_size!r}")
     for what, values in (("editor", editors), ("model", models), ("case set", case_sets)):
         if not values:
             raise PlanError(f"empty selection: no {what} selected")
@@ -266,6 +280,9 @@ def build_plan(
                 # files numbered from 0 cannot collide
                 parts = [i if i.startswith(f"{chosen.slug}-") else f"{chosen.slug}-{i}" for i in ids]
                 parts = _unique(parts, [c.case_id for c in chosen.case_set.cases])
+                if batch_size > 1:
+                    items.extend(_batches(prefix, choice.slug, editor, chosen, parts, batch_size))
+                    continue
                 for case, part in zip(chosen.case_set.cases, parts):
                     items.append(PlanItem(f"{prefix}-{part}", "case", editor, choice.slug, chosen.slug, case.case_id))
             if sequential:
@@ -277,6 +294,24 @@ def build_plan(
     if duplicates:  # only reachable with hostile names; refuse rather than merge two tests' records
         raise PlanError(f"test ids collide: {', '.join(duplicates[:5])}")
     return Plan(tuple(editors), tuple(choices), tuple(selected), tuple(items), limit)
+
+
+def _batches(prefix: str, model: str, editor: str, chosen: SelectedCaseSet, parts: Sequence[str], size: int
+             ) -> list[PlanItem]:
+    """A case set's cases in order, ``size`` at a time: ``<editor>-<model>-<set>-batch-000``, ... (numbered from 0,
+    as the organism's cases are; three digits keep them sorted up to 1000 batches)."""
+    cases = chosen.case_set.cases
+    out = []
+    for number, start in enumerate(range(0, len(cases), size)):
+        members = cases[start:start + size]
+        out.append(PlanItem(f"{prefix}-{chosen.slug}-{BATCH_TAG}-{number:03d}", "batch", editor, model, chosen.slug,
+                            case_ids=tuple(c.case_id for c in members), case_parts=tuple(parts[start:start + size])))
+    return out
+
+
+def member_test_id(item: PlanItem, part: str) -> str:
+    """The name of a batch member's record: the batch's test id and the case's part of its single-edit id."""
+    return f"{item.test_id}/{part}"
 
 
 def controller_identity(choice: ModelChoice) -> str:
@@ -301,9 +336,15 @@ def error_record(plan: Plan, item: PlanItem, message: str, *, duration_s: float 
                  device: str | None = None) -> dict[str, Any]:
     """A record for a test that produced none itself (a setup error, a crashed worker), which ran on ``worker``
     and ``device`` where known."""
-    from pytest_editsafety.results import CaseRecord, SequentialRecord
+    from pytest_editsafety.results import BatchRecord, CaseRecord, SequentialRecord
 
     violations = (f"error: {message}",)
+    if item.kind == "batch":
+        return BatchRecord(
+            test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set,
+            case_ids=item.case_ids, members=(), metrics={}, certified=False, collapse=False, violations=violations,
+            outcome="error", duration_s=duration_s, worker=worker, device=device,
+        ).to_dict()
     if item.kind == "sequential":
         n_edits = len(plan.case_set(item.case_set).case_set.cases)
         return SequentialRecord(
