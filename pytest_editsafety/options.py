@@ -106,7 +106,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option(SELECTION, "--editsafety-limit", "limit", "at most N cases per case set: a quick run, reported "
             "PARTIAL (never CERTIFIED) when a set has more", "int", _positive_int, "N"),
     _Option(SELECTION, "--editsafety-batch-size", "batch_size", "certify batches: each case set's cases, K at a "
-            "time in file order, applied in one edit, one test per batch (memit-tiny-gpt2-normal-batch-003); each "
+            "time in file order, applied in one edit, one test per batch (memit-tiny-gpt2-normal-k8-batch-003); each "
             "member is measured after the whole batch and judged on its own bounds and the batch's perplexity. "
             "Only for editors that declare they take K requests at once (memit, emmet, alphaedit); any other "
             "editor's batch tests error, naming it (default 1: one test per case)", "int", _positive_int, "K"),

@@ -1,7 +1,7 @@
 """The plan: what a certification run runs, as plain data (no torch, no pytest).
 
 The selected editors × models × case sets become ``PlanItem``s with stable ids (``rome-tiny-gpt2-hard-0007``;
-sequential runs ``rome-tiny-gpt2-seq-hard``; with a batch size, batches ``memit-tiny-gpt2-normal-batch-003``), built the same way on the controller and on every xdist worker
+sequential runs ``rome-tiny-gpt2-seq-hard``; with a batch size K, batches ``memit-tiny-gpt2-normal-k8-batch-003``), built the same way on the controller and on every xdist worker
 from the options alone: nothing random, timed or device-dependent. The plugin validates options and collects
 with it without loading a model.
 """
@@ -298,13 +298,15 @@ def build_plan(
 
 def _batches(prefix: str, model: str, editor: str, chosen: SelectedCaseSet, parts: Sequence[str], size: int
              ) -> list[PlanItem]:
-    """A case set's cases in order, ``size`` at a time: ``<editor>-<model>-<set>-batch-000``, ... (numbered from 0,
-    as the organism's cases are; three digits keep them sorted up to 1000 batches)."""
+    """A case set's cases in order, ``size`` at a time: ``<editor>-<model>-<set>-k<size>-batch-000``, ... (numbered
+    from 0, as the organism's cases are; three digits keep them sorted up to 1000 batches). The id names the batch
+    size: 48 cases make six batches with K = 8 and with K = 9, and the plan's hash, a baseline and a merge tell tests
+    apart by their ids alone."""
     cases = chosen.case_set.cases
     out = []
     for number, start in enumerate(range(0, len(cases), size)):
         members = cases[start:start + size]
-        out.append(PlanItem(f"{prefix}-{chosen.slug}-{BATCH_TAG}-{number:03d}", "batch", editor, model, chosen.slug,
+        out.append(PlanItem(f"{prefix}-{chosen.slug}-k{size}-{BATCH_TAG}-{number:03d}", "batch", editor, model, chosen.slug,
                             case_ids=tuple(c.case_id for c in members), case_parts=tuple(parts[start:start + size])))
     return out
 

@@ -46,7 +46,7 @@ def _case_set(n: int) -> CaseSet:
 def test_batches_take_the_cases_in_order_k_at_a_time_the_last_one_smaller() -> None:
     plan = build_plan(["memit", "emmet"], ["tiny-gpt2"], ["set"], resolve=lambda _: _case_set(7), batch_size=3)
     assert [i.test_id for i in plan.items] == [
-        f"{e}-tiny-gpt2-set-batch-{n:03d}" for e in ("memit", "emmet") for n in range(3)]
+        f"{e}-tiny-gpt2-set-k3-batch-{n:03d}" for e in ("memit", "emmet") for n in range(3)]
     assert {i.kind for i in plan.items} == {"batch"}
     assert [i.case_ids for i in plan.items[:3]] == [("c0", "c1", "c2"), ("c3", "c4", "c5"), ("c6",)]
     # each member keeps its single-edit id's part, which names its record inside the batch
@@ -54,6 +54,15 @@ def test_batches_take_the_cases_in_order_k_at_a_time_the_last_one_smaller() -> N
     assert [c.case_id for c in plan.members(plan.items[2])] == ["c6"]
     # every planned test is a batch: the plan's record lists them, not the cases
     assert plan.record.test_ids == tuple(i.test_id for i in plan.items)
+
+
+def test_batch_ids_name_the_batch_size() -> None:
+    # 48 cases make six batches of 8 and six of 9: the ids (and so the plan's hash, baselines and merges) differ
+    eight, nine = (build_plan(["memit"], ["tiny-gpt2"], ["set"], resolve=lambda _: _case_set(48), batch_size=k)
+                   for k in (8, 9))
+    assert len(eight.items) == len(nine.items) == 6
+    assert not {i.test_id for i in eight.items} & {i.test_id for i in nine.items}
+    assert eight.plan_hash != nine.plan_hash
 
 
 def test_a_batch_size_of_one_is_the_single_edit_plan() -> None:
@@ -142,7 +151,7 @@ def test_a_batch_run_records_each_batch_with_its_members_and_reads_back() -> Non
     data = json.loads(to_json(run))
     assert [b["case_ids"] for b in data["batches"]] == [["c0", "c1"], ["c2"]]
     assert [m["test_id"] for m in data["batches"][0]["members"]] == [
-        "memit-tiny-gpt2-set-batch-000/set-c0", "memit-tiny-gpt2-set-batch-000/set-c1"]
+        "memit-tiny-gpt2-set-k2-batch-000/set-c0", "memit-tiny-gpt2-set-k2-batch-000/set-c1"]
     assert data["cases"] == [] and data["coverage"]["status"] == "complete"
     again = from_json(to_json(run))
     assert again == run
@@ -156,6 +165,40 @@ def test_a_run_without_batches_writes_the_file_as_before() -> None:
     plain = RunResult(run.metadata, plan=run.plan, sessions=run.sessions)
     assert "batches" not in json.loads(to_json(plain))
     assert from_json(to_json(plain)).batches == ()
+
+
+def test_a_killed_batch_run_gives_its_batches_back_from_the_journal(tmp_path: Path) -> None:
+    import dataclasses
+
+    from pytest_editsafety.results.journal import IN_PROGRESS, RecordJournal, journal_path, recover_from_journal
+
+    run = _batch_run()
+    empty = dataclasses.replace(run, batches=(), sessions=(Session("", "", None, (), IN_PROGRESS),))
+    journal = RecordJournal(journal_path(tmp_path / "editsafety.json"))
+    journal.start(run.plan.plan_hash)
+    journal.append(run.batches[0].test_id, "batch", run.batches[0].to_dict())
+    journal.close()
+    recovered = recover_from_journal(empty, journal.path)
+    assert recovered.n_records == 1 and recovered.result.batches == run.batches[:1]
+    assert recovered.result.coverage.status == "partial"
+
+
+def test_batches_merge_from_shards_and_regress_against_a_baseline() -> None:
+    import dataclasses
+
+    from pytest_editsafety.results import compare, merge
+
+    run = _batch_run()
+    first, second = run.batches
+    shard_a = dataclasses.replace(run, batches=(first,))
+    shard_b = dataclasses.replace(run, batches=(second,))
+    assert merge([shard_a, shard_b]).batches == run.batches
+    # the certified batch failing now is a regression of that batch; a baseline batch this run lacks is missing
+    broken = dataclasses.replace(second, certified=False, outcome="failed", violations=("perplexity ratio 9x",))
+    kinds = {(r.kind, r.test_id) for r in compare(dataclasses.replace(run, batches=(first, broken)), run)}
+    assert ("batch", second.test_id) in kinds
+    kinds = {(r.kind, r.test_id) for r in compare(shard_a, run)}
+    assert ("missing", second.test_id) in kinds
 
 
 def test_a_batch_record_must_hold_what_it_says() -> None:
@@ -179,7 +222,7 @@ def test_the_report_lists_batches_and_counts_their_members() -> None:
     text = render(run, baseline=None, regressions=(), plot_links={}, plot_note=None)
     assert "1 of 2 batches certified; 2 of 3 member cases certified" in text
     assert "## Batches" in text
-    assert "| memit-tiny-gpt2-set-batch-000 | 2       | 1/2 " in text
+    assert "| memit-tiny-gpt2-set-k2-batch-000 | 2       | 1/2 " in text
     (group,) = summarize_groups(run)
     assert (group.n_cases, group.n_certified, group.n_batches, group.n_batches_certified) == (3, 2, 2, 1)
 
@@ -313,8 +356,8 @@ def test_the_batch_size_reaches_the_plan_from_the_command_line(pytester: pytest.
     config = pytester.parseconfigure("--editor=memit", "--cases=normal", "--editsafety-batch-size=8")
     assert get_settings(config).batch_size == 8
     plan = get_plan(config)
-    assert [i.test_id for i in plan.items][:2] == ["memit-tiny-gpt2-normal-batch-000",
-                                                  "memit-tiny-gpt2-normal-batch-001"]
+    assert [i.test_id for i in plan.items][:2] == ["memit-tiny-gpt2-normal-k8-batch-000",
+                                                  "memit-tiny-gpt2-normal-k8-batch-001"]
     assert len(plan.items) == 6 and all(len(i.case_ids) == 8 for i in plan.items)
 
 
@@ -340,15 +383,15 @@ def test_a_batch_run_end_to_end_records_membership_and_refuses_single_request_ed
     run = json.loads((out / "r.json").read_text())
     micro = micro_model.name
     by_id = {b["test_id"]: b for b in run["batches"]}
-    assert sorted(by_id) == [f"c-rome-{micro}-cases-batch-000", f"c-rome-{micro}-cases-batch-001",
-                             f"memit-{micro}-cases-batch-000", f"memit-{micro}-cases-batch-001"]
-    memit = by_id[f"memit-{micro}-cases-batch-000"]
+    assert sorted(by_id) == [f"c-rome-{micro}-cases-k2-batch-000", f"c-rome-{micro}-cases-k2-batch-001",
+                             f"memit-{micro}-cases-k2-batch-000", f"memit-{micro}-cases-k2-batch-001"]
+    memit = by_id[f"memit-{micro}-cases-k2-batch-000"]
     assert memit["case_ids"] == ["one", "two"] and memit["outcome"] == "passed"
-    assert [m["test_id"] for m in memit["members"]] == [f"memit-{micro}-cases-batch-000/cases-one",
-                                                         f"memit-{micro}-cases-batch-000/cases-two"]
-    refused = by_id[f"c-rome-{micro}-cases-batch-000"]
+    assert [m["test_id"] for m in memit["members"]] == [f"memit-{micro}-cases-k2-batch-000/cases-one",
+                                                         f"memit-{micro}-cases-k2-batch-000/cases-two"]
+    refused = by_id[f"c-rome-{micro}-cases-k2-batch-000"]
     assert refused["outcome"] == "error" and refused["members"] == [] and refused["case_ids"] == ["one", "two"]
     assert "editor 'c-rome' applies at most 1 request" in refused["violations"][0]
-    assert by_id[f"c-rome-{micro}-cases-batch-001"]["outcome"] == "passed"
+    assert by_id[f"c-rome-{micro}-cases-k2-batch-001"]["outcome"] == "passed"
     assert run["coverage"]["status"] == "complete" and run["cases"] == []
     assert "## Batches" in (out / "r.md").read_text()
