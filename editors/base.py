@@ -13,7 +13,8 @@ An editor is set up once per loaded model and then edits it many times:
 
 Optional reports have defaults in :class:`EditorBase`, so a third-party editor that subclasses it implements
 only what it has: ``max_requests_per_apply`` (how many requests one ``apply`` call takes: 1 by default, None for
-no limit; batch certification reads it), ``denominator(...)`` (the rank-one update's ``|uᵀk|``, from keys alone; the certification's
+no limit; batch certification reads it), ``denominator(...)`` (the rank-one update's ``|uᵀk|``, from keys alone;
+the certification's
 denominator floor, case mining and pre-flight checks read it; None when the method has no such quantity) and
 ``provenance()`` (which trained artefact edits, for the certificate). Nothing here imports torch.
 """
@@ -214,9 +215,9 @@ class EditorBase:
 
 
 def max_requests_per_apply(editor: Any) -> int | None:
-    """How many requests ``editor``'s ``apply`` takes at once, as it declares it (:attr:`EditorBase.max_requests_per_apply`;
-    None: no limit). An editor that implements the :class:`Editor` protocol without subclassing
-    :class:`EditorBase` and declares nothing takes one, the contract's default."""
+    """How many requests ``editor``'s ``apply`` takes at once, as it declares it
+    (:attr:`EditorBase.max_requests_per_apply`; None: no limit). An editor that implements the :class:`Editor`
+    protocol without subclassing :class:`EditorBase` and declares nothing takes one, the contract's default."""
     declared = getattr(editor, "max_requests_per_apply", 1)
     if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
         raise ValueError(f"editor {getattr(editor, 'name', editor)!r}: max_requests_per_apply must be an integer >= 1 "

@@ -365,8 +365,9 @@ class ModelHub(ModelPool):
         metrics.update(_perplexity_metrics(baseline, edited))
         return metrics, judge(self.options.bounds, metrics, denominator_floor=floor)
 
-    def _edit_batch_and_measure(self, state: ModelState, item: PlanItem, cases: Sequence[EditCase]
-                                ) -> tuple[dict[str, float | None], list[tuple[EditCase, dict[str, float | None], Verdict]]]:
+    def _edit_batch_and_measure(
+        self, state: ModelState, item: PlanItem, cases: Sequence[EditCase],
+    ) -> tuple[dict[str, float | None], list[tuple[EditCase, dict[str, float | None], Verdict]]]:
         """The batch's metrics (the edit's diagnostics and the perplexity figures) and each member's metrics and
         verdict, under the same keys and bounds as a single edit's."""
         from editors.base import EditRequest, max_requests_per_apply
@@ -400,7 +401,8 @@ class ModelHub(ModelPool):
                     prefix = outcome.test_prefix if case.is_hard else None
                     metrics = edit_metrics(model, tokenizer, case, probe, test_prefix=prefix)
                     if prefix:
-                        metrics["cf_efficacy_without_prefix"] = edit_metrics(model, tokenizer, case, probe)["cf_efficacy"]
+                        without = edit_metrics(model, tokenizer, case, probe)
+                        metrics["cf_efficacy_without_prefix"] = without["cf_efficacy"]
                     measured.append(metrics)
                 edited = self._perplexity(state)
         except RestoreError:

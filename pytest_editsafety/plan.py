@@ -1,9 +1,9 @@
 """The plan: what a certification run runs, as plain data (no torch, no pytest).
 
 The selected editors × models × case sets become ``PlanItem``s with stable ids (``rome-tiny-gpt2-hard-0007``;
-sequential runs ``rome-tiny-gpt2-seq-hard``; with a batch size K, batches ``memit-tiny-gpt2-normal-k8-batch-003``), built the same way on the controller and on every xdist worker
-from the options alone: nothing random, timed or device-dependent. The plugin validates options and collects
-with it without loading a model.
+sequential runs ``rome-tiny-gpt2-seq-hard``; with a batch size K, batches ``memit-tiny-gpt2-normal-k8-batch-003``),
+built the same way on the controller and on every xdist worker from the options alone: nothing random, timed or
+device-dependent. The plugin validates options and collects with it without loading a model.
 """
 
 from __future__ import annotations
@@ -221,10 +221,11 @@ def build_plan(
     resolve: Callable[[str], CaseSet] = resolve_cases,
 ) -> Plan:
     """The run's items, model-major (a worker finishes one model before the next), then editor, case set
-    and the case file's order. A ``batch_size`` above 1 makes each case set's cases, in order, into batches of
-    that many (the last may be smaller), one test per batch, instead of one test per case. A model is a name or an already resolved ``ModelSpec``, a case set a name, a file
-    or a ``CaseSet`` in hand. Raises ``UnknownModelError``/``CaseValidationError`` from the resolvers and
-    ``PlanError`` for an empty selection; editors are validated by the caller (the registry)."""
+    and the case file's order. A model is a name or an already resolved ``ModelSpec``, a case set a name, a file
+    or a ``CaseSet`` in hand. A ``batch_size`` above 1 makes each case set's cases, in order, into batches of that
+    many (the last may be smaller), one test per batch, instead of one test per case. Raises
+    ``UnknownModelError``/``CaseValidationError`` from the resolvers and ``PlanError`` for an empty selection;
+    editors are validated by the caller (the registry)."""
     editors = _dedupe([e for e in editors if e])
     spec_of = {m.name: m for m in models if isinstance(m, ModelSpec)}
     models = _dedupe([m.name if isinstance(m, ModelSpec) else m for m in models if m])
@@ -306,7 +307,8 @@ def _batches(prefix: str, model: str, editor: str, chosen: SelectedCaseSet, part
     out = []
     for number, start in enumerate(range(0, len(cases), size)):
         members = cases[start:start + size]
-        out.append(PlanItem(f"{prefix}-{chosen.slug}-k{size}-{BATCH_TAG}-{number:03d}", "batch", editor, model, chosen.slug,
+        test_id = f"{prefix}-{chosen.slug}-k{size}-{BATCH_TAG}-{number:03d}"
+        out.append(PlanItem(test_id, "batch", editor, model, chosen.slug,
                             case_ids=tuple(c.case_id for c in members), case_parts=tuple(parts[start:start + size])))
     return out
 

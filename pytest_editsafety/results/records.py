@@ -1,4 +1,4 @@
-"""The records of a run: its metadata, one record per single-edit or sequential test, and the run itself.
+"""The records of a run: its metadata, one record per single-edit, batch or sequential test, and the run itself.
 
 Field types are the file's schema (``schema.Record``); the checks here are the invariants across fields.
 Timestamps are ISO 8601 with a timezone (``2025-01-01T12:00:00+00:00``; a trailing ``Z`` is accepted), so
@@ -20,7 +20,8 @@ from pytest_editsafety.results.errors import RecordError, ResultsFormatError
 from pytest_editsafety.results.coverage import Coverage, RunPlan, Session, coverage_of, shown_ids
 from pytest_editsafety.results.schema import OPTIONAL, READABLE_SCHEMAS, SCHEMA, SCHEMA_V1, Record, describe_json
 
-__all__ = ["BOS_NOTHING_TO_STRIP", "BOS_NOT_LOADED", "BOS_PROTOCOL_VALUES", "BOS_STRIPPED", "OUTCOMES", "CaseRecord", "RunMetadata", "BatchRecord", "RunResult", "SequentialRecord"]
+__all__ = ["BOS_NOTHING_TO_STRIP", "BOS_NOT_LOADED", "BOS_PROTOCOL_VALUES", "BOS_STRIPPED", "OUTCOMES", "BatchRecord",
+           "CaseRecord", "RunMetadata", "RunResult", "SequentialRecord"]
 
 OUTCOMES = ("passed", "failed", "error")
 # what the BOS-stripped protocol did to a model (pytest_editsafety.bos), as RunMetadata.bos_protocol records it
