@@ -28,6 +28,7 @@ from pytest_editsafety.devices import MAIN_WORKER
 from pytest_editsafety.context_fit import check_fits_context
 from pytest_editsafety.model_pool import ModelPool, ModelState
 from pytest_editsafety.plan import Plan, PlanItem
+from pytest_editsafety.sequential import default_every, first_crossing, measurement_steps
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,16 @@ class HubOptions:
     # the BOS-stripped protocol (--editsafety-strip-bos, pytest_editsafety.bos): models load with a tokenizer that
     # prepends no BOS; a model the caller holds must come stripped already (the API strips a copy of its tokenizer)
     strip_bos: bool = False
+    # a sequential run measures after every k-th edit and the last (--editsafety-sequential-every); None: each
+    # model's default (pytest_editsafety.sequential.default_every)
+    sequential_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.restore_check not in RESTORE_CHECKS:
             raise ValueError(f"HubOptions.restore_check: {self.restore_check!r} is not one of "
                              f"{', '.join(RESTORE_CHECKS)}")
+        if self.sequential_every is not None and self.sequential_every < 1:
+            raise ValueError(f"HubOptions.sequential_every must be at least 1, got {self.sequential_every}")
 
 
 @dataclass(frozen=True)
@@ -237,35 +243,48 @@ class ModelHub(ModelPool):
         return RunOutcome(record.to_dict(), self.meta(item), violations, error)
 
     def run_sequential(self, item: PlanItem) -> RunOutcome:
-        """The case set's edits in order without restoring, perplexity after each; restored at the end.
+        """The papers' sequential protocol: the run's edits (``Plan.sequential_cases``) in order without
+        restoring, restored at the end. After every k-th edit and the last, perplexity on the run's corpus and each
+        edited parameter's norm over its unedited norm; each edit's efficacy right after it and, after the last,
+        for every edit again (retention).
 
-        Judged on the perplexity ratio after the last edit and on collapse at any step (the papers'
-        sequential protocol); efficacy is the single-edit tests' job."""
+        Judged on the perplexity ratio after the last edit and on collapse at any measured step (the papers'
+        sequential protocol); efficacy and retention are reported, not judged (the single-edit tests judge
+        efficacy)."""
         from pytest_editsafety.results import SequentialRecord
 
         started = time.perf_counter()
-        cases = self.plan.case_set(item.case_set).case_set.cases
-        ppls: list[float] = []
+        n_edits = len(self.plan.sequential_cases(item))
+        progress = _SequentialProgress()
         unedited = math.nan
+        corpus_name, corpus_sha = "", ""
         error: BaseException | None = None
         verdict = Verdict(certified=False, collapse=False, violations=())
         try:
             state = self._state(item.model)
-            unedited = self._baseline(state)["mean"]
-            verdict = self._sequential_edits(state, item, ppls)
+            corpus_given = self.plan.model(item.model).sequential_ppl_corpus
+            corpus = self._corpus(corpus_given)
+            corpus_name, corpus_sha = corpus.name, corpus.sha256
+            unedited = self._corpus_baseline(state, corpus_given)["mean"]
+            verdict = self._sequential_edits(state, item, corpus, progress)
         except Exception as err:
-            log.warning("%s: the sequential run stopped after %d edits: %s: %s", item.test_id, len(ppls),
-                        type(err).__name__, err)
+            log.warning("%s: the sequential run stopped after %d edits: %s: %s", item.test_id,
+                        len(progress.efficacy_after_edit), type(err).__name__, err)
             error = err
         violations = verdict.violations if error is None else (
-            f"error after {len(ppls)} of {len(cases)} edits: {type(error).__name__}: {error}",)
+            f"error after {len(progress.efficacy_after_edit)} of {n_edits} edits: {type(error).__name__}: {error}",)
         outcome = "error" if error is not None else ("passed" if verdict.certified else "failed")
+        steps = tuple(progress.steps)
         record = SequentialRecord(
             test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set,
-            n_edits=len(cases), ppl_after_each=tuple(ppls), ppl_unedited=unedited,
+            n_edits=n_edits, ppl_after_each=tuple(progress.ppls), ppl_unedited=unedited,
             certified=error is None and verdict.certified, collapse=verdict.collapse, violations=violations,
             outcome=outcome, duration_s=time.perf_counter() - started, worker=self.options.worker,
-            device=self._device_of(item.model),
+            device=self._device_of(item.model), steps=steps,
+            norm_ratios={name: tuple(values) for name, values in progress.norm_ratios.items()},
+            collapse_step=first_crossing(steps, progress.ppls, self.options.bounds.collapse_ppl),
+            ppl_corpus=corpus_name, ppl_corpus_sha256=corpus_sha,
+            efficacy_after_edit=tuple(progress.efficacy_after_edit), efficacy_at_end=tuple(progress.efficacy_at_end),
         )
         return RunOutcome(record.to_dict(), self.meta(item), violations, error)
 
@@ -424,30 +443,55 @@ class ModelHub(ModelPool):
             members.append((case, member, judge(self.options.bounds, member, denominator_floor=floor)))
         return batch_metrics, members
 
-    def _sequential_edits(self, state: ModelState, item: PlanItem, ppls: list[float]) -> Verdict:
+    def _sequential_edits(self, state: ModelState, item: PlanItem, corpus: Any, progress: _SequentialProgress
+                          ) -> Verdict:
+        import torch
+
         from editors.base import EditRequest
         from editors.restore import RestoreError, edit_session
+        from pytest_editsafety.metrics import rewrite_efficacy
 
         loaded = state.loaded
         model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
         editor = self._editor(state, item.editor)
-        baseline = self._baseline(state)["mean"]
-        cases = self._tagged(item.model, item.case_set).cases
+        baseline = self._corpus_baseline(state, self.plan.model(item.model).sequential_ppl_corpus)["mean"]
+        n_edits = len(self.plan.sequential_cases(item))
+        cases = self._tagged(item.model, item.case_set).cases[:n_edits]
+        every = self.options.sequential_every or default_every(self.plan.model(item.model).organism)
+        steps = set(measurement_steps(n_edits, every))
         for case in cases:  # before the first edit, not midway through the sequence
             check_fits_context(loaded, case, state.provided[item.editor].context_templates or ("{}",))
+        touched = editor.parameters_touched(model, family)
+        parameters = dict(model.named_parameters())
+
+        def frobenius(name: str) -> float:
+            with torch.no_grad():  # float64: a bfloat16 norm of a large matrix loses the growth being measured
+                return float(torch.linalg.vector_norm(parameters[name].detach().double()))
+
+        unedited_norms = {name: frobenius(name) for name in touched}
+        prefixes: list[str | None] = []
         try:
             # the editor names the same parameters whatever the request, so one snapshot covers every edit (and
             # the whole-model check runs once, after the restore at the end)
-            with edit_session(model, editor.parameters_touched(model, family), reference=state.reference,
-                              editor=item.editor):
-                for case in cases:
-                    editor.apply(model, tokenizer, family, [EditRequest(case.subject, case.prompt, case.target_new)])
-                    ppls.append(self._perplexity(state)["mean"])
+            with edit_session(model, touched, reference=state.reference, editor=item.editor):
+                for index, case in enumerate(cases, start=1):
+                    outcome = editor.apply(model, tokenizer, family,
+                                           [EditRequest(case.subject, case.prompt, case.target_new)])
+                    # a hard case is asked behind the editor's test-time prefix (C-ROME + prefix), as single edits are
+                    prefixes.append(outcome.test_prefix if case.is_hard else None)
+                    progress.efficacy_after_edit.extend(rewrite_efficacy(model, tokenizer, [case], prefixes[-1:]))
+                    if index in steps:
+                        progress.ppls.append(self._perplexity(state, corpus)["mean"])
+                        for name in touched:
+                            progress.norm_ratios.setdefault(name, []).append(
+                                _ratio(frobenius(name), unedited_norms[name]))
+                        progress.steps.append(index)
+                progress.efficacy_at_end.extend(rewrite_efficacy(model, tokenizer, cases, prefixes))
         except RestoreError:
             self._evict(item.model)
             raise
         bounds = dataclasses.replace(self.options.bounds, min_efficacy=0.0, min_generalization=0.0, min_locality=0.0)
-        metrics = {"ppl_ratio": _ratio(ppls[-1], baseline), "ppl_edited": _worst(ppls)}
+        metrics = {"ppl_ratio": _ratio(progress.ppls[-1], baseline), "ppl_edited": _worst(progress.ppls)}
         return judge(bounds, metrics, denominator_floor=None)
 
     # ---- per-model caches ------------------------------------------------------------------------
@@ -459,11 +503,13 @@ class ModelHub(ModelPool):
             self._corpora[name] = resolve_corpus(name)
         return self._corpora[name]
 
-    def _perplexity(self, state: ModelState) -> dict[str, float]:
+    def _perplexity(self, state: ModelState, corpus: Any = None) -> dict[str, float]:
+        """Perplexity on ``corpus``, by default the model's single-edit corpus (``state.corpus``)."""
         from pytest_editsafety.perplexity import perplexity
 
         loaded = state.loaded
-        result = perplexity(loaded.model, loaded.tokenizer, state.corpus.texts, batch_size=self.options.ppl_batch_size)
+        texts = (corpus if corpus is not None else state.corpus).texts
+        result = perplexity(loaded.model, loaded.tokenizer, texts, batch_size=self.options.ppl_batch_size)
         return {"mean": result.mean_ppl, "corpus": result.corpus_ppl, "median": result.median_ppl, "max": result.max_ppl}
 
     def _baseline(self, state: ModelState) -> dict[str, float]:
@@ -473,6 +519,18 @@ class ModelHub(ModelPool):
             state.baseline = self._perplexity(state)
             log.info("model %s: unedited mean ppl %.4g on %s", slug, state.baseline["mean"], state.corpus.name)
         return state.baseline
+
+    def _corpus_baseline(self, state: ModelState, name: str) -> dict[str, float]:
+        """The unedited model's perplexity on corpus ``name``: the single-edit baseline when it is that corpus, else
+        measured on its own (so a run of sequential tests alone never needs the single-edit corpus, ME-PPL_50)."""
+        if name == self.plan.model(state.slug).ppl_corpus:
+            return self._baseline(state)
+        if name not in state.other_baselines:
+            corpus = self._corpus(name)
+            state.other_baselines[name] = self._perplexity(state, corpus)
+            log.info("model %s: unedited mean ppl %.4g on %s", state.slug, state.other_baselines[name]["mean"],
+                     corpus.name)
+        return state.other_baselines[name]
 
     def _tagged(self, slug: str, set_slug: str) -> CaseSet:
         """A planned case set with hardness set for this model's tokenizer."""
@@ -609,8 +667,7 @@ class BatchSizeError(ValueError):
 
 
 def _perplexity_only(bounds: Bounds) -> Bounds:
-    """``bounds`` with only the perplexity ratio and the collapse line left to hold (a batch's own bound; a
-    sequential run's too)."""
+    """``bounds`` with only the perplexity ratio and the collapse line left to hold: a batch's own bound."""
     return dataclasses.replace(bounds, min_efficacy=0.0, min_generalization=0.0, min_locality=0.0)
 
 
@@ -626,6 +683,17 @@ def _perplexity_metrics(baseline: Mapping[str, float], edited: Mapping[str, floa
         "ppl_median_edited": edited["median"],
         "ppl_max_edited": edited["max"],
     }
+
+
+@dataclass
+class _SequentialProgress:
+    """What a sequential run has measured so far, kept when it stops on an error (plain numbers, one worker)."""
+
+    steps: list[int] = field(default_factory=list)
+    ppls: list[float] = field(default_factory=list)
+    norm_ratios: dict[str, list[float]] = field(default_factory=dict)
+    efficacy_after_edit: list[float] = field(default_factory=list)
+    efficacy_at_end: list[float] = field(default_factory=list)
 
 
 # metric names the harness owns: an editor's diagnostic of the same name is dropped, never mistaken for them

@@ -108,6 +108,21 @@ def edit_metrics(model, tokenizer, case: EditCase, before: Probe, *, test_prefix
     }
 
 
+def rewrite_efficacy(model, tokenizer, cases: Sequence[EditCase],
+                     prefixes: Sequence[str | None] | None = None) -> list[float]:
+    """Each case's CounterFact efficacy (1.0 when P(o*) > P(o) on its rewrite prompt, else 0.0), exactly as
+    ``edit_metrics`` scores it, for many cases in one batched pass; ``prefixes`` are their test-time prefixes."""
+    prefixes = list(prefixes) if prefixes is not None else [None] * len(cases)
+    if len(prefixes) != len(cases):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(cases)} cases")
+    pairs: list[Continuation] = []
+    for case, prefix in zip(cases, prefixes):
+        prompt = with_prefix(case.rewrite_prompt, prefix)
+        pairs += [Continuation(prompt, case.target_new), Continuation(prompt, case.ground_truth)]
+    scores = answer_scores(model, tokenizer, pairs)
+    return [float(scores[2 * i][0] > scores[2 * i + 1][0]) for i in range(len(cases))]
+
+
 def _token_accuracy(predicted: Sequence[int], expected: Sequence[int]) -> float:
     if not expected:
         return float("nan")

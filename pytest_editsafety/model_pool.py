@@ -41,6 +41,8 @@ class ModelState:
     reference: Any = None
     baseline: dict[str, float] | None = None
     corpus: Any = None
+    # the unedited perplexity on other corpora than ``corpus`` (sequential runs' ME-PPL_1k), by the name the plan gives
+    other_baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     identity: str = ""
     # under the BOS-stripped protocol, what it did to this model (bos.STRIPPED or bos.NOTHING_TO_STRIP); "" without it
     bos_protocol: str = ""

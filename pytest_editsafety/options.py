@@ -112,6 +112,12 @@ OPTIONS: tuple[_Option, ...] = (
             "editor's batch tests error, naming it (default 1: one test per case)", "int", _positive_int, "K"),
     _Option(SELECTION, "--editsafety-sequential", "sequential", "also run sequential editing per (editor, model, "
             "case set): the cases applied in order without restoring", "bool"),
+    _Option(SELECTION, "--editsafety-sequential-edits", "sequential_edits", "edits per sequential run, the case "
+            "set's first N in file order (default the papers' 107, or the whole set where it holds fewer); more than "
+            "a set holds is an error", "int", _positive_int, "N"),
+    _Option(SELECTION, "--editsafety-sequential-every", "sequential_every", "measure a sequential run's perplexity "
+            "and edited-weight norms after every K-th edit, and always after the last (default 1 on the model "
+            "organisms, 10 otherwise)", "int", _positive_int, "K"),
     _Option(BOUNDS, "--editsafety-max-ppl-ratio", "max_ppl_ratio", f"largest edited/unedited perplexity ratio "
             f"(default {_BOUNDS.max_ppl_ratio}; collapsed edits in the papers are >= 15x)", "float",
             _bound("max_ppl_ratio"), "X"),
@@ -148,6 +154,9 @@ OPTIONS: tuple[_Option, ...] = (
             metavar="EDITOR=FILE"),
     _Option(LOADING, "--editsafety-ppl-corpus", "ppl_corpus", "perplexity corpus: a built-in name or an ME-PPL "
             "JSON file (default organism-ppl for the model organisms, me-ppl-50 otherwise)", metavar="NAME|PATH"),
+    _Option(LOADING, "--editsafety-sequential-ppl-corpus", "sequential_ppl_corpus", "perplexity corpus of "
+            "sequential runs: a built-in name or an ME-PPL JSON file (default the papers' me-ppl-1k; a model organism's "
+            "own perplexity corpus, --editsafety-ppl-corpus's or organism-ppl)", metavar="NAME|PATH"),
     _Option(LOADING, "--editsafety-stats-corpus", "stats_corpus", "corpus for the second-moment statistics of "
             "editors with mom2_adjustment: a built-in name, an ME-PPL JSON file, a .txt file (one text per line) or a "
             "directory written by datasets' save_to_disk (default organism-heldout for the model organisms, "
@@ -209,6 +218,11 @@ class Settings:
     strip_bos: bool = False
     # --editsafety-batch-size: cases per batch test; 1 = one test per case
     batch_size: int = 1
+    # --editsafety-sequential-edits, -every and -ppl-corpus: the sequential protocol (pytest_editsafety.sequential);
+    # None: its defaults (107 edits or the whole set, every edit on organisms and every 10th otherwise, ME-PPL_1k)
+    sequential_edits: int | None = None
+    sequential_every: int | None = None
+    sequential_ppl_corpus: str | None = None
 
 
 Given = dict[str, tuple[Any, str] | None]  # option name -> (value, where it was set), None when unset
@@ -296,7 +310,7 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
     if stats_dir is not None and not stats_dir.is_dir():
         raise pytest.UsageError(f"{origin(given, 'stats_dir')}: {stats_dir} is not a directory")
     corpora: dict[str, str | None] = {}
-    for name in ("ppl_corpus", "stats_corpus"):
+    for name in ("ppl_corpus", "stats_corpus", "sequential_ppl_corpus"):
         corpora[name] = None if given[name] is None else _corpus(config, str(given[name][0]), given[name][1])
         if corpora[name] is not None:
             _validate_corpus(corpora[name], origin(given, name), str(given[name][0]))
@@ -329,6 +343,9 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
         restore_check=value("restore_check", "full"),
         strip_bos=bool(value("strip_bos", False)),
         batch_size=value("batch_size", 1),
+        sequential_edits=value("sequential_edits"),
+        sequential_every=value("sequential_every"),
+        sequential_ppl_corpus=corpora["sequential_ppl_corpus"],
     )
 
 
@@ -427,7 +444,9 @@ def plan_for(settings: Settings, given: Given) -> Any:
 
     try:
         return build_plan(settings.editors, settings.models, settings.cases, ppl_corpus=settings.ppl_corpus,
-                          limit=settings.limit, sequential=settings.sequential, batch_size=settings.batch_size)
+                          limit=settings.limit, sequential=settings.sequential,
+                          sequential_edits=settings.sequential_edits,
+                          sequential_ppl_corpus=settings.sequential_ppl_corpus, batch_size=settings.batch_size)
     except PlanError as err:
         raise pytest.UsageError(str(err)) from None
     except CaseValidationError as err:

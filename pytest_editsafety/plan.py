@@ -1,9 +1,10 @@
 """The plan: what a certification run runs, as plain data (no torch, no pytest).
 
 The selected editors × models × case sets become ``PlanItem``s with stable ids (``rome-tiny-gpt2-hard-0007``;
-sequential runs ``rome-tiny-gpt2-seq-hard``; with a batch size K, batches ``memit-tiny-gpt2-normal-k8-batch-003``),
-built the same way on the controller and on every xdist worker from the options alone: nothing random, timed or
-device-dependent. The plugin validates options and collects with it without loading a model.
+sequential runs ``rome-tiny-gpt2-seq-hard``, ``rome-tiny-gpt2-seq10-hard`` for 10 edits; with a batch size K,
+batches ``memit-tiny-gpt2-normal-k8-batch-003``), built the same way on the controller and on every xdist worker
+from the options alone: nothing random, timed or device-dependent. The plugin validates options and collects
+with it without loading a model.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from editors.storage import slugify
 from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
 from pytest_editsafety.organisms import is_organism
 from pytest_editsafety.registry import ModelSpec, resolve_model
+from pytest_editsafety.sequential import REAL_SEQUENTIAL_CORPUS, sequential_length
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ class ModelChoice:
     stats_corpus: str  # the default sample for C (--stats-corpus overrides it)
     # the case set whose normal cases give the reference denominator (organism or real-text cases)
     reference_set: str
+    # the corpus sequential runs are scored on: the papers' ME-PPL_1k for real models, an organism's ppl_corpus
+    sequential_ppl_corpus: str
 
 
 def case_set_sha256(cases: Sequence[EditCase]) -> str:
@@ -141,6 +145,7 @@ class Plan:
     case_sets: tuple[SelectedCaseSet, ...]
     items: tuple[PlanItem, ...]
     limit: int | None = None  # --editsafety-limit
+    sequential_edits: int | None = None  # --editsafety-sequential-edits; None: sequential.sequential_length's default
     # lookups the controller makes once per test report: kept as indexes, not scans
     _items_by_id: Mapping[str, PlanItem] = field(init=False, repr=False, compare=False)
     _cases: Mapping[tuple[str, str], EditCase] = field(init=False, repr=False, compare=False)
@@ -169,6 +174,10 @@ class Plan:
     def members(self, item: PlanItem) -> tuple[EditCase, ...]:
         """A batch's member cases, in order."""
         return tuple(self._cases[(item.case_set, case_id)] for case_id in item.case_ids)
+    def sequential_cases(self, item: PlanItem) -> tuple[EditCase, ...]:
+        """The edits of a sequential run, in the case file's order: its set's first ``sequential_length`` cases."""
+        cases = self.case_set(item.case_set).case_set.cases
+        return tuple(cases[:sequential_length(self.sequential_edits, len(cases))])
 
     def item(self, test_id: str) -> PlanItem | None:
         return self._items_by_id.get(test_id)
@@ -218,12 +227,16 @@ def build_plan(
     limit: int | None = None,
     sequential: bool = False,
     batch_size: int = 1,
+    sequential_edits: int | None = None,
+    sequential_ppl_corpus: str | None = None,
     resolve: Callable[[str], CaseSet] = resolve_cases,
 ) -> Plan:
     """The run's items, model-major (a worker finishes one model before the next), then editor, case set
     and the case file's order. A model is a name or an already resolved ``ModelSpec``, a case set a name, a file
-    or a ``CaseSet`` in hand. A ``batch_size`` above 1 makes each case set's cases, in order, into batches of that
-    many (the last may be smaller), one test per batch, instead of one test per case. Raises
+    or a ``CaseSet`` in hand. A sequential run makes ``sequential_edits`` edits (default: the papers' 107, or the
+    whole set where it holds fewer), scored on ``sequential_ppl_corpus`` (default ME-PPL_1k, an organism's own
+    perplexity corpus for organisms). A ``batch_size`` above 1 makes each case set's cases, in order, into batches
+    of that many (the last may be smaller), one test per batch, instead of one test per case. Raises
     ``UnknownModelError``/``CaseValidationError`` from the resolvers and ``PlanError`` for an empty selection;
     editors are validated by the caller (the registry)."""
     editors = _dedupe([e for e in editors if e])
@@ -235,6 +248,9 @@ def build_plan(
         raise PlanError(f"--editsafety-limit must be at least 1, got {limit}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PlanError(f"--editsafety-batch-size must be an integer >= 1, got {batch_size!r}")
+    if sequential_edits is not None and (isinstance(sequential_edits, bool) or not isinstance(sequential_edits, int)
+                                         or sequential_edits < 1):
+        raise PlanError(f"--editsafety-sequential-edits must be an integer >= 1, got {sequential_edits!r}")
     for what, values in (("editor", editors), ("model", models), ("case set", case_sets)):
         if not values:
             raise PlanError(f"empty selection: no {what} selected")
@@ -254,11 +270,13 @@ def build_plan(
     choices = []
     for given, spec, slug in zip(models, specs, model_slugs):
         organism = is_organism(spec)
+        model_corpus = ppl_corpus or (ORGANISM_CORPUS if organism else REAL_CORPUS)
         choices.append(ModelChoice(
             given=given, slug=slug, spec=spec, organism=organism,
-            ppl_corpus=ppl_corpus or (ORGANISM_CORPUS if organism else REAL_CORPUS),
+            ppl_corpus=model_corpus,
             stats_corpus=ORGANISM_STATS_CORPUS if organism else REAL_STATS_CORPUS,
             reference_set=ORGANISM_REFERENCE_SET if organism else REAL_REFERENCE_SET,
+            sequential_ppl_corpus=sequential_ppl_corpus or (model_corpus if organism else REAL_SEQUENTIAL_CORPUS),
         ))
 
     loaded = [in_hand[c] if c in in_hand else resolve(c) for c in case_sets]
@@ -270,6 +288,12 @@ def build_plan(
             raise PlanError(f"empty selection: case set {given!r} ({case_set.source}) holds no cases")
         selected.append(SelectedCaseSet(given=given, slug=slug, case_set=case_set.with_cases(cases),
                                         n_cases=len(case_set.cases), sha256=case_set_sha256(case_set.cases)))
+        if sequential:
+            try:
+                sequential_length(sequential_edits, len(cases))
+            except ValueError as err:
+                narrowed = ", as --editsafety-limit narrows it" if len(cases) < len(case_set.cases) else ""
+                raise PlanError(f"{err} (case set {given!r}{narrowed})") from None
 
     items: list[PlanItem] = []
     for choice in choices:
@@ -288,13 +312,21 @@ def build_plan(
                     items.append(PlanItem(f"{prefix}-{part}", "case", editor, choice.slug, chosen.slug, case.case_id))
             if sequential:
                 for chosen in selected:
-                    items.append(PlanItem(f"{prefix}-{SEQUENTIAL_TAG}-{chosen.slug}", "sequential", editor,
-                                          choice.slug, chosen.slug))
+                    items.append(PlanItem(f"{prefix}-{_sequential_tag(sequential_edits, chosen)}-{chosen.slug}",
+                                          "sequential", editor, choice.slug, chosen.slug))
     counts = Counter(item.test_id for item in items)
     duplicates = sorted(test_id for test_id, n in counts.items() if n > 1)
     if duplicates:  # only reachable with hostile names; refuse rather than merge two tests' records
         raise PlanError(f"test ids collide: {', '.join(duplicates[:5])}")
-    return Plan(tuple(editors), tuple(choices), tuple(selected), tuple(items), limit)
+    return Plan(tuple(editors), tuple(choices), tuple(selected), tuple(items), limit, sequential_edits)
+
+
+def _sequential_tag(requested: int | None, chosen: SelectedCaseSet) -> str:
+    """``seq`` for a sequential run of the default length, ``seq10`` for one of 10 edits otherwise: the length is in
+    the test id, so the plan's hash tells runs of different lengths apart and a baseline never compares them."""
+    n_cases = len(chosen.case_set.cases)
+    length = sequential_length(requested, n_cases)
+    return SEQUENTIAL_TAG if length == sequential_length(None, n_cases) else f"{SEQUENTIAL_TAG}{length}"
 
 
 def _batches(prefix: str, model: str, editor: str, chosen: SelectedCaseSet, parts: Sequence[str], size: int
@@ -350,7 +382,7 @@ def error_record(plan: Plan, item: PlanItem, message: str, *, duration_s: float 
             outcome="error", duration_s=duration_s, worker=worker, device=device,
         ).to_dict()
     if item.kind == "sequential":
-        n_edits = len(plan.case_set(item.case_set).case_set.cases)
+        n_edits = len(plan.sequential_cases(item))
         return SequentialRecord(
             test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set, n_edits=n_edits,
             ppl_after_each=(), ppl_unedited=math.nan, certified=False, collapse=False, violations=violations,

@@ -258,6 +258,7 @@ def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
         cache_root=str(settings.cache_root) if settings.cache_root else None,
         restore_check=settings.restore_check,
         strip_bos=settings.strip_bos,
+        sequential_every=settings.sequential_every,
         # "gw0"... on an xdist worker: each record says which worker measured it
         worker=str(pytestconfig.workerinput["workerid"]) if hasattr(pytestconfig, "workerinput") else MAIN_WORKER,
     )

@@ -371,6 +371,14 @@ def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pyt
     (["--cases={broken}"], "broken_cases.json"),
     (["--cases={empty}"], "empty_cases.json"),
     (["--editsafety-limit=0"], "at least 1"),
+    (["--editsafety-sequential", "--editsafety-sequential-edits=0"], "--editsafety-sequential-edits: must be at least 1"),
+    # more edits than the set holds: named with the set, and the limit when it is what narrows the set
+    (["--editsafety-sequential", "--cases=hard", "--editsafety-sequential-edits=49"],
+     "--editsafety-sequential-edits 49 exceeds the 48 cases of the set (case set 'hard')"),
+    (["--editsafety-sequential", "--cases=hard", "--editsafety-limit=5", "--editsafety-sequential-edits=6"],
+     "exceeds the 5 cases of the set (case set 'hard', as --editsafety-limit narrows it)"),
+    (["--editsafety-sequential-every=often"], "--editsafety-sequential-every: expected an integer"),
+    (["--editsafety-sequential-ppl-corpus=no-such-corpus"], "--editsafety-sequential-ppl-corpus"),
     (["--editsafety-max-ppl-ratio=lots"], "max_ppl_ratio"),
     (["--editsafety-ppl-corpus=no-such-corpus"], "no-such-corpus"),
     # the option that named the bad corpus, not its twin

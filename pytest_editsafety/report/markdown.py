@@ -462,21 +462,34 @@ def _batch_section(result: RunResult) -> list[str]:
 def _sequential_section(result: RunResult, plot_links: Mapping[str, str], plot_note: str | None) -> list[str]:
     if not result.sequential:
         return []
+    # the papers' protocol's columns, for records that carry its curves (files written before it have none)
+    protocol = any(r.steps for r in result.sequential)
     rows = []
     for r in result.sequential:
         final = r.ppl_after_each[-1] if r.ppl_after_each else None
         worst = r.max_ppl
         ratio = worst / r.ppl_unedited if worst is not None and r.ppl_unedited > 0 else None
-        rows.append(
-            [escape_md(r.editor), escape_md(r.model), escape_md(r.case_set),
-             f"{len(r.ppl_after_each)}/{r.n_edits}", _num(r.ppl_unedited), _num(final), _num(worst),
-             _ratio(ratio), _verdict_cell(r)]
-        )
-    headers = ["editor", "model", "case set", "edits measured", "unedited ppl", "final ppl", "max ppl",
-               "max ratio", "verdict"]
-    lines = ["## Sequential editing", "", _table(headers, rows), ""]
-    for key, link in plot_links.items():
-        lines += [f"![{escape_md(key)}]({link})", ""]
+        row = [escape_md(r.editor), escape_md(r.model), escape_md(r.case_set),
+               f"{len(r.ppl_after_each)}/{r.n_edits}", _num(r.ppl_unedited), _num(final), _num(worst), _ratio(ratio)]
+        if protocol:
+            norms = r.max_norm_ratios
+            crossing = DASH if not r.steps else ("never" if r.collapse_step is None else str(r.collapse_step))
+            retained = DASH if r.edits_retained is None else f"{r.edits_retained}/{r.n_edits}"
+            row += [escape_md(r.ppl_corpus) or DASH, crossing, _ratio(norms[-1]) if norms else DASH, retained]
+        rows.append(row + [_verdict_cell(r)])
+    headers = ["editor", "model", "case set", "edits measured", "unedited ppl", "final ppl", "max ppl", "max ratio"]
+    if protocol:
+        headers[3] = "measurements/edits"
+        headers += ["corpus", "collapse at edit", "final norm ratio", "retained"]
+    lines = ["## Sequential editing", "", _table(headers + ["verdict"], rows), ""]
+    if protocol:
+        lines += ["Collapse at edit: the first measured edit after which perplexity is above the collapse line "
+                  f"({_num(result.metadata.parsed_bounds.collapse_ppl)}). Final norm ratio: the largest ‖W‖/‖W₀‖ "
+                  "over the edited weights after the last edit. Retained: edits whose efficacy still holds after the "
+                  "last edit.", ""]
+    for caption, link in plot_links.items():
+        title = caption.split(":", 1)[0]  # a figure's caption opens with its title
+        lines += [f"![{escape_md(title)}]({link})", "", f"_{escape_md(caption)}_", ""]
     if plot_note:
         lines += [f"_{plot_note}_", ""]
     return lines[:-1]

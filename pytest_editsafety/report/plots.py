@@ -1,5 +1,5 @@
 """The report's figures, drawn with matplotlib when it is installed (the ``plots`` extra): sequential-editing
-plots, one PNG per (editor, model, case set), and the papers' perplexity ratio against the denominator, one PNG
+figures, one PNG per (model, case set) with every editor on it (``sequential_figure``), and the papers' perplexity ratio against the denominator, one PNG
 per (editor, model) with a denominator (``denominator_figure``).
 
 PNGs are reproducible: a fixed size and dpi, the Agg canvas, and no "Software" entry in their metadata."""
@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import math
 import os
 import re
 from pathlib import Path
@@ -17,10 +16,11 @@ from typing import Any
 from urllib.parse import quote
 
 from editors.storage import atomic_write_bytes
-from pytest_editsafety.bounds import format_number
 from pytest_editsafety.report.denominator_figure import DenominatorFigure, denominator_figures, draw
 from pytest_editsafety.report.markdown import FigureLink
-from pytest_editsafety.results import RunResult, SequentialRecord
+from pytest_editsafety.report.sequential_figure import draw as draw_sequential
+from pytest_editsafety.report.sequential_figure import sequential_figures
+from pytest_editsafety.results import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def _png(fig: Any) -> bytes:
 
 
 def write_sequential_plots(result: RunResult, plots_dir: str | os.PathLike[str]) -> tuple[dict[str, Path], str | None]:
-    """One PNG per (editor, model, case set): ppl after each edit, log y, the unedited ppl dashed.
+    """One PNG per (model, case set) with every editor's run on it (``sequential_figure``): perplexity after
+    each measured edit with the collapse line, above the edited weights' norm growth.
 
     Returns ``({caption: path}, note)``; without matplotlib nothing is written and the note says why.
     """
@@ -68,38 +69,15 @@ def write_sequential_plots(result: RunResult, plots_dir: str | os.PathLike[str])
         Figure, FigureCanvasAgg = _load_matplotlib()
     except ImportError:
         return {}, f"Sequential plots skipped: {MATPLOTLIB_MISSING}."
-    collapse_line = result.metadata.parsed_bounds.collapse_ppl
-    triples: dict[tuple[str, str, str], list[SequentialRecord]] = {}
-    for r in result.sequential:
-        triples.setdefault((r.editor, r.model, r.case_set), []).append(r)
     written: dict[str, Path] = {}
-    out_dir = Path(plots_dir)
-    for (editor, model, case_set), records in triples.items():
-        fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    for data in sequential_figures(result):
+        fig = Figure(figsize=(6.4, 5.6), dpi=100)
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        dropped = False
-        for r in records:
-            ys = [v if math.isfinite(v) and v > 0 else math.nan for v in r.ppl_after_each]
-            dropped |= any(math.isnan(v) for v in ys)
-            label = r.test_id if len(records) > 1 else "after each edit"
-            ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, linewidth=1.2, label=label)
-        unedited = records[0].ppl_unedited
-        if math.isfinite(unedited) and unedited > 0:
-            ax.axhline(unedited, linestyle="--", color="0.4", linewidth=1, label=f"unedited ({format_number(unedited)})")
-        if math.isfinite(collapse_line):
-            ax.axhline(collapse_line, linestyle=":", color="tab:red", linewidth=1, label="collapse line")
-        ax.set_yscale("log")
-        ax.set_xlabel("edits applied")
-        ax.set_ylabel("perplexity (mean per sentence)")
-        title = f"{editor} on {model}, {case_set}"
-        ax.set_title(title + (" (non-finite values not drawn)" if dropped else ""), fontsize=10)
-        ax.legend(fontsize=8, loc="best")
-        path = out_dir / _plot_filename("sequential", editor, model, case_set)
+        draw_sequential(data, fig)
+        path = Path(plots_dir) / _plot_filename("sequential", data.model, data.case_set)
         atomic_write_bytes(path, _png(fig))
-        written[title] = path
+        written[data.caption] = path
     return written, None
-
 
 
 def report_plots(

@@ -171,13 +171,19 @@ class CaseRecord(Record):
 
 @dataclass(frozen=True)
 class SequentialRecord(Record):
-    """One sequential-editing test: cases applied in order without restoring, ppl measured after each."""
+    """One sequential-editing test: cases applied in order without restoring, measured as it goes.
+
+    The curves are plain lists over the run's measurement points (``steps``: edits applied, every k-th and the
+    last, ``pytest_editsafety.sequential``): perplexity on the run's corpus, and for each edited parameter its
+    Frobenius norm over its unedited norm. Files written before the papers' protocol have one perplexity per edit
+    and none of the optional fields; ``measured_steps`` reads both."""
 
     test_id: str
     editor: str
     model: str
     case_set: str
     n_edits: int
+    # perplexity at each measurement point (``measured_steps``): after every edit in files that have no ``steps``
     ppl_after_each: tuple[float, ...]
     ppl_unedited: float
     certified: bool
@@ -188,6 +194,21 @@ class SequentialRecord(Record):
     # as in CaseRecord
     worker: str | None = None
     device: str | None = None
+    # The papers' protocol (optional: absent from files written before it). Edits applied at each measurement
+    # point, increasing; the last is n_edits unless the run stopped on an error.
+    steps: tuple[int, ...] = field(default=(), metadata={OPTIONAL: True})
+    # edited parameter -> ||W_step||_F / ||W_unedited||_F at each step (norm growth: sequential collapse follows
+    # exponential growth of the edited weights' norm)
+    norm_ratios: Mapping[str, tuple[float, ...]] = field(default_factory=dict, metadata={OPTIONAL: True})
+    # the first step whose perplexity is above the collapse line (or not finite); absent when it never crosses
+    collapse_step: int | None = field(default=None, metadata={OPTIONAL: True})
+    # the corpus the curve is scored on (ME-PPL_1k for real models) and its content hash
+    ppl_corpus: str = field(default="", metadata={OPTIONAL: True})
+    ppl_corpus_sha256: str = field(default="", metadata={OPTIONAL: True})
+    # each edit's efficacy (CounterFact: P(o*) > P(o) on its rewrite prompt, 1.0 or 0.0) right after it was made,
+    # and re-measured after the last edit (retention: whether the later edits left it standing)
+    efficacy_after_edit: tuple[float, ...] = field(default=(), metadata={OPTIONAL: True})
+    efficacy_at_end: tuple[float, ...] = field(default=(), metadata={OPTIONAL: True})
 
     def _validate(self) -> None:
         _check_test(self, "run")
@@ -196,6 +217,25 @@ class SequentialRecord(Record):
             raise RecordError(
                 "ppl_after_each", f"{len(self.ppl_after_each)} measurements for {self.n_edits} edits"
             )
+        if self.steps:
+            if len(self.steps) != len(self.ppl_after_each):
+                raise RecordError("steps", f"{len(self.steps)} steps for {len(self.ppl_after_each)} perplexities")
+            if any(b <= a for a, b in zip(self.steps, self.steps[1:])) or self.steps[0] < 1 \
+                    or self.steps[-1] > self.n_edits:
+                raise RecordError("steps", f"must increase within 1..{self.n_edits}, got {list(self.steps)}")
+            if self.outcome != "error" and self.steps[-1] != self.n_edits:
+                raise RecordError("steps", f"a finished run's last measurement is after edit {self.n_edits}, not "
+                                           f"{self.steps[-1]}")
+        for name, ratios in self.norm_ratios.items():
+            if len(ratios) != len(self.steps):
+                raise RecordError(f"norm_ratios.{name}", f"{len(ratios)} values for {len(self.steps)} steps")
+        if self.collapse_step is not None and self.collapse_step not in self.steps:
+            raise RecordError("collapse_step", f"{self.collapse_step} is not a measured step")
+        if len(self.efficacy_after_edit) > self.n_edits:
+            raise RecordError("efficacy_after_edit", f"{len(self.efficacy_after_edit)} values for {self.n_edits} "
+                                                     f"edits")
+        if self.efficacy_at_end and len(self.efficacy_at_end) != self.n_edits:
+            raise RecordError("efficacy_at_end", f"{len(self.efficacy_at_end)} values for {self.n_edits} edits")
 
     @property
     def ok(self) -> bool:
@@ -204,6 +244,28 @@ class SequentialRecord(Record):
     @property
     def max_ppl(self) -> float | None:
         return worst(self.ppl_after_each)
+
+    @property
+    def measured_steps(self) -> tuple[int, ...]:
+        """The edits applied at each perplexity measurement (every edit in files written before ``steps``)."""
+        return self.steps or tuple(range(1, len(self.ppl_after_each) + 1))
+
+    @property
+    def max_norm_ratios(self) -> tuple[float, ...]:
+        """At each step, the largest norm ratio over the edited parameters (empty without norm curves)."""
+        if not self.norm_ratios:
+            return ()
+        return tuple(max(values) for values in zip(*self.norm_ratios.values()))
+
+    @property
+    def edits_took(self) -> int | None:
+        """Edits whose efficacy held right after they were made (None when not measured)."""
+        return sum(v >= 0.5 for v in self.efficacy_after_edit) if self.efficacy_after_edit else None
+
+    @property
+    def edits_retained(self) -> int | None:
+        """Edits whose efficacy still holds after the last edit (None when not measured)."""
+        return sum(v >= 0.5 for v in self.efficacy_at_end) if self.efficacy_at_end else None
 
 
 @dataclass(frozen=True)
