@@ -29,7 +29,6 @@ from tests.test_plugin import (  # noqa: F401  (fixtures, used by name)
     isolated,
     one_torch_thread,
     run_args,
-    two_cases,
     write_cases,
 )
 
