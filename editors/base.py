@@ -12,7 +12,9 @@ An editor is set up once per loaded model and then edits it many times:
    the parameters named by ``parameters_touched``.
 
 Optional reports have defaults in :class:`EditorBase`, so a third-party editor that subclasses it implements
-only what it has: ``denominator(...)`` (the rank-one update's ``|uᵀk|``, from keys alone; the certification's
+only what it has: ``max_requests_per_apply`` (how many requests one ``apply`` call takes: 1 by default, None for
+no limit; batch certification reads it), ``denominator(...)`` (the rank-one update's ``|uᵀk|``, from keys alone;
+the certification's
 denominator floor, case mining and pre-flight checks read it; None when the method has no such quantity) and
 ``provenance()`` (which trained artefact edits, for the certificate). Nothing here imports torch.
 """
@@ -36,6 +38,7 @@ __all__ = [
     "TrainedNetworkNeed",
     "TrainingCase",
     "TrainingJob",
+    "max_requests_per_apply",
 ]
 
 
@@ -186,13 +189,17 @@ class Editor(Protocol):
 
 
 class EditorBase:
-    """Defaults for the optional parts of :class:`Editor`: no needs, ``setup`` keeps what it is given, no
-    denominator, no provenance. Subclasses set ``name`` and ``hparams`` and implement ``parameters_touched``
-    and ``apply``."""
+    """Defaults for the optional parts of :class:`Editor`: no needs, ``setup`` keeps what it is given, one
+    request per ``apply``, no denominator, no provenance. Subclasses set ``name`` and ``hparams`` and implement
+    ``parameters_touched`` and ``apply``."""
 
     name: str = ""
     hparams: Any = None
     provided: Provided = Provided()
+    # How many requests one apply() call writes at once: 1 (the default) for a method that edits one fact at a
+    # time (ROME, FT, MEND), None for no limit (MEMIT, EMMET, AlphaEdit take a whole batch in one update). A
+    # caller that certifies batches (--editsafety-batch-size) gives apply() at most this many requests.
+    max_requests_per_apply: int | None = 1
 
     def needs(self, model: Any, family: Any) -> Needs:
         return Needs()
@@ -205,3 +212,14 @@ class EditorBase:
 
     def provenance(self) -> Mapping[str, str]:
         return {}
+
+
+def max_requests_per_apply(editor: Any) -> int | None:
+    """How many requests ``editor``'s ``apply`` takes at once, as it declares it
+    (:attr:`EditorBase.max_requests_per_apply`; None: no limit). An editor that implements the :class:`Editor`
+    protocol without subclassing :class:`EditorBase` and declares nothing takes one, the contract's default."""
+    declared = getattr(editor, "max_requests_per_apply", 1)
+    if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
+        raise ValueError(f"editor {getattr(editor, 'name', editor)!r}: max_requests_per_apply must be an integer >= 1 "
+                         f"or None, got {declared!r}")
+    return declared

@@ -103,6 +103,9 @@ class MemitEditor(EditorBase):
     Needs context templates and, with ``mom2_adjustment``, C at every edited layer; without C (used outside
     :func:`editors.provision.set_up`, or ``mom2_adjustment`` off) it takes the isotropic stand-in."""
 
+    # one update solves for every request's key at once (EMMET and AlphaEdit inherit this through SpreadEditor)
+    max_requests_per_apply = None
+
     def __init__(self, hparams: MemitHparams, *, name: str = "memit"):
         self.name = name
         self.hparams = hparams

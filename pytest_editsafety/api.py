@@ -44,7 +44,14 @@ class Certificate:
 
     @property
     def cases(self) -> tuple[Any, ...]:
-        return self.result.cases
+        """Every measured case's record (``results.CaseRecord``): the single edits', or with ``batch_size`` the
+        batches' members."""
+        return self.result.edited_cases
+
+    @property
+    def batches(self) -> tuple[Any, ...]:
+        """The batch tests' records (``results.BatchRecord``); empty without ``batch_size``."""
+        return self.result.batches
 
     def to_json(self) -> str:
         from pytest_editsafety.results import to_json
@@ -142,7 +149,7 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
          corpus: str | None, limit: int | None, sequential: bool, hparams: str | Mapping[str, Any] | None,
          stats_corpus: str | None, stats_dir: str | None, cache_root: str | None, dtype: str | None,
          strip_bos: bool, sequential_edits: int | None = None, sequential_every: int | None = None,
-         sequential_corpus: str | None = None) -> tuple[Any, Any]:
+         sequential_corpus: str | None = None, batch_size: int = 1) -> tuple[Any, Any]:
     """The plan and the hub for one model and one editor: the plugin's own, with the caller's objects in it."""
     from pytest_editsafety.hub import HubOptions, ModelHub
     from pytest_editsafety.plan import build_plan
@@ -156,7 +163,7 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
             raise ValueError(f"editor: unknown editor {editor!r}; available: {', '.join(available_editors())}")
     plan = build_plan([editor_name], [model if held is None else held.spec], list(case_sets), ppl_corpus=corpus,
                       limit=limit, sequential=sequential, sequential_edits=sequential_edits,
-                      sequential_ppl_corpus=sequential_corpus)
+                      sequential_ppl_corpus=sequential_corpus, batch_size=batch_size)
     overrides = dict(hparams) if isinstance(hparams, Mapping) else None
     options = HubOptions(
         bounds=bounds or Bounds(), dtype=dtype, stats_dir=stats_dir, stats_corpus=stats_corpus, cache_root=cache_root,
@@ -174,7 +181,7 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
             sequential: bool = False, hparams: str | Mapping[str, Any] | None = None, stats_corpus: str | None = None,
             stats_dir: str | None = None, cache_root: str | None = None, dtype: str | None = None,
             strip_bos: bool = False, sequential_edits: int | None = None, sequential_every: int | None = None,
-            sequential_corpus: str | None = None) -> Certificate:
+            sequential_corpus: str | None = None, batch_size: int = 1) -> Certificate:
     """Certify ``editor`` on ``model`` over ``cases`` as ``pytest --editor=... --model=... --cases=...`` would.
 
     Every case is edited from the unedited model, measured, restored bit-exactly and judged against ``bounds``
@@ -184,8 +191,13 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     that prepends BOS runs without it (a copy of a tokenizer given here is stripped), recorded in the certificate.
     ``sequential`` adds the papers' sequential run per case set: ``sequential_edits`` edits (default 107 or the
     whole set), measured every ``sequential_every`` edits and after the last, on ``sequential_corpus`` (the
-    plugin's ``--editsafety-sequential-*`` options and defaults). The model is left as it was given.
+    plugin's ``--editsafety-sequential-*`` options and defaults). ``batch_size`` K > 1 certifies batches, as
+    ``--editsafety-batch-size K`` does: the cases K at a time applied in one edit (``Certificate.batches``; the
+    members' records in ``Certificate.cases``); the editor must declare it takes K requests at once
+    (``max_requests_per_apply``), else every batch records the error. The model is left as it was given.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     from pytest_editsafety.controller import RunRecords, absorb_meta, build_result
     from pytest_editsafety.results import Session
 
@@ -194,7 +206,7 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     plan, hub = _hub(model, tokenizer, editor, _case_sets(cases), bounds=bounds, corpus=corpus, limit=limit,
                      sequential=sequential, hparams=hparams, stats_corpus=stats_corpus, stats_dir=stats_dir,
                      cache_root=cache_root, dtype=dtype, strip_bos=strip_bos, sequential_edits=sequential_edits,
-                     sequential_every=sequential_every, sequential_corpus=sequential_corpus)
+                     sequential_every=sequential_every, sequential_corpus=sequential_corpus, batch_size=batch_size)
     records = RunRecords(started=started, t0=t0, seen=True, strip_bos=strip_bos)
     for item in plan.items:
         outcome = hub.run(item)

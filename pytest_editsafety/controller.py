@@ -246,7 +246,14 @@ def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple
     """The certificate (``results.RunResult``) of what ``controller`` gathered for ``plan`` in one ``session``
     (``results.Session``): shared by the plugin and the Python API (:func:`pytest_editsafety.api.certify`)."""
     from pytest_editsafety.plan import controller_identity
-    from pytest_editsafety.results import BOS_NOT_LOADED, CaseRecord, RunMetadata, RunResult, SequentialRecord
+    from pytest_editsafety.results import (
+        BOS_NOT_LOADED,
+        BatchRecord,
+        CaseRecord,
+        RunMetadata,
+        RunResult,
+        SequentialRecord,
+    )
 
     corpus, corpus_sha = _corpus_summary(plan, controller)
     finished = datetime.now(timezone.utc)
@@ -267,14 +274,14 @@ def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple
         bos_protocol={m.slug: controller.bos_protocols.get(m.slug, BOS_NOT_LOADED) for m in plan.models}
         if controller.strip_bos else {},
     )
-    cases, sequential = [], []
+    by_kind: dict[str, list[Any]] = {"case": [], "sequential": [], "batch": []}
+    record_types = {"case": CaseRecord, "sequential": SequentialRecord, "batch": BatchRecord}
     for test_id in sorted(controller.records):
         data = controller.records[test_id]
         kind = plan.item(test_id).kind
-        cls = SequentialRecord if kind == "sequential" else CaseRecord
-        cases_or_seq = sequential if kind == "sequential" else cases
-        cases_or_seq.append(cls.from_dict(data, source=f"the record of {test_id}"))
-    return RunResult(metadata, tuple(cases), tuple(sequential), plan.record, (session,))
+        by_kind[kind].append(record_types[kind].from_dict(data, source=f"the record of {test_id}"))
+    return RunResult(metadata, tuple(by_kind["case"]), tuple(by_kind["sequential"]), plan.record, (session,),
+                     batches=tuple(by_kind["batch"]))
 
 
 def _terminate_as_interrupt(config: pytest.Config) -> None:

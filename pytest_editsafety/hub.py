@@ -2,7 +2,8 @@
 
 ``ModelHub`` (owned by a session fixture, one per worker) loads each model once, caches what every test of that
 model shares (baseline perplexity, editors set up through their declared needs, unedited probes, the denominator
-floor) and runs one single-edit case (``run_case``) or one sequential run (``run_sequential``), returning the
+floor) and runs one single-edit case (``run_case``), one batch of cases edited at once (``run_batch``) or one
+sequential run (``run_sequential``), returning the
 record as plain JSON-able data plus its verdict. torch, transformers and the editors are imported inside its
 methods only.
 """
@@ -31,7 +32,7 @@ from pytest_editsafety.sequential import default_every, first_crossing, measurem
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_RESTORE_CHECK", "RESTORE_CHECKS", "HubOptions", "ModelHub", "RunOutcome"]
+__all__ = ["DEFAULT_RESTORE_CHECK", "RESTORE_CHECKS", "BatchSizeError", "HubOptions", "ModelHub", "RunOutcome"]
 
 PPL_BATCH_SIZE = 32
 # the whole-model restore check after every test (editors.fingerprint.ModelFingerprint): every byte of every tensor
@@ -144,6 +145,8 @@ class ModelHub(ModelPool):
     # ---- public entry points ---------------------------------------------------------------------
 
     def run(self, item: PlanItem, case: EditCase | None = None) -> RunOutcome:
+        if item.kind == "batch":
+            return self.run_batch(item)
         return self.run_case(item, case) if item.kind == "case" else self.run_sequential(item)
 
     def run_case(self, item: PlanItem, case: EditCase | None = None) -> RunOutcome:
@@ -181,6 +184,61 @@ class ModelHub(ModelPool):
             certified=error is None and verdict.certified, collapse=verdict.collapse, violations=violations,
             outcome=outcome, duration_s=time.perf_counter() - started, worker=self.options.worker,
             device=self._device_of(item.model),
+        )
+        return RunOutcome(record.to_dict(), self.meta(item), violations, error)
+
+    def run_batch(self, item: PlanItem) -> RunOutcome:
+        """A batch's cases applied in one edit from the unedited model, then each member measured on the model
+        holding the whole batch (perplexity once), restored, judged: each member on its own bounds and the batch's
+        perplexity; the batch is certified when every member is."""
+        from pytest_editsafety.plan import member_test_id
+        from pytest_editsafety.results import BatchRecord, CaseRecord
+
+        started = time.perf_counter()
+        error: BaseException | None = None
+        batch_metrics: dict[str, float | None] = {}
+        measured: list[tuple[EditCase, dict[str, float | None], Verdict]] = []
+        batch_verdict = Verdict(certified=False, collapse=False, violations=())
+        try:
+            state = self._state(item.model)
+            tagged = self._tagged(item.model, item.case_set)
+            cases = [tagged.by_id(case_id) for case_id in item.case_ids]
+            batch_metrics, measured = self._edit_batch_and_measure(state, item, cases)
+            # the batch's own bound: its perplexity, judged once on exactly the figures every member carries
+            batch_verdict = judge(_perplexity_only(self.options.bounds),
+                                  {key: batch_metrics.get(key) for key in ("ppl_ratio", "ppl_edited")},
+                                  denominator_floor=None)
+        except Exception as err:  # the record says what happened; the test re-raises it with its traceback
+            log.warning("%s: the batch could not be measured: %s: %s", item.test_id, type(err).__name__, err)
+            error = err
+        duration = time.perf_counter() - started
+        worker, device = self.options.worker, self._device_of(item.model)
+        members = tuple(
+            CaseRecord(
+                test_id=member_test_id(item, part), editor=item.editor, model=item.model, case_set=item.case_set,
+                case_id=case.case_id, is_hard=bool(case.is_hard), subject=case.subject, prompt=case.prompt,
+                target_new=case.target_new, ground_truth=case.ground_truth, metrics=metrics,
+                certified=verdict.certified, collapse=verdict.collapse, violations=verdict.violations,
+                outcome="passed" if verdict.certified else "failed",
+                # the members were edited and measured together: each is given an equal share of the batch's time
+                duration_s=duration / len(measured), worker=worker, device=device,
+            )
+            for part, (case, metrics, verdict) in zip(item.case_parts, measured)
+        )
+        if error is not None:
+            violations: tuple[str, ...] = (f"error: {type(error).__name__}: {error}",)
+        else:
+            # the batch's perplexity violations once, then each member's own (its perplexity ones are the same
+            # strings, from the same figures and bounds, so they are not repeated per member)
+            violations = batch_verdict.violations + tuple(
+                f"{m.case_id}: {v}" for m in members for v in m.violations if v not in batch_verdict.violations)
+        certified = error is None and batch_verdict.certified and all(m.certified for m in members)
+        record = BatchRecord(
+            test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set,
+            case_ids=item.case_ids, members=members, metrics=batch_metrics, certified=certified,
+            collapse=batch_verdict.collapse, violations=violations,
+            outcome="error" if error is not None else ("passed" if certified else "failed"),
+            duration_s=duration, worker=worker, device=device,
         )
         return RunOutcome(record.to_dict(), self.meta(item), violations, error)
 
@@ -323,17 +381,67 @@ class ModelHub(ModelPool):
                 metrics[key] = number
         metrics["denominator_floor"] = floor
         metrics.update(measured)
-        metrics.update({
-            "ppl_unedited": baseline["mean"],
-            "ppl_edited": edited["mean"],
-            "ppl_ratio": _ratio(edited["mean"], baseline["mean"]),
-            "ppl_corpus_unedited": baseline["corpus"],
-            "ppl_corpus_edited": edited["corpus"],
-            "ppl_corpus_ratio": _ratio(edited["corpus"], baseline["corpus"]),
-            "ppl_median_edited": edited["median"],
-            "ppl_max_edited": edited["max"],
-        })
+        metrics.update(_perplexity_metrics(baseline, edited))
         return metrics, judge(self.options.bounds, metrics, denominator_floor=floor)
+
+    def _edit_batch_and_measure(
+        self, state: ModelState, item: PlanItem, cases: Sequence[EditCase],
+    ) -> tuple[dict[str, float | None], list[tuple[EditCase, dict[str, float | None], Verdict]]]:
+        """The batch's metrics (the edit's diagnostics and the perplexity figures) and each member's metrics and
+        verdict, under the same keys and bounds as a single edit's."""
+        from editors.base import EditRequest, max_requests_per_apply
+        from editors.restore import RestoreError, edit_session
+        from pytest_editsafety.metrics import edit_metrics
+
+        loaded = state.loaded
+        model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
+        editor = self._editor(state, item.editor)
+        limit = max_requests_per_apply(editor)
+        if limit is not None and len(cases) > limit:
+            raise BatchSizeError(
+                f"editor {item.editor!r} applies at most {limit} request{'s' if limit != 1 else ''} at once (its "
+                f"declared max_requests_per_apply), so it cannot certify this batch of {len(cases)} cases: run it "
+                f"without --editsafety-batch-size{f' or with a batch size of at most {limit}' if limit > 1 else ''}")
+        for case in cases:
+            check_fits_context(loaded, case, state.provided[item.editor].context_templates or ("{}",))
+        baseline = self._baseline(state)
+        floor = self.options.bounds.relative_denominator_floor(self._floor_median(state, item.editor))
+        probes = [self._probe(state, item.case_set, case) for case in cases]
+        requests = [EditRequest(case.subject, case.prompt, case.target_new) for case in cases]
+        try:
+            with edit_session(model, editor.parameters_touched(model, family), reference=state.reference,
+                              editor=item.editor):
+                # each member's denominator from its keys on the unedited model, as the floor's reference is
+                # measured: the edit's own diagnostics describe the batch as a whole
+                reports = [editor.denominator(model, tokenizer, family, request) for request in requests]
+                outcome = editor.apply(model, tokenizer, family, requests)
+                measured = []
+                for case, probe in zip(cases, probes):
+                    prefix = outcome.test_prefix if case.is_hard else None
+                    metrics = edit_metrics(model, tokenizer, case, probe, test_prefix=prefix)
+                    if prefix:
+                        without = edit_metrics(model, tokenizer, case, probe)
+                        metrics["cf_efficacy_without_prefix"] = without["cf_efficacy"]
+                    measured.append(metrics)
+                edited = self._perplexity(state)
+        except RestoreError:
+            self._evict(item.model)
+            raise
+        ppl = _perplexity_metrics(baseline, edited)
+        batch_metrics: dict[str, float | None] = {}
+        for key, value in outcome.diagnostics.items():
+            number = _float_or_none(value)
+            if number is not None and key not in _HARNESS_METRICS:
+                batch_metrics[key] = number
+        batch_metrics.update(ppl)
+        members = []
+        for case, report, metrics in zip(cases, reports, measured):
+            denominator = _float_or_none((report or {}).get("denominator"))
+            member: dict[str, float | None] = {"denominator": denominator, "denominator_floor": floor}
+            member.update(metrics)
+            member.update(ppl)
+            members.append((case, member, judge(self.options.bounds, member, denominator_floor=floor)))
+        return batch_metrics, members
 
     def _sequential_edits(self, state: ModelState, item: PlanItem, corpus: Any, progress: _SequentialProgress
                           ) -> Verdict:
@@ -552,6 +660,29 @@ class ModelHub(ModelPool):
                 raise
         state.floor_medians[name] = median
         return median
+
+
+class BatchSizeError(ValueError):
+    """A batch holds more cases than its editor declares it can apply at once (``max_requests_per_apply``)."""
+
+
+def _perplexity_only(bounds: Bounds) -> Bounds:
+    """``bounds`` with only the perplexity ratio and the collapse line left to hold: a batch's own bound."""
+    return dataclasses.replace(bounds, min_efficacy=0.0, min_generalization=0.0, min_locality=0.0)
+
+
+def _perplexity_metrics(baseline: Mapping[str, float], edited: Mapping[str, float]) -> dict[str, float | None]:
+    """The perplexity figures of an edited model against the unedited one, as a record's metrics name them."""
+    return {
+        "ppl_unedited": baseline["mean"],
+        "ppl_edited": edited["mean"],
+        "ppl_ratio": _ratio(edited["mean"], baseline["mean"]),
+        "ppl_corpus_unedited": baseline["corpus"],
+        "ppl_corpus_edited": edited["corpus"],
+        "ppl_corpus_ratio": _ratio(edited["corpus"], baseline["corpus"]),
+        "ppl_median_edited": edited["median"],
+        "ppl_max_edited": edited["max"],
+    }
 
 
 @dataclass

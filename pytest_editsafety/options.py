@@ -105,6 +105,11 @@ OPTIONS: tuple[_Option, ...] = (
             f"{DEFAULT_CASES})", "linelist", metavar="NAME|PATH"),
     _Option(SELECTION, "--editsafety-limit", "limit", "at most N cases per case set: a quick run, reported "
             "PARTIAL (never CERTIFIED) when a set has more", "int", _positive_int, "N"),
+    _Option(SELECTION, "--editsafety-batch-size", "batch_size", "certify batches: each case set's cases, K at a "
+            "time in file order, applied in one edit, one test per batch (memit-tiny-gpt2-normal-k8-batch-003); each "
+            "member is measured after the whole batch and judged on its own bounds and the batch's perplexity. "
+            "Only for editors that declare they take K requests at once (memit, emmet, alphaedit); any other "
+            "editor's batch tests error, naming it (default 1: one test per case)", "int", _positive_int, "K"),
     _Option(SELECTION, "--editsafety-sequential", "sequential", "also run sequential editing per (editor, model, "
             "case set): the cases applied in order without restoring", "bool"),
     _Option(SELECTION, "--editsafety-sequential-edits", "sequential_edits", "edits per sequential run, the case "
@@ -211,6 +216,8 @@ class Settings:
     restore_check: str = "full"
     # --editsafety-strip-bos: the BOS-stripped protocol (pytest_editsafety.bos)
     strip_bos: bool = False
+    # --editsafety-batch-size: cases per batch test; 1 = one test per case
+    batch_size: int = 1
     # --editsafety-sequential-edits, -every and -ppl-corpus: the sequential protocol (pytest_editsafety.sequential);
     # None: its defaults (107 edits or the whole set, every edit on organisms and every 10th otherwise, ME-PPL_1k)
     sequential_edits: int | None = None
@@ -335,6 +342,7 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
         allow_missing=bool(value("allow_missing", False)),
         restore_check=value("restore_check", "full"),
         strip_bos=bool(value("strip_bos", False)),
+        batch_size=value("batch_size", 1),
         sequential_edits=value("sequential_edits"),
         sequential_every=value("sequential_every"),
         sequential_ppl_corpus=corpora["sequential_ppl_corpus"],
@@ -438,7 +446,7 @@ def plan_for(settings: Settings, given: Given) -> Any:
         return build_plan(settings.editors, settings.models, settings.cases, ppl_corpus=settings.ppl_corpus,
                           limit=settings.limit, sequential=settings.sequential,
                           sequential_edits=settings.sequential_edits,
-                          sequential_ppl_corpus=settings.sequential_ppl_corpus)
+                          sequential_ppl_corpus=settings.sequential_ppl_corpus, batch_size=settings.batch_size)
     except PlanError as err:
         raise pytest.UsageError(str(err)) from None
     except CaseValidationError as err:

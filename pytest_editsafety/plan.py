@@ -1,7 +1,8 @@
 """The plan: what a certification run runs, as plain data (no torch, no pytest).
 
 The selected editors × models × case sets become ``PlanItem``s with stable ids (``rome-tiny-gpt2-hard-0007``;
-sequential runs ``rome-tiny-gpt2-seq-hard``, ``rome-tiny-gpt2-seq10-hard`` for 10 edits), built the same way on the controller and on every xdist worker
+sequential runs ``rome-tiny-gpt2-seq-hard``, ``rome-tiny-gpt2-seq10-hard`` for 10 edits; with a batch size K,
+batches ``memit-tiny-gpt2-normal-k8-batch-003``), built the same way on the controller and on every xdist worker
 from the options alone: nothing random, timed or device-dependent. The plugin validates options and collects
 with it without loading a model.
 """
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 SEQUENTIAL_TAG = "seq"
+BATCH_TAG = "batch"
 ORGANISM_CORPUS = "organism-ppl"
 # C comes from other text than the perplexity corpus (ROME: Wikipedia, scored on ME-PPL): the organisms' held-out
 # generic sentences, and for real models wikitext-103 (Wikipedia articles, through the datasets cache), unless
@@ -124,11 +126,16 @@ class PlanItem:
     """One certification test; plain strings only, so it is hashable and identical on every worker."""
 
     test_id: str
-    kind: Literal["case", "sequential"]
+    kind: Literal["case", "sequential", "batch"]
     editor: str
     model: str  # ModelChoice.slug
     case_set: str  # SelectedCaseSet.slug
-    case_id: str = ""  # empty for sequential runs
+    case_id: str = ""  # empty for sequential runs and batches
+    # a batch's member cases, in the case file's order (--editsafety-batch-size); empty for other kinds
+    case_ids: tuple[str, ...] = ()
+    # each member's part of the id the case has as a single-edit test ("normal-0024"): member records are named
+    # "<batch test id>/<part>"
+    case_parts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,9 @@ class Plan:
     def case(self, item: PlanItem) -> EditCase:
         return self._cases[(item.case_set, item.case_id)]
 
+    def members(self, item: PlanItem) -> tuple[EditCase, ...]:
+        """A batch's member cases, in order."""
+        return tuple(self._cases[(item.case_set, case_id)] for case_id in item.case_ids)
     def sequential_cases(self, item: PlanItem) -> tuple[EditCase, ...]:
         """The edits of a sequential run, in the case file's order: its set's first ``sequential_length`` cases."""
         cases = self.case_set(item.case_set).case_set.cases
@@ -216,6 +226,7 @@ def build_plan(
     ppl_corpus: str | None = None,
     limit: int | None = None,
     sequential: bool = False,
+    batch_size: int = 1,
     sequential_edits: int | None = None,
     sequential_ppl_corpus: str | None = None,
     resolve: Callable[[str], CaseSet] = resolve_cases,
@@ -224,8 +235,10 @@ def build_plan(
     and the case file's order. A model is a name or an already resolved ``ModelSpec``, a case set a name, a file
     or a ``CaseSet`` in hand. A sequential run makes ``sequential_edits`` edits (default: the papers' 107, or the
     whole set where it holds fewer), scored on ``sequential_ppl_corpus`` (default ME-PPL_1k, an organism's own
-    perplexity corpus for organisms). Raises ``UnknownModelError``/``CaseValidationError`` from the resolvers and
-    ``PlanError`` for an empty selection; editors are validated by the caller (the registry)."""
+    perplexity corpus for organisms). A ``batch_size`` above 1 makes each case set's cases, in order, into batches
+    of that many (the last may be smaller), one test per batch, instead of one test per case. Raises
+    ``UnknownModelError``/``CaseValidationError`` from the resolvers and ``PlanError`` for an empty selection;
+    editors are validated by the caller (the registry)."""
     editors = _dedupe([e for e in editors if e])
     spec_of = {m.name: m for m in models if isinstance(m, ModelSpec)}
     models = _dedupe([m.name if isinstance(m, ModelSpec) else m for m in models if m])
@@ -233,6 +246,8 @@ def build_plan(
     case_sets = _dedupe([c.name if isinstance(c, CaseSet) else c for c in case_sets if c])
     if limit is not None and limit < 1:
         raise PlanError(f"--editsafety-limit must be at least 1, got {limit}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PlanError(f"--editsafety-batch-size must be an integer >= 1, got {batch_size!r}")
     if sequential_edits is not None and (isinstance(sequential_edits, bool) or not isinstance(sequential_edits, int)
                                          or sequential_edits < 1):
         raise PlanError(f"--editsafety-sequential-edits must be an integer >= 1, got {sequential_edits!r}")
@@ -290,6 +305,9 @@ def build_plan(
                 # files numbered from 0 cannot collide
                 parts = [i if i.startswith(f"{chosen.slug}-") else f"{chosen.slug}-{i}" for i in ids]
                 parts = _unique(parts, [c.case_id for c in chosen.case_set.cases])
+                if batch_size > 1:
+                    items.extend(_batches(prefix, choice.slug, editor, chosen, parts, batch_size))
+                    continue
                 for case, part in zip(chosen.case_set.cases, parts):
                     items.append(PlanItem(f"{prefix}-{part}", "case", editor, choice.slug, chosen.slug, case.case_id))
             if sequential:
@@ -309,6 +327,27 @@ def _sequential_tag(requested: int | None, chosen: SelectedCaseSet) -> str:
     n_cases = len(chosen.case_set.cases)
     length = sequential_length(requested, n_cases)
     return SEQUENTIAL_TAG if length == sequential_length(None, n_cases) else f"{SEQUENTIAL_TAG}{length}"
+
+
+def _batches(prefix: str, model: str, editor: str, chosen: SelectedCaseSet, parts: Sequence[str], size: int
+             ) -> list[PlanItem]:
+    """A case set's cases in order, ``size`` at a time: ``<editor>-<model>-<set>-k<size>-batch-000``, ... (numbered
+    from 0, as the organism's cases are; three digits keep them sorted up to 1000 batches). The id names the batch
+    size: 48 cases make six batches with K = 8 and with K = 9, and the plan's hash, a baseline and a merge tell tests
+    apart by their ids alone."""
+    cases = chosen.case_set.cases
+    out = []
+    for number, start in enumerate(range(0, len(cases), size)):
+        members = cases[start:start + size]
+        test_id = f"{prefix}-{chosen.slug}-k{size}-{BATCH_TAG}-{number:03d}"
+        out.append(PlanItem(test_id, "batch", editor, model, chosen.slug,
+                            case_ids=tuple(c.case_id for c in members), case_parts=tuple(parts[start:start + size])))
+    return out
+
+
+def member_test_id(item: PlanItem, part: str) -> str:
+    """The name of a batch member's record: the batch's test id and the case's part of its single-edit id."""
+    return f"{item.test_id}/{part}"
 
 
 def controller_identity(choice: ModelChoice) -> str:
@@ -333,9 +372,15 @@ def error_record(plan: Plan, item: PlanItem, message: str, *, duration_s: float 
                  device: str | None = None) -> dict[str, Any]:
     """A record for a test that produced none itself (a setup error, a crashed worker), which ran on ``worker``
     and ``device`` where known."""
-    from pytest_editsafety.results import CaseRecord, SequentialRecord
+    from pytest_editsafety.results import BatchRecord, CaseRecord, SequentialRecord
 
     violations = (f"error: {message}",)
+    if item.kind == "batch":
+        return BatchRecord(
+            test_id=item.test_id, editor=item.editor, model=item.model, case_set=item.case_set,
+            case_ids=item.case_ids, members=(), metrics={}, certified=False, collapse=False, violations=violations,
+            outcome="error", duration_s=duration_s, worker=worker, device=device,
+        ).to_dict()
     if item.kind == "sequential":
         n_edits = len(plan.sequential_cases(item))
         return SequentialRecord(

@@ -126,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     certified = sum(r.ok for r in result.cases)
     line = f"{outputs.verdict}: {certified}/{len(result.cases)} cases certified"
+    if result.batches:
+        line = (f"{outputs.verdict}: {sum(r.ok for r in result.batches)}/{len(result.batches)} batches certified "
+                f"({sum(m.ok for m in result.edited_cases)}/{len(result.edited_cases)} member cases)")
     if result.sequential:
         line += f", {sum(r.ok for r in result.sequential)}/{len(result.sequential)} sequential runs"
     if outputs.regressions:

@@ -200,10 +200,10 @@ def denominator_figures(result: RunResult) -> list[DenominatorFigure]:
     """One figure per (editor, model) with at least one case whose editor reported a denominator, in the
     run's editor and model order; editors without one (MEMIT, FT, MEND) get none."""
     bounds = result.metadata.parsed_bounds
-    colours = case_set_colours(r.case_set for r in result.cases)
+    colours = case_set_colours(r.case_set for r in result.edited_cases)
     figures = []
     for editor, model in group_keys(result):
-        records = [r for r in result.cases if (r.editor, r.model) == (editor, model)]
+        records = [r for r in result.edited_cases if (r.editor, r.model) == (editor, model)]
         if not any(r.metrics.get("denominator") is not None for r in records):
             continue
         series, not_drawn = _series(records, colours)

@@ -29,6 +29,7 @@ from pytest_editsafety.results import (
     BOS_NOTHING_TO_STRIP,
     BOS_STRIPPED,
     SCHEMA,
+    BatchRecord,
     CaseRecord,
     Regression,
     RunResult,
@@ -125,16 +126,18 @@ _HEADS = {CERTIFIED: "✅ **CERTIFIED**", PARTIAL: "⚠️ **PARTIAL**"}
 
 
 def _banner(result: RunResult, regressions: Sequence[Regression]) -> str:
-    cases, seq = result.cases, result.sequential
+    cases, seq, batches = result.edited_cases, result.sequential, result.batches
     coverage = result.coverage
     # what the run left out: the whole point of a PARTIAL verdict, and worth knowing beside a failing one
     left_out = "" if coverage.complete else (
         f"\n>\n> Not a certificate of the whole plan: {escape_md(coverage.summary())}.")
-    if not cases and not seq:
+    if not cases and not seq and not batches:
         if result.plan is None:
             return "> ❌ **NOT CERTIFIED**: the run holds no records, so nothing was certified."
         return f"> {_HEADS[PARTIAL]}: none of the planned tests has a record.{left_out}"
     parts = []
+    if batches:
+        parts.append(f"{sum(r.ok for r in batches)} of {len(batches)} batches certified")
     if cases:
         detail = []
         failed = sum(r.outcome == "failed" for r in cases)
@@ -150,7 +153,7 @@ def _banner(result: RunResult, regressions: Sequence[Regression]) -> str:
         if collapses:
             detail.append(f"{collapses} collapse{'s' if collapses != 1 else ''}")
         parts.append(
-            f"{sum(r.ok for r in cases)} of {len(cases)} cases certified"
+            f"{sum(r.ok for r in cases)} of {len(cases)} {'member ' if batches else ''}cases certified"
             + (f" ({', '.join(detail)})" if detail else "")
         )
     if seq:
@@ -230,7 +233,7 @@ def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
 def _workers_text(result: RunResult) -> str:
     """Each worker that recorded tests, the device it ran them on and how many: ``gw0 on cuda:0 (GPU 0): 24
     tests; ...``; empty when no record says (a v1 file)."""
-    counts = Counter((r.worker, r.device) for r in (*result.cases, *result.sequential))
+    counts = Counter((r.worker, r.device) for r in result.tests)
     entries = [(worker, device, n) for (worker, device), n in counts.items() if worker is not None]
     entries.sort(key=lambda entry: (_natural(entry[0]), entry[1] is None, entry[1] or ""))
     return "; ".join(
@@ -311,7 +314,7 @@ def _certification_table(result: RunResult) -> list[str]:
 def _by_kind(result: RunResult) -> list[tuple[str, str, str, list[CaseRecord]]]:
     groups: dict[tuple[str, str], list[CaseRecord]] = {}
     for g in summarize_groups(result):
-        groups[(g.editor, g.model)] = [r for r in result.cases if (r.editor, r.model) == (g.editor, g.model)]
+        groups[(g.editor, g.model)] = [r for r in result.edited_cases if (r.editor, r.model) == (g.editor, g.model)]
     out = []
     for (editor, model), records in groups.items():
         for kind in ("hard", "normal"):
@@ -383,7 +386,7 @@ def _case_text(record: CaseRecord) -> str:
     return escape_md(f"{filled} → {record.target_new} (was {record.ground_truth})")
 
 
-def _verdict_cell(record: CaseRecord | SequentialRecord) -> str:
+def _verdict_cell(record: CaseRecord | SequentialRecord | BatchRecord) -> str:
     if record.ok:
         return "certified"
     text = "collapse" if record.collapse else "not certified"
@@ -394,7 +397,7 @@ def _verdict_cell(record: CaseRecord | SequentialRecord) -> str:
 
 def _worst_cases(result: RunResult) -> list[str]:
     family = result.metadata.parsed_bounds.family_keys
-    ranked = sorted(result.cases, key=lambda r: (-_sort_ratio(r), r.test_id))[:WORST_CASES]
+    ranked = sorted(result.edited_cases, key=lambda r: (-_sort_ratio(r), r.test_id))[:WORST_CASES]
     lines = [f"## Worst cases (top {WORST_CASES} by perplexity ratio)", ""]
     if not ranked:
         return lines + ["No single-edit cases in this run."]
@@ -410,7 +413,8 @@ def _worst_cases(result: RunResult) -> list[str]:
 
 
 def _failures(result: RunResult) -> list[str]:
-    failed = [r for r in (*result.cases, *result.sequential) if not r.ok]
+    # a failing batch is listed once, its violations naming the members that fail
+    failed = [r for r in result.tests if not r.ok]
     if not failed:
         return []
     rows = []
@@ -421,6 +425,38 @@ def _failures(result: RunResult) -> list[str]:
     if len(failed) > MAX_FAILED_LISTED:
         lines += ["", f"… and {len(failed) - MAX_FAILED_LISTED} more; the JSON results list every one."]
     return lines
+
+
+def _batch_section(result: RunResult) -> list[str]:
+    """One row per batch: its members' verdicts and their efficacy and locality, measured after the whole batch,
+    and the perplexity measured once for it."""
+    if not result.batches:
+        return []
+    family = result.metadata.parsed_bounds.family_keys
+    rows = []
+    for r in result.batches:
+        members = r.members
+        efficacy = metric_values(members, family.efficacy)
+        failing = [m.case_id for m in members if not m.ok]
+        shown = ", ".join(failing[:5]) + (f" and {len(failing) - 5} more" if len(failing) > 5 else "")
+        rows.append(
+            [escape_md(r.test_id), str(len(r.case_ids)),
+             f"{sum(m.ok for m in members)}/{len(r.case_ids)}" if members else DASH,
+             _ratio(r.metrics.get("ppl_ratio")), _pct(mean(efficacy)) if efficacy else DASH,
+             _pct(min(efficacy)) if efficacy else DASH, _pct(mean(metric_values(members, family.locality))),
+             escape_md(shown) or DASH, _verdict_cell(r)]
+        )
+    headers = ["batch", "cases", "certified", "ppl ratio", "efficacy", "min efficacy", "locality",
+               "members not certified", "verdict"]
+    return [
+        "## Batches",
+        "",
+        _table(headers, rows),
+        "",
+        "Each batch's cases are applied in one edit; every member's efficacy, generalization and locality are then "
+        "measured on the model holding the whole batch, and its perplexity once. A batch is certified when every "
+        "member meets its bounds and the batch's perplexity ratio holds.",
+    ]
 
 
 def _sequential_section(result: RunResult, plot_links: Mapping[str, str], plot_note: str | None) -> list[str]:
@@ -509,6 +545,7 @@ def render(
         _kind_table(result),
         _worst_cases(result),
         _failures(result),
+        _batch_section(result),
         _sequential_section(result, plot_links, plot_note),
         _baseline_section(result, baseline, regressions, allowed_missing),
         [f"<sub>Rendered by pytest-editsafety from a {SCHEMA} results file.</sub>"],

@@ -17,7 +17,7 @@ def verdict(result: RunResult, regressions: Sequence[Regression]) -> str:
     """``NOT CERTIFIED`` when a record is not certified, something regressed against the baseline or the run
     holds nothing; else ``PARTIAL`` when the records do not cover the whole plan (or the plan is unknown);
     else ``CERTIFIED``."""
-    records = (*result.cases, *result.sequential)
+    records = result.tests
     if regressions or any(not r.ok for r in records) or (not records and result.plan is None):
         return NOT_CERTIFIED
     return CERTIFIED if result.certified else PARTIAL

@@ -11,7 +11,9 @@ Layout::
      "sessions":   [{Session fields}, ...],          # one per pytest session (shard) that ran it
      "coverage":   {Coverage fields},                # derived: complete, partial (with its gaps) or unknown
      "cases":      [{CaseRecord fields}, ...],       # sorted by test_id
-     "sequential": [{SequentialRecord fields}, ...]} # sorted by test_id
+     "sequential": [{SequentialRecord fields}, ...], # sorted by test_id
+     "batches":    [{BatchRecord fields}, ...]}      # only in runs with --editsafety-batch-size; each batch
+                                                     # lists its member cases' ids and their CaseRecords
 
 Each record names the worker that ran it (``"gw0"``, or ``"main"`` without xdist) and the device
 (``"cuda:0 (GPU 3)"``, ``"cpu"``; null when unknown). ``pytest-editsafety/v1`` files (no plan, sessions,
@@ -51,6 +53,7 @@ from pytest_editsafety.results.records import (
     BOS_PROTOCOL_VALUES,
     BOS_STRIPPED,
     OUTCOMES,
+    BatchRecord,
     CaseRecord,
     RunMetadata,
     RunResult,
@@ -69,6 +72,7 @@ __all__ = [
     "READABLE_SCHEMAS",
     "SCHEMA",
     "SCHEMA_V1",
+    "BatchRecord",
     "CaseRecord",
     "Coverage",
     "Gap",

@@ -30,9 +30,9 @@ class Regression:
 
 
 def missing_from(current: RunResult, baseline: RunResult) -> list[tuple[str, str, str]]:
-    """(test id, editor, model) of every baseline record, case or sequential, that ``current`` lacks."""
-    have = {r.test_id for r in (*current.cases, *current.sequential)}
-    return [(r.test_id, r.editor, r.model) for r in (*baseline.cases, *baseline.sequential) if r.test_id not in have]
+    """(test id, editor, model) of every baseline test, case, sequential or batch, that ``current`` lacks."""
+    have = {r.test_id for r in current.tests}
+    return [(r.test_id, r.editor, r.model) for r in baseline.tests if r.test_id not in have]
 
 
 def compare(current: RunResult, baseline: RunResult, *, allow_missing: bool = False) -> list[Regression]:
@@ -40,7 +40,7 @@ def compare(current: RunResult, baseline: RunResult, *, allow_missing: bool = Fa
 
     * ``missing``: a test of the baseline (certified or not) has no record now, unless ``allow_missing``:
       dropping a test, failing or not, must not pass for an improvement;
-    * ``case`` / ``sequential``: a test id certified in the baseline (verdict and outcome) is not now;
+    * ``case`` / ``sequential`` / ``batch``: a test id certified in the baseline (verdict and outcome) is not now;
     * ``certified-share``: an (editor, model)'s share of certified cases is lower than in the baseline;
     * ``max-ppl-ratio``: an (editor, model)'s max perplexity ratio grew by more than
       ``MAX_PPL_RATIO_GROWTH`` (10 %) over the baseline's (NaN counts as +inf, so a newly broken model
@@ -56,6 +56,7 @@ def compare(current: RunResult, baseline: RunResult, *, allow_missing: bool = Fa
     for kind, now, before in (
         ("case", current.cases, baseline.cases),
         ("sequential", current.sequential, baseline.sequential),
+        ("batch", current.batches, baseline.batches),
     ):
         now_by_id = {r.test_id: r for r in now}
         for old in before:

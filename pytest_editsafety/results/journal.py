@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-from pytest_editsafety.results.records import CaseRecord, RunResult, SequentialRecord
+from pytest_editsafety.results.records import BatchRecord, CaseRecord, RunResult, SequentialRecord
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,12 @@ def recover_from_journal(result: RunResult, path: str | os.PathLike[str]) -> Rec
         return Recovered(result, 0, f"{path} belongs to another plan than the report's; ignored")
     cases = {r.test_id: r for r in result.cases}
     sequential = {r.test_id: r for r in result.sequential}
+    batches = {r.test_id: r for r in result.batches}
     n = 0
     for entry in entries:
         kind, record, test_id = entry.get("kind"), entry.get("record"), entry.get("test_id")
-        target, cls = (sequential, SequentialRecord) if kind == "sequential" else (cases, CaseRecord)
+        target, cls = {"sequential": (sequential, SequentialRecord),
+                       "batch": (batches, BatchRecord)}.get(kind, (cases, CaseRecord))
         try:
             target[test_id] = cls.from_dict(record, source=f"{path} ({test_id})")
         except Exception as err:  # one bad line must not cost the others
@@ -127,7 +129,8 @@ def recover_from_journal(result: RunResult, path: str | os.PathLike[str]) -> Rec
         n += 1
     try:
         recovered = replace(result, cases=tuple(cases[k] for k in sorted(cases)),
-                            sequential=tuple(sequential[k] for k in sorted(sequential)))
+                            sequential=tuple(sequential[k] for k in sorted(sequential)),
+                            batches=tuple(batches[k] for k in sorted(batches)))
     except Exception as err:
         return Recovered(result, 0, f"{path}: its records do not fit the report ({err}); ignored")
     return Recovered(recovered, n, f"recovered {n} records of finished tests from {path}")

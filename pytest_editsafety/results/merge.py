@@ -12,7 +12,7 @@ from typing import Any
 
 from pytest_editsafety.results.coverage import RunPlan, describe_plan_difference
 from pytest_editsafety.results.errors import ResultsError
-from pytest_editsafety.results.records import BOS_NOT_LOADED, CaseRecord, RunMetadata, RunResult, SequentialRecord
+from pytest_editsafety.results.records import BOS_NOT_LOADED, BatchRecord, RunMetadata, RunResult
 
 __all__ = ["MergeError", "merge"]
 
@@ -21,8 +21,11 @@ class MergeError(ResultsError):
     """Shards that cannot form one run (other plans, bounds, corpus or model weights, conflicting records)."""
 
 
-def _what_was_measured(record: CaseRecord | SequentialRecord) -> CaseRecord | SequentialRecord:
-    """The record without how long it took and where it ran, which a re-run shard may change."""
+def _what_was_measured(record: Any) -> Any:
+    """The record without how long it took and where it ran, which a re-run shard may change (a batch's members
+    too)."""
+    if isinstance(record, BatchRecord):
+        record = dataclasses.replace(record, members=tuple(_what_was_measured(m) for m in record.members))
     return dataclasses.replace(record, duration_s=0.0, worker=None, device=None)
 
 
@@ -105,6 +108,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
 
     cases = _merge_records([r.cases for r in results], names)
     sequential = _merge_records([r.sequential for r in results], names)
+    batches = _merge_records([r.batches for r in results], names)
     metadata = RunMetadata(
         editors=tuple(editors),
         models=models,
@@ -121,7 +125,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
         bos_protocol=bos,
     )
     sessions = tuple(session for result in results for session in result.sessions)
-    return RunResult(metadata, tuple(cases), tuple(sequential), plan, sessions)
+    return RunResult(metadata, tuple(cases), tuple(sequential), plan, sessions, batches=tuple(batches))
 
 
 def _common_plan(results: Sequence[RunResult], names: Sequence[str]) -> RunPlan | None:

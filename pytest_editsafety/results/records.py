@@ -1,4 +1,4 @@
-"""The records of a run: its metadata, one record per single-edit or sequential test, and the run itself.
+"""The records of a run: its metadata, one record per single-edit, batch or sequential test, and the run itself.
 
 Field types are the file's schema (``schema.Record``); the checks here are the invariants across fields.
 Timestamps are ISO 8601 with a timezone (``2025-01-01T12:00:00+00:00``; a trailing ``Z`` is accepted), so
@@ -20,7 +20,8 @@ from pytest_editsafety.results.errors import RecordError, ResultsFormatError
 from pytest_editsafety.results.coverage import Coverage, RunPlan, Session, coverage_of, shown_ids
 from pytest_editsafety.results.schema import OPTIONAL, READABLE_SCHEMAS, SCHEMA, SCHEMA_V1, Record, describe_json
 
-__all__ = ["BOS_NOTHING_TO_STRIP", "BOS_NOT_LOADED", "BOS_PROTOCOL_VALUES", "BOS_STRIPPED", "OUTCOMES", "CaseRecord", "RunMetadata", "RunResult", "SequentialRecord"]
+__all__ = ["BOS_NOTHING_TO_STRIP", "BOS_NOT_LOADED", "BOS_PROTOCOL_VALUES", "BOS_STRIPPED", "OUTCOMES", "BatchRecord",
+           "CaseRecord", "RunMetadata", "RunResult", "SequentialRecord"]
 
 OUTCOMES = ("passed", "failed", "error")
 # what the BOS-stripped protocol did to a model (pytest_editsafety.bos), as RunMetadata.bos_protocol records it
@@ -109,7 +110,7 @@ class RunMetadata(Record):
         return _parse_time(self.finished)
 
 
-def _check_test(record: CaseRecord | SequentialRecord, noun: str) -> None:
+def _check_test(record: CaseRecord | SequentialRecord | BatchRecord, noun: str) -> None:
     """The invariants every test's record shares; ``noun`` names the test in messages."""
     for name in ("test_id", "editor", "model"):
         if not getattr(record, name):
@@ -268,6 +269,56 @@ class SequentialRecord(Record):
 
 
 @dataclass(frozen=True)
+class BatchRecord(Record):
+    """One batch test (--editsafety-batch-size): its member cases applied in one edit, then each member measured.
+
+    ``members`` are the member cases' records (``test_id`` ``"<batch test id>/<case>"``), each judged on its own
+    efficacy, generalization, locality and denominator and on the batch's perplexity, which every member carries;
+    ``metrics`` holds what belongs to the batch: its perplexity figures and the edit's diagnostics (an editor's
+    ``denominator`` there describes the whole batch, e.g. EMMET's smallest eigenvalue of D, and is reported, not
+    judged). The batch is certified when every member is; ``violations`` lists theirs, each prefixed with its
+    case id. A batch that errored before its members were measured has no members."""
+
+    test_id: str
+    editor: str
+    model: str
+    case_set: str
+    # the member cases' ids in the case set, in the order they were applied (also for an errored batch)
+    case_ids: tuple[str, ...]
+    members: tuple[CaseRecord, ...]
+    metrics: Mapping[str, float | None]
+    certified: bool
+    collapse: bool
+    violations: tuple[str, ...]
+    outcome: str
+    duration_s: float
+    worker: str | None = None
+    device: str | None = None
+
+    def _validate(self) -> None:
+        _check_test(self, "batch")
+        if not self.case_ids:
+            raise RecordError("case_ids", "a batch has at least one case")
+        if len(set(self.case_ids)) != len(self.case_ids):
+            raise RecordError("case_ids", f"duplicate case ids in {list(self.case_ids)}")
+        if self.members and tuple(m.case_id for m in self.members) != self.case_ids:
+            raise RecordError("members", f"the members' case ids {[m.case_id for m in self.members]} are not "
+                                         f"case_ids {list(self.case_ids)}")
+        for i, member in enumerate(self.members):
+            if (member.editor, member.model, member.case_set) != (self.editor, self.model, self.case_set):
+                raise RecordError(f"members[{i}]", "names another editor, model or case set than its batch")
+            if not member.test_id.startswith(f"{self.test_id}/"):
+                raise RecordError(f"members[{i}].test_id", f"{member.test_id!r} is not named after its batch "
+                                                           f"{self.test_id!r}")
+        if self.certified and not (self.members and all(m.certified for m in self.members)):
+            raise RecordError("certified", "a certified batch needs every member certified")
+
+    @property
+    def ok(self) -> bool:
+        return self.certified and self.outcome == "passed"
+
+
+@dataclass(frozen=True)
 class RunResult(Record):
     """A whole run. Records are kept sorted by test id, so equal runs compare and serialise equal.
 
@@ -282,11 +333,13 @@ class RunResult(Record):
     sequential: tuple[SequentialRecord, ...] = ()
     plan: RunPlan | None = None
     sessions: tuple[Session, ...] = ()
+    # batch tests (--editsafety-batch-size). Optional: absent from runs without batches and from older files
+    batches: tuple[BatchRecord, ...] = field(default=(), metadata={OPTIONAL: True})
 
     def _validate(self) -> None:
         planned = set(self.plan.test_ids) if self.plan is not None else None
-        for field in ("cases", "sequential"):
-            records: tuple[CaseRecord | SequentialRecord, ...] = getattr(self, field)
+        for field in ("cases", "sequential", "batches"):
+            records: tuple[CaseRecord | SequentialRecord | BatchRecord, ...] = getattr(self, field)
             seen: set[str] = set()
             for i, record in enumerate(records):
                 where = f"{field}[{i}]"
@@ -303,27 +356,45 @@ class RunResult(Record):
         overlap = {r.test_id for r in self.cases} & {r.test_id for r in self.sequential}
         if overlap:
             raise RecordError("sequential", f"test ids also used by cases: {', '.join(sorted(overlap))}")
+        overlap = {r.test_id for r in self.batches} & {r.test_id for r in (*self.cases, *self.sequential)}
+        if overlap:
+            raise RecordError("batches", f"test ids also used by other tests: {', '.join(sorted(overlap))}")
         for i, session in enumerate(self.sessions):
             unplanned = sorted(set(session.deselected or ()) - (planned or set()))
             if unplanned:
                 raise RecordError(f"sessions[{i}].deselected", f"not in plan.test_ids: {shown_ids(unplanned)}")
 
+    @property
+    def tests(self) -> tuple[CaseRecord | SequentialRecord | BatchRecord, ...]:
+        """Every test's record: single edits, sequential runs and batches."""
+        return (*self.cases, *self.sequential, *self.batches)
+
+    @property
+    def edited_cases(self) -> tuple[CaseRecord, ...]:
+        """Every case measured after an edit: the single-edit tests' records and the batches' members (whose
+        test ids name their batch), in test id order."""
+        members = (m for b in self.batches for m in b.members)
+        return tuple(sorted((*self.cases, *members), key=lambda r: r.test_id))
+
     @functools.cached_property
     def coverage(self) -> Coverage:
-        return coverage_of(self.plan, self.sessions, (r.test_id for r in (*self.cases, *self.sequential)))
+        return coverage_of(self.plan, self.sessions, (r.test_id for r in self.tests))
 
     @property
     def certified(self) -> bool:
         """Every record certified and every planned test recorded; an empty run certifies nothing."""
-        records = (*self.cases, *self.sequential)
+        records = self.tests
         return bool(records) and all(r.ok for r in records) and self.coverage.complete
 
     def to_dict(self) -> dict[str, Any]:
         plain = super().to_dict()
         # the plan and its coverage ahead of the records, so a reader meets them first
-        return {"schema": SCHEMA, "metadata": plain["metadata"], "plan": plain["plan"],
-                "sessions": plain["sessions"], "coverage": self.coverage.to_dict(), "cases": plain["cases"],
-                "sequential": plain["sequential"]}
+        out = {"schema": SCHEMA, "metadata": plain["metadata"], "plan": plain["plan"],
+               "sessions": plain["sessions"], "coverage": self.coverage.to_dict(), "cases": plain["cases"],
+               "sequential": plain["sequential"]}
+        if "batches" in plain:  # only a run with batches writes the field, so other runs' files are as before
+            out["batches"] = plain["batches"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "<record>", path: str = "$") -> RunResult:
