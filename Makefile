@@ -19,9 +19,11 @@ install: $(VENV)/.installed
 
 # Organisms are built first, alone on the CPU: torch processes competing for two cores run several times
 # slower than one process at a time. Both steps are no-ops once the cache holds the organisms.
+# One torch thread per worker: a plain `pytest -n N` is no run the plugin owns (no editsafety option), so nothing
+# else divides the cores, and two workers of two threads each on two cores ran ~10x slower than one process.
 certify: install
 	$(PY) -m pytest_editsafety zoo build tiny-gpt2
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS)
 
 # The project's own tests are no certification run, so the plugin leaves xdist's scheduling alone: the
 # organism tests' xdist groups keep each organism on one worker only under loadgroup.

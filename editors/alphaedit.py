@@ -91,14 +91,14 @@ class AlphaEditEditor(SpreadEditor):
         params = dict(model.named_parameters())
         return tuple(tensor_digest(params[name].detach()) for name in self.parameters_touched(model, family))
 
-    def _spread(self, model, tokenizer, family, requests: list[EditRequest]):
+    def _apply(self, model, tokenizer, family, requests: list[EditRequest]):
         # a model restored (or edited by anyone else) since this editor's last edit starts a new sequence: the
         # keys kept from before belong to edits that are no longer in it
         if self._after_last_edit is not None and self._after_last_edit != self._weights_digest(model, family):
             log.debug("%s: the weights changed since the last edit; starting a new sequence", self.name)
             self._forget()
         before = self._n_previous
-        outcome = super()._spread(model, tokenizer, family, requests)
+        outcome = super()._apply(model, tokenizer, family, requests)
         self._after_last_edit = self._weights_digest(model, family)
         return dataclasses.replace(outcome, diagnostics={**outcome.diagnostics, "previous_edits": before})
 

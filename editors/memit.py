@@ -151,11 +151,15 @@ class MemitEditor(EditorBase):
         with eval_mode(model):  # keys and residuals without dropout: the same edit every time
             return self._apply(model, tokenizer, family, requests)
 
+    def _check_layers(self, model, family) -> None:
+        n_layers = family.n_layers(model.config)
+        if self.hparams.layers[-1] >= n_layers:
+            raise ValueError(f"{self.name}: layer {self.hparams.layers[-1]} out of range for a model with "
+                             f"{n_layers} layers")
+
     def _apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
         hp = self.hparams
-        n_layers = family.n_layers(model.config)
-        if hp.layers[-1] >= n_layers:
-            raise ValueError(f"{self.name}: layer {hp.layers[-1]} out of range for a model with {n_layers} layers")
+        self._check_layers(model, family)
         provided = self.second_moments if hp.mom2_adjustment else {}
         contexts = self._contexts(model, tokenizer)
         z, z_nlls = self.targets(model, tokenizer, family, requests)

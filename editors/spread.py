@@ -20,7 +20,6 @@ from torch import Tensor
 
 from editors.base import EditOutcome, EditRequest
 from editors.ft import target_nll
-from editors.hooks import eval_mode
 from editors.maths import as_out_in, delta_to_storage
 from editors.maths.memit import distribute_residual
 from editors.memit import MemitEditor, layer_outputs
@@ -50,17 +49,9 @@ class SpreadEditor(MemitEditor):
         per_request = [keys_and_outputs(model, tokenizer, family, layer, contexts, r)[0] for r in requests]
         return torch.stack([keys.mean(0) for keys in per_request], 1), per_request
 
-    def apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
-        if not requests:
-            raise ValueError(f"{self.name}: no edit requests")
-        with eval_mode(model):  # keys and residuals without dropout: the same edit every time
-            return self._spread(model, tokenizer, family, requests)
-
-    def _spread(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
+    def _apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
         hp = self.hparams
-        n_layers = family.n_layers(model.config)
-        if hp.layers[-1] >= n_layers:
-            raise ValueError(f"{self.name}: layer {hp.layers[-1]} out of range for a model with {n_layers} layers")
+        self._check_layers(model, family)
         z, z_nlls = self.targets(model, tokenizer, family, requests)
         last = hp.layers[-1]
         diagnostics: dict[str, Any] = {

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from editors.maths import MathsError
+from editors.maths.memit import MemitUpdate
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,26 +66,13 @@ def null_space_projector(C: Tensor, threshold: float) -> NullSpace:
 
 
 @dataclass(frozen=True, eq=False)
-class AlphaEditUpdate:
-    """One layer's AlphaEdit update and the diagnostics of the system it solved, as plain numbers."""
+class AlphaEditUpdate(MemitUpdate):
+    """One layer's AlphaEdit update: MEMIT's diagnostics plus how much of the new keys the projection keeps."""
 
-    delta: Tensor
-    delta_fro: float
-    delta_max_abs: float
-    condition_number: float
-    n_requests: int
-    residual_fro: float
     projected_key_share: float  # ‖P K₁‖_F / ‖K₁‖_F: how much of the new keys lies in the null space
 
     def diagnostics(self) -> dict[str, float | int]:
-        return {
-            "delta_fro": self.delta_fro,
-            "delta_max_abs": self.delta_max_abs,
-            "condition_number": self.condition_number,
-            "n_requests": self.n_requests,
-            "residual_fro": self.residual_fro,
-            "projected_key_share": self.projected_key_share,
-        }
+        return {**super().diagnostics(), "projected_key_share": self.projected_key_share}
 
 
 def alphaedit_layer_update(
