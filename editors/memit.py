@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -189,9 +190,16 @@ class MemitEditor(EditorBase):
                 if key != "n_requests":
                     diagnostics[f"{key}_L{layer}"] = float(value)
         diagnostics["covariance"] = "provided" if provided else "isotropic"
+        return self._finish(model, tokenizer, family, requests, z, diagnostics)
+
+    def _finish(self, model, tokenizer, family, requests: Sequence[EditRequest], z: Tensor,
+                diagnostics: dict[str, Any]) -> EditOutcome:
+        """The outcome once every layer is written: how far the last layer's outputs still are from ``z``, and
+        the targets' NLL on the edited model."""
+        last = self.hparams.layers[-1]
         diagnostics["residual_final_fro"] = float(
             torch.linalg.matrix_norm(z - layer_outputs(model, tokenizer, family, last, requests)))
         nlls = target_nll(model, tokenizer, requests)
         diagnostics["final_nll"] = float(sum(nlls) / len(nlls))
-        log.debug("%s on layers %s: %s", self.name, hp.layers, diagnostics)
+        log.debug("%s on layers %s: %s", self.name, self.hparams.layers, diagnostics)
         return EditOutcome(edited=self.parameters_touched(model, family), diagnostics=diagnostics)

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from editors.base import EditOutcome, EditRequest
-from editors.ft import target_nll
 from editors.maths import as_out_in, delta_to_storage
 from editors.maths.memit import distribute_residual
 from editors.memit import MemitEditor, layer_outputs
@@ -79,9 +78,4 @@ class SpreadEditor(MemitEditor):
                     diagnostics[key] = float(value)
                 diagnostics[f"{key}_L{layer}"] = float(value)
         self.after_edit(model, tokenizer, family, requests)
-        diagnostics["residual_final_fro"] = float(
-            torch.linalg.matrix_norm(z - layer_outputs(model, tokenizer, family, last, requests)))
-        nlls = target_nll(model, tokenizer, requests)
-        diagnostics["final_nll"] = float(sum(nlls) / len(nlls))
-        log.debug("%s on layers %s: %s", self.name, hp.layers, diagnostics)
-        return EditOutcome(edited=self.parameters_touched(model, family), diagnostics=diagnostics)
+        return self._finish(model, tokenizer, family, requests, z, diagnostics)

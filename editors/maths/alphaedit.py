@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from editors.maths import MathsError
-from editors.maths.memit import MemitUpdate
+from editors.maths.memit import MemitUpdate, check_key_system
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,15 +92,7 @@ def alphaedit_layer_update(
     (:func:`null_space_projector`), ``previous`` the ``d_in × d_in`` sum ``K_pK_pᵀ`` of earlier edits' keys
     (None: no earlier edits). ``l2 > 0`` keeps the system invertible on the directions ``P`` removes.
     """
-    if K.dim() != 2 or R.dim() != 2:
-        raise MathsError(f"K and R must be 2-D; got K {tuple(K.shape)}, R {tuple(R.shape)}")
-    d_in, n = K.shape
-    if R.shape[1] != n:
-        raise MathsError(f"R: expected {n} columns (one per request, as in K), got {R.shape[1]}")
-    if P.shape != (d_in, d_in):
-        raise MathsError(f"P: expected shape ({d_in}, {d_in}) to match K, got {tuple(P.shape)}")
-    if previous is not None and previous.shape != (d_in, d_in):
-        raise MathsError(f"previous: expected shape ({d_in}, {d_in}) to match K, got {tuple(previous.shape)}")
+    d_in, n = check_key_system(K, R, P=P, previous=previous)
     if isinstance(l2, bool) or not math.isfinite(l2) or l2 <= 0:
         raise MathsError(f"l2: expected a finite number > 0, got {l2!r}")
     dev = R.device

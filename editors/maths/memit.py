@@ -49,6 +49,21 @@ class MemitUpdate:
         }
 
 
+def check_key_system(K: Tensor, R: Tensor, **squares: Tensor | None) -> tuple[int, int]:
+    """``K`` (``d_in × n``) and ``R`` (``d_out × n``) as a batch update needs them, and every named ``d_in × d_in``
+    matrix in ``squares`` (None: absent) of the keys' width; ``(d_in, n)``, or a MathsError naming what does not
+    fit."""
+    if K.dim() != 2 or R.dim() != 2:
+        raise MathsError(f"K and R must be 2-D; got K {tuple(K.shape)}, R {tuple(R.shape)}")
+    d_in, n = K.shape
+    if R.shape[1] != n:
+        raise MathsError(f"R: expected {n} columns (one per request, as in K), got {R.shape[1]}")
+    for name, square in squares.items():
+        if square is not None and square.shape != (d_in, d_in):
+            raise MathsError(f"{name}: expected shape ({d_in}, {d_in}) to match K, got {tuple(square.shape)}")
+    return d_in, n
+
+
 def memit_layer_update(
     K: Tensor,
     R: Tensor,
@@ -63,13 +78,7 @@ def memit_layer_update(
     ``with_condition=False`` skips the eigen-decomposition behind ``condition_number`` (reported as
     ``nan``) when a caller with a very wide layer only needs the update.
     """
-    if K.dim() != 2 or R.dim() != 2:
-        raise MathsError(f"K and R must be 2-D; got K {tuple(K.shape)}, R {tuple(R.shape)}")
-    d_in, n = K.shape
-    if R.shape[1] != n:
-        raise MathsError(f"R: expected {n} columns (one per request, as in K), got {R.shape[1]}")
-    if C.shape != (d_in, d_in):
-        raise MathsError(f"C: expected shape ({d_in}, {d_in}) to match K, got {tuple(C.shape)}")
+    d_in, n = check_key_system(K, R, C=C)
     if not math.isfinite(lam) or lam < 0:
         raise MathsError(f"lam: expected a finite mom2_update_weight >= 0, got {lam!r}")
     dev = R.device
