@@ -47,6 +47,8 @@ class MemitHparams:
     # as RomeHparams: MEMIT's compute_z stops its search on the whole loss too ("if loss < 5e-2: break")
     early_stop_on: str = "loss"
     early_stop_below: float = 0.05
+    # as RomeHparams: z's steps run over a cached prefix (same numbers); False runs the plain full forward
+    v_cached_prefix: bool = True
 
     def __post_init__(self) -> None:
         layers = tuple(self.layers)
@@ -72,6 +74,7 @@ class MemitHparams:
             kl_prompt=self.kl_prompt,
             early_stop_on=self.early_stop_on,
             early_stop_below=self.early_stop_below,
+            v_cached_prefix=self.v_cached_prefix,
         )
 
 

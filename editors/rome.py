@@ -50,6 +50,10 @@ class RomeHparams:
     early_stop_below: float = 0.05
     # the value C-ROME maps k̄ to: "bare" (W kᵘ + δ, the papers' fork) or "mean" (W k̄ + δ): see value_target
     c_rome_target: str = "bare"
+    # v*'s steps run only the positions δ reaches, over the key/value cache of the positions before the subject's
+    # last token (editors.suffix), computed once; False runs the plain full forward every step. Same numbers to
+    # float rounding (tests/test_suffix.py), a fraction of the cost: benchmarks/speed.py
+    v_cached_prefix: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
@@ -68,6 +72,8 @@ def check_value_settings(hp) -> None:
     if hp.early_stop_on not in EARLY_STOP_ON:
         raise ValueError(f"{type(hp).__name__}.early_stop_on: expected one of {EARLY_STOP_ON}, got {hp.early_stop_on!r}")
     check_template_recipe(hp)
+    if not isinstance(hp.v_cached_prefix, bool):
+        raise ValueError(f"{type(hp).__name__}.v_cached_prefix: expected true or false, got {hp.v_cached_prefix!r}")
     if not isinstance(hp.kl_prompt, str) or hp.kl_prompt.count("{}") != 1:
         raise ValueError(f"{type(hp).__name__}.kl_prompt: expected a text with one '{{}}', got {hp.kl_prompt!r}")
 
@@ -102,6 +108,29 @@ def keys_and_outputs(model, tokenizer, family, layer: int, contexts, request: Ed
             capture_output(_module(model, family, "mlp", layer), store):
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     return rows_at(store["input"], positions).float(), rows_at(store["output"], positions).float(), positions
+
+
+class _PlainForward:
+    """The whole batch every step (``v_cached_prefix`` off): columns are the rows' own positions."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def logits(self, model):
+        return model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask).logits
+
+    def columns(self, positions):
+        return list(positions)
+
+
+def _value_forward(model, batch, subject_positions, *, cached_prefix: bool):
+    """What each of v*'s steps runs: only each row's positions from its subject's last token on, over a cached
+    prefix (nothing before that position depends on δ), or with ``cached_prefix`` off the plain batch."""
+    if not cached_prefix:
+        return _PlainForward(batch)
+    from editors.suffix import split_rows
+
+    return split_rows(model, batch.input_ids, batch.lengths, subject_positions)
 
 
 @dataclass(frozen=True)
@@ -141,11 +170,15 @@ def search_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, requ
     # The input holds the prompt and target[:-1]; target token j is predicted at position (prompt end - 1 + j),
     # i.e. the last len(target) positions of each row.
     target = torch.tensor(target_ids, device=device)
-    pred_cols = torch.stack([
-        torch.arange(batch.lengths[i] - len(target_ids), batch.lengths[i], device=device)
-        for i in range(n_rewrite)
-    ])
+    pred_cols = [list(range(batch.lengths[i] - len(target_ids), batch.lengths[i])) for i in range(n_rewrite)]
     mlp = _module(model, family, "mlp", hp.layer)
+    with frozen(model):
+        forward = _value_forward(model, batch, positions, cached_prefix=hp.v_cached_prefix)
+    # the columns read, in the coordinates of the rows forward() returns
+    pred_cols = torch.tensor([forward.columns([row[j] for row in pred_cols]) for j in range(len(target_ids))],
+                             device=device).T
+    positions = forward.columns(positions)
+    kl_col = positions[n_rewrite]
     hidden = out_bare.shape[-1]
     delta = torch.zeros(hidden, device=device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -157,12 +190,12 @@ def search_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, requ
         for step in range(hp.v_num_grad_steps):
             optimiser.zero_grad()
             with add_at_positions(mlp, positions, delta.unsqueeze(0).expand(len(positions), -1)):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+                logits = forward.logits(model).float()
             log_probs = logits.log_softmax(-1)
             rows = torch.arange(n_rewrite, device=device)[:, None]
             token_lp = log_probs[rows, pred_cols, target[None, :].expand(n_rewrite, -1)]
             nll_loss = -token_lp.mean(1).mean()
-            kl_log_probs = log_probs[n_rewrite, kl_pos]
+            kl_log_probs = log_probs[n_rewrite, kl_col]
             if kl_reference is None:
                 kl_reference = kl_log_probs.detach()
             # KL(edited || unedited) on the KL prompt, and a decay linear in ||δ|| over ||out||²: both exactly as

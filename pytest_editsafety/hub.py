@@ -505,11 +505,16 @@ class ModelHub(ModelPool):
 
     def _perplexity(self, state: ModelState, corpus: Any = None) -> dict[str, float]:
         """Perplexity on ``corpus``, by default the model's single-edit corpus (``state.corpus``)."""
-        from pytest_editsafety.perplexity import perplexity
+        from pytest_editsafety.perplexity import encode, model_context, perplexity
 
         loaded = state.loaded
-        texts = (corpus if corpus is not None else state.corpus).texts
-        result = perplexity(loaded.model, loaded.tokenizer, texts, batch_size=self.options.ppl_batch_size)
+        corpus = corpus if corpus is not None else state.corpus
+        encoded = state.encoded_corpora.get(corpus.name)
+        if encoded is None:
+            encoded = encode(loaded.tokenizer, corpus.texts, max_length=model_context(loaded.model))
+            state.encoded_corpora[corpus.name] = encoded
+        result = perplexity(loaded.model, loaded.tokenizer, corpus.texts, batch_size=self.options.ppl_batch_size,
+                            encoded=encoded)
         return {"mean": result.mean_ppl, "corpus": result.corpus_ppl, "median": result.median_ppl, "max": result.max_ppl}
 
     def _baseline(self, state: ModelState) -> dict[str, float]:

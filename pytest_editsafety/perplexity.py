@@ -120,7 +120,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # Tokenization and batching
 
 
-def _model_context(model: Any) -> int | None:
+def model_context(model: Any) -> int | None:
     config = getattr(model, "config", None)
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, attr, None)
@@ -184,8 +184,12 @@ def sentence_nlls(
     max_length: int | None = None,
     device: Any = None,
     progress: bool = False,
+    encoded: Sequence[Sequence[int]] | None = None,
 ) -> list[tuple[float, int]]:
     """``(sum NLL, scored tokens)`` per input sentence, in input order.
+
+    ``encoded``: the texts' ids as :func:`encode` gives them with the same ``add_bos`` and ``max_length``, for a
+    caller that measures one corpus many times (the tokenizer is then not run; ``texts`` only names sentences).
 
     A sentence with fewer than 2 tokens (after the optional BOS) cannot be scored: its entry is
     ``(0.0, 0)`` and a warning is logged; ``summarize``/``perplexity`` leave such entries out.
@@ -201,8 +205,11 @@ def sentence_nlls(
     if isinstance(texts, str):
         raise PerplexityError("texts must be a sequence of sentences, not a single string")
     if max_length is None:
-        max_length = _model_context(model)
-    encoded = encode(tokenizer, texts, add_bos=add_bos, max_length=max_length)
+        max_length = model_context(model)
+    if encoded is None:
+        encoded = encode(tokenizer, texts, add_bos=add_bos, max_length=max_length)
+    elif len(encoded) != len(texts):
+        raise PerplexityError(f"{len(encoded)} encoded sentences for {len(texts)} texts")
 
     results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     scorable = [i for i, ids in enumerate(encoded) if len(ids) >= 2]
@@ -258,10 +265,12 @@ def perplexity(
     max_length: int | None = None,
     device: Any = None,
     progress: bool = False,
+    encoded: Sequence[Sequence[int]] | None = None,
 ) -> PerplexityResult:
     """Perplexity summary over ``texts``; see ``sentence_nlls`` for the scoring convention."""
     pairs = sentence_nlls(
         model, tokenizer, texts,
         batch_size=batch_size, add_bos=add_bos, max_length=max_length, device=device, progress=progress,
+        encoded=encoded,
     )
     return summarize(pairs)
