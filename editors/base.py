@@ -16,12 +16,14 @@ only what it has: ``max_requests_per_apply`` (how many requests one ``apply`` ca
 no limit; batch certification reads it), ``denominator(...)`` (the rank-one update's ``|uᵀk|``, from keys alone;
 the certification's
 denominator floor, case mining and pre-flight checks read it; None when the method has no such quantity) and
-``provenance()`` (which trained artefact edits, for the certificate). Nothing here imports torch.
+``provenance()`` (which trained artefact edits, for the certificate), and ``prepare(...)`` with
+``apply_prepared(...)`` (measure several requests' edits at once on the unedited model, then apply each without
+measuring again: the harness batches ROME's and MEMIT's searches this way). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -39,6 +41,7 @@ __all__ = [
     "TrainingCase",
     "TrainingJob",
     "max_requests_per_apply",
+    "prepare_requests",
 ]
 
 
@@ -207,11 +210,42 @@ class EditorBase:
     def setup(self, model: Any, tokenizer: Any, family: Any, provided: Provided) -> None:
         self.provided = provided
 
+    # what apply_prepared() handed in for the call under way; empty outside one
+    _in_hand: Mapping[EditRequest, Any] = MappingProxyType({})
+
     def denominator(self, model: Any, tokenizer: Any, family: Any, request: EditRequest) -> Mapping[str, float] | None:
         return None
 
     def provenance(self) -> Mapping[str, str]:
         return {}
+
+    def prepare(self, model: Any, tokenizer: Any, family: Any, requests: Sequence[EditRequest]) -> Mapping[EditRequest, Any]:
+        """What ``apply`` would measure on the model as it is for each of ``requests`` (ROME's v*, MEMIT's z),
+        measured for all of them at once: opaque values by request, which a caller hands back to
+        :meth:`apply_prepared` while the model is still the one they were measured on. The default prepares
+        nothing (``{}``); an editor whose measurement batches (the searches of ROME and MEMIT) overrides it."""
+        return {}
+
+    def apply_prepared(self, model: Any, tokenizer: Any, family: Any, requests: list[EditRequest],
+                       prepared: Mapping[EditRequest, Any]) -> EditOutcome:
+        """``apply``, taking from ``prepared`` (:meth:`prepare`'s values, measured on this model as it is now)
+        what it would otherwise measure: the same edit, without measuring it again."""
+        self._in_hand = prepared
+        try:
+            return self.apply(model, tokenizer, family, requests)
+        finally:
+            del self._in_hand  # back to the class's empty mapping
+
+    def prepared_for(self, request: EditRequest) -> Any:
+        """The value :meth:`prepare` measured for ``request`` when :meth:`apply_prepared` handed it in; else None."""
+        return self._in_hand.get(request)
+
+
+def prepare_requests(editor: Any, model: Any, tokenizer: Any, family: Any,
+                     requests: Sequence[EditRequest]) -> Mapping[EditRequest, Any]:
+    """``editor.prepare(...)`` for an :class:`EditorBase`; an editor that only implements the :class:`Editor`
+    protocol prepares nothing (``{}``) and is applied as it is."""
+    return editor.prepare(model, tokenizer, family, requests) if isinstance(editor, EditorBase) else {}
 
 
 def max_requests_per_apply(editor: Any) -> int | None:

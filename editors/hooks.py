@@ -84,6 +84,21 @@ def add_at_positions(module: nn.Module, positions: Sequence[int], delta: Tensor)
         handle.remove()
 
 
+@contextlib.contextmanager
+def narrowed_input(module: nn.Module, rows: Tensor, cols: Tensor) -> Iterator[None]:
+    """The module sees only its input's positions ``(rows[j], cols[j])``, as one row ``[1, len(rows), ...]``:
+    an LM head asked for the logits a loss reads rather than for every position of the batch."""
+
+    def hook(_module, inputs):
+        return (inputs[0][rows, cols].unsqueeze(0),) + tuple(inputs[1:])
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def rows_at(tensor: Tensor, positions: Sequence[int]) -> Tensor:
     """``tensor[i, positions[i]]`` for each batch row ``i``."""
     return tensor[torch.arange(len(positions)), torch.tensor(list(positions), device=tensor.device)]

@@ -1,7 +1,7 @@
 """MEMIT (Meng et al. 2023): one or many facts written over several layers' MLP output matrices.
 
 For each request the target ``z`` is the last edited layer's output at the subject's last token (bare prompt)
-plus a vector ``δ*`` found exactly like ROME's ``v* − v`` (:func:`editors.rome.optimise_value_delta` with that
+plus a vector ``δ*`` found exactly like ROME's ``v* − v`` (:func:`editors.value_search.search_value_deltas` with that
 layer): adding ``δ`` to the MLP output of a layer adds it to the layer's output, since the MLP output joins the
 residual stream there. Then, layer by layer in order, with the earlier layers already updated:
 ``K`` = the mean key over the context templates per request, ``h`` = the last layer's current output,
@@ -24,7 +24,8 @@ from editors.ft import target_nll
 from editors.hooks import capture_output, eval_mode, rows_at
 from editors.maths import as_out_in, delta_to_storage
 from editors.maths.memit import distribute_residual, memit_layer_update
-from editors.rome import RomeHparams, check_value_settings, keys_and_outputs, optimise_value_delta
+from editors.rome import RomeHparams, check_value_settings, keys_and_outputs
+from editors.value_search import search_value_deltas
 from editors.text import right_padded, subject_last_index
 
 log = logging.getLogger(__name__)
@@ -137,17 +138,24 @@ class MemitEditor(EditorBase):
         return self.context_templates
 
     def targets(self, model, tokenizer, family, requests: Sequence[EditRequest]) -> tuple[Tensor, list[float]]:
-        """``z`` per request (``d × n``) at the last edited layer, and each optimisation's final NLL."""
+        """``z`` per request (``d × n``) at the last edited layer, and each optimisation's final NLL (those
+        :meth:`prepare` measured, for the requests it did)."""
+        missing = [r for r in requests if self.prepared_for(r) is None]
+        measured = {**self.prepare(model, tokenizer, family, missing), **{r: self.prepared_for(r) for r in requests
+                                                                         if self.prepared_for(r) is not None}}
+        return torch.stack([measured[r][0] for r in requests], 1), [measured[r][1] for r in requests]
+
+    def prepare(self, model, tokenizer, family, requests: Sequence[EditRequest]) -> dict[EditRequest, tuple[Tensor, float]]:
+        """Each request's ``(z, final NLL)`` on the model as it is; the searches run together."""
+        if not requests:
+            return {}
         contexts = self._contexts(model, tokenizer)
         value_hp = self.hparams.value_hparams()
         h0 = layer_outputs(model, tokenizer, family, value_hp.layer, requests)
-        columns, nlls = [], []
-        for index, request in enumerate(requests):
-            # the layer output as the norm reference: MEMIT clamps and decays δ relative to the residual
-            delta, nll = optimise_value_delta(model, tokenizer, family, value_hp, contexts, request, h0[:, index])
-            columns.append(h0[:, index] + delta.float())
-            nlls.append(nll)
-        return torch.stack(columns, 1), nlls
+        # the layer output as the norm reference: MEMIT clamps and decays δ relative to the residual
+        fits = search_value_deltas(model, tokenizer, family, value_hp, contexts, requests,
+                                   [h0[:, i] for i in range(len(requests))])
+        return {r: (h0[:, i] + fit.delta.float(), fit.nll) for i, (r, fit) in enumerate(zip(requests, fits))}
 
     def apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
         if not requests:

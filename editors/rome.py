@@ -15,7 +15,7 @@ import torch
 
 from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, SecondMomentNeed
 from editors.domain import check_count, check_number, check_template_recipe
-from editors.hooks import add_at_positions, capture_input, capture_output, frozen, rows_at
+from editors.hooks import capture_input, capture_output, rows_at
 from editors.maths import as_out_in, delta_to_storage
 from editors.maths.rome import (
     CONSISTENT_TARGETS,
@@ -23,12 +23,16 @@ from editors.maths.rome import (
     covariance_solver,
     measure_keys,
     rome_update,
-    value_search_stops,
     value_target,
 )
 from editors.text import fill, right_padded, subject_last_index
+# v*'s search has its own module; editors outside this package know it by ROME's name (optimise_value_delta)
+from editors.value_search import ValueFit, optimise_value_delta, search_value_delta, search_value_deltas
 
 log = logging.getLogger(__name__)
+
+__all__ = ["RomeEditor", "RomeHparams", "RomeInputs", "ValueFit", "check_value_settings", "keys_and_outputs",
+           "optimise_value_delta", "search_value_delta", "search_value_deltas"]
 
 
 @dataclass(frozen=True)
@@ -110,113 +114,6 @@ def keys_and_outputs(model, tokenizer, family, layer: int, contexts, request: Ed
     return rows_at(store["input"], positions).float(), rows_at(store["output"], positions).float(), positions
 
 
-class _PlainForward:
-    """The whole batch every step (``v_cached_prefix`` off): columns are the rows' own positions."""
-
-    def __init__(self, batch):
-        self.batch = batch
-
-    def logits(self, model):
-        return model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask).logits
-
-    def columns(self, positions):
-        return list(positions)
-
-
-def _value_forward(model, batch, subject_positions, *, cached_prefix: bool):
-    """What each of v*'s steps runs: only each row's positions from its subject's last token on, over a cached
-    prefix (nothing before that position depends on δ), or with ``cached_prefix`` off the plain batch."""
-    if not cached_prefix:
-        return _PlainForward(batch)
-    from editors.suffix import split_rows
-
-    return split_rows(model, batch.input_ids, batch.lengths, subject_positions)
-
-
-@dataclass(frozen=True)
-class ValueFit:
-    """v*'s search: ``δ``, the NLL and whole loss at the step it stopped on, and the forward passes it took."""
-
-    delta: torch.Tensor
-    nll: float
-    loss: float
-    steps: int
-
-
-def optimise_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, request: EditRequest,
-                         out_bare: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``(δ, final NLL)`` of :func:`search_value_delta`: the form editors outside this package call."""
-    fit = search_value_delta(model, tokenizer, family, hp, contexts, request, out_bare)
-    return fit.delta, fit.nll
-
-
-def search_value_delta(model, tokenizer, family, hp: RomeHparams, contexts, request: EditRequest,
-                       out_bare: torch.Tensor) -> ValueFit:
-    """Find ``δ`` so that adding it to the layer's MLP output at the subject makes every templated prompt
-    predict ``target_new`` (NLL + KL on ``kl_prompt`` + weight decay, norm clamped), as ROME's compute_v.
-
-    Like compute_v it evaluates the loss, then stops (``hp.early_stop_on``/``early_stop_below``, see
-    :func:`value_search_stops`) or, on the last of ``v_num_grad_steps`` passes, ends without stepping."""
-    device = next(model.parameters()).device
-    target_ids = tokenizer(" " + request.target_new.strip(), add_special_tokens=False)["input_ids"]
-    decoded_prefix = tokenizer.decode(target_ids[:-1]) if len(target_ids) > 1 else ""
-    rewrite_texts = [fill(c, request.text) + decoded_prefix for c in contexts]
-    rewrite_pos = [subject_last_index(tokenizer, c, request.prompt, request.subject) for c in contexts]
-    kl_text = fill(hp.kl_prompt, request.subject)
-    kl_pos = subject_last_index(tokenizer, "{}", hp.kl_prompt, request.subject)
-    batch = right_padded(tokenizer, rewrite_texts + [kl_text], device)
-    positions = rewrite_pos + [kl_pos]
-    n_rewrite = len(rewrite_texts)
-    # The input holds the prompt and target[:-1]; target token j is predicted at position (prompt end - 1 + j),
-    # i.e. the last len(target) positions of each row.
-    target = torch.tensor(target_ids, device=device)
-    pred_cols = [list(range(batch.lengths[i] - len(target_ids), batch.lengths[i])) for i in range(n_rewrite)]
-    mlp = _module(model, family, "mlp", hp.layer)
-    with frozen(model):
-        forward = _value_forward(model, batch, positions, cached_prefix=hp.v_cached_prefix)
-    # the columns read, in the coordinates of the rows forward() returns
-    pred_cols = torch.tensor([forward.columns([row[j] for row in pred_cols]) for j in range(len(target_ids))],
-                             device=device).T
-    positions = forward.columns(positions)
-    kl_col = positions[n_rewrite]
-    hidden = out_bare.shape[-1]
-    delta = torch.zeros(hidden, device=device, requires_grad=True)
-    optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
-    max_norm = hp.clamp_norm_factor * float(out_bare.norm())
-    kl_reference = None
-    nll = total = float("inf")
-    steps = 0
-    with frozen(model):  # only delta is optimised; the model's flags and mode come back as they were
-        for step in range(hp.v_num_grad_steps):
-            optimiser.zero_grad()
-            with add_at_positions(mlp, positions, delta.unsqueeze(0).expand(len(positions), -1)):
-                logits = forward.logits(model).float()
-            log_probs = logits.log_softmax(-1)
-            rows = torch.arange(n_rewrite, device=device)[:, None]
-            token_lp = log_probs[rows, pred_cols, target[None, :].expand(n_rewrite, -1)]
-            nll_loss = -token_lp.mean(1).mean()
-            kl_log_probs = log_probs[n_rewrite, kl_col]
-            if kl_reference is None:
-                kl_reference = kl_log_probs.detach()
-            # KL(edited || unedited) on the KL prompt, and a decay linear in ||δ|| over ||out||²: both exactly as
-            # ROME's compute_v writes them (a squared decay holds v* back once δ outgrows the output it edits)
-            kl = torch.nn.functional.kl_div(kl_reference, kl_log_probs, log_target=True, reduction="sum")
-            decay = hp.v_weight_decay * delta.norm() / out_bare.norm() ** 2
-            loss = nll_loss + hp.kl_factor * kl + decay
-            nll, total, steps = float(nll_loss.detach()), float(loss.detach()), step + 1
-            if value_search_stops(nll, total, below=hp.early_stop_below, on=hp.early_stop_on):
-                break
-            if step == hp.v_num_grad_steps - 1:
-                break
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                norm = float(delta.norm())
-                if norm > max_norm:
-                    delta.mul_(max_norm / norm)
-    return ValueFit(delta.detach(), nll, total, steps)
-
-
 class RomeEditor(EditorBase):
     """``rome`` (bare key ``k^u`` in the update), ``c-rome`` (mean key ``k̄``) and ``c-rome-prefix``.
 
@@ -255,12 +152,21 @@ class RomeEditor(EditorBase):
         return self.context_templates
 
     def measure(self, model, tokenizer, family, request: EditRequest) -> RomeInputs:
+        """What the edit of ``request`` needs from the model as it is now (one of :meth:`prepare`'s)."""
+        return self.prepare(model, tokenizer, family, [request])[request]
+
+    def prepare(self, model, tokenizer, family, requests) -> dict[EditRequest, RomeInputs]:
+        """Keys, outputs and v* of every request, measured on the model as it is; the searches run together."""
         contexts = self._contexts(model, tokenizer)
-        keys, outputs, positions = keys_and_outputs(model, tokenizer, family, self.hparams.layer, contexts, request)
-        fit = search_value_delta(model, tokenizer, family, self.hparams, contexts, request, outputs[0])
-        return RomeInputs(k_bare=keys[0], k_mean=keys.mean(0), out_bare=outputs[0], out_mean=outputs.mean(0),
-                          delta=fit.delta, final_nll=fit.nll, final_loss=fit.loss, steps=fit.steps,
-                          subject_positions=tuple(positions))
+        measured = [keys_and_outputs(model, tokenizer, family, self.hparams.layer, contexts, r) for r in requests]
+        fits = search_value_deltas(model, tokenizer, family, self.hparams, contexts, requests,
+                                   [outputs[0] for _, outputs, _ in measured])
+        return {
+            request: RomeInputs(k_bare=keys[0], k_mean=keys.mean(0), out_bare=outputs[0], out_mean=outputs.mean(0),
+                                delta=fit.delta, final_nll=fit.nll, final_loss=fit.loss, steps=fit.steps,
+                                subject_positions=tuple(positions))
+            for request, (keys, outputs, positions), fit in zip(requests, measured, fits)
+        }
 
     def denominator(self, model, tokenizer, family, request: EditRequest) -> dict[str, float]:
         """``|uᵀkᵘ|`` (rome) or ``|uᵀk̄|`` (C-ROME) for ``request``, one forward pass over the templated
@@ -275,7 +181,7 @@ class RomeEditor(EditorBase):
         if len(requests) != 1:
             raise ValueError(f"{self.name} edits one request at a time (got {len(requests)}); use memit for batches")
         request = requests[0]
-        inputs = self.measure(model, tokenizer, family, request)
+        inputs = self.prepared_for(request) or self.measure(model, tokenizer, family, request)
         name = self.parameters_touched(model, family)[0]
         param = family.get_module(model, name.rsplit(".", 1)[0]).weight
         W = as_out_in(param.detach(), family.weight_transposed).float()

@@ -149,7 +149,8 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
          corpus: str | None, limit: int | None, sequential: bool, hparams: str | Mapping[str, Any] | None,
          stats_corpus: str | None, stats_dir: str | None, cache_root: str | None, dtype: str | None,
          strip_bos: bool, sequential_edits: int | None = None, sequential_every: int | None = None,
-         sequential_corpus: str | None = None, batch_size: int = 1) -> tuple[Any, Any]:
+         sequential_corpus: str | None = None, batch_size: int = 1,
+         search_batch: int | None = None) -> tuple[Any, Any]:
     """The plan and the hub for one model and one editor: the plugin's own, with the caller's objects in it."""
     from pytest_editsafety.hub import HubOptions, ModelHub
     from pytest_editsafety.plan import build_plan
@@ -169,6 +170,7 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
         bounds=bounds or Bounds(), dtype=dtype, stats_dir=stats_dir, stats_corpus=stats_corpus, cache_root=cache_root,
         editor_hparams={editor_name: str(hparams)} if isinstance(hparams, (str, Path)) else None,
         editor_overrides=overrides, strip_bos=strip_bos, sequential_every=sequential_every,
+        search_batch=search_batch,
     )
     slug = plan.models[0].slug
     hub = ModelHub(plan, options, models={slug: held} if held is not None else None,
@@ -181,7 +183,8 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
             sequential: bool = False, hparams: str | Mapping[str, Any] | None = None, stats_corpus: str | None = None,
             stats_dir: str | None = None, cache_root: str | None = None, dtype: str | None = None,
             strip_bos: bool = False, sequential_edits: int | None = None, sequential_every: int | None = None,
-            sequential_corpus: str | None = None, batch_size: int = 1) -> Certificate:
+            sequential_corpus: str | None = None, batch_size: int = 1,
+            search_batch: int | None = None) -> Certificate:
     """Certify ``editor`` on ``model`` over ``cases`` as ``pytest --editor=... --model=... --cases=...`` would.
 
     Every case is edited from the unedited model, measured, restored bit-exactly and judged against ``bounds``
@@ -194,7 +197,9 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     plugin's ``--editsafety-sequential-*`` options and defaults). ``batch_size`` K > 1 certifies batches, as
     ``--editsafety-batch-size K`` does: the cases K at a time applied in one edit (``Certificate.batches``; the
     members' records in ``Certificate.cases``); the editor must declare it takes K requests at once
-    (``max_requests_per_apply``), else every batch records the error. The model is left as it was given.
+    (``max_requests_per_apply``), else every batch records the error. ``search_batch`` N runs the edit searches
+    of N single-edit cases at once (``--editsafety-search-batch``; None: 8 on a GPU, 1 on a CPU). The model is
+    left as it was given.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
@@ -206,7 +211,8 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     plan, hub = _hub(model, tokenizer, editor, _case_sets(cases), bounds=bounds, corpus=corpus, limit=limit,
                      sequential=sequential, hparams=hparams, stats_corpus=stats_corpus, stats_dir=stats_dir,
                      cache_root=cache_root, dtype=dtype, strip_bos=strip_bos, sequential_edits=sequential_edits,
-                     sequential_every=sequential_every, sequential_corpus=sequential_corpus, batch_size=batch_size)
+                     sequential_every=sequential_every, sequential_corpus=sequential_corpus, batch_size=batch_size,
+                     search_batch=search_batch)
     records = RunRecords(started=started, t0=t0, seen=True, strip_bos=strip_bos)
     for item in plan.items:
         outcome = hub.run(item)

@@ -26,7 +26,7 @@ from pytest_editsafety.cache import cache_root
 from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
 from pytest_editsafety.devices import MAIN_WORKER
 from pytest_editsafety.context_fit import check_fits_context
-from pytest_editsafety.model_pool import ModelPool, ModelState
+from pytest_editsafety.model_pool import ModelPool, ModelState, empty_cuda_cache
 from pytest_editsafety.plan import Plan, PlanItem
 from pytest_editsafety.sequential import default_every, first_crossing, measurement_steps
 
@@ -70,11 +70,18 @@ class HubOptions:
     # a sequential run measures after every k-th edit and the last (--editsafety-sequential-every); None: each
     # model's default (pytest_editsafety.sequential.default_every)
     sequential_every: int | None = None
+    # single-edit cases of one (editor, model, case set) whose searches (ROME's v*, MEMIT's z: editors'
+    # prepare()) run together on the unedited model, the case under way and the next ones this run selected;
+    # 1 measures each case alone (--editsafety-search-batch); None: default_search_batch for the model's device
+    search_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.restore_check not in RESTORE_CHECKS:
             raise ValueError(f"HubOptions.restore_check: {self.restore_check!r} is not one of "
                              f"{', '.join(RESTORE_CHECKS)}")
+        if self.search_batch is not None and (isinstance(self.search_batch, bool) or not isinstance(self.search_batch, int)
+                                              or self.search_batch < 1):
+            raise ValueError(f"HubOptions.search_batch must be an integer >= 1, got {self.search_batch!r}")
         if self.sequential_every is not None and self.sequential_every < 1:
             raise ValueError(f"HubOptions.sequential_every must be at least 1, got {self.sequential_every}")
 
@@ -91,6 +98,18 @@ class RunOutcome:
     @property
     def certified(self) -> bool:
         return self.error is None and not self.violations
+
+
+# search batch sizes by device: a GPU runs a batch of searches in about the time of one (a small batch leaves it
+# idle; 8 cases of 22 prompts keep a 7B model's activations within a few GB), a CPU is busy already and gains ~15 %
+# (benchmarks/speed.py), too little to measure cases another worker may take
+GPU_SEARCH_BATCH = 8
+CPU_SEARCH_BATCH = 1
+
+
+def default_search_batch(device: str | None) -> int:
+    """Cases whose searches run together when --editsafety-search-batch is not given, on ``device``."""
+    return GPU_SEARCH_BATCH if device is not None and device.startswith("cuda") else CPU_SEARCH_BATCH
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -131,12 +150,18 @@ class ModelHub(ModelPool):
     """
 
     def __init__(self, plan: Plan, options: HubOptions | None = None, *,
-                 models: Mapping[str, Any] | None = None, editors: Mapping[str, Any] | None = None) -> None:
+                 models: Mapping[str, Any] | None = None, editors: Mapping[str, Any] | None = None,
+                 run_order: Sequence[str] | None = None) -> None:
         """``models`` maps a plan model slug to a model the caller already holds (a ``registry.LoadedModel``: the
         hub uses it as it is, on its own device, and never loads or releases it); ``editors`` maps an editor
-        name of the plan to an editor object (set up through its declared needs like a registered one)."""
+        name of the plan to an editor object (set up through its declared needs like a registered one);
+        ``run_order`` the test ids the run selected, in the order it runs them (default: the whole plan), from
+        which a search batch takes the cases after the one under way."""
         options = options or HubOptions()
         super().__init__(plan, options, cache_root(options.cache_root), models)
+        order = tuple(run_order) if run_order is not None else tuple(item.test_id for item in plan.items)
+        self._run_position = {test_id: index for index, test_id in enumerate(order)}
+        self._run_order = order
         self._editor_objects = dict(editors or {})
         self._stats_cache: Any = None
         self._corpora: dict[str, Any] = {}
@@ -365,7 +390,11 @@ class ModelHub(ModelPool):
             # outside parameters_touched fails here (UndeclaredChangeError, a RestoreError)
             with edit_session(model, editor.parameters_touched(model, family), reference=state.reference,
                               editor=item.editor):
-                outcome = editor.apply(model, tokenizer, family, [request])
+                prepared = self._prepared(state, item, editor)
+                if request in prepared:
+                    outcome = editor.apply_prepared(model, tokenizer, family, [request], prepared)
+                else:
+                    outcome = editor.apply(model, tokenizer, family, [request])
                 prefix = outcome.test_prefix if case.is_hard else None
                 measured = edit_metrics(model, tokenizer, case, probe, test_prefix=prefix)
                 if prefix:
@@ -383,6 +412,54 @@ class ModelHub(ModelPool):
         metrics.update(measured)
         metrics.update(_perplexity_metrics(baseline, edited))
         return metrics, judge(self.options.bounds, metrics, denominator_floor=floor)
+
+    def _prepared(self, state: ModelState, item: PlanItem, editor: Any) -> Mapping[Any, Any]:
+        """What the editor's prepare() measured for ``item``'s case on the unedited model (``{request: value}``),
+        the searches of the next ``search_batch - 1`` selected cases of its (editor, model, case set) run with it
+        when it was not measured yet; empty when the editor prepares nothing."""
+        from editors.base import EditRequest, prepare_requests
+
+        key = (item.editor, item.case_set, item.case_id)
+        size = self.options.search_batch or default_search_batch(state.device)
+        if key not in state.prepared and size > 1 and item.editor not in state.unbatched:
+            batch = [item] + self._next_cases(state, item, size - 1)
+            tagged = self._tagged(item.model, item.case_set)
+            cases = [tagged.by_id(member.case_id) for member in batch]
+            loaded = state.loaded
+            try:
+                for case in cases:
+                    check_fits_context(loaded, case, state.provided[item.editor].context_templates or ("{}",))
+                requests = [EditRequest(case.subject, case.prompt, case.target_new) for case in cases]
+                measured = prepare_requests(editor, loaded.model, loaded.tokenizer, loaded.family, requests)
+            except Exception as err:  # each case then runs alone and meets its own error, if it has one
+                log.warning("%s: the search batch of %d cases failed (%s: %s); measuring each case of %s alone",
+                            item.test_id, len(batch), type(err).__name__, err, item.editor)
+                state.unbatched.add(item.editor)
+                measured = {}
+                empty_cuda_cache()  # a batch too large for the GPU leaves its blocks cached
+            for member, request in zip(batch, [EditRequest(c.subject, c.prompt, c.target_new) for c in cases]):
+                if request in measured:
+                    state.prepared[(member.editor, member.case_set, member.case_id)] = {request: measured[request]}
+        return state.prepared.pop(key, {})
+
+    def _next_cases(self, state: ModelState, item: PlanItem, count: int) -> list[PlanItem]:
+        """Up to ``count`` single-edit items of ``item``'s (editor, model, case set) that this run selected after
+        it and whose searches were not run yet."""
+        upcoming: list[PlanItem] = []
+        position = self._run_position.get(item.test_id)
+        if position is None or count < 1:
+            return upcoming
+        for test_id in self._run_order[position + 1:]:
+            other = self.plan.item(test_id)
+            if other is None or other.kind != "case":
+                continue
+            if (other.editor, other.model, other.case_set) != (item.editor, item.model, item.case_set):
+                break  # the plan runs an (editor, model, case set) in one stretch
+            if (other.editor, other.case_set, other.case_id) not in state.prepared:
+                upcoming.append(other)
+                if len(upcoming) == count:
+                    break
+        return upcoming
 
     def _edit_batch_and_measure(
         self, state: ModelState, item: PlanItem, cases: Sequence[EditCase],

@@ -60,6 +60,11 @@ class ModelState:
     hparams_hashes: dict[str, str | None] = field(default_factory=dict)
     tagged: dict[str, CaseSet] = field(default_factory=dict)
     probes: dict[tuple[str, str], Any] = field(default_factory=dict)
+    # (editor, case set, case id) -> what the editor's prepare() measured for that case on the unedited model,
+    # with the cases searched in one batch (HubOptions.search_batch); taken when the case runs, gone on eviction
+    prepared: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    # editors whose search batch failed (a GPU out of memory): their cases are measured alone from then on
+    unbatched: set[str] = field(default_factory=set)
     floor_medians: dict[str, float | None] = field(default_factory=dict)
 
 
@@ -186,6 +191,7 @@ class ModelPool:
         state.reference = None
         state.resources = None
         state.editors.clear()  # they may hold covariances on the device
+        state.prepared.clear()
         state.provided.clear()
         if slug in self._lru:
             self._lru.remove(slug)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -242,7 +242,7 @@ def editsafety_plan(pytestconfig: pytest.Config) -> Any:
 
 
 @pytest.fixture(scope="session")
-def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
+def editsafety_hub(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> Iterator[Any]:
     """This worker's ``ModelHub``: loads each model once and runs certification tests against it."""
     from pytest_editsafety.devices import MAIN_WORKER
     from pytest_editsafety.hub import HubOptions, ModelHub
@@ -259,10 +259,23 @@ def editsafety_hub(pytestconfig: pytest.Config) -> Iterator[Any]:
         restore_check=settings.restore_check,
         strip_bos=settings.strip_bos,
         sequential_every=settings.sequential_every,
+        search_batch=settings.search_batch,
         # "gw0"... on an xdist worker: each record says which worker measured it
         worker=str(pytestconfig.workerinput["workerid"]) if hasattr(pytestconfig, "workerinput") else MAIN_WORKER,
     )
-    yield ModelHub(get_plan(pytestconfig), options)
+    yield ModelHub(get_plan(pytestconfig), options, run_order=run_order(request.session.items))
+
+
+def run_order(items: Sequence[pytest.Item]) -> list[str]:
+    """The certification tests among ``items`` (a session's selection, in its order), as plan test ids: a hub's
+    search batch takes the cases after the one under way from them, so a ``-k`` selection measures nothing else."""
+    return [params[ITEM_FIXTURE].test_id for params in (_parameters(item) for item in items) if ITEM_FIXTURE in params]
+
+
+def _parameters(item: pytest.Item) -> Mapping[str, Any]:
+    """A collected test's parameters (``callspec.params``; a test that is not parametrized has none)."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params if callspec is not None else {}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import editors.rome as rome_module
+import editors.value_search as value_search_module
 from editors.base import Provided
 from editors.context import START_WORDS, prefixes_per_start_word, sample_context_templates
 from editors.maths import MathsError, as_out_in
@@ -70,7 +70,7 @@ def _search(model, tokenizer, hp: RomeHparams, monkeypatch=None, record=None):
             record.append((nll, loss))
             return value_search_stops(nll, loss, below=below, on=on)
 
-        monkeypatch.setattr(rome_module, "value_search_stops", recording)
+        monkeypatch.setattr(value_search_module, "value_search_stops", recording)
     return search_value_delta(model, tokenizer, family, hp, CONTEXTS, request, outputs[0])
 
 
