@@ -16,10 +16,17 @@ caller owns any caching (keyed by the model's identity and these arguments).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import MappingProxyType
 
 import torch
 
 START_WORDS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+TEMPLATE_SEED = 0
+TEMPLATE_TOP_K = 5
+# what the templates depend on besides the model, the tokenizer and the recipe: the defaults and this sampler's
+# own version, for callers that keep templates (a cache key); bump the version when the sampling changes
+SAMPLER_SETTINGS = MappingProxyType({"sampler": "editors.context/1", "start_words": list(START_WORDS),
+                                     "seed": TEMPLATE_SEED, "top_k": TEMPLATE_TOP_K})
 
 
 def prefixes_per_start_word(count: int) -> tuple[int, ...]:
@@ -37,8 +44,8 @@ def sample_context_templates(
     tokenizer,
     lengths_and_counts: Sequence[tuple[int, int]] = ((5, 10), (10, 10)),
     *,
-    seed: int = 0,
-    top_k: int = 5,
+    seed: int = TEMPLATE_SEED,
+    top_k: int = TEMPLATE_TOP_K,
 ) -> tuple[str, ...]:
     """``("{}",)`` plus, for each ``(length, count)``, ``count`` sampled prefixes of ``length`` tokens (start word
     included), start word by start word, each as ``"<text>. {}"``.

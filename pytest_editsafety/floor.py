@@ -9,7 +9,6 @@ again. An editor without a denominator has no floor.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -17,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from editors.base import EditRequest
-from editors.storage import atomic_write_text, build_lock, slugify, stable_hash
+from editors.storage import stable_hash
 from pytest_editsafety import aggregates
+from pytest_editsafety.keyed_cache import cached_value
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ __all__ = ["FLOOR_CACHE_FORMAT", "denominator_median", "provided_digest"]
 
 # /2: keyed by the editor's provided resources (templates, C per layer) instead of ROME's attributes
 # /3: each entry carries a digest of its payload, checked on read
-FLOOR_CACHE_FORMAT = "pytest-editsafety/denominator-median/3"
+# /4: stored as pytest_editsafety.keyed_cache entries (the median and count under "value")
+FLOOR_CACHE_FORMAT = "pytest-editsafety/denominator-median/4"
 
 
 def provided_digest(provided: Any) -> dict[str, Any]:
@@ -40,28 +41,12 @@ def provided_digest(provided: Any) -> dict[str, Any]:
     }
 
 
-def _read(path: Path, key_fields: Mapping[str, Any]) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        log.warning("ignoring unreadable denominator cache %s: %s", path, err)
-        return None
-    if not isinstance(data, dict) or data.get("key") != dict(key_fields):
-        return None
-    median = data.get("median")
-    if median is not None and not isinstance(median, (int, float)):
-        return None
-    if data.get("digest") != _digest(data):
-        log.warning("denominator cache %s does not match the digest written with it (edited or damaged); "
-                    "measuring the median again", path)
-        return None
-    return data
-
-
-def _digest(entry: Mapping[str, Any]) -> str:
-    return stable_hash({"key": entry.get("key"), "median": entry.get("median"), "n": entry.get("n")}, 64)
+def _valid(entry: Any) -> bool:
+    """A stored floor: the median of ``n`` finite denominators (None when none was finite)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("n"), int):
+        return False
+    median = entry.get("median")
+    return median is None or (isinstance(median, (int, float)) and not isinstance(median, bool))
 
 
 def _denominators(editor: Any, loaded: Any, cases: Sequence[Any]) -> list[float] | None:
@@ -94,23 +79,15 @@ def denominator_median(editor: Any, loaded: Any, normal_cases: Sequence[Any], *,
         verify()
         return None if values is None else [v for v in values if math.isfinite(v)]
 
-    if root is None:
+    def measured_entry() -> dict[str, Any] | None:
         finite = measure()
-        return None if finite is None else aggregates.median(finite)
-    key = {"format": FLOOR_CACHE_FORMAT, **key_fields}
-    path = root / "denominators" / f"{slugify(str(key_fields.get('editor', 'editor')))}-{stable_hash(key)}.json"
-    cached = _read(path, key)
-    if cached is not None:
-        return cached["median"]
-    with build_lock(path):
-        cached = _read(path, key)
-        if cached is not None:
-            return cached["median"]
-        finite = measure()
-        if finite is None:  # the first case already said so: nothing is written for such an editor
+        if finite is None:  # the first case already said so: nothing is kept for such an editor
             return None
         median = aggregates.median(finite)
-        entry = {"key": key, "median": median, "n": len(finite)}
-        atomic_write_text(path, json.dumps({**entry, "digest": _digest(entry)}, indent=1))
         log.info("%s: median |uᵀk| over %d normal cases = %s", key_fields.get("editor"), len(finite), median)
-        return median
+        return {"median": median, "n": len(finite)}
+
+    key = {"format": FLOOR_CACHE_FORMAT, **key_fields}
+    entry = cached_value(root, "denominators", str(key_fields.get("editor", "editor")), key, measured_entry,
+                         valid=_valid)
+    return None if entry is None else entry["median"]

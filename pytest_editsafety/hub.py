@@ -100,6 +100,10 @@ class RunOutcome:
         return self.error is None and not self.violations
 
 
+# a perplexity measurement's figures, as the hub keeps them (and the baselines cache stores them)
+_PPL_FIELDS = ("mean", "corpus", "median", "max")
+BASELINE_CACHE_FORMAT = "pytest-editsafety/unedited-perplexity/1"
+
 # search batch sizes by device: a GPU runs a batch of searches in about the time of one (a small batch leaves it
 # idle; 8 cases of 22 prompts keep a 7B model's activations within a few GB), a CPU is busy already and gains ~15 %
 # (benchmarks/speed.py), too little to measure cases another worker may take
@@ -592,15 +596,28 @@ class ModelHub(ModelPool):
             state.encoded_corpora[corpus.name] = encoded
         result = perplexity(loaded.model, loaded.tokenizer, corpus.texts, batch_size=self.options.ppl_batch_size,
                             encoded=encoded)
-        return {"mean": result.mean_ppl, "corpus": result.corpus_ppl, "median": result.median_ppl, "max": result.max_ppl}
+        return dict(zip(_PPL_FIELDS, (result.mean_ppl, result.corpus_ppl, result.median_ppl, result.max_ppl)))
 
     def _baseline(self, state: ModelState) -> dict[str, float]:
         if state.baseline is None:
             slug = state.slug
             state.corpus = self._corpus(self.plan.model(slug).ppl_corpus)
-            state.baseline = self._perplexity(state)
+            state.baseline = self._unedited_perplexity(state, state.corpus)
             log.info("model %s: unedited mean ppl %.4g on %s", slug, state.baseline["mean"], state.corpus.name)
         return state.baseline
+
+    def _unedited_perplexity(self, state: ModelState, corpus: Any) -> dict[str, float]:
+        """The unedited model's perplexity on ``corpus``: measured once, and kept under the cache root for the other
+        workers and later runs, keyed by the weights (their dtype and device kind) and the corpus's texts."""
+        from pytest_editsafety.keyed_cache import cached_value
+
+        parameter = next(state.loaded.model.parameters())
+        key = {"format": BASELINE_CACHE_FORMAT, "identity": state.loaded.identity, "dtype": str(parameter.dtype),
+               "device": parameter.device.type, "corpus": corpus.name, "texts": stable_hash(list(corpus.texts), 32),
+               "batch_size": self.options.ppl_batch_size}
+        return cached_value(self._root if state.loaded.identity else None, "baselines", state.slug, key,
+                            lambda: self._perplexity(state, corpus),
+                            valid=lambda value: isinstance(value, dict) and set(value) == set(_PPL_FIELDS))
 
     def _corpus_baseline(self, state: ModelState, name: str) -> dict[str, float]:
         """The unedited model's perplexity on corpus ``name``: the single-edit baseline when it is that corpus, else
@@ -609,7 +626,7 @@ class ModelHub(ModelPool):
             return self._baseline(state)
         if name not in state.other_baselines:
             corpus = self._corpus(name)
-            state.other_baselines[name] = self._perplexity(state, corpus)
+            state.other_baselines[name] = self._unedited_perplexity(state, corpus)
             log.info("model %s: unedited mean ppl %.4g on %s", state.slug, state.other_baselines[name]["mean"],
                      corpus.name)
         return state.other_baselines[name]

@@ -17,7 +17,9 @@ from editors.base import TrainedNetworkNeed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelResources"]
+__all__ = ["ModelResources", "TEMPLATES_CACHE_FORMAT"]
+
+TEMPLATES_CACHE_FORMAT = "pytest-editsafety/context-templates/1"
 
 
 class ModelResources:
@@ -46,10 +48,22 @@ class ModelResources:
         )
 
     def context_templates(self, recipe: tuple[tuple[int, int], ...]) -> tuple[str, ...]:
+        """The model's templates for ``recipe``: sampled once (half a second on the organism, every worker) and kept
+        under the cache root, keyed by the weights, their dtype and device kind and the sampler's settings."""
         if recipe not in self._templates:
-            from editors.context import sample_context_templates
+            from editors.context import SAMPLER_SETTINGS, sample_context_templates
+            from pytest_editsafety.keyed_cache import cached_value
 
-            self._templates[recipe] = sample_context_templates(self.loaded.model, self.loaded.tokenizer, recipe)
+            loaded = self.loaded
+            parameter = next(loaded.model.parameters())
+            key = {"format": TEMPLATES_CACHE_FORMAT, "identity": loaded.identity, "dtype": str(parameter.dtype),
+                   "device": parameter.device.type, "recipe": [list(pair) for pair in recipe], **SAMPLER_SETTINGS}
+            templates = cached_value(
+                self._cache_root if loaded.identity else None, "templates", loaded.spec.name, key,
+                lambda: list(sample_context_templates(loaded.model, loaded.tokenizer, recipe)),
+                valid=lambda value: isinstance(value, list) and bool(value) and all(isinstance(t, str) and
+                                                                                    t.count("{}") == 1 for t in value))
+            self._templates[recipe] = tuple(templates)
         return self._templates[recipe]
 
     def trained_network(self, need: TrainedNetworkNeed) -> Path:

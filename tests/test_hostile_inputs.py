@@ -143,16 +143,18 @@ def test_a_changed_float_in_a_cached_organism_is_named_and_the_build_replaced(tm
 def test_a_cached_floor_edited_by_hand_is_named_and_measured_again(tmp_path, caplog):
     import json
 
-    from pytest_editsafety.floor import FLOOR_CACHE_FORMAT, _digest, _read
+    from pytest_editsafety.floor import FLOOR_CACHE_FORMAT, _valid
+    from pytest_editsafety.keyed_cache import read_entry, write_entry
 
     key = {"format": FLOOR_CACHE_FORMAT, "model": "m", "editor": "rome"}
     path = tmp_path / "rome-x.json"
-    entry = {"key": key, "median": 2.5, "n": 48}
-    path.write_text(json.dumps({**entry, "digest": _digest(entry)}))
-    assert _read(path, key)["median"] == 2.5
-    path.write_text(json.dumps({**entry, "median": 1e6, "digest": _digest(entry)}))  # the floor made harmless
+    write_entry(path, key, {"median": 2.5, "n": 48})
+    assert read_entry(path, key, valid=_valid)["median"] == 2.5
+    stored = json.loads(path.read_text())
+    stored["value"]["median"] = 1e6  # the floor made harmless
+    path.write_text(json.dumps(stored))
     with caplog.at_level("WARNING"):
-        assert _read(path, key) is None
+        assert read_entry(path, key, valid=_valid) is None
     assert str(path) in caplog.text and "digest" in caplog.text
 
 

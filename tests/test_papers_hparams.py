@@ -89,6 +89,9 @@ PAPERS: list[tuple[str, str, str, object]] = [
     *[("memit", m, f, v) for m in PAPERS_FILE for f, v in {
         "context_templates": [[10, 5]], "kl_prompt": "{} is a", "early_stop_on": "loss",
         "early_stop_below": 0.05}.items()],
+    # not a setting of the papers: how the search for v* (and z) runs, over a cached prefix (editors.suffix); the
+    # same numbers either way, to float rounding
+    *[(e, m, "v_cached_prefix", True) for e in ("rome", "memit") for m in PAPERS_FILE],
     # hparams/FT/gpt2-xl.yaml (norm_constraint 5e-4 -> eps)
     *[("ft-linf", "gpt2-xl", f, v) for f, v in {
         "layer": 0, "num_steps": 25, "lr": 5e-4, "weight_decay": 0.0, "eps": 5e-4}.items()],
@@ -149,6 +152,7 @@ KMENG01: list[tuple[str, str, str, object]] = [
     # ROME's code has no C-ROME: the value C-ROME maps k-bar to is the collapse papers' (their compute_v), so
     # that the named set differs from the defaults in C alone
     *[("rome", m, "c_rome_target", "bare") for m in ("gpt2-xl", "gpt-j")],
+    *[("rome", m, "v_cached_prefix", True) for m in ("gpt2-xl", "gpt-j")],
     # kmeng01/rome hparams/FT/gpt2-xl_constr.json
     *[("ft-linf", "gpt2-xl", f, v) for f, v in {
         "layer": 0, "num_steps": 25, "lr": 5e-4, "weight_decay": 0.0, "eps": 5e-4}.items()],

@@ -18,7 +18,7 @@ from editors.base import EditorBase, EditOutcome, EditRequest, prepare_requests
 from pytest_editsafety.hub import CPU_SEARCH_BATCH, GPU_SEARCH_BATCH, HubOptions, ModelHub, default_search_batch
 from pytest_editsafety.model_pool import ModelState
 from pytest_editsafety.plan import build_plan
-from tests.test_plugin import SUITE, isolated, one_torch_thread  # noqa: F401  (fixtures, used by name)
+from tests.test_plugin import isolated, one_torch_thread  # noqa: F401  (fixtures, used by name)
 
 
 def test_the_default_batches_on_a_gpu_and_not_on_a_cpu() -> None:

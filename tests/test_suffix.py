@@ -12,10 +12,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalL
 
 from editors.base import EditRequest
 from editors.families import family_for_model_type
-from editors.memit import MemitEditor, MemitHparams
+from editors.memit import MemitHparams
 from editors.provision import SimpleProvider, set_up
 from editors.restore import edit_session
-from editors.rome import RomeEditor, RomeHparams, keys_and_outputs, search_value_delta
+from editors.rome import RomeHparams, keys_and_outputs, search_value_delta
 from editors.suffix import split_rows
 from tests.test_memit_ft import CONTEXTS, REQUESTS, _tokenizer
 
