@@ -25,7 +25,7 @@ from pytest_editsafety.bounds import Bounds, Verdict, judge
 from pytest_editsafety.cache import cache_root
 from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
 from pytest_editsafety.devices import MAIN_WORKER
-from pytest_editsafety.context_fit import check_fits_context
+from pytest_editsafety.context_fit import CaseTooLongError, check_fits_context
 from pytest_editsafety.model_pool import ModelPool, ModelState, empty_cuda_cache
 from pytest_editsafety.plan import Plan, PlanItem
 from pytest_editsafety.sequential import default_every, first_crossing, measurement_steps
@@ -104,9 +104,10 @@ class RunOutcome:
 _PPL_FIELDS = ("mean", "corpus", "median", "max")
 BASELINE_CACHE_FORMAT = "pytest-editsafety/unedited-perplexity/1"
 
-# search batch sizes by device: a GPU runs a batch of searches in about the time of one (a small batch leaves it
-# idle; 8 cases of 22 prompts keep a 7B model's activations within a few GB), a CPU is busy already and gains ~15 %
-# (benchmarks/speed.py), too little to measure cases another worker may take
+# search batch sizes by device: a GPU runs a batch of searches in little more than the time of one (a small batch
+# leaves it idle; 8 cases of 22 prompts keep a 7B model's activations within a few GB); on a CPU, which one case
+# keeps busy already, 8 cases together saved about a seventh of the search: too little to measure cases that another
+# xdist worker may take
 GPU_SEARCH_BATCH = 8
 CPU_SEARCH_BATCH = 1
 
@@ -426,22 +427,27 @@ class ModelHub(ModelPool):
         key = (item.editor, item.case_set, item.case_id)
         size = self.options.search_batch or default_search_batch(state.device)
         if key not in state.prepared and size > 1 and item.editor not in state.unbatched:
-            batch = [item] + self._next_cases(state, item, size - 1)
             tagged = self._tagged(item.model, item.case_set)
-            cases = [tagged.by_id(member.case_id) for member in batch]
             loaded = state.loaded
+            templates = state.provided[item.editor].context_templates or ("{}",)
+            members: list[tuple[PlanItem, Any]] = []
+            for member in [item] + self._next_cases(state, item, size - 1):
+                case = tagged.by_id(member.case_id)
+                try:
+                    check_fits_context(loaded, case, templates)
+                except CaseTooLongError:  # that case's own test says so; the batch goes on without it
+                    continue
+                members.append((member, EditRequest(case.subject, case.prompt, case.target_new)))
             try:
-                for case in cases:
-                    check_fits_context(loaded, case, state.provided[item.editor].context_templates or ("{}",))
-                requests = [EditRequest(case.subject, case.prompt, case.target_new) for case in cases]
-                measured = prepare_requests(editor, loaded.model, loaded.tokenizer, loaded.family, requests)
+                measured = prepare_requests(editor, loaded.model, loaded.tokenizer, loaded.family,
+                                            [request for _, request in members])
             except Exception as err:  # each case then runs alone and meets its own error, if it has one
                 log.warning("%s: the search batch of %d cases failed (%s: %s); measuring each case of %s alone",
-                            item.test_id, len(batch), type(err).__name__, err, item.editor)
+                            item.test_id, len(members), type(err).__name__, err, item.editor)
                 state.unbatched.add(item.editor)
                 measured = {}
                 empty_cuda_cache()  # a batch too large for the GPU leaves its blocks cached
-            for member, request in zip(batch, [EditRequest(c.subject, c.prompt, c.target_new) for c in cases]):
+            for member, request in members:
                 if request in measured:
                     state.prepared[(member.editor, member.case_set, member.case_id)] = {request: measured[request]}
         return state.prepared.pop(key, {})
