@@ -53,17 +53,17 @@ def test_an_edited_or_misshapen_entry_is_named_and_measured_again(tmp_path: Path
 
 @pytest.mark.organism
 @pytest.mark.xdist_group("tiny-gpt2")
-def test_templates_and_the_unedited_perplexity_are_read_back_by_another_hub(tmp_path: Path, monkeypatch,
-                                                                            one_torch_thread) -> None:
+def test_templates_and_the_unedited_perplexity_are_read_back_by_another_hub(monkeypatch, one_torch_thread) -> None:
     """A second hub on the same cache root (another worker, a later run) samples no template and measures no
-    unedited perplexity: it reads both, and they are the first hub's exactly."""
+    unedited perplexity: it reads both, and they are the first hub's exactly. (The session's cache root, where the
+    organism and its statistics already are: a fresh root would compute C and the floor again, minutes.)"""
     import editors.context
     from pytest_editsafety.hub import HubOptions, ModelHub
     from pytest_editsafety.plan import build_plan
 
     plan = build_plan(["rome"], ["tiny-gpt2"], ["normal"], limit=1)
     item = plan.items[0]
-    first = ModelHub(plan, HubOptions(cache_root=str(tmp_path)))
+    first = ModelHub(plan, HubOptions())
     measured = first.run(item)
     assert measured.error is None
     state = first._state("tiny-gpt2")
@@ -73,7 +73,7 @@ def test_templates_and_the_unedited_perplexity_are_read_back_by_another_hub(tmp_
         raise AssertionError("measured again")
 
     monkeypatch.setattr(editors.context, "sample_context_templates", refuse)
-    second = ModelHub(plan, HubOptions(cache_root=str(tmp_path)))
+    second = ModelHub(plan, HubOptions())
     original = ModelHub._perplexity
 
     def edited_only(self, state, corpus=None):
