@@ -12,7 +12,8 @@ margin, a healthy edit passes with room to spare, and an editor that does nothin
 * ``denominator``: ROME's ``|uᵀk|`` (absent or ``None`` for editors without one: MEMIT, FT, MEND);
 * efficacy / generalization / locality under the family's own keys (``METRIC_FAMILIES``):
   ``counterfact`` reads ``cf_efficacy``, ``cf_generalization``, ``cf_locality``; ``easyedit`` reads
-  ``ee_rewrite_acc``, ``ee_rephrase_acc``, ``ee_locality``. All are shares in [0, 1].
+  ``ee_rewrite_acc``, ``ee_rephrase_acc``, ``ee_locality``; ``generation`` reads ``gen_efficacy``,
+  ``gen_generalization``, ``gen_locality`` (what greedy decoding says). All are shares in [0, 1].
 
 A metric that is NaN or infinite is always a violation: a collapsed model produces exactly such numbers,
 and a comparison against NaN that is silently false would certify it.
@@ -62,6 +63,9 @@ METRIC_FAMILIES: Mapping[str, FamilyKeys] = MappingProxyType(
         # EasyEdit: teacher-forced token accuracy of the target on the rewrite prompt / on paraphrases;
         # locality is the share of neighborhood tokens whose argmax is unchanged.
         "easyedit": FamilyKeys("ee_rewrite_acc", "ee_rephrase_acc", "ee_locality"),
+        # Generation: greedy decoding says o* (as a whole word) on the rewrite prompt / on paraphrases; locality
+        # is the share of neighbourhood prompts whose greedy continuation is the unedited model's.
+        "generation": FamilyKeys("gen_efficacy", "gen_generalization", "gen_locality"),
     }
 )
 

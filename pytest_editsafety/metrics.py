@@ -6,6 +6,12 @@
 - EasyEdit: teacher-forced token accuracy of the target on the rewrite prompt (rewrite_acc) and the
   paraphrases (rephrase_acc); locality = share of neighbourhood answer tokens whose argmax prediction is
   unchanged from the unedited model (needs the unedited predictions, taken before the edit).
+- Generation (``gen_*``): what the edited model *says*. Greedy decoding of the rewrite prompt and the paraphrases;
+  an edit takes when the continuation starts with the new target as a whole word (``gen_efficacy``,
+  ``gen_generalization``); locality = share of neighbourhood prompts whose greedy continuation, as long as their
+  answer, is the unedited model's (``gen_locality``). Teacher forcing scores the target's tokens given the
+  target's own earlier tokens, so it can call an edit done that the model never produces ("The Mirage of Model
+  Editing", 2025: 38.5 % generated against 96.8 % reported); both are recorded, and the bounds read either.
 
 Targets are stored without a leading space; scoring prepends one (" o*"), as the CounterFact code does.
 """
@@ -66,16 +72,56 @@ def with_prefix(prompt: str, prefix: str | None) -> str:
     return prompt if not prefix else f"{prefix.rstrip()} {prompt}"
 
 
+def greedy_tokens(model, tokenizer, prompts: Sequence[str], n_tokens: int, *, batch_size: int = 64
+                  ) -> list[tuple[int, ...]]:
+    """The first ``n_tokens`` tokens the model generates after each prompt, greedily (argmax, no sampling)."""
+    import torch
+
+    from editors.text import pad_id, padded
+
+    rows = [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    starts = [len(row) for row in rows]
+    device = next(model.parameters()).device
+    pad = pad_id(tokenizer)
+    with torch.no_grad():
+        for _ in range(n_tokens):
+            for first in range(0, len(rows), batch_size):
+                chunk = rows[first:first + batch_size]
+                # right padding: each row's next token is read at its own last position
+                ids, mask = padded(chunk, pad)
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                last = torch.tensor([len(row) - 1 for row in chunk], device=device)
+                for row, token in zip(chunk, logits[torch.arange(len(chunk), device=device), last].argmax(-1).tolist()):
+                    row.append(int(token))
+    return [tuple(row[start:]) for row, start in zip(rows, starts)]
+
+
+def says(tokenizer, generated: Sequence[int], answer: str) -> bool:
+    """Whether a generated continuation starts with ``answer`` as a whole word (``" Paris,"``, not ``" Parisian"``)."""
+    text = tokenizer.decode(list(generated), skip_special_tokens=True).lstrip()
+    answer = answer.strip()
+    return text.startswith(answer) and not text[len(answer):len(answer) + 1].isalnum()
+
+
+def _answer_length(tokenizer, answer: str) -> int:
+    return len(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
+
+
 @dataclass(frozen=True)
 class Probe:
-    """The unedited model's answers, taken once before an edit (EasyEdit locality compares against them)."""
+    """The unedited model's answers, taken once before an edit: its teacher-forced argmax tokens (EasyEdit locality)
+    and its greedy continuations (generation locality) of each neighbourhood prompt."""
 
     neighbour_argmax: tuple[tuple[int, ...], ...]
+    neighbour_generated: tuple[tuple[int, ...], ...] = ()
 
 
 def probe_before(model, tokenizer, case: EditCase) -> Probe:
     pairs = [Continuation(n.prompt, n.answer) for n in case.neighborhood]
-    return Probe(tuple(argmax for _, argmax in answer_scores(model, tokenizer, pairs)))
+    n_tokens = max((_answer_length(tokenizer, n.answer) for n in case.neighborhood), default=0)
+    generated = greedy_tokens(model, tokenizer, [n.prompt for n in case.neighborhood], n_tokens) if n_tokens else []
+    return Probe(tuple(argmax for _, argmax in answer_scores(model, tokenizer, pairs)),
+                 tuple(tokens[:_answer_length(tokenizer, n.answer)] for tokens, n in zip(generated, case.neighborhood)))
 
 
 def edit_metrics(model, tokenizer, case: EditCase, before: Probe, *, test_prefix: str | None = None) -> dict[str, float | None]:
@@ -97,6 +143,13 @@ def edit_metrics(model, tokenizer, case: EditCase, before: Probe, *, test_prefix
     keeps = [neighbour_scores[2 * j][0] > neighbour_scores[2 * j + 1][0] for j in range(len(case.neighborhood))]
     unchanged = [_token_accuracy(neighbour_scores[2 * j][1], before.neighbour_argmax[j])
                  for j in range(len(case.neighborhood))]
+    # generation: the target's length and one token more (the whole-word check), neighbours their answers' lengths
+    prompts = [rewrite, *paraphrases, *(n.prompt for n in case.neighborhood)]
+    lengths = [len(target_ids) + 1] * n_prompts + [len(a) for a in before.neighbour_generated]
+    generated = greedy_tokens(model, tokenizer, prompts, max(lengths))
+    said = [says(tokenizer, tokens, case.target_new) for tokens in generated[:n_prompts]]
+    kept = [tokens[:len(unedited)] == unedited
+            for tokens, unedited in zip(generated[n_prompts:], before.neighbour_generated)]
     return {
         "cf_efficacy": float(wins[0]),
         "cf_generalization": _share(wins[1:]),
@@ -105,6 +158,9 @@ def edit_metrics(model, tokenizer, case: EditCase, before: Probe, *, test_prefix
         "ee_rewrite_acc": accs[0],
         "ee_rephrase_acc": _share(accs[1:]),
         "ee_locality": _share(unchanged),
+        "gen_efficacy": float(said[0]),
+        "gen_generalization": _share(said[1:]),
+        "gen_locality": _share(kept),
     }
 
 

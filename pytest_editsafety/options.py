@@ -136,7 +136,8 @@ OPTIONS: tuple[_Option, ...] = (
     _Option(BOUNDS, "--editsafety-min-locality", "min_locality", f"neighbourhood share that must keep its answer "
             f"(default {_BOUNDS.min_locality})", "float", _bound("min_locality"), "X"),
     _Option(BOUNDS, "--editsafety-metric-family", "metric_family", f"metric family the share bounds read: "
-            f"counterfact or easyedit (default {_BOUNDS.metric_family})", "string", _bound("metric_family"),
+            f"counterfact, easyedit (both teacher-forced) or generation (greedy decoding) (default "
+            f"{_BOUNDS.metric_family})", "string", _bound("metric_family"),
             "FAMILY"),
     _Option(OUTPUTS, "--editsafety-report", "report", f"markdown report path (default {DEFAULT_REPORT})",
             metavar="PATH"),

@@ -1,4 +1,5 @@
-"""Both metric families against a language model whose every prediction is a fixed, chosen distribution."""
+"""The metric families (teacher-forced CounterFact and EasyEdit, and what greedy decoding says) against a language
+model whose every prediction is a fixed, chosen distribution."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pytest_editsafety.cases.model import EditCase, NeighborhoodPrompt
-from pytest_editsafety.metrics import edit_metrics, probe_before, with_prefix
+from pytest_editsafety.metrics import edit_metrics, greedy_tokens, probe_before, says, with_prefix
 
 def make_case(target: str, truth: str, neighbour_answers: tuple[str, str]) -> EditCase:
     return EditCase(
@@ -76,6 +77,8 @@ def test_an_edit_that_took_everywhere_wins_efficacy_and_generalization_but_loses
     assert m["ee_rewrite_acc"] == 1.0 and m["ee_rephrase_acc"] == 1.0
     assert m["ee_locality"] == 0.0  # the neighbours' argmax changed from their answers to the target
     assert m["cf_efficacy_margin"] > 0.9
+    # the model now says the target after every prompt, the neighbours' included
+    assert m["gen_efficacy"] == 1.0 and m["gen_generalization"] == 1.0 and m["gen_locality"] == 0.0
 
 
 def test_a_no_op_edit_keeps_locality_and_fails_efficacy(tokenizer, words):
@@ -86,6 +89,7 @@ def test_a_no_op_edit_keeps_locality_and_fails_efficacy(tokenizer, words):
     assert m["cf_efficacy"] == 0.0 and m["cf_generalization"] == 0.0 and m["ee_rewrite_acc"] == 0.0
     assert m["cf_locality"] == 1.0 and m["ee_locality"] == 1.0
     assert m["cf_efficacy_margin"] < 0
+    assert m["gen_efficacy"] == 0.0 and m["gen_generalization"] == 0.0 and m["gen_locality"] == 1.0
 
 
 def test_nothing_to_measure_is_none_not_zero(tokenizer, words):
@@ -95,9 +99,41 @@ def test_nothing_to_measure_is_none_not_zero(tokenizer, words):
     m = edit_metrics(model, tokenizer, bare, probe_before(model, tokenizer, bare))
     assert m["cf_generalization"] is None and m["cf_locality"] is None
     assert m["ee_rephrase_acc"] is None and m["ee_locality"] is None
-    assert m["cf_efficacy"] == 1.0
+    assert m["gen_generalization"] is None and m["gen_locality"] is None
+    assert m["cf_efficacy"] == 1.0 and m["gen_efficacy"] == 1.0
 
 
 def test_the_test_time_prefix_goes_before_the_prompt():
     assert with_prefix("Fimeth lives in", "The old river. ") == "The old river. Fimeth lives in"
     assert with_prefix("Fimeth lives in", None) == "Fimeth lives in"
+
+
+def test_teacher_forcing_can_call_an_edit_done_that_the_model_never_says(tokenizer, words):
+    """A two-word target whose second word the model predicts everywhere: scored token by token with the first word
+    given, the target beats the truth (CounterFact) and half its tokens are right (EasyEdit); greedy decoding never
+    starts with the first word, so the edit did not take."""
+    first, second, truth, answer = words
+    case = make_case(f"{first} {second}", truth, (answer, answer))
+    model = favouring(tokenizer, second)
+    m = edit_metrics(model, tokenizer, case, probe_before(model, tokenizer, case))
+    assert m["cf_efficacy"] == 1.0 and m["ee_rewrite_acc"] == 0.5
+    assert m["gen_efficacy"] == 0.0 and m["gen_generalization"] == 0.0
+
+
+def test_a_continuation_says_an_answer_as_a_whole_word(tokenizer, words):
+    target = words[0]
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert says(tokenizer, ids(f" {target}, and more"), target)
+    assert says(tokenizer, ids(f" {target}"), f" {target} ")
+    assert not says(tokenizer, ids(f" {target}ian"), target)
+    assert not says(tokenizer, ids(f" The {target}"), target)
+
+
+def test_greedy_decoding_appends_each_rows_own_next_token(tokenizer, words):
+    target = words[0]
+    (token,) = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    generated = greedy_tokens(favouring(tokenizer, target), tokenizer, ["Fimeth lives in", "A much longer prompt"], 3)
+    assert generated == [(token,) * 3, (token,) * 3]

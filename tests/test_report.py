@@ -326,3 +326,14 @@ def test_cli_usage_errors_exit_4_naming_the_file(tmp_path: Path, capsys: pytest.
     code, _, err = cli([str(GOLDEN / "run.json"), "--bogus"], capsys)
     assert code == 4 and "--bogus" in err
     assert not (tmp_path / "o.md").exists()
+
+
+def test_the_report_shows_generated_efficacy_beside_the_teacher_forced(run: RunResult) -> None:
+    assert "## Efficacy: scored and said" not in render_markdown(run)  # results from before generation was measured
+    said = tuple(dataclasses.replace(r, metrics={**r.metrics, "gen_efficacy": 0.0, "gen_generalization": 0.25})
+                 for r in run.cases)
+    md = render_markdown(dataclasses.replace(run, cases=said))
+    section = md.split("## Efficacy: scored and said", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows and all(cells(row)[5] == "0 %" and cells(row)[7] == "25 %" for row in rows), rows
+    assert "A gap means edits that score without being said." in section

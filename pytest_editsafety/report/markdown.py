@@ -381,6 +381,35 @@ def _kind_table(result: RunResult) -> list[str]:
     ]
 
 
+def _mean_of(records: Sequence[CaseRecord], key: str) -> float | None:
+    values = [v for v in (r.metrics.get(key) for r in records) if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def _efficacy_table(result: RunResult) -> list[str]:
+    """Teacher-forced efficacy beside what the edited model says when it generates, per (editor, model, kind)."""
+    rows = [
+        [escape_md(editor), escape_md(model), kind,
+         *(_pct(_mean_of(records, key)) for key in ("cf_efficacy", "ee_rewrite_acc", "gen_efficacy",
+                                                    "cf_generalization", "gen_generalization"))]
+        for editor, model, kind, records in _by_kind(result)
+        if any(r.metrics.get("gen_efficacy") is not None for r in records)
+    ]
+    if not rows:  # results written before generation was measured
+        return []
+    headers = ["editor", "model", "kind", "efficacy: CounterFact", "EasyEdit", "generated", "generalization: "
+               "CounterFact", "generated"]
+    return [
+        "## Efficacy: scored and said",
+        "",
+        _table(headers, rows),
+        "",
+        "CounterFact and EasyEdit score the target teacher-forced (its tokens given its own earlier tokens); "
+        "generated is greedy decoding, counted when the continuation starts with the new target as a whole word. "
+        "A gap means edits that score without being said.",
+    ]
+
+
 def _case_text(record: CaseRecord) -> str:
     filled = record.prompt.replace("{}", record.subject)
     return escape_md(f"{filled} → {record.target_new} (was {record.ground_truth})")
@@ -543,6 +572,7 @@ def render(
         _certification_table(result),
         _update_table(result, denominator_figures, denominator_note),
         _kind_table(result),
+        _efficacy_table(result),
         _worst_cases(result),
         _failures(result),
         _batch_section(result),
