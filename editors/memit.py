@@ -149,9 +149,11 @@ class MemitEditor(EditorBase):
         """Each request's ``(z, final NLL)`` on the model as it is; the searches run together."""
         if not requests:
             return {}
+        self._check_layers(model, family)
         contexts = self._contexts(model, tokenizer)
         value_hp = self.hparams.value_hparams()
-        h0 = layer_outputs(model, tokenizer, family, value_hp.layer, requests)
+        with eval_mode(model):  # as apply() measures: no dropout in the residual z starts from
+            h0 = layer_outputs(model, tokenizer, family, value_hp.layer, requests)
         # the layer output as the norm reference: MEMIT clamps and decays δ relative to the residual
         fits = search_value_deltas(model, tokenizer, family, value_hp, contexts, requests,
                                    [h0[:, i] for i in range(len(requests))])

@@ -15,7 +15,7 @@ import torch
 
 from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, SecondMomentNeed
 from editors.domain import check_count, check_number, check_template_recipe
-from editors.hooks import capture_input, capture_output, rows_at
+from editors.hooks import capture_input, capture_output, eval_mode, rows_at
 from editors.maths import as_out_in, delta_to_storage
 from editors.maths.rome import (
     CONSISTENT_TARGETS,
@@ -158,7 +158,8 @@ class RomeEditor(EditorBase):
     def prepare(self, model, tokenizer, family, requests) -> dict[EditRequest, RomeInputs]:
         """Keys, outputs and v* of every request, measured on the model as it is; the searches run together."""
         contexts = self._contexts(model, tokenizer)
-        measured = [keys_and_outputs(model, tokenizer, family, self.hparams.layer, contexts, r) for r in requests]
+        with eval_mode(model):  # keys and outputs without dropout, whatever mode the caller's model is in
+            measured = [keys_and_outputs(model, tokenizer, family, self.hparams.layer, contexts, r) for r in requests]
         fits = search_value_deltas(model, tokenizer, family, self.hparams, contexts, requests,
                                    [outputs[0] for _, outputs, _ in measured])
         return {

@@ -61,7 +61,11 @@ class _SuffixForward:
 
     def read_logits(self, model, rows, cols, lm_head):
         with narrowed_input(lm_head, rows, cols):
-            return self.suffix.logits(model)[0]
+            logits = self.suffix.logits(model)
+        if logits.shape[:2] != (1, len(rows)):  # the model did not send its LM head's input through the head
+            raise RuntimeError(f"the LM head's narrowed input did not reach the logits (got shape "
+                               f"{tuple(logits.shape)}); run with v_cached_prefix false")
+        return logits[0]
 
     def column(self, row: int, position: int) -> int:
         column = position - self.suffix.starts[row]

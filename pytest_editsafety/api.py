@@ -150,7 +150,8 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
          stats_corpus: str | None, stats_dir: str | None, cache_root: str | None, dtype: str | None,
          strip_bos: bool, sequential_edits: int | None = None, sequential_every: int | None = None,
          sequential_corpus: str | None = None, batch_size: int = 1,
-         search_batch: int | None = None) -> tuple[Any, Any]:
+         search_batch: int | None = None, downstream: Sequence[str] = (),
+         downstream_limit: int | None = None) -> tuple[Any, Any]:
     """The plan and the hub for one model and one editor: the plugin's own, with the caller's objects in it."""
     from pytest_editsafety.hub import HubOptions, ModelHub
     from pytest_editsafety.plan import build_plan
@@ -170,7 +171,7 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
         bounds=bounds or Bounds(), dtype=dtype, stats_dir=stats_dir, stats_corpus=stats_corpus, cache_root=cache_root,
         editor_hparams={editor_name: str(hparams)} if isinstance(hparams, (str, Path)) else None,
         editor_overrides=overrides, strip_bos=strip_bos, sequential_every=sequential_every,
-        search_batch=search_batch,
+        search_batch=search_batch, downstream=tuple(downstream), downstream_limit=downstream_limit,
     )
     slug = plan.models[0].slug
     hub = ModelHub(plan, options, models={slug: held} if held is not None else None,
@@ -184,7 +185,8 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
             stats_dir: str | None = None, cache_root: str | None = None, dtype: str | None = None,
             strip_bos: bool = False, sequential_edits: int | None = None, sequential_every: int | None = None,
             sequential_corpus: str | None = None, batch_size: int = 1,
-            search_batch: int | None = None) -> Certificate:
+            search_batch: int | None = None, downstream: Sequence[str] = (),
+            downstream_limit: int | None = None) -> Certificate:
     """Certify ``editor`` on ``model`` over ``cases`` as ``pytest --editor=... --model=... --cases=...`` would.
 
     Every case is edited from the unedited model, measured, restored bit-exactly and judged against ``bounds``
@@ -198,8 +200,10 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     ``--editsafety-batch-size K`` does: the cases K at a time applied in one edit (``Certificate.batches``; the
     members' records in ``Certificate.cases``); the editor must declare it takes K requests at once
     (``max_requests_per_apply``), else every batch records the error. ``search_batch`` N runs the edit searches
-    of N single-edit cases at once (``--editsafety-search-batch``; None: 8 on a GPU, 1 on a CPU). The model is
-    left as it was given.
+    of N single-edit cases at once (``--editsafety-search-batch``; None: 8 on a GPU, 1 on a CPU).
+    ``downstream`` names lm-eval tasks scored before and after every single edit, at most ``downstream_limit``
+    examples each (``--editsafety-downstream``, :mod:`pytest_editsafety.downstream`). The model is left as it was
+    given.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
@@ -212,7 +216,7 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
                      sequential=sequential, hparams=hparams, stats_corpus=stats_corpus, stats_dir=stats_dir,
                      cache_root=cache_root, dtype=dtype, strip_bos=strip_bos, sequential_edits=sequential_edits,
                      sequential_every=sequential_every, sequential_corpus=sequential_corpus, batch_size=batch_size,
-                     search_batch=search_batch)
+                     search_batch=search_batch, downstream=downstream, downstream_limit=downstream_limit)
     records = RunRecords(started=started, t0=t0, seen=True, strip_bos=strip_bos)
     for item in plan.items:
         outcome = hub.run(item)

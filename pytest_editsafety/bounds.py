@@ -13,7 +13,8 @@ margin, a healthy edit passes with room to spare, and an editor that does nothin
 * efficacy / generalization / locality under the family's own keys (``METRIC_FAMILIES``):
   ``counterfact`` reads ``cf_efficacy``, ``cf_generalization``, ``cf_locality``; ``easyedit`` reads
   ``ee_rewrite_acc``, ``ee_rephrase_acc``, ``ee_locality``; ``generation`` reads ``gen_efficacy``,
-  ``gen_generalization``, ``gen_locality`` (what greedy decoding says). All are shares in [0, 1].
+  ``gen_generalization``, ``gen_locality`` (what greedy decoding says). All are shares in [0, 1];
+* ``downstream_<task>_drop``: a downstream task's unedited minus edited score, bounded by ``max_downstream_drop``.
 
 A metric that is NaN or infinite is always a violation: a collapsed model produces exactly such numbers,
 and a comparison against NaN that is silently false would certify it.
@@ -118,6 +119,9 @@ class Bounds:
     min_locality: float = 0.5
     # Which family of efficacy / generalization / locality the three share bounds read.
     metric_family: str = "counterfact"
+    # Largest drop of any downstream task's score (--editsafety-downstream; unedited minus edited, in the task's
+    # own units: a share for accuracy); None = recorded, not bounded.
+    max_downstream_drop: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> BoundsError:
@@ -133,6 +137,10 @@ class Bounds:
             math.isfinite(self.min_denominator_abs) and self.min_denominator_abs >= 0
         ):
             raise bad("min_denominator_abs", "must be a finite number >= 0 or None")
+        if self.max_downstream_drop is not None and not (
+            math.isfinite(self.max_downstream_drop) and self.max_downstream_drop >= 0
+        ):
+            raise bad("max_downstream_drop", "must be a finite number >= 0 or None")
         for name in ("min_efficacy", "min_generalization", "min_locality"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
@@ -161,7 +169,8 @@ class Bounds:
         """Bounds from a mapping of field names; missing fields keep their defaults.
 
         Numbers may be given as strings (ini files and command lines hold strings; JSON spells non-finite
-        numbers ``"inf"``); ``min_denominator_abs`` also takes ``None``, ``""`` or ``"none"``.
+        numbers ``"inf"``); ``min_denominator_abs`` and ``max_downstream_drop`` also take ``None``, ``""`` or
+        ``"none"``.
         """
         if not isinstance(data, Mapping):
             raise BoundsError(f"bounds must be a mapping of field names, got {type(data).__name__}")
@@ -175,7 +184,7 @@ class Bounds:
                 if not isinstance(raw, str):
                     raise BoundsError(f"bound 'metric_family': expected a string, got {type(raw).__name__}")
                 values[name] = raw.strip().lower()
-            elif name == "min_denominator_abs" and (
+            elif name in ("min_denominator_abs", "max_downstream_drop") and (
                 raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none"))
             ):
                 values[name] = None
@@ -278,7 +287,30 @@ def judge(
         elif value < minimum:
             violations.append(f"{label} {_percent(value)} ({key}) is below the bound {_percent(minimum)}")
 
+    violations.extend(_downstream_violations(bounds, record_metrics))
     return Verdict(certified=not violations, collapse=collapse, violations=tuple(violations))
+
+
+_DOWNSTREAM_DROP = re.compile(r"^downstream_(?P<task>.+)_drop$")
+
+
+def _downstream_violations(bounds: Bounds, metrics: Mapping[str, float | None]) -> list[str]:
+    """Each downstream task whose score dropped by more than the bound, or whose drop is not a number."""
+    if bounds.max_downstream_drop is None:
+        return []
+    out = []
+    for key in sorted(metrics):
+        match = _DOWNSTREAM_DROP.match(key)
+        drop = _metric(metrics, key) if match else None
+        if match is None or drop is None:
+            continue
+        task = match.group("task")
+        if not math.isfinite(drop):
+            out.append(f"downstream task {task}: the drop is {format_number(drop)}, not a finite number")
+        elif drop > bounds.max_downstream_drop:
+            out.append(f"downstream task {task}: the score dropped by {format_number(drop)}, more than the bound "
+                       f"{format_number(bounds.max_downstream_drop)}")
+    return out
 
 
 def _denominator_violations(

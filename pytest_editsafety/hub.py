@@ -74,6 +74,10 @@ class HubOptions:
     # prepare()) run together on the unedited model, the case under way and the next ones this run selected;
     # 1 measures each case alone (--editsafety-search-batch); None: default_search_batch for the model's device
     search_batch: int | None = None
+    # lm-eval tasks scored on the unedited model and after every single edit (--editsafety-downstream), at most
+    # downstream_limit examples each (None: all): pytest_editsafety.downstream
+    downstream: tuple[str, ...] = ()
+    downstream_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.restore_check not in RESTORE_CHECKS:
@@ -168,6 +172,7 @@ class ModelHub(ModelPool):
         self._run_position = {test_id: index for index, test_id in enumerate(order)}
         self._run_order = order
         self._editor_objects = dict(editors or {})
+        self._downstream: Any = None
         self._stats_cache: Any = None
         self._corpora: dict[str, Any] = {}
         self._hardware: str | None = None
@@ -386,6 +391,7 @@ class ModelHub(ModelPool):
         editor = self._editor(state, item.editor)
         check_fits_context(loaded, case, state.provided[item.editor].context_templates or ("{}",))
         baseline = self._baseline(state)
+        downstream_before = self._downstream_unedited(state)
         floor_median = self._floor_median(state, item.editor)
         floor = self.options.bounds.relative_denominator_floor(floor_median)
         probe = self._probe(state, item.case_set, case)
@@ -405,6 +411,11 @@ class ModelHub(ModelPool):
                 if prefix:
                     measured["cf_efficacy_without_prefix"] = edit_metrics(model, tokenizer, case, probe)["cf_efficacy"]
                 edited = self._perplexity(state)
+                if downstream_before:
+                    from pytest_editsafety.downstream import downstream_metrics
+
+                    after = self._downstream_tasks().scores(model, tokenizer)
+                    measured.update(downstream_metrics(downstream_before, after))
         except RestoreError:
             self._evict(item.model)  # the weights in memory are not the model any more
             raise
@@ -421,12 +432,14 @@ class ModelHub(ModelPool):
     def _prepared(self, state: ModelState, item: PlanItem, editor: Any) -> Mapping[Any, Any]:
         """What the editor's prepare() measured for ``item``'s case on the unedited model (``{request: value}``),
         the searches of the next ``search_batch - 1`` selected cases of its (editor, model, case set) run with it
-        when it was not measured yet; empty when the editor prepares nothing."""
+        when it was not measured yet; empty when the editor prepares nothing, and for a case the run did not
+        select (the fuzzer's generated cases, measured alone)."""
         from editors.base import EditRequest, prepare_requests
 
         key = (item.editor, item.case_set, item.case_id)
         size = self.options.search_batch or default_search_batch(state.device)
-        if key not in state.prepared and size > 1 and item.editor not in state.unbatched:
+        if (key not in state.prepared and size > 1 and item.editor not in state.unbatched
+                and item.test_id in self._run_position):
             tagged = self._tagged(item.model, item.case_set)
             loaded = state.loaded
             templates = state.provided[item.editor].context_templates or ("{}",)
@@ -442,14 +455,19 @@ class ModelHub(ModelPool):
                 measured = prepare_requests(editor, loaded.model, loaded.tokenizer, loaded.family,
                                             [request for _, request in members])
             except Exception as err:  # each case then runs alone and meets its own error, if it has one
-                log.warning("%s: the search batch of %d cases failed (%s: %s); measuring each case of %s alone",
-                            item.test_id, len(members), type(err).__name__, err, item.editor)
-                state.unbatched.add(item.editor)
+                out_of_memory = type(err).__name__ == "OutOfMemoryError"  # torch.cuda's, without importing torch
+                log.warning("%s: the search batch of %d cases failed (%s: %s); measuring %s alone", item.test_id,
+                            len(members), type(err).__name__, err,
+                            f"every case of {item.editor} on this model" if out_of_memory else "them")
+                if out_of_memory:  # the next batch would not fit either
+                    state.unbatched.add(item.editor)
                 measured = {}
                 empty_cuda_cache()  # a batch too large for the GPU leaves its blocks cached
             for member, request in members:
-                if request in measured:
-                    state.prepared[(member.editor, member.case_set, member.case_id)] = {request: measured[request]}
+                # a member the batch did not measure is measured alone when it runs (an empty entry: not batched
+                # again, so one odd case does not fail every batch it would join)
+                entry = {request: measured[request]} if request in measured else {}
+                state.prepared[(member.editor, member.case_set, member.case_id)] = entry
         return state.prepared.pop(key, {})
 
     def _next_cases(self, state: ModelState, item: PlanItem, count: int) -> list[PlanItem]:
@@ -612,6 +630,32 @@ class ModelHub(ModelPool):
             log.info("model %s: unedited mean ppl %.4g on %s", slug, state.baseline["mean"], state.corpus.name)
         return state.baseline
 
+    def _downstream_tasks(self) -> Any:
+        if self._downstream is None:
+            from pytest_editsafety.downstream import DownstreamTasks
+
+            self._downstream = DownstreamTasks(self.options.downstream, limit=self.options.downstream_limit,
+                                               root=self._root)
+        return self._downstream
+
+    def _downstream_unedited(self, state: ModelState) -> dict[str, float]:
+        """The downstream tasks' scores on the unedited model, measured once per model; empty without tasks."""
+        if not self.options.downstream:
+            return {}
+        if state.downstream_unedited is None:
+            state.downstream_unedited = self._downstream_tasks().scores(state.loaded.model, state.loaded.tokenizer)
+            log.info("model %s: unedited downstream scores %s", state.slug, state.downstream_unedited)
+        return state.downstream_unedited
+
+    def _values_root(self, state: ModelState) -> Any:
+        """Where values measured on the unedited model are kept across processes (templates, perplexity), or None
+        where the identity does not pin the weights: a model object the caller holds (it may have been changed in
+        memory since it was loaded) or a hub model at an unpinned revision."""
+        identity = state.loaded.identity
+        if state.slug in self._held_models or not identity or identity.endswith("@unpinned"):
+            return None
+        return self._root
+
     def _unedited_perplexity(self, state: ModelState, corpus: Any) -> dict[str, float]:
         """The unedited model's perplexity on ``corpus``: measured once, and kept under the cache root for the other
         workers and later runs, keyed by the weights (their dtype and device kind) and the corpus's texts."""
@@ -621,7 +665,7 @@ class ModelHub(ModelPool):
         key = {"format": BASELINE_CACHE_FORMAT, "identity": state.loaded.identity, "dtype": str(parameter.dtype),
                "device": parameter.device.type, "corpus": corpus.name, "texts": stable_hash(list(corpus.texts), 32),
                "batch_size": self.options.ppl_batch_size}
-        return cached_value(self._root if state.loaded.identity else None, "baselines", state.slug, key,
+        return cached_value(self._values_root(state), "baselines", state.slug, key,
                             lambda: self._perplexity(state, corpus),
                             valid=lambda value: isinstance(value, dict) and set(value) == set(_PPL_FIELDS))
 
@@ -684,6 +728,7 @@ class ModelHub(ModelPool):
             corpus_name = self.options.stats_corpus or self.plan.model(state.slug).stats_corpus
             # resolved when C is first computed: editors with C = I, or ROME's files, need no corpus (and no network)
             state.resources = ModelResources(state.loaded, cache_root=self._root,
+                                             values_root=self._values_root(state),
                                              stats_corpus=lambda: self._corpus(corpus_name),
                                              stats_cache=self._stats_cache, stats_dir=self.options.stats_dir)
         return state.resources

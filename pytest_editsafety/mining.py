@@ -299,7 +299,9 @@ def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str, mom2_ad
         raise MiningError(f"--editor: unknown editor {editor!r}; available: {', '.join(available_editors())}")
     plan = build_plan([editor], [model], list(case_sets), ppl_corpus=ppl_corpus)
     overrides = None if mom2_adjustment is None else {"mom2_adjustment": mom2_adjustment}
-    hub = ModelHub(plan, HubOptions(stats_corpus=stats_corpus, editor_overrides=overrides))
+    # search_batch 1: the confirmation runs the mined cases in ranking order, not the plan's, so a batch of the plan's
+    # next cases would search cases that never run
+    hub = ModelHub(plan, HubOptions(stats_corpus=stats_corpus, editor_overrides=overrides, search_batch=1))
     slug = plan.models[0].slug
     scored = score_case_sets(hub, slug, editor, [(s.slug, s.given) for s in plan.case_sets], progress=progress)
     ranked, median = rank_cases(scored)

@@ -40,6 +40,8 @@ class ModelState:
     # every tensor of the model as loaded (editors.fingerprint.ModelFingerprint; None with the check off)
     reference: Any = None
     baseline: dict[str, float] | None = None
+    # the downstream tasks' scores on the unedited model (HubOptions.downstream), by task
+    downstream_unedited: dict[str, float] | None = None
     corpus: Any = None
     # the unedited perplexity on other corpora than ``corpus`` (sequential runs' ME-PPL_1k), by the name the plan gives
     other_baselines: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -129,6 +129,9 @@ OPTIONS: tuple[_Option, ...] = (
             f"0 disables)", "float", _bound("min_denominator_fraction"), "X"),
     _Option(BOUNDS, "--editsafety-min-denominator-abs", "min_denominator_abs", "absolute ROME |uᵀk| floor "
             "(default none)", "float", _bound("min_denominator_abs"), "X"),
+    _Option(BOUNDS, "--editsafety-max-downstream-drop", "max_downstream_drop", "largest drop of any downstream "
+            "task's score after an edit, unedited minus edited (--editsafety-downstream; default none: recorded, "
+            "not bounded)", "float", _bound("max_downstream_drop"), "X"),
     _Option(BOUNDS, "--editsafety-min-efficacy", "min_efficacy", f"share of rewrite prompts where the edit must "
             f"take (default {_BOUNDS.min_efficacy})", "float", _bound("min_efficacy"), "X"),
     _Option(BOUNDS, "--editsafety-min-generalization", "min_generalization", f"paraphrase success share (default "
@@ -169,6 +172,12 @@ OPTIONS: tuple[_Option, ...] = (
             "full (default; a checksum of every tensor, on its device), sampled (a fixed sample of each tensor: "
             "catches dense writes and replaced tensors, not a few entries) or off", parse=_restore_check,
             metavar="full|sampled|off"),
+    _Option(SELECTION, "--editsafety-downstream", "downstream", "lm-evaluation-harness tasks scored on the "
+            "unedited model and after every single edit, comma-separated: lm-eval's names (piqa, lambada_openai, "
+            "...) or the organisms' organism_mc and organism_cloze; needs the downstream extra (pip install "
+            "'pytest-editsafety[downstream]')", "linelist", metavar="TASKS"),
+    _Option(SELECTION, "--editsafety-downstream-limit", "downstream_limit", "at most N examples of each "
+            "downstream task (default all)", "int", _positive_int, "N"),
     _Option(LOADING, "--editsafety-search-batch", "search_batch", "single-edit cases of one (editor, model, case "
             "set) whose edit searches (ROME's v*, MEMIT's z) run together on the unedited model, each case then "
             "applied, measured and restored alone; same numbers to float rounding. Default: 8 on a GPU, where "
@@ -224,6 +233,9 @@ class Settings:
     strip_bos: bool = False
     # --editsafety-batch-size: cases per batch test; 1 = one test per case
     batch_size: int = 1
+    # --editsafety-downstream (lm-eval task names) and --editsafety-downstream-limit: pytest_editsafety.downstream
+    downstream: tuple[str, ...] = ()
+    downstream_limit: int | None = None
     # --editsafety-search-batch; None: the hub's default for the device (pytest_editsafety.hub.default_search_batch)
     search_batch: int | None = None
     # --editsafety-sequential-edits, -every and -ppl-corpus: the sequential protocol (pytest_editsafety.sequential);
@@ -352,10 +364,25 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
         strip_bos=bool(value("strip_bos", False)),
         batch_size=value("batch_size", 1),
         search_batch=value("search_batch"),
+        downstream=_downstream_tasks(_split(value("downstream", [])), origin(given, "downstream")),
+        downstream_limit=value("downstream_limit"),
         sequential_edits=value("sequential_edits"),
         sequential_every=value("sequential_every"),
         sequential_ppl_corpus=corpora["sequential_ppl_corpus"],
     )
+
+
+def _downstream_tasks(requested: Sequence[str], origin: str) -> tuple[str, ...]:
+    """The downstream task names, refused at once (exit 4) where lm-eval is not installed to run them."""
+    tasks = tuple(dict.fromkeys(requested))
+    if tasks:
+        from pytest_editsafety.downstream import DownstreamError, require_lm_eval
+
+        try:
+            require_lm_eval()
+        except DownstreamError as err:
+            raise pytest.UsageError(f"{origin}: {err}") from None
+    return tasks
 
 
 def _editor_names(requested: Sequence[str], origin: str) -> tuple[str, ...]:

@@ -26,12 +26,14 @@ class ModelResources:
     """A :class:`editors.provision.Provider` for ``loaded`` (a ``registry.LoadedModel``)."""
 
     def __init__(self, loaded: Any, *, cache_root: Path, stats_corpus: Any, stats_cache: Any,
-                 stats_dir: str | None = None) -> None:
+                 stats_dir: str | None = None, values_root: Path | None = None) -> None:
         """``stats_corpus`` is the statistics ``Corpus`` or a callable returning it, called only when a second
-        moment is computed from text."""
+        moment is computed from text; ``values_root`` keeps the context templates across processes (None: sampled
+        in each, for a model whose identity does not pin its weights)."""
         self.loaded = loaded
         self.identity = loaded.identity
         self._cache_root = cache_root
+        self._values_root = values_root
         self._stats_corpus = stats_corpus
         self._stats_cache = stats_cache
         self._stats_dir = stats_dir
@@ -59,7 +61,7 @@ class ModelResources:
             key = {"format": TEMPLATES_CACHE_FORMAT, "identity": loaded.identity, "dtype": str(parameter.dtype),
                    "device": parameter.device.type, "recipe": [list(pair) for pair in recipe], **SAMPLER_SETTINGS}
             templates = cached_value(
-                self._cache_root if loaded.identity else None, "templates", loaded.spec.name, key,
+                self._values_root, "templates", loaded.spec.name, key,
                 lambda: list(sample_context_templates(loaded.model, loaded.tokenizer, recipe)),
                 valid=lambda value: isinstance(value, list) and bool(value) and all(isinstance(t, str) and
                                                                                     t.count("{}") == 1 for t in value))

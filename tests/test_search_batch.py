@@ -108,12 +108,13 @@ def test_a_search_batch_certifies_what_each_case_alone_does(editor: str, cases: 
 
 
 class _BatchRefusingRome(EditorBase):
-    """ROME (the organism's own), whose batched searches fail: as a batch too large for a GPU would."""
+    """ROME (the organism's own), whose searches of more than one request fail with ``error``."""
 
-    def __init__(self, rome) -> None:
+    def __init__(self, rome, error: Exception) -> None:
         self.rome = rome
         self.name = rome.name
         self.hparams = rome.hparams
+        self.error = error
         self.batches: list[int] = []
 
     def needs(self, model, family):
@@ -131,27 +132,85 @@ class _BatchRefusingRome(EditorBase):
     def prepare(self, model, tokenizer, family, requests):
         self.batches.append(len(requests))
         if len(requests) > 1:
-            raise RuntimeError("out of memory (simulated)")
+            raise self.error
         return self.rome.prepare(model, tokenizer, family, requests)
 
     def apply(self, model, tokenizer, family, requests) -> EditOutcome:
         return self.rome.apply(model, tokenizer, family, requests)
 
 
+class OutOfMemoryError(RuntimeError):
+    """Named as torch.cuda's: the hub tells it by name (it imports no torch)."""
+
+
 @pytest.mark.organism
 @pytest.mark.xdist_group("tiny-gpt2")
-def test_a_failed_search_batch_leaves_each_case_to_run_alone(one_torch_thread, caplog) -> None:
+@pytest.mark.parametrize(("error", "batches"), [
+    (RuntimeError("a case the batch could not take"), [3, 1]),  # that batch's cases alone, the next batch tried
+    (OutOfMemoryError("CUDA out of memory (simulated)"), [3]),  # no batch of that editor again
+])
+def test_a_failed_search_batch_leaves_its_cases_to_run_alone(one_torch_thread, caplog, error, batches) -> None:
     from editors.registry import build_editor
     from pytest_editsafety.api import certify
+    from pytest_editsafety.organisms import hparams_keys
     from pytest_editsafety.registry import load_model
 
     loaded = load_model("tiny-gpt2")
-    from pytest_editsafety.organisms import hparams_keys
-
-    editor = _BatchRefusingRome(build_editor("rome", hparams_keys(loaded), loaded.model))
+    editor = _BatchRefusingRome(build_editor("rome", hparams_keys(loaded), loaded.model), error)
     with caplog.at_level(logging.WARNING, logger="pytest_editsafety.hub"):
-        certificate = certify(loaded.model, loaded.tokenizer, editor, "hard", limit=3, search_batch=3)
-    assert editor.batches == [3]  # the batch was tried once, then each case measured alone by apply()
-    assert all(record.outcome != "error" for record in certificate.cases)
-    assert len(certificate.cases) == 3
-    assert "the search batch of 3 cases failed (RuntimeError: out of memory (simulated))" in caplog.text
+        certificate = certify(loaded.model, loaded.tokenizer, editor, "hard", limit=4, search_batch=3)
+    # each batch tried once; its cases then measured alone by apply(), the last case (a batch of one) prepared
+    assert editor.batches == batches
+    assert [record.outcome != "error" for record in certificate.cases] == [True] * 4
+    assert f"the search batch of 3 cases failed ({type(error).__name__}: {error})" in caplog.text
+
+
+@pytest.mark.organism
+@pytest.mark.xdist_group("tiny-gpt2")
+def test_the_batchs_searches_are_the_ones_its_cases_apply(one_torch_thread, monkeypatch) -> None:
+    """One search of three requests before the first case; no case searches again when it is applied."""
+    import editors.rome
+    from pytest_editsafety.api import certify
+
+    calls: list[int] = []
+    real = editors.rome.search_value_deltas
+
+    def counting(model, tokenizer, family, hp, contexts, requests, out_bares):
+        calls.append(len(requests))
+        return real(model, tokenizer, family, hp, contexts, requests, out_bares)
+
+    monkeypatch.setattr(editors.rome, "search_value_deltas", counting)
+    certify("tiny-gpt2", None, "rome", "hard", limit=3, search_batch=3)
+    assert calls == [3]
+
+
+@pytest.mark.organism
+@pytest.mark.xdist_group("tiny-gpt2")
+def test_a_generated_case_outside_the_plan_is_searched_alone(one_torch_thread) -> None:
+    """The fuzzer runs cases of its own under a case set the plan does not hold: no batch, no error."""
+    import dataclasses
+
+    from pytest_editsafety.cases import resolve_cases
+    from pytest_editsafety.plan import PlanItem
+
+    hub = ModelHub(build_plan(["rome"], ["tiny-gpt2"], ["hard"], limit=2), HubOptions(search_batch=4))
+    case = dataclasses.replace(resolve_cases("hard").cases[0], case_id="fuzz-0001")
+    item = PlanItem("rome-tiny-gpt2-fuzz-fuzz-0001", "case", "rome", "tiny-gpt2", "fuzz", "fuzz-0001")
+    outcome = hub.run_case(item, case)
+    assert outcome.error is None, outcome.error
+    assert hub._state("tiny-gpt2").prepared == {}
+
+
+def test_values_measured_on_a_held_model_or_an_unpinned_revision_stay_in_the_process(tmp_path) -> None:
+    """The templates and the unedited perplexity are kept on disk by the model's identity: not for a model object
+    the caller holds (changed in memory, maybe) nor for a hub model at no pinned revision."""
+    from types import SimpleNamespace
+
+    hub = ModelHub(build_plan(["rome"], ["tiny-gpt2"], ["hard"], limit=1), HubOptions(cache_root=str(tmp_path)))
+    state = ModelState("tiny-gpt2", loaded=SimpleNamespace(identity="2f8b493ccc23ffba"))
+    assert hub._values_root(state) == tmp_path
+    state.loaded.identity = "gpt2-xl@unpinned"
+    assert hub._values_root(state) is None
+    state.loaded.identity = "gpt2-xl@0123abc"
+    hub._held_models["tiny-gpt2"] = state.loaded
+    assert hub._values_root(state) is None

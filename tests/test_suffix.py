@@ -147,3 +147,33 @@ def test_an_organisms_edit_is_the_plain_searchs_edit(organism, editor_name: str)
         for key in ("v_steps", "v_final_loss", "final_nll"):
             if key in plain_diag:
                 assert cached_diag[key] == pytest.approx(plain_diag[key], rel=RELATIVE), key
+
+
+@pytest.mark.organism
+@pytest.mark.xdist_group("tiny-gptj")
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "cached"])
+def test_searches_run_together_are_each_the_search_run_alone(cached: bool, one_torch_thread) -> None:
+    """tiny-gptj's searches for these cases stop at different steps (all 40, 19 and 12 of them): run in one batch,
+    each request keeps the δ, losses and step count of its own search."""
+    from pytest_editsafety.cases import resolve_cases
+    from pytest_editsafety.registry import load_model, resolve_model
+
+    from editors.context import sample_context_templates
+    from editors.value_search import search_value_deltas
+
+    loaded = load_model(resolve_model("tiny-gptj"))
+    model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
+
+    contexts = sample_context_templates(model, tokenizer, ((5, 10), (10, 10)))
+    cases = [resolve_cases("hard").by_id("hard-0000"), resolve_cases("hard").by_id("hard-0002"),
+             resolve_cases("normal").by_id("normal-0002")]
+    requests = [EditRequest(c.subject, c.prompt, c.target_new) for c in cases]
+    outputs = [keys_and_outputs(model, tokenizer, family, 0, contexts, r)[1][0] for r in requests]
+    hp = RomeHparams(layer=0, v_num_grad_steps=40, v_weight_decay=0.05, v_cached_prefix=cached)
+    together = search_value_deltas(model, tokenizer, family, hp, contexts, requests, outputs)
+    alone = [search_value_delta(model, tokenizer, family, hp, contexts, r, o) for r, o in zip(requests, outputs)]
+    assert len({fit.steps for fit in alone}) == 3  # the point of the case choice: three different stops
+    for a, t in zip(alone, together):
+        assert t.steps == a.steps
+        assert _relative(t.delta, a.delta) < RELATIVE
+        assert t.loss == pytest.approx(a.loss, rel=RELATIVE) and t.nll == pytest.approx(a.nll, rel=RELATIVE)

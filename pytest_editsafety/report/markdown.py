@@ -410,6 +410,37 @@ def _efficacy_table(result: RunResult) -> list[str]:
     ]
 
 
+def _downstream_tasks_of(records: Sequence[CaseRecord]) -> list[str]:
+    suffix = "_unedited"
+    return sorted({key[len("downstream_"):-len(suffix)] for r in records for key in r.metrics
+                   if key.startswith("downstream_") and key.endswith(suffix)})
+
+
+def _downstream_table(result: RunResult) -> list[str]:
+    """Each downstream task's score before and after the edits, per (editor, model, kind)."""
+    rows = []
+    for editor, model, kind, records in _by_kind(result):
+        for task in _downstream_tasks_of(records):
+            drops = [v for v in (r.metrics.get(f"downstream_{task}_drop") for r in records)
+                     if v is not None and math.isfinite(v)]
+            rows.append([escape_md(editor), escape_md(model), kind, escape_md(task),
+                         _num(_mean_of(records, f"downstream_{task}_unedited")),
+                         _num(_mean_of(records, f"downstream_{task}")),
+                         _num(sum(drops) / len(drops) if drops else None), _num(max(drops) if drops else None)])
+    if not rows:
+        return []
+    bound = result.metadata.parsed_bounds.max_downstream_drop
+    return [
+        "## Downstream tasks",
+        "",
+        _table(["editor", "model", "kind", "task", "unedited", "edited (mean)", "drop (mean)", "drop (max)"], rows),
+        "",
+        "Scores from lm-evaluation-harness on the model in memory, unedited and after each edit (each case's own in "
+        "the JSON results). " + (f"An edit fails when a task drops by more than {format_number(bound)}."
+                                 if bound is not None else "No bound on the drop (--editsafety-max-downstream-drop)."),
+    ]
+
+
 def _case_text(record: CaseRecord) -> str:
     filled = record.prompt.replace("{}", record.subject)
     return escape_md(f"{filled} → {record.target_new} (was {record.ground_truth})")
@@ -573,6 +604,7 @@ def render(
         _update_table(result, denominator_figures, denominator_note),
         _kind_table(result),
         _efficacy_table(result),
+        _downstream_table(result),
         _worst_cases(result),
         _failures(result),
         _batch_section(result),
