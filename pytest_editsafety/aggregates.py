@@ -10,7 +10,7 @@ import math
 import statistics
 from collections.abc import Iterable
 
-__all__ = ["mean", "median", "nan_as_worst", "worst"]
+__all__ = ["mean", "median", "nan_as_worst", "spearman", "worst"]
 
 
 def mean(values: Iterable[float]) -> float | None:
@@ -36,3 +36,31 @@ def nan_as_worst(values: Iterable[float]) -> list[float]:
 def worst(values: Iterable[float]) -> float | None:
     """The maximum, NaN ranking as +inf."""
     return max(nan_as_worst(values), default=None)
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing the mean of their ranks."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x: Iterable[float], y: Iterable[float]) -> float | None:
+    """Spearman's rank correlation of paired finite values (ties ranked by their mean rank); None for fewer than
+    three pairs or a constant side. +inf ranks above every finite value; a NaN pair is left out."""
+    pairs = [(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))]
+    if len(pairs) < 3:
+        return None
+    rx, ry = _ranks([a for a, _ in pairs]), _ranks([b for _, b in pairs])
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = math.fsum((a - mx) ** 2 for a in rx), math.fsum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)

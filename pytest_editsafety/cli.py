@@ -108,6 +108,25 @@ def cmd_experiment_collapse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment_surrogate(args: argparse.Namespace) -> int:
+    from pytest_editsafety.experiment import plot_surrogate, render_surrogate, run_surrogate
+
+    summary = run_surrogate(
+        args.model,
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        editors=[e.strip() for e in args.editors.split(",") if e.strip()],
+        limit=args.limit,
+        sequential_edits=args.sequential_edits,
+        sequential_every=args.sequential_every,
+        task_limit=args.task_limit,
+        progress=not args.quiet,
+    )
+    if args.plot:
+        plot_surrogate(summary, args.plot)
+    _emit(summary, args.json, render_surrogate(summary) + (f"\nscatter plot: {args.plot}" if args.plot else ""))
+    return 0
+
+
 def cmd_guard(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -442,6 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
                                "for a tokenizer that prepends none (GPT-2, GPT-J)")
     _output(collapse)
     collapse.set_defaults(func=cmd_experiment_collapse)
+    surrogate = experiment.add_parser("surrogate", help="is perplexity a fair surrogate for downstream tasks? "
+                                      "Spearman's rho between the perplexity ratio and each task's drop")
+    surrogate.add_argument("--model", default="tiny-gpt2")
+    surrogate.add_argument("--tasks", default="organism_mc,organism_cloze",
+                           help="lm-eval tasks, comma separated (default the organisms' own)")
+    surrogate.add_argument("--editors", default="rome,c-rome", help="editors of the single and sequential edits")
+    surrogate.add_argument("--limit", type=int, default=24, help="single edits per editor and case set (hard, "
+                           "normal; default 24)")
+    surrogate.add_argument("--sequential-edits", type=int, default=24, help="hard cases each editor applies in "
+                           "order for the sequential checkpoints (default 24; 0: none)")
+    surrogate.add_argument("--sequential-every", type=int, default=4, help="a checkpoint every K edits (default 4)")
+    surrogate.add_argument("--task-limit", type=int, default=None, help="at most N examples per task")
+    surrogate.add_argument("--plot", default=None, metavar="PNG", help="write the scatter plot there (matplotlib)")
+    _output(surrogate)
+    surrogate.set_defaults(func=cmd_experiment_surrogate)
 
     guarding = commands.add_parser(
         "guard", help="decide, before any weight moves, which edits an editor may safely make (exit 1 if any refused)",

@@ -115,3 +115,107 @@ def render_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
             f"{base.get('mean_ppl', float('nan')):.3f} on {base.get('corpus')}{bos}\n"
             + (f"cases whose subject key is at position 0 (hard for this tokenizer): {first}\n" if first else "")
             + tabulate(rows, headers=headers, floatfmt=".3g", tablefmt="github"))
+
+
+SURROGATE_EDITORS = ("rome", "c-rome")
+
+
+def run_surrogate(
+    model_name: str,
+    *,
+    tasks: Sequence[str],
+    editors: Sequence[str] = SURROGATE_EDITORS,
+    case_sets: Sequence[str] = ("hard", "normal"),
+    limit: int | None = 24,
+    sequential_edits: int = 24,
+    sequential_every: int = 4,
+    task_limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Is perplexity a fair surrogate for downstream ability (the Butterfly paper's claim)? Every single edit of
+    ``editors`` on ``case_sets`` (at most ``limit`` cases each), and sequential checkpoints (each editor's first
+    ``sequential_edits`` hard cases applied in order, measured every ``sequential_every``) give a point: the
+    perplexity ratio and each task's drop (unedited minus edited score). Returns the points and, per task,
+    Spearman's ρ between the ratio and the drop."""
+    from tqdm.auto import tqdm
+
+    from editors.base import EditRequest
+    from editors.restore import edit_session
+    from pytest_editsafety.aggregates import spearman
+    from pytest_editsafety.hub import HubOptions, ModelHub
+    from pytest_editsafety.perplexity import perplexity
+    from pytest_editsafety.plan import build_plan
+
+    plan = build_plan(editors, [model_name], case_sets, limit=limit)
+    hub = ModelHub(plan, HubOptions(downstream=tuple(tasks), downstream_limit=task_limit))
+    points: list[dict[str, Any]] = []
+    for item in tqdm(plan.items, desc=f"single edits on {model_name}", disable=not progress):
+        outcome = hub.run(item)
+        if outcome.error is not None:
+            raise RuntimeError(f"{item.test_id}: the edit could not be measured") from outcome.error
+        metrics = outcome.record["metrics"]
+        points.append({"kind": "single", "editor": item.editor, "case": item.case_id,
+                       "ppl_ratio": metrics["ppl_ratio"],
+                       "drops": {task: metrics[f"downstream_{task}_drop"] for task in tasks}})
+    slug = plan.models[0].slug
+    loaded = hub.loaded(slug)
+    model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
+    texts = hub.corpus_texts(slug)
+    scorer = hub.downstream_tasks()
+    unedited_ppl = perplexity(model, tokenizer, texts).mean_ppl
+    unedited = scorer.scores(model, tokenizer)
+    hard = hub.cases(slug, plan.case_sets[0].slug).cases[:sequential_edits]
+    for editor_name in editors if sequential_edits else ():
+        editor = hub.prepared_editor(slug, editor_name)
+        with edit_session(model, editor.parameters_touched(model, family)):
+            for step, case in enumerate(tqdm(hard, desc=f"{editor_name} sequentially", disable=not progress), 1):
+                editor.apply(model, tokenizer, family, [EditRequest(case.subject, case.prompt, case.target_new)])
+                if step % sequential_every == 0 or step == len(hard):
+                    scores = scorer.scores(model, tokenizer)
+                    points.append({"kind": "sequential", "editor": editor_name, "case": f"after {step} edits",
+                                   "ppl_ratio": perplexity(model, tokenizer, texts).mean_ppl / unedited_ppl,
+                                   "drops": {task: unedited[task] - scores[task] for task in tasks}})
+    correlation = {task: spearman([p["ppl_ratio"] for p in points], [p["drops"][task] for p in points])
+                   for task in tasks}
+    return {"model": model_name, "identity": loaded.identity, "tasks": list(tasks), "unedited": unedited,
+            "n_points": len(points), "spearman": correlation, "points": points}
+
+
+def render_surrogate(summary: Mapping[str, Any]) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for task in summary["tasks"]:
+        points = summary["points"]
+        drops = [p["drops"][task] for p in points]
+        rows.append([task, summary["unedited"][task], len(points), summary["spearman"][task],
+                     mean(drops), worst(drops)])
+    return (f"{summary['model']} ({summary['identity']}): perplexity ratio against each task's drop over "
+            f"{summary['n_points']} edits and sequential checkpoints\n"
+            + tabulate(rows, headers=["task", "unedited score", "points", "Spearman ρ", "mean drop", "max drop"],
+                       floatfmt=".3g", tablefmt="github"))
+
+
+def plot_surrogate(summary: Mapping[str, Any], path: str) -> None:
+    """The scatter of each task's drop against the perplexity ratio (log scale), one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = summary["tasks"]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for kind, marker in (("single", "o"), ("sequential", "^")):
+            chosen = [p for p in summary["points"] if p["kind"] == kind]
+            axis.scatter([p["ppl_ratio"] for p in chosen], [p["drops"][task] for p in chosen], marker=marker,
+                         s=14, label=f"{kind} ({len(chosen)})")
+        axis.set_xscale("log")
+        axis.set_xlabel("perplexity ratio (edited / unedited)")
+        axis.set_ylabel(f"{task}: score drop")
+        rho = summary["spearman"][task]
+        axis.set_title(f"{task}: Spearman ρ = {rho:.2f}" if rho is not None else task)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(figure)

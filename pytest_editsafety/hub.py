@@ -327,6 +327,10 @@ class ModelHub(ModelPool):
         """Model ``model`` (a plan slug) loaded as the tests use it: ``registry.LoadedModel``."""
         return self._state(model).loaded
 
+    def downstream_tasks(self) -> Any:
+        """The run's downstream tasks (``pytest_editsafety.downstream.DownstreamTasks``), to score a model with."""
+        return self._downstream_tasks()
+
     def prepared_editor(self, model: str, editor: str) -> Any:
         """Editor ``editor`` set up for ``model`` exactly as this hub's tests use it: hparams for the model and
         everything it declared it needs (:func:`editors.provision.set_up`)."""

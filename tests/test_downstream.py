@@ -105,3 +105,27 @@ def test_an_unknown_task_is_named(tmp_path: Path, one_torch_thread) -> None:
 
     with pytest.raises(DownstreamError, match="unknown downstream task.*no_such_task"):
         DownstreamTasks(["organism_mc", "no_such_task"], limit=1, root=tmp_path)._task_manager()
+
+
+def test_spearman_ranks_ties_by_their_mean_rank_and_refuses_too_little() -> None:
+    from pytest_editsafety.aggregates import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # scipy.stats.spearmanr's
+    assert spearman([1, math.inf, 3, 2], [1, 4, 3, 2]) == pytest.approx(1.0)  # a collapse ranks highest
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+@pytest.mark.organism
+@pytest.mark.xdist_group("tiny-gpt2")
+def test_the_surrogate_check_pairs_each_edits_ratio_with_each_tasks_drop(one_torch_thread) -> None:
+    from pytest_editsafety.experiment import render_surrogate, run_surrogate
+
+    summary = run_surrogate("tiny-gpt2", tasks=["organism_mc"], editors=["rome"], limit=2, sequential_edits=2,
+                            sequential_every=1, task_limit=30, progress=False)
+    kinds = [p["kind"] for p in summary["points"]]
+    assert kinds == ["single"] * 4 + ["sequential"] * 2  # 2 hard + 2 normal single edits, 2 checkpoints
+    assert all(p["ppl_ratio"] > 0 and set(p["drops"]) == {"organism_mc"} for p in summary["points"])
+    assert summary["n_points"] == 6 and summary["spearman"]["organism_mc"] is not None
+    assert "Spearman ρ" in render_surrogate(summary)
