@@ -45,6 +45,14 @@ def _score(task: str, results: dict[str, Any]) -> float:
     raise DownstreamError(f"downstream task {task!r}: lm-eval reported no score ({sorted(results)})")
 
 
+def _expected_warnings(record: logging.LogRecord) -> bool:
+    """Drop lm-eval's warnings about being handed a loaded model, which is what this module means to do (they
+    came twice per edit); every other record passes."""
+    message = record.getMessage()
+    return not ("`pretrained` model kwarg is not of type `str`" in message
+                or "Passed an already-initialized model through `pretrained`" in message)
+
+
 class DownstreamTasks:
     """Tasks scored on a model in memory; owned by a hub (the organisms' task files live under ``root``)."""
 
@@ -78,10 +86,15 @@ class DownstreamTasks:
 
         manager = self._task_manager()
         device = next(model.parameters()).device
-        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=32, device=str(device))
-        out = simple_evaluate(model=wrapped, tasks=list(self.tasks), task_manager=manager, limit=self.limit,
-                              log_samples=False, bootstrap_iters=0, random_seed=0,
-                              numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        wrapper_log = logging.getLogger("lm_eval.models.huggingface")
+        wrapper_log.addFilter(_expected_warnings)
+        try:
+            wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=32, device=str(device))
+            out = simple_evaluate(model=wrapped, tasks=list(self.tasks), task_manager=manager, limit=self.limit,
+                                  log_samples=False, bootstrap_iters=0, random_seed=0,
+                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        finally:
+            wrapper_log.removeFilter(_expected_warnings)
         return {task: _score(task, out["results"][task]) for task in self.tasks}
 
 
