@@ -179,6 +179,8 @@ def _bounds_text(bounds: Bounds) -> str:
             f"efficacy ≥ {_pct(bounds.min_efficacy)}, generalization ≥ {_pct(bounds.min_generalization)}, "
             f"locality ≥ {_pct(bounds.min_locality)} ({bounds.metric_family} metrics: "
             f"{escape_md(keys.efficacy)}, {escape_md(keys.generalization)}, {escape_md(keys.locality)})",
+            *([f"downstream task drop ≤ {format_number(bounds.max_downstream_drop)}"]
+              if bounds.max_downstream_drop is not None else []),
         ]
     )
 
