@@ -219,7 +219,8 @@ class EditorBase:
     def provenance(self) -> Mapping[str, str]:
         return {}
 
-    def prepare(self, model: Any, tokenizer: Any, family: Any, requests: Sequence[EditRequest]) -> Mapping[EditRequest, Any]:
+    def prepare(self, model: Any, tokenizer: Any, family: Any,
+                requests: Sequence[EditRequest]) -> Mapping[EditRequest, Any]:
         """What ``apply`` would measure on the model as it is for each of ``requests`` (ROME's v*, MEMIT's z),
         measured for all of them at once: opaque values by request, which a caller hands back to
         :meth:`apply_prepared` while the model is still the one they were measured on. The default prepares

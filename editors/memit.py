@@ -145,7 +145,8 @@ class MemitEditor(EditorBase):
                                                                          if self.prepared_for(r) is not None}}
         return torch.stack([measured[r][0] for r in requests], 1), [measured[r][1] for r in requests]
 
-    def prepare(self, model, tokenizer, family, requests: Sequence[EditRequest]) -> dict[EditRequest, tuple[Tensor, float]]:
+    def prepare(self, model, tokenizer, family,
+                requests: Sequence[EditRequest]) -> dict[EditRequest, tuple[Tensor, float]]:
         """Each request's ``(z, final NLL)`` on the model as it is; the searches run together."""
         if not requests:
             return {}

@@ -82,7 +82,8 @@ def split_rows(model: nn.Module, input_ids: Tensor, lengths: Sequence[int], star
     if len(starts) != rows or input_ids.shape[0] != rows:
         raise ValueError(f"split_rows: {input_ids.shape[0]} rows of ids, {rows} lengths, {len(starts)} starts")
     if any(not 0 <= s < n for s, n in zip(starts, lengths)):
-        raise ValueError(f"split_rows: every start must lie inside its row: starts {list(starts)}, lengths {list(lengths)}")
+        raise ValueError(f"split_rows: every start must lie inside its row: starts {list(starts)}, "
+                         f"lengths {list(lengths)}")
     device = input_ids.device
     prefix_len = max(starts)
     suffix_len = max(n - s for n, s in zip(lengths, starts))

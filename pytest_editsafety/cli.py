@@ -20,6 +20,11 @@ from typing import Any
 log = logging.getLogger("pytest_editsafety")
 
 
+def _comma_list(text: str) -> list[str]:
+    """``"rome, c-rome,"`` as ``["rome", "c-rome"]``."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _emit(payload: Any, as_json: bool, human: str) -> None:
     sys.stdout.write((json.dumps(payload, indent=2, sort_keys=True) if as_json else human) + "\n")
 
@@ -96,8 +101,8 @@ def cmd_experiment_collapse(args: argparse.Namespace) -> int:
 
     summary = run_collapse(
         args.model,
-        editors=[e.strip() for e in args.editors.split(",") if e.strip()],
-        case_sets=[c.strip() for c in args.cases.split(",") if c.strip()],
+        editors=_comma_list(args.editors),
+        case_sets=_comma_list(args.cases),
         corpus=args.corpus,
         limit=args.limit,
         layer=args.layer,
@@ -113,8 +118,8 @@ def cmd_experiment_surrogate(args: argparse.Namespace) -> int:
 
     summary = run_surrogate(
         args.model,
-        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
-        editors=[e.strip() for e in args.editors.split(",") if e.strip()],
+        tasks=_comma_list(args.tasks),
+        editors=_comma_list(args.editors),
         limit=args.limit,
         sequential_edits=args.sequential_edits,
         sequential_every=args.sequential_every,
@@ -164,7 +169,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
     report = mine(
         args.model,
-        [c.strip() for c in args.cases.split(",") if c.strip()],
+        _comma_list(args.cases),
         top=args.top,
         editor=args.editor,
         mom2_adjustment=args.mom2,

@@ -181,8 +181,8 @@ OPTIONS: tuple[_Option, ...] = (
     _Option(LOADING, "--editsafety-search-batch", "search_batch", "single-edit cases of one (editor, model, case "
             "set) whose edit searches (ROME's v*, MEMIT's z) run together on the unedited model, each case then "
             "applied, measured and restored alone; same numbers to float rounding. Default: 8 on a GPU, where "
-            "a batch costs little more than one case, 1 on a CPU, where it saves about a seventh; 1 measures each case "
-            "alone", "int", _positive_int, "N"),
+            "a batch costs little more than one case, 1 on a CPU, where it saves about a seventh; 1 measures each "
+            "case alone", "int", _positive_int, "N"),
     _Option(LOADING, "--editsafety-strip-bos", "strip_bos", "the papers' BOS-stripped protocol (A.2): a model whose "
             "tokenizer prepends BOS (Llama's <s>) runs without it, for edits, metrics, context templates and "
             "statistics, so a subject that opens a prompt is the first token; recorded in the report; a no-op, "
