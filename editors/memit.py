@@ -140,9 +140,8 @@ class MemitEditor(EditorBase):
     def targets(self, model, tokenizer, family, requests: Sequence[EditRequest]) -> tuple[Tensor, list[float]]:
         """``z`` per request (``d × n``) at the last edited layer, and each optimisation's final NLL (those
         :meth:`prepare` measured, for the requests it did)."""
-        missing = [r for r in requests if self.prepared_for(r) is None]
-        measured = {**self.prepare(model, tokenizer, family, missing), **{r: self.prepared_for(r) for r in requests
-                                                                         if self.prepared_for(r) is not None}}
+        in_hand = {r: self.prepared_for(r) for r in requests}
+        measured = {**in_hand, **self.prepare(model, tokenizer, family, [r for r, v in in_hand.items() if v is None])}
         return torch.stack([measured[r][0] for r in requests], 1), [measured[r][1] for r in requests]
 
     def prepare(self, model, tokenizer, family,

@@ -42,12 +42,12 @@ class SuffixBatch:
         return model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
                      past_key_values=_fresh(self.prefix_cache), use_cache=True).logits
 
-    def columns(self, positions: Sequence[int]) -> list[int]:
-        """Suffix columns of the rows' absolute ``positions`` (one per row, none before its row's start)."""
-        cols = [p - s for p, s in zip(positions, self.starts)]
-        if any(c < 0 for c in cols):
-            raise ValueError(f"positions {list(positions)} fall before the suffixes' starts {list(self.starts)}")
-        return cols
+    def column(self, row: int, position: int) -> int:
+        """The suffix column of row ``row``'s absolute ``position`` (which must not lie before the row's start)."""
+        column = position - self.starts[row]
+        if column < 0:
+            raise ValueError(f"row {row}: position {position} falls before the suffix's start {self.starts[row]}")
+        return column
 
 
 def _fresh(cache: Any) -> Any:

@@ -68,10 +68,7 @@ class _SuffixForward:
         return logits[0]
 
     def column(self, row: int, position: int) -> int:
-        column = position - self.suffix.starts[row]
-        if column < 0:
-            raise ValueError(f"row {row}: position {position} falls before the suffix's start {self.suffix.starts[row]}")
-        return column
+        return self.suffix.column(row, position)
 
 
 def _value_forward(model, batch, subject_positions, *, cached_prefix: bool):

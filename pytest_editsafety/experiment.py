@@ -142,7 +142,7 @@ def run_surrogate(
     from editors.base import EditRequest
     from editors.restore import edit_session
     from pytest_editsafety.aggregates import spearman
-    from pytest_editsafety.hub import HubOptions, ModelHub
+    from pytest_editsafety.hub import PPL_BATCH_SIZE, HubOptions, ModelHub
     from pytest_editsafety.perplexity import perplexity
     from pytest_editsafety.plan import build_plan
 
@@ -162,8 +162,10 @@ def run_surrogate(
     model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
     texts = hub.corpus_texts(slug)
     scorer = hub.downstream_tasks()
-    unedited_ppl = perplexity(model, tokenizer, texts).mean_ppl
-    unedited = scorer.scores(model, tokenizer)
+    # the unedited figures every single edit was measured against (the hub measured them once)
+    measured = outcome.record["metrics"]  # any single edit's record: they all hold the same unedited figures
+    unedited_ppl = measured["ppl_unedited"]
+    unedited = {task: measured[f"downstream_{task}_unedited"] for task in tasks}
     hard = hub.cases(slug, plan.case_sets[0].slug).cases[:sequential_edits]
     for editor_name in editors if sequential_edits else ():
         editor = hub.prepared_editor(slug, editor_name)
@@ -173,7 +175,8 @@ def run_surrogate(
                 if step % sequential_every == 0 or step == len(hard):
                     scores = scorer.scores(model, tokenizer)
                     points.append({"kind": "sequential", "editor": editor_name, "case": f"after {step} edits",
-                                   "ppl_ratio": perplexity(model, tokenizer, texts).mean_ppl / unedited_ppl,
+                                   "ppl_ratio": perplexity(model, tokenizer, texts,
+                                                           batch_size=PPL_BATCH_SIZE).mean_ppl / unedited_ppl,
                                    "drops": {task: unedited[task] - scores[task] for task in tasks}})
     correlation = {task: spearman([p["ppl_ratio"] for p in points], [p["drops"][task] for p in points])
                    for task in tasks}

@@ -388,7 +388,7 @@ class ModelHub(ModelPool):
                           ) -> tuple[dict[str, float | None], Verdict]:
         from editors.base import EditRequest
         from editors.restore import RestoreError, edit_session
-        from pytest_editsafety.metrics import edit_metrics
+        from pytest_editsafety.metrics import case_metrics
 
         loaded = state.loaded
         model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
@@ -410,10 +410,8 @@ class ModelHub(ModelPool):
                     outcome = editor.apply_prepared(model, tokenizer, family, [request], prepared)
                 else:
                     outcome = editor.apply(model, tokenizer, family, [request])
-                prefix = outcome.test_prefix if case.is_hard else None
-                measured = edit_metrics(model, tokenizer, case, probe, test_prefix=prefix)
-                if prefix:
-                    measured["cf_efficacy_without_prefix"] = edit_metrics(model, tokenizer, case, probe)["cf_efficacy"]
+                measured = case_metrics(model, tokenizer, case, probe,
+                                        test_prefix=outcome.test_prefix if case.is_hard else None)
                 edited = self._perplexity(state)
                 if downstream_before:
                     from pytest_editsafety.downstream import downstream_metrics
@@ -500,7 +498,7 @@ class ModelHub(ModelPool):
         verdict, under the same keys and bounds as a single edit's."""
         from editors.base import EditRequest, max_requests_per_apply
         from editors.restore import RestoreError, edit_session
-        from pytest_editsafety.metrics import edit_metrics
+        from pytest_editsafety.metrics import case_metrics
 
         loaded = state.loaded
         model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
@@ -524,14 +522,9 @@ class ModelHub(ModelPool):
                 # measured: the edit's own diagnostics describe the batch as a whole
                 reports = [editor.denominator(model, tokenizer, family, request) for request in requests]
                 outcome = editor.apply(model, tokenizer, family, requests)
-                measured = []
-                for case, probe in zip(cases, probes):
-                    prefix = outcome.test_prefix if case.is_hard else None
-                    metrics = edit_metrics(model, tokenizer, case, probe, test_prefix=prefix)
-                    if prefix:
-                        without = edit_metrics(model, tokenizer, case, probe)
-                        metrics["cf_efficacy_without_prefix"] = without["cf_efficacy"]
-                    measured.append(metrics)
+                measured = [case_metrics(model, tokenizer, case, probe,
+                                         test_prefix=outcome.test_prefix if case.is_hard else None)
+                            for case, probe in zip(cases, probes)]
                 edited = self._perplexity(state)
         except RestoreError:
             self._evict(item.model)
@@ -663,12 +656,10 @@ class ModelHub(ModelPool):
     def _unedited_perplexity(self, state: ModelState, corpus: Any) -> dict[str, float]:
         """The unedited model's perplexity on ``corpus``: measured once, and kept under the cache root for the other
         workers and later runs, keyed by the weights (their dtype and device kind) and the corpus's texts."""
-        from pytest_editsafety.keyed_cache import cached_value
+        from pytest_editsafety.keyed_cache import cached_value, weights_key
 
-        parameter = next(state.loaded.model.parameters())
-        key = {"format": BASELINE_CACHE_FORMAT, "identity": state.loaded.identity, "dtype": str(parameter.dtype),
-               "device": parameter.device.type, "corpus": corpus.name, "texts": stable_hash(list(corpus.texts), 32),
-               "batch_size": self.options.ppl_batch_size}
+        key = {"format": BASELINE_CACHE_FORMAT, **weights_key(state.loaded), "corpus": corpus.name,
+               "texts": stable_hash(list(corpus.texts), 32), "batch_size": self.options.ppl_batch_size}
         return cached_value(self._values_root(state), "baselines", state.slug, key,
                             lambda: self._perplexity(state, corpus),
                             valid=lambda value: isinstance(value, dict) and set(value) == set(_PPL_FIELDS))

@@ -20,7 +20,14 @@ from editors.storage import atomic_write_text, build_lock, slugify, stable_hash
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cached_value", "entry_path", "read_entry", "write_entry"]
+__all__ = ["cached_value", "entry_path", "read_entry", "weights_key", "write_entry"]
+
+
+def weights_key(loaded: Any) -> dict[str, str]:
+    """What a value measured on a loaded model (``registry.LoadedModel``) depends on through its weights: their
+    identity, dtype and device kind (a GPU's numbers are not a CPU's)."""
+    parameter = next(loaded.model.parameters())
+    return {"identity": loaded.identity, "dtype": str(parameter.dtype), "device": parameter.device.type}
 
 
 def entry_path(root: Path, kind: str, name: str, key: Mapping[str, Any]) -> Path:

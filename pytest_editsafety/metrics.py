@@ -164,6 +164,15 @@ def edit_metrics(model, tokenizer, case: EditCase, before: Probe, *, test_prefix
     }
 
 
+def case_metrics(model, tokenizer, case: EditCase, before: Probe, *, test_prefix: str | None) -> dict[str, float | None]:
+    """:func:`edit_metrics` behind ``test_prefix`` (C-ROME + prefix asks hard cases behind it) and, with a prefix,
+    ``cf_efficacy_without_prefix``: the edit's CounterFact efficacy asked without it."""
+    metrics = edit_metrics(model, tokenizer, case, before, test_prefix=test_prefix)
+    if test_prefix:
+        metrics["cf_efficacy_without_prefix"] = rewrite_efficacy(model, tokenizer, [case])[0]
+    return metrics
+
+
 def rewrite_efficacy(model, tokenizer, cases: Sequence[EditCase],
                      prefixes: Sequence[str | None] | None = None) -> list[float]:
     """Each case's CounterFact efficacy (1.0 when P(o*) > P(o) on its rewrite prompt, else 0.0), exactly as

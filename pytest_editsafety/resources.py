@@ -54,12 +54,11 @@ class ModelResources:
         under the cache root, keyed by the weights, their dtype and device kind and the sampler's settings."""
         if recipe not in self._templates:
             from editors.context import SAMPLER_SETTINGS, sample_context_templates
-            from pytest_editsafety.keyed_cache import cached_value
+            from pytest_editsafety.keyed_cache import cached_value, weights_key
 
             loaded = self.loaded
-            parameter = next(loaded.model.parameters())
-            key = {"format": TEMPLATES_CACHE_FORMAT, "identity": loaded.identity, "dtype": str(parameter.dtype),
-                   "device": parameter.device.type, "recipe": [list(pair) for pair in recipe], **SAMPLER_SETTINGS}
+            key = {"format": TEMPLATES_CACHE_FORMAT, **weights_key(loaded), "recipe": [list(pair) for pair in recipe],
+                   **SAMPLER_SETTINGS}
             templates = cached_value(
                 self._values_root, "templates", loaded.spec.name, key,
                 lambda: list(sample_context_templates(loaded.model, loaded.tokenizer, recipe)),

@@ -87,3 +87,18 @@ def test_templates_and_the_unedited_perplexity_are_read_back_by_another_hub(monk
     assert state.provided["rome"].context_templates == templates
     assert state.baseline == baseline
     assert again.record["metrics"]["ppl_ratio"] == measured.record["metrics"]["ppl_ratio"]
+
+
+def test_the_weights_key_names_identity_dtype_and_device_kind() -> None:
+    """A value measured in float16, or on another kind of device, is another value: the key must say so."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pytest_editsafety.keyed_cache import weights_key
+
+    def loaded(dtype):
+        return SimpleNamespace(identity="abc", model=torch.nn.Linear(2, 2).to(dtype))
+
+    assert weights_key(loaded(torch.float32)) == {"identity": "abc", "dtype": "torch.float32", "device": "cpu"}
+    assert weights_key(loaded(torch.float16))["dtype"] == "torch.float16"

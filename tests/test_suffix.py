@@ -63,9 +63,9 @@ def test_the_suffix_pass_gives_the_full_passs_logits(arch: str) -> None:
         suffix = batch.logits(model)
     for i, (n, s) in enumerate(zip(lengths, starts)):
         assert _relative(suffix[i, : n - s], full[i, s:n]) < RELATIVE, (arch, i)
-    assert batch.columns([s + 1 for s in starts]) == [1] * len(starts)
-    with pytest.raises(ValueError, match="before the suffixes"):
-        batch.columns([s - 1 for s in starts])
+    assert [batch.column(i, s + 1) for i, s in enumerate(starts)] == [1] * len(starts)
+    with pytest.raises(ValueError, match="row 1: position 2 falls before the suffix's start 3"):
+        batch.column(1, 2)
 
 
 def test_a_split_refuses_a_start_outside_its_row() -> None:
