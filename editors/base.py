@@ -147,18 +147,23 @@ class Needs:
     # ROME's (length, count) recipe for context templates, e.g. ((5, 10), (10, 10))
     context_templates: tuple[tuple[int, int], ...] | None = None
     trained_network: TrainedNetworkNeed | None = None
+    # tokens of the model's ordinary text (its perplexity corpus) the editor reads to say how far an edit reaches
+    # beyond its subject (ROME's interference); a provider without such text gives none, and the editor says less
+    ordinary_text: int | None = None
 
 
 @dataclass(frozen=True)
 class Provided:
     """What the caller provides for :class:`Needs`, measured on the unedited model. ``identity`` names the
     weights (an organism's recipe hash, ``repo@commit``, a local file hash); ``second_moments`` maps a layer to
-    its ``C`` (a torch tensor), ``trained_network`` is the directory holding the network."""
+    its ``C`` (a torch tensor), ``trained_network`` is the directory holding the network, ``ordinary_texts`` the
+    texts of the model's ordinary text (empty when the provider has none)."""
 
     identity: str = ""
     second_moments: Mapping[int, Any] = field(default_factory=lambda: MappingProxyType({}))
     context_templates: tuple[str, ...] | None = None
     trained_network: Path | None = None
+    ordinary_texts: tuple[str, ...] = ()
 
 
 @runtime_checkable

@@ -33,6 +33,10 @@ class Provider(Protocol):
 
     def trained_network(self, need: TrainedNetworkNeed) -> Path: ...
 
+    def ordinary_texts(self) -> tuple[str, ...]:
+        """The model's ordinary text (its perplexity corpus's texts), or ``()`` when the provider holds none."""
+        ...
+
 
 def provide(editor_name: str, needs: Needs, provider: Provider, model: Any, family: Any) -> Provided:
     """What ``provider`` gives for ``needs``; each C is checked against the layer it is for."""
@@ -52,8 +56,13 @@ def provide(editor_name: str, needs: Needs, provider: Provider, model: Any, fami
             raise ProvisionError(f"{editor_name}: context templates must start with the bare '{{}}', got "
                                  f"{list(templates)[:2]!r}")
     network = None if needs.trained_network is None else provider.trained_network(needs.trained_network)
+    texts: tuple[str, ...] = ()
+    if needs.ordinary_text:
+        texts = tuple(provider.ordinary_texts())
+        if not all(isinstance(t, str) for t in texts):
+            raise ProvisionError(f"{editor_name}: ordinary texts must be strings")
     return Provided(identity=provider.identity, second_moments=moments, context_templates=templates,
-                    trained_network=network)
+                    trained_network=network, ordinary_texts=texts)
 
 
 def set_up(editor: Any, model: Any, tokenizer: Any, family: Any, provider: Provider) -> Provided:
@@ -70,12 +79,13 @@ def _in_features(model: Any, family: Any, layer: int) -> int:
 
 class SimpleProvider:
     """A provider from values in hand: C per layer, templates per recipe (sampled from the model when not
-    given) and a trained network's directory. For a platform that already holds its statistics."""
+    given), a trained network's directory and ordinary text. For a platform that already holds its statistics."""
 
     def __init__(self, model: Any, tokenizer: Any, *, identity: str = "",
                  second_moments: Mapping[int, Any] | None = None,
                  context_templates: Sequence[str] | None = None,
-                 trained_network: str | Path | None = None) -> None:
+                 trained_network: str | Path | None = None,
+                 ordinary_texts: Sequence[str] = ()) -> None:
         self.identity = identity
         self._model = model
         self._tokenizer = tokenizer
@@ -83,6 +93,7 @@ class SimpleProvider:
         self._given_templates = tuple(context_templates) if context_templates is not None else None
         self._sampled: dict[tuple[tuple[int, int], ...], tuple[str, ...]] = {}
         self._network = Path(trained_network) if trained_network is not None else None
+        self._ordinary_texts = tuple(ordinary_texts)
 
     def second_moment(self, layer: int, n_samples: int) -> Any:
         if layer not in self._moments:
@@ -102,3 +113,6 @@ class SimpleProvider:
         if self._network is None:
             raise ProvisionError(f"no trained {need.kind} network given; {need.train_hint}".rstrip("; "))
         return self._network
+
+    def ordinary_texts(self) -> tuple[str, ...]:
+        return self._ordinary_texts

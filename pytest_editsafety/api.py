@@ -33,6 +33,10 @@ __all__ = ["Certificate", "GuardDecision", "certify", "guard"]
 API_CASE_SET = "cases"
 # texts of the model's perplexity corpus a guarded edit is measured on (the corpus's first ones)
 GUARD_PROBE_TEXTS = 64
+# the guard refuses an edit whose interference (how much of the update every ordinary token receives) is above
+# this multiple of the normal reference cases' median: on tiny-gpt2, rome over the hard and normal sets, 1.75 is the
+# smallest multiple at which at most a tenth of the normal cases are refused (benchmarks/guard.py sweeps it)
+GUARD_INTERFERENCE_FACTOR = 1.75
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,9 @@ class GuardDecision:
     floor: float | None  # the floor it was held against
     subject_first: bool  # the subject is the prompt's first token (no BOS): the papers' collapse pattern
     measures: Mapping[str, float] = field(default_factory=dict)  # the editor's other key measures
+    # the limit its interference (measures["interference"]) was held against: interference_factor × the normal
+    # reference cases' median; None when the editor reports no interference
+    interference_limit: float | None = None
     applied: bool = False  # apply=True and the edit was kept
     ppl_ratio: float | None = None  # apply=True: probe perplexity after the edit / before
     seconds: float = 0.0
@@ -229,7 +236,8 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
 
 
 def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
-          fraction: float = 0.5, floor: float | None = None, apply: bool = False, max_ppl_ratio: float = 1.5,
+          fraction: float = 0.5, floor: float | None = None,
+          interference_factor: float | None = GUARD_INTERFERENCE_FACTOR, apply: bool = False, max_ppl_ratio: float = 1.5,
           probe_texts: int = GUARD_PROBE_TEXTS, hparams: str | Mapping[str, Any] | None = None,
           stats_corpus: str | None = None, stats_dir: str | None = None, cache_root: str | None = None,
           dtype: str | None = None, strip_bos: bool = False) -> tuple[GuardDecision, ...]:
@@ -240,7 +248,9 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
     the editor's median over the model's normal reference cases (the certification's floor, derived the same
     way and shared through the same cache, with a fraction of its own: the certification's 0.1 targets the
     papers' ~100x collapse gap, a guard must also stop the 2-5x gaps that already damage a model), or is not
-    finite. An editor without a denominator is allowed on that count. With ``apply=True`` an allowed edit is
+    finite; or when the report's ``interference`` (ROME's: the mean share of the update that ordinary text's
+    keys receive, :func:`editors.maths.rome.interference`) is above ``interference_factor`` × its median over the
+    same cases (None: not judged). An editor without a denominator is allowed on that count. With ``apply=True`` an allowed edit is
     made, the perplexity of the first ``probe_texts`` texts of the model's perplexity corpus is measured before
     and after, and the edit is rolled back bit-exactly (and refused) when the ratio exceeds ``max_ppl_ratio``;
     the kept edits stay in the model, one after another. ``strip_bos`` judges the edits as the model runs under the
@@ -257,10 +267,15 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
     slug, name = plan.models[0].slug, plan.editors[0]
     loaded = hub.loaded(slug)
     prepared = hub.prepared_editor(slug, name)
+    medians = hub.reference_medians(slug, name)
     threshold = floor
     if threshold is None:
-        median = hub.floor_median(slug, name)
+        median = medians.get("denominator")
         threshold = None if median is None or not math.isfinite(median) else fraction * abs(median)
+    interference_median = medians.get("interference")
+    reach_limit = None
+    if interference_factor is not None and interference_median is not None and math.isfinite(interference_median):
+        reach_limit = interference_factor * interference_median
     probe = None
     if apply:
         texts = hub.corpus_texts(slug)[:probe_texts]
@@ -279,6 +294,11 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
             allowed, reason = False, f"|uᵀk| is {value}: the update cannot be computed"
         elif value is not None and threshold is not None and value < threshold:
             allowed, reason = False, f"|uᵀk| {value:.4g} < floor {threshold:.4g}"
+        elif reach_limit is not None and "interference" in measures and not measures["interference"] <= reach_limit:
+            allowed, reason = False, (f"interference {measures['interference']:.4g} > {reach_limit:.4g} "
+                                      f"({interference_factor:g} × the normal cases' median): ordinary text's keys "
+                                      f"receive {measures['interference'] / interference_median:.2g}x the usual "
+                                      f"share of the update")
         ratio, applied = None, False
         if allowed and probe is not None:
             texts, before = probe
@@ -299,7 +319,8 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
         decisions.append(GuardDecision(
             allowed=allowed, reason=reason, subject=request.subject, prompt=request.prompt,
             target_new=request.target_new, denominator=value, floor=threshold, subject_first=first,
-            measures=measures, applied=applied, ppl_ratio=ratio, seconds=time.perf_counter() - started,
+            measures=measures, interference_limit=reach_limit if "interference" in measures else None,
+            applied=applied, ppl_ratio=ratio, seconds=time.perf_counter() - started,
         ))
     return tuple(decisions)
 

@@ -138,13 +138,15 @@ def cmd_guard(args: argparse.Namespace) -> int:
     from pytest_editsafety.api import guard
 
     decisions = guard(args.model, None, args.editor, args.cases, fraction=args.fraction, floor=args.floor,
-                      apply=args.apply, max_ppl_ratio=args.max_ppl_ratio, hparams=args.hparams, cache_root=args.cache,
+                      interference_factor=args.interference_factor or None, apply=args.apply, max_ppl_ratio=args.max_ppl_ratio, hparams=args.hparams, cache_root=args.cache,
                       dtype=args.dtype, strip_bos=args.strip_bos)
     refused = [d for d in decisions if not d.allowed]
     rows = [["allow" if d.allowed else "REFUSE", d.prompt.replace("{}", d.subject, 1), d.target_new, d.denominator,
-             d.floor, "yes" if d.subject_first else "no", d.reason] for d in decisions]
+             d.floor, d.measures.get("interference"), d.interference_limit, "yes" if d.subject_first else "no",
+             d.reason] for d in decisions]
     human = (f"{args.editor} on {args.model}: {len(refused)} of {len(decisions)} edits refused\n"
-             + tabulate(rows, headers=["decision", "prompt", "target", "|uᵀk|", "floor", "subject first", "reason"],
+             + tabulate(rows, headers=["decision", "prompt", "target", "|uᵀk|", "floor", "interference", "limit",
+                                       "subject first", "reason"],
                         floatfmt=".4g", tablefmt="github"))
     _emit({"model": args.model, "editor": args.editor, "refused": len(refused),
            "decisions": [d.to_dict() for d in decisions]}, args.json, human)
@@ -482,10 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     _output(surrogate)
     surrogate.set_defaults(func=cmd_experiment_surrogate)
 
+    from pytest_editsafety.api import GUARD_INTERFERENCE_FACTOR
+
     guarding = commands.add_parser(
         "guard", help="decide, before any weight moves, which edits an editor may safely make (exit 1 if any refused)",
-        description="For each edit request, the editor's own account of the edit from keys alone (ROME's |uᵀk|) "
-                    "against a floor derived like the certification's: allow or refuse, with the reason and the "
+        description="For each edit request, the editor's own account of the edit from keys alone (ROME's |uᵀk| "
+                    "and interference) against limits derived like the certification's floor: allow or refuse, with the reason and the "
                     "numbers. With --apply, allowed edits are made one after another, probe perplexity is measured "
                     "and an edit that breaks --max-ppl-ratio is rolled back.")
     guarding.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
@@ -495,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the floor as a fraction of the editor's median |uᵀk| over the model's normal "
                                "reference cases (default 0.5)")
     guarding.add_argument("--floor", type=float, default=None, help="an absolute floor instead of the fraction")
+    guarding.add_argument("--interference-factor", type=float, default=GUARD_INTERFERENCE_FACTOR,
+                          help="refuse an edit whose interference (the mean share of the update ordinary text's keys "
+                               "receive) is above this multiple of the normal reference cases' median (default "
+                               f"{GUARD_INTERFERENCE_FACTOR:g}; 0 turns the check off)")
     guarding.add_argument("--apply", action="store_true", help="make the allowed edits, roll back a damaging one")
     guarding.add_argument("--max-ppl-ratio", type=float, default=1.5, help="with --apply: the largest probe "
                                                                           "perplexity ratio kept (default 1.5)")

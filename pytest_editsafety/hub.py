@@ -341,6 +341,11 @@ class ModelHub(ModelPool):
         (None for an editor without a denominator, or with the floor switched off)."""
         return self._floor_median(self._state(model), editor)
 
+    def reference_medians(self, model: str, editor: str) -> dict[str, float | None]:
+        """The median of each number in the editor's denominator report over ``model``'s normal reference cases
+        (:func:`pytest_editsafety.floor.reference_medians`); empty where :meth:`floor_median` is None."""
+        return dict(self._reference_medians(self._state(model), editor) or {})
+
     def corpus_texts(self, model: str) -> tuple[str, ...]:
         """The texts of ``model``'s perplexity corpus (read, not measured: no baseline perplexity pass)."""
         return tuple(self._corpus(self.plan.model(model).ppl_corpus).texts)
@@ -725,7 +730,8 @@ class ModelHub(ModelPool):
             state.resources = ModelResources(state.loaded, cache_root=self._root,
                                              values_root=self._values_root(state),
                                              stats_corpus=lambda: self._corpus(corpus_name),
-                                             stats_cache=self._stats_cache, stats_dir=self.options.stats_dir)
+                                             stats_cache=self._stats_cache, stats_dir=self.options.stats_dir,
+                                             ordinary_texts=lambda: self.corpus_texts(state.slug))
         return state.resources
 
     def _editor(self, state: ModelState, name: str) -> Any:
@@ -768,12 +774,15 @@ class ModelHub(ModelPool):
 
     def _floor_median(self, state: ModelState, name: str) -> float | None:
         """The editor's median |uᵀk| over the model's normal reference cases (None without a denominator)."""
-        if name in state.floor_medians:
-            return state.floor_medians[name]
-        from pytest_editsafety.floor import denominator_median, provided_digest
+        return (self._reference_medians(state, name) or {}).get("denominator")
+
+    def _reference_medians(self, state: ModelState, name: str) -> dict[str, float | None] | None:
+        if name in state.reference_medians:
+            return state.reference_medians[name]
+        from pytest_editsafety.floor import provided_digest, reference_medians
 
         editor = self._editor(state, name)
-        median = None
+        medians = None
         if self.options.bounds.min_denominator_fraction != 0:
             choice = self.plan.model(state.slug)
             # the whole reference set, whatever --editsafety-limit says: the floor must not depend on the selection
@@ -798,13 +807,13 @@ class ModelHub(ModelPool):
             try:
                 # hyper-parameters that cannot be hashed cannot key a file: measured, not cached
                 root = self._root if key_fields["hparams"] is not None else None
-                median = denominator_median(editor, loaded, normal, key_fields=key_fields, root=root,
+                medians = reference_medians(editor, loaded, normal, key_fields=key_fields, root=root,
                                             verify=lambda: self._verify_intact(state, name, "denominator reports"))
             except Exception as err:
                 state.editor_errors[name] = (err, err.__traceback__)
                 raise
-        state.floor_medians[name] = median
-        return median
+        state.reference_medians[name] = medians
+        return medians
 
 
 class BatchSizeError(ValueError):

@@ -67,7 +67,8 @@ class ModelState:
     prepared: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     # editors whose search batch failed (a GPU out of memory): their cases are measured alone from then on
     unbatched: set[str] = field(default_factory=set)
-    floor_medians: dict[str, float | None] = field(default_factory=dict)
+    # per editor: the medians of its denominator report over the normal reference cases (pytest_editsafety.floor)
+    reference_medians: dict[str, dict[str, float | None] | None] = field(default_factory=dict)
 
 
 class ModelPool:

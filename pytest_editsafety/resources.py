@@ -10,6 +10,7 @@ model: the hub sets editors up before any edit of a run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,12 @@ class ModelResources:
     """A :class:`editors.provision.Provider` for ``loaded`` (a ``registry.LoadedModel``)."""
 
     def __init__(self, loaded: Any, *, cache_root: Path, stats_corpus: Any, stats_cache: Any,
-                 stats_dir: str | None = None, values_root: Path | None = None) -> None:
+                 stats_dir: str | None = None, values_root: Path | None = None,
+                 ordinary_texts: Callable[[], Sequence[str]] = tuple) -> None:
         """``stats_corpus`` is the statistics ``Corpus`` or a callable returning it, called only when a second
         moment is computed from text; ``values_root`` keeps the context templates across processes (None: sampled
-        in each, for a model whose identity does not pin its weights)."""
+        in each, for a model whose identity does not pin its weights); ``ordinary_texts`` returns the model's
+        perplexity corpus's texts, read when an editor asks for ordinary text."""
         self.loaded = loaded
         self.identity = loaded.identity
         self._cache_root = cache_root
@@ -38,6 +41,7 @@ class ModelResources:
         self._stats_cache = stats_cache
         self._stats_dir = stats_dir
         self._templates: dict[tuple[tuple[int, int], ...], tuple[str, ...]] = {}
+        self._ordinary_texts = ordinary_texts
 
     def second_moment(self, layer: int, n_samples: int) -> Any:
         from editors.stats import covariance_for
@@ -73,3 +77,6 @@ class ModelResources:
         loaded = self.loaded
         return locate_network(need, loaded.model, loaded.tokenizer, loaded.family, identity=loaded.identity,
                               root=self._cache_root)
+
+    def ordinary_texts(self) -> tuple[str, ...]:
+        return tuple(self._ordinary_texts())

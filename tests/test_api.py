@@ -69,8 +69,8 @@ def test_guard_refuses_small_denominators_and_rolls_back_a_damaging_edit(organis
     decisions = guard(organism.model, organism.tokenizer, "rome", hard)
     assert len(decisions) == 6
     for d in decisions:
-        assert d.subject_first and d.floor is not None and d.floor > 0
-        assert d.allowed == (d.denominator >= d.floor), d
+        assert d.subject_first and d.floor is not None and d.floor > 0 and d.interference_limit > 0
+        assert d.allowed == (d.denominator >= d.floor and d.measures["interference"] <= d.interference_limit), d
         assert "key_cosine" in d.measures and not d.applied
     # an impossible perplexity bound: every applied edit is rolled back, bit-exactly
     digest = model_digest(organism.model)
@@ -79,6 +79,52 @@ def test_guard_refuses_small_denominators_and_rolls_back_a_damaging_edit(organis
     assert all(not d.allowed and not d.applied and "rolled back" in d.reason for d in applied)
     assert all(d.ppl_ratio is not None and math.isfinite(d.ppl_ratio) for d in applied)
     assert model_digest(organism.model) == digest
+
+
+def test_guard_refuses_an_edit_that_reaches_ordinary_text_though_its_denominator_is_ordinary(organism):
+    """normal-0010 divides by more than the normal median, yet its u lies along keys the organism's ordinary text
+    uses: its interference is above the limit, and certification fails it on perplexity."""
+    from pytest_editsafety.api import certify, guard
+    from pytest_editsafety.cases import resolve_cases
+
+    normal = resolve_cases("normal")
+    reaching, ordinary = normal.by_id("normal-0010"), normal.by_id("normal-0001")
+    decisions = guard(organism.model, organism.tokenizer, "rome", [reaching, ordinary])
+    refused, allowed = decisions
+    median = refused.interference_limit / 1.75
+    assert refused.denominator > 2 * refused.floor  # above the normal median: no floor refuses it
+    assert not refused.allowed and refused.reason.startswith("interference")
+    assert refused.measures["interference"] > 1.75 * median
+    assert allowed.allowed and allowed.measures["interference"] < median
+    # without the interference check it passes
+    assert all(d.allowed for d in guard(organism.model, organism.tokenizer, "rome", [reaching],
+                                        interference_factor=None))
+    # and the edit does what the guard feared
+    record = certify(organism.model, organism.tokenizer, "rome", normal.with_cases((reaching,))).cases[0]
+    assert any("perplexity" in v for v in record.violations), record.violations
+
+
+def test_a_rome_editor_without_ordinary_text_reports_no_interference(organism):
+    from editors.provision import SimpleProvider, set_up
+    from editors.registry import build_editor
+    from editors.base import EditRequest
+    from pytest_editsafety.organisms import hparams_keys
+
+    import torch
+
+    request = EditRequest("Vosa", "{} lives in", "Paris")
+    reports = []
+    for texts in ((), ("Ordinary text about nothing in particular.", "More of it.")):
+        editor = build_editor("rome", hparams_keys(organism), organism.model)
+        layer = editor.hparams.layer
+        d_in = organism.family.get_module(organism.model, organism.family.layer_name("mlp_out", layer)).weight.shape[0]
+        provided = set_up(editor, organism.model, organism.tokenizer, organism.family,
+                          SimpleProvider(organism.model, organism.tokenizer, ordinary_texts=texts,
+                                         second_moments={layer: torch.eye(d_in)}))
+        assert provided.ordinary_texts == texts
+        reports.append(editor.denominator(organism.model, organism.tokenizer, organism.family, request))
+    assert "interference" not in reports[0]
+    assert reports[1]["interference"] > 0 and reports[1]["denominator"] == reports[0]["denominator"]
 
 
 def test_guard_command_exits_1_when_an_edit_is_refused_and_prints_one_decision_per_request(tmp_path):

@@ -144,13 +144,14 @@ def test_rome_variants_differ_only_in_keys_and_prefix(name: str, consistent: boo
     assert isinstance(editor, Editor)
     assert (editor.name, editor.consistent, editor.test_prefix) == (name, consistent, test_prefix)
     assert editor.hparams.layer == 17
-    # the papers' setting (the default): C = I, no statistics to provide, only the context templates
-    assert editor.needs(None, None) == Needs(context_templates=((5, 10), (10, 10)))
+    # the papers' setting (the default): C = I, no statistics to provide, only the context templates (and ordinary
+    # text for the interference it reports)
+    assert editor.needs(None, None) == Needs(context_templates=((5, 10), (10, 10)), ordinary_text=4096)
     # ROME's original setting, the named set kmeng01: C at its layer over ROME's 100000 texts
     original = get_editor(name, resolve_hparams_layers(name, load_hparams(name, "gpt2-xl", user_file="kmeng01"),
                                                        SimpleNamespace(num_hidden_layers=48)))
     assert original.needs(None, None) == Needs(second_moments=SecondMomentNeed((17,), 100000),
-                                               context_templates=((5, 10), (10, 10)))
+                                               context_templates=((5, 10), (10, 10)), ordinary_text=4096)
     original.setup(None, None, None, Provided(context_templates=("{}", "A. {}"), second_moments={17: "C"}))
     assert (original.context_templates, original.covariance) == (("{}", "A. {}"), "C")
 

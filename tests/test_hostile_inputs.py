@@ -148,7 +148,7 @@ def test_a_cached_floor_edited_by_hand_is_named_and_measured_again(tmp_path, cap
 
     key = {"format": FLOOR_CACHE_FORMAT, "model": "m", "editor": "rome"}
     path = tmp_path / "rome-x.json"
-    write_entry(path, key, {"median": 2.5, "n": 48})
+    write_entry(path, key, {"median": 2.5, "n": 48, "medians": {"denominator": 2.5, "interference": 0.06}})
     assert read_entry(path, key, valid=_valid)["median"] == 2.5
     stored = json.loads(path.read_text())
     stored["value"]["median"] = 1e6  # the floor made harmless

@@ -139,6 +139,36 @@ def test_measured_denominator_is_the_one_rome_divides_by() -> None:
     assert math.isnan(measure_keys(k_bare, torch.zeros(d)).denominator)  # no u at all: ranked first
 
 
+def test_interference_is_the_share_of_the_update_other_keys_receive() -> None:
+    import torch
+
+    from editors.maths import MathsError
+    from editors.maths.rome import interference, measure_keys, rank_one_update
+
+    u, k = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 5.0])
+    others = torch.tensor([[1.0, 1.0], [0.0, 3.0], [-3.0, 0.0]])
+    # |uᵀk'| = 1, 0, 3 against |uᵀk| = 2
+    assert interference(u, k, others) == pytest.approx((1 + 0 + 3) / 3 / 2)
+    assert interference(7.5 * u, k, others) == pytest.approx(interference(u, k, others))  # u's scale cancels
+    assert interference(u, torch.tensor([0.0, 1.0]), others) == math.inf  # nothing to divide by
+    with pytest.raises(MathsError, match="other_keys"):
+        interference(u, k, torch.zeros(0, 2))
+    # it is what a rank-one update does: each other key's output moves by that share of the edited key's
+    generator = torch.Generator().manual_seed(3)
+    d = 6
+    W, key, v = torch.randn(4, d, generator=generator), torch.randn(d, generator=generator), torch.randn(4, generator=generator)
+    direction, rows = torch.randn(d, generator=generator), torch.randn(5, d, generator=generator)
+    delta = rank_one_update(W, direction, key, v).delta.double()
+    moved = (rows.double() @ delta.T).norm(dim=1) / (delta @ key.double()).norm()
+    assert float(moved.mean()) == pytest.approx(interference(direction, key, rows), rel=1e-5)
+    # measure_keys carries it only when given ordinary keys, for the key the editor divides by
+    k_bare, k_mean = torch.randn(d, generator=generator), torch.randn(d, generator=generator)
+    assert "interference" not in measure_keys(k_bare, k_mean).as_dict()
+    for consistent, key_used in ((False, k_bare), (True, k_mean)):
+        measured = measure_keys(k_bare, k_mean, consistent=consistent, other_keys=rows).as_dict()
+        assert measured["interference"] == pytest.approx(interference(k_mean, key_used, rows))
+
+
 def test_a_confirmation_edit_that_raises_is_recorded_and_the_others_still_run() -> None:
     from types import SimpleNamespace
 

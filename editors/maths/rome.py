@@ -155,15 +155,39 @@ class KeyMeasure:
     key_cosine: float  # cos(kᵘ, k̄)
     key_norm: float  # ‖kᵘ‖
     mean_key_norm: float  # ‖k̄‖
+    # mean |uᵀk'| / |uᵀk| over ordinary text's keys k' (:func:`interference`); None without such keys
+    interference: float | None = None
 
     def as_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def interference(direction: Tensor, key: Tensor, other_keys: Tensor) -> float:
+    """How much of an edit every other token receives: the mean of ``|uᵀk'| / |uᵀk|`` over the rows ``k'`` of
+    ``other_keys``, for the update's left vector ``u`` (``direction``, any scale) and the key ``k`` it divides by.
+
+    A rank-one update moves the layer's output for a key ``k'`` by ``(v* − Wk) · uᵀk' / uᵀk``: the edited key gets
+    the whole residual, every other key this fraction of it. A small denominator raises it for all text at once
+    (the papers' collapse); a ``u`` aligned with keys that ordinary text uses raises it at an ordinary
+    denominator. ``inf`` when ``uᵀk`` is 0, NaN when a value is not finite.
+    """
+    u = _vector("direction", direction).detach().to(torch.float64)
+    k = _vector("key", key, u.shape[0]).detach().to(device=u.device, dtype=torch.float64)
+    if other_keys.ndim != 2 or other_keys.shape[1] != u.shape[0] or other_keys.shape[0] == 0:
+        raise MathsError(f"other_keys: expected a non-empty [n, {u.shape[0]}] matrix, got {tuple(other_keys.shape)}")
+    reach = (other_keys.detach().to(device=u.device, dtype=torch.float64) @ u).abs().mean()
+    own = torch.dot(u, k).abs()
+    if not (math.isfinite(float(reach)) and math.isfinite(float(own))):
+        return math.nan
+    return math.inf if float(own) == 0.0 else float(reach / own)
 
 
 def measure_keys(k_bare: Tensor, k_mean: Tensor, solve: Callable[[Tensor], Tensor] | None = None, *,
-                 consistent: bool = False) -> KeyMeasure:
+                 consistent: bool = False, other_keys: Tensor | None = None) -> KeyMeasure:
     """The denominator ``rome`` (``consistent`` False: ``|uᵀkᵘ|``) or C-ROME (True: ``|uᵀk̄|``) divides by for
     keys ``kᵘ`` and ``k̄``; ``solve`` is ``x -> C⁻¹x`` (:func:`covariance_solver`), or None for ``C = I``.
+    With ``other_keys`` (keys of ordinary text at the same layer), the measure also carries the edit's
+    :func:`interference`.
 
     The arithmetic is :func:`left_direction`'s (float64, u = C⁻¹k̄ / ‖C⁻¹k̄‖), so the score is the
     ``denominator`` an edit reports, to float rounding. A zero or non-finite ``C⁻¹k̄`` gives NaN, which ranks
@@ -176,9 +200,11 @@ def measure_keys(k_bare: Tensor, k_mean: Tensor, solve: Callable[[Tensor], Tenso
     cosine, key_norm, mean_norm = key_cosine(kb, km), float(kb.norm()), float(km.norm())
     if not math.isfinite(norm) or norm == 0.0:
         log.warning("C⁻¹k̄ has norm %s (a degenerate mean key or covariance); scoring the case as NaN", norm)
-        return KeyMeasure(math.nan, math.nan, cosine, key_norm, mean_norm)
-    raw = float(torch.dot(direction, km if consistent else kb))
-    return KeyMeasure(abs(raw) / norm, abs(raw), cosine, key_norm, mean_norm)
+        return KeyMeasure(math.nan, math.nan, cosine, key_norm, mean_norm, None if other_keys is None else math.nan)
+    key = km if consistent else kb
+    raw = float(torch.dot(direction, key))
+    reach = None if other_keys is None else interference(direction, key, other_keys)
+    return KeyMeasure(abs(raw) / norm, abs(raw), cosine, key_norm, mean_norm, reach)
 
 
 def _square(name: str, t: Tensor, d: int) -> Tensor:
