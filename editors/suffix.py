@@ -11,20 +11,26 @@ start a row holds its later tokens or padding, which only ever attend to earlier
 real prefix is exact, and no attention row is empty, so no NaN reaches the cache). The suffix pass masks those
 fillers out: a suffix token attends to exactly its row's real prefix and its own earlier suffix.
 Position ids are the rows' own, so absolute (GPT-2, GPT-J) and rotary (Llama) positions are both unchanged.
+
+Below the edited layer nothing changes at the suffix positions either: the blocks under it see the same tokens and
+the same prefix at every step. With ``fixed_blocks`` (the blocks below the layer ``δ`` is added at) the split runs
+the suffix through them once more, without gradient, and keeps each one's output; every later pass returns those
+outputs instead of running the blocks, so a step computes only the edited layer and the layers above it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SuffixBatch:
     """The suffix half of a split batch: suffix col ``j`` of row ``i`` is position ``starts[i] + j`` of the row."""
 
@@ -33,14 +39,19 @@ class SuffixBatch:
     position_ids: Tensor  # [rows, suffix length]
     prefix_cache: Any  # the model's key/value cache after the prefix pass; None when every prefix is empty
     starts: tuple[int, ...]
+    # blocks whose outputs over the suffix are fixed, each with the output it gave (run once, without gradient)
+    fixed: tuple[tuple[nn.Module, Any], ...] = ()
 
     def logits(self, model: nn.Module) -> Tensor:
         """The model's logits over the suffix positions, ``[rows, suffix length, vocabulary]``."""
+        with _replayed(self.fixed):
+            return self._forward(model).logits
+
+    def _forward(self, model: nn.Module) -> Any:
         if self.prefix_cache is None:
-            return model(input_ids=self.input_ids, attention_mask=self.attention_mask,
-                         position_ids=self.position_ids).logits
+            return model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids)
         return model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
-                     past_key_values=_fresh(self.prefix_cache), use_cache=True).logits
+                     past_key_values=_fresh(self.prefix_cache), use_cache=True)
 
     def column(self, row: int, position: int) -> int:
         """The suffix column of row ``row``'s absolute ``position`` (which must not lie before the row's start)."""
@@ -66,6 +77,37 @@ def _fresh(cache: Any) -> Any:
     return copy.deepcopy(cache)
 
 
+@contextlib.contextmanager
+def _replayed(fixed: Sequence[tuple[nn.Module, Any]]) -> Iterator[None]:
+    """Each block returns its recorded output instead of running (an instance attribute shadows the class's
+    ``forward``; removed after, also when the pass raises). A block skipped this way writes nothing to the key/value
+    cache: the layers above read only their own layers of it, and the positions come from the cache's first layer,
+    which still holds the prefix, as it did before the pass."""
+    # a forward set on the instance already (accelerate's device hooks set one) comes back as it was
+    shadowed = [block.__dict__.get("forward") for block, _ in fixed]
+    for block, output in fixed:
+        block.forward = lambda *args, _output=output, **kwargs: _output
+    try:
+        yield
+    finally:
+        for (block, _), previous in zip(fixed, shadowed):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous
+
+
+@contextlib.contextmanager
+def _recording(blocks: Sequence[nn.Module], outputs: list[Any]) -> Iterator[None]:
+    handles = [block.register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(i, out))
+               for i, block in enumerate(blocks)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _position_limit(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     for name in ("n_positions", "max_position_embeddings"):
@@ -75,9 +117,12 @@ def _position_limit(model: nn.Module) -> int | None:
     return None
 
 
-def split_rows(model: nn.Module, input_ids: Tensor, lengths: Sequence[int], starts: Sequence[int]) -> SuffixBatch:
+def split_rows(model: nn.Module, input_ids: Tensor, lengths: Sequence[int], starts: Sequence[int], *,
+               fixed_blocks: Sequence[nn.Module] = ()) -> SuffixBatch:
     """Run every row's first ``starts[i]`` tokens of ``input_ids`` (right-padded, real length ``lengths[i]``)
-    once, without gradient, and return the rest as a :class:`SuffixBatch` over the cached prefix."""
+    once, without gradient, and return the rest as a :class:`SuffixBatch` over the cached prefix; the outputs of
+    ``fixed_blocks`` (the model's first blocks, in order: those below the layer a search changes) over the suffix
+    are recorded once and replayed by every later pass."""
     rows = len(lengths)
     if len(starts) != rows or input_ids.shape[0] != rows:
         raise ValueError(f"split_rows: {input_ids.shape[0]} rows of ids, {rows} lengths, {len(starts)} starts")
@@ -99,7 +144,7 @@ def split_rows(model: nn.Module, input_ids: Tensor, lengths: Sequence[int], star
         row_positions = torch.arange(s, s + suffix_len, device=device)
         positions[i] = row_positions if limit is None else row_positions.clamp(max=limit - 1)
     if prefix_len == 0:
-        return SuffixBatch(suffix_ids, suffix_mask, positions, None, tuple(starts))
+        return _with_fixed(model, SuffixBatch(suffix_ids, suffix_mask, positions, None, tuple(starts)), fixed_blocks)
     # the batch's own first columns: past a row's start they hold its later tokens or padding, both valid ids at
     # positions the model accepts, computed (never empty attention rows) and then masked out of the suffix pass
     prefix_ids = input_ids[:, :prefix_len]
@@ -109,5 +154,17 @@ def split_rows(model: nn.Module, input_ids: Tensor, lengths: Sequence[int], star
     with torch.no_grad():
         out = model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_real), position_ids=prefix_positions,
                     use_cache=True)
-    return SuffixBatch(suffix_ids, torch.cat([prefix_real, suffix_mask], dim=1), positions, out.past_key_values,
-                       tuple(starts))
+    batch = SuffixBatch(suffix_ids, torch.cat([prefix_real, suffix_mask], dim=1), positions, out.past_key_values,
+                        tuple(starts))
+    return _with_fixed(model, batch, fixed_blocks)
+
+
+def _with_fixed(model: nn.Module, batch: SuffixBatch, blocks: Sequence[nn.Module]) -> SuffixBatch:
+    if not blocks:
+        return batch
+    outputs: list[Any] = [None] * len(blocks)
+    with torch.no_grad(), _recording(blocks, outputs):
+        batch._forward(model)
+    if any(output is None for output in outputs):
+        raise RuntimeError("split_rows: a fixed block was not called by the model's forward pass")
+    return dataclasses.replace(batch, fixed=tuple(zip(blocks, outputs)))

@@ -10,8 +10,8 @@ stepping.
 Several requests searched together share one batch: their rows are independent in a causal model and each
 request's ``δ`` is its own row of one Adam parameter (Adam is elementwise), so each request's search is the one it
 would have alone, to float rounding; a request that stops early keeps the ``δ`` it stopped with while the others
-go on. With ``hp.v_cached_prefix`` each step runs only the positions ``δ`` reaches (:mod:`editors.suffix`) and
-the LM head only where the loss reads.
+go on. With ``hp.v_cached_prefix`` each step runs only the positions ``δ`` reaches, from the edited layer up
+(:mod:`editors.suffix`), and the LM head only where the loss reads.
 """
 
 from __future__ import annotations
@@ -71,12 +71,13 @@ class _SuffixForward:
         return self.suffix.column(row, position)
 
 
-def _value_forward(model, batch, subject_positions, *, cached_prefix: bool):
+def _value_forward(model, batch, subject_positions, *, cached_prefix: bool, fixed_blocks=()):
     if not cached_prefix:
         return _PlainForward(batch)
     from editors.suffix import split_rows
 
-    return _SuffixForward(split_rows(model, batch.input_ids, batch.lengths, subject_positions))
+    return _SuffixForward(split_rows(model, batch.input_ids, batch.lengths, subject_positions,
+                                     fixed_blocks=fixed_blocks))
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,10 @@ def search_value_deltas(model, tokenizer, family, hp, contexts, requests: Sequen
         texts += request_texts
         positions += request_positions
     batch = right_padded(tokenizer, texts, device)
+    # δ enters at hp.layer's MLP: the blocks below it give the same outputs at every step
+    below = [family.get_module(model, family.layer_name("block", layer)) for layer in range(hp.layer)]
     with frozen(model):
-        forward = _value_forward(model, batch, positions, cached_prefix=hp.v_cached_prefix)
+        forward = _value_forward(model, batch, positions, cached_prefix=hp.v_cached_prefix, fixed_blocks=below)
     # The input holds the prompt and target[:-1]; target token j is predicted at position (prompt end - 1 + j),
     # i.e. the last len(target) positions of each row. The loss reads, per request, each rewrite row's target
     # positions (row-major) and then the KL prompt's subject, in the coordinates of the rows forward() runs.

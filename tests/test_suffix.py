@@ -68,6 +68,42 @@ def test_the_suffix_pass_gives_the_full_passs_logits(arch: str) -> None:
         batch.column(1, 2)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama"])
+def test_fixed_blocks_are_run_once_and_replayed(arch: str) -> None:
+    """The blocks below the edited layer run at the split only: afterwards their weights can be anything, the suffix
+    logits stay the full pass's; a forward the caller set on a block (accelerate's hooks do) comes back."""
+    torch.manual_seed(2)
+    model = _random_model(arch, 300, layers=3)
+    family = family_for_model_type(model.config.model_type)
+    blocks = [family.get_module(model, family.layer_name("block", i)) for i in range(2)]
+    lengths, starts = [9, 4, 12], [2, 3, 0]
+    ids = torch.randint(2, 300, (3, 12))
+    mask = (torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]).long()
+    sentinel = blocks[1].forward
+    blocks[1].forward = sentinel  # an instance attribute, as accelerate leaves one
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        batch = split_rows(model, ids, lengths, starts, fixed_blocks=blocks)
+        for block in blocks:
+            for p in block.parameters():
+                p.fill_(float("nan"))
+        suffix = batch.logits(model)
+    for i, (n, s) in enumerate(zip(lengths, starts)):
+        assert _relative(suffix[i, : n - s], full[i, s:n]) < RELATIVE, (arch, i)
+    assert blocks[1].__dict__["forward"] is sentinel and "forward" not in blocks[0].__dict__
+
+
+@pytest.mark.parametrize("arch", ["gptj", "llama"])
+def test_a_search_above_the_first_layer_is_the_plain_one(arch: str) -> None:
+    """The edit at layer 2 of 4 (not the last: there no later position sees δ, the target's gradient is zero and
+    Adam's first steps turn rounding into direction)."""
+    tokenizer = _tokenizer("gpt2")
+    model = _random_model(arch, len(tokenizer), layers=4)
+    plain, cached = _searches(model, tokenizer, RomeHparams(layer=2, v_num_grad_steps=4), CONTEXTS, REQUESTS[0])
+    assert cached.steps == plain.steps == 4
+    assert _relative(cached.delta, plain.delta) < RELATIVE
+
+
 def test_a_split_refuses_a_start_outside_its_row() -> None:
     model = _random_model("gpt2", 300)
     ids = torch.zeros(2, 5, dtype=torch.long)
