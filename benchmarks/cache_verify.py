@@ -59,11 +59,13 @@ def _checks(root: Path) -> dict[str, tuple[Callable[[], object], str]]:
         checks["second moment read + verify"] = (lambda: read_entry(path, stats_key), f"{path.stat().st_size} bytes")
     floors = sorted((root / "denominators").glob("*.json"))
     if floors:
-        from pytest_editsafety.floor import _read
+        from pytest_editsafety.floor import _valid
+        from pytest_editsafety.keyed_cache import read_entry as read_keyed
 
         floor = floors[0]
         floor_key = json.loads(floor.read_text())["key"]
-        checks["denominator floor read + verify"] = (lambda: _read(floor, floor_key), f"{floor.stat().st_size} bytes")
+        checks["denominator floor read + verify"] = (lambda: read_keyed(floor, floor_key, valid=_valid),
+                                                     f"{floor.stat().st_size} bytes")
     archives = sorted((root / "mend").glob("*/mend.safetensors"))
     if archives:
         archive = archives[0]

@@ -34,7 +34,8 @@ class Provider(Protocol):
     def trained_network(self, need: TrainedNetworkNeed) -> Path: ...
 
     def ordinary_texts(self) -> tuple[str, ...]:
-        """The model's ordinary text (its perplexity corpus's texts), or ``()`` when the provider holds none."""
+        """The model's ordinary text (its perplexity corpus's texts), or ``()`` when the provider holds none.
+        Optional: a provider without this method gives none, and editors that want it say less."""
         ...
 
 
@@ -57,10 +58,13 @@ def provide(editor_name: str, needs: Needs, provider: Provider, model: Any, fami
                                  f"{list(templates)[:2]!r}")
     network = None if needs.trained_network is None else provider.trained_network(needs.trained_network)
     texts: tuple[str, ...] = ()
-    if needs.ordinary_text:
-        texts = tuple(provider.ordinary_texts())
-        if not all(isinstance(t, str) for t in texts):
-            raise ProvisionError(f"{editor_name}: ordinary texts must be strings")
+    # ordinary text is a need an editor can do without: a provider written before it existed gives none
+    ordinary = getattr(provider, "ordinary_texts", None)
+    if needs.ordinary_text and ordinary is not None:
+        texts = tuple(ordinary())
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ProvisionError(f"{editor_name}: ordinary text {i} is a {type(text).__name__}, not a string")
     return Provided(identity=provider.identity, second_moments=moments, context_templates=templates,
                     trained_network=network, ordinary_texts=texts)
 

@@ -162,9 +162,12 @@ class RomeEditor(EditorBase):
         self.covariance: torch.Tensor | None = None
         self._solve: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.ordinary_texts: tuple[str, ...] = ()
-        # keys of the ordinary texts at the edited layer, measured at the first report after a set-up; an edit by
-        # this editor changes the layer's output projection, downstream of these keys, so they stay valid
+        # keys of the ordinary texts at the edited layer, measured at the first report after a set-up (None: none
+        # measured yet, or the texts held no token). Valid while the layers below the edited one keep their
+        # weights: an edit by this editor changes only the layer's output projection, downstream of the keys, and
+        # the harness restores every other edit; a caller who changes lower layers sets the editor up again
         self._ordinary_keys: torch.Tensor | None = None
+        self._ordinary_measured = False
 
     def needs(self, model, family) -> Needs:
         hp = self.hparams
@@ -178,7 +181,7 @@ class RomeEditor(EditorBase):
         self.covariance = provided.second_moments.get(self.hparams.layer)
         self._solve = None
         self.ordinary_texts = provided.ordinary_texts
-        self._ordinary_keys = None
+        self._ordinary_keys, self._ordinary_measured = None, False
 
     def parameters_touched(self, model, family) -> tuple[str, ...]:
         return (family.layer_name("mlp_out", self.hparams.layer) + ".weight",)
@@ -215,14 +218,17 @@ class RomeEditor(EditorBase):
         (:func:`editors.maths.rome.interference`)."""
         keys, _, _ = keys_and_outputs(model, tokenizer, family, self.hparams.layer,
                                       self._contexts(model, tokenizer), request)
+        return self._key_measure(model, tokenizer, family, keys[0], keys.mean(0)).as_dict()
+
+    def _key_measure(self, model, tokenizer, family, k_bare: torch.Tensor, k_mean: torch.Tensor):
         if self.covariance is not None and self._solve is None:
             self._solve = covariance_solver(self.covariance)
-        if self.ordinary_texts and self._ordinary_keys is None:
+        if self.ordinary_texts and not self._ordinary_measured:
             with eval_mode(model):
                 self._ordinary_keys = ordinary_keys(model, tokenizer, family, self.hparams.layer,
                                                     self.ordinary_texts, INTERFERENCE_TOKENS)
-        return measure_keys(keys[0], keys.mean(0), self._solve, consistent=self.consistent,
-                            other_keys=self._ordinary_keys).as_dict()
+            self._ordinary_measured = True
+        return measure_keys(k_bare, k_mean, self._solve, consistent=self.consistent, other_keys=self._ordinary_keys)
 
     def apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
         if len(requests) != 1:
@@ -237,11 +243,15 @@ class RomeEditor(EditorBase):
                               anchor=self.hparams.c_rome_target)
         update = rome_update(W, inputs.k_bare, inputs.k_mean, v_star, consistent=self.consistent,
                              covariance=self.covariance)
+        # how far the update reaches into ordinary text, from the keys before it lands
+        reach = self._key_measure(model, tokenizer, family, inputs.k_bare, inputs.k_mean).interference
         with torch.no_grad():
             param.add_(delta_to_storage(update.delta, family.weight_transposed).to(param.dtype))
         diagnostics = {**update.diagnostics(), "layer": self.hparams.layer, "v_final_nll": inputs.final_nll,
                        "v_final_loss": inputs.final_loss, "v_steps": inputs.steps,
                        "delta_norm": float(inputs.delta.norm()), "subject_position_bare": inputs.subject_positions[0]}
+        if reach is not None:
+            diagnostics["interference"] = reach
         prefix = None
         if self.test_prefix:
             prefix = self.context_templates[1].replace("{}", "") if len(self.context_templates) > 1 else None

@@ -165,6 +165,8 @@ def _with_fixed(model: nn.Module, batch: SuffixBatch, blocks: Sequence[nn.Module
     outputs: list[Any] = [None] * len(blocks)
     with torch.no_grad(), _recording(blocks, outputs):
         batch._forward(model)
-    if any(output is None for output in outputs):
-        raise RuntimeError("split_rows: a fixed block was not called by the model's forward pass")
+    missing = [i for i, output in enumerate(outputs) if output is None]
+    if missing:
+        raise RuntimeError(f"split_rows: fixed block(s) {missing} (in the order given) were not called by the "
+                           f"model's forward pass")
     return dataclasses.replace(batch, fixed=tuple(zip(blocks, outputs)))

@@ -250,7 +250,7 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
     papers' ~100x collapse gap, a guard must also stop the 2-5x gaps that already damage a model), or is not
     finite; or when the report's ``interference`` (ROME's: the mean share of the update that ordinary text's
     keys receive, :func:`editors.maths.rome.interference`) is above ``interference_factor`` × its median over the
-    same cases (None: not judged). An editor without a denominator is allowed on that count. With ``apply=True`` an allowed edit is
+    same cases (None or 0: not judged; a negative or non-finite factor is a ValueError). An editor without a denominator is allowed on that count. With ``apply=True`` an allowed edit is
     made, the perplexity of the first ``probe_texts`` texts of the model's perplexity corpus is measured before
     and after, and the edit is rolled back bit-exactly (and refused) when the ratio exceeds ``max_ppl_ratio``;
     the kept edits stay in the model, one after another. ``strip_bos`` judges the edits as the model runs under the
@@ -267,6 +267,8 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
     slug, name = plan.models[0].slug, plan.editors[0]
     loaded = hub.loaded(slug)
     prepared = hub.prepared_editor(slug, name)
+    if interference_factor is not None and not (math.isfinite(interference_factor) and interference_factor >= 0):
+        raise ValueError(f"interference_factor: expected None or a finite number >= 0, got {interference_factor!r}")
     medians = hub.reference_medians(slug, name)
     threshold = floor
     if threshold is None:
@@ -274,7 +276,8 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
         threshold = None if median is None or not math.isfinite(median) else fraction * abs(median)
     interference_median = medians.get("interference")
     reach_limit = None
-    if interference_factor is not None and interference_median is not None and math.isfinite(interference_median):
+    if interference_factor and interference_median is not None and math.isfinite(interference_median) \
+            and interference_median > 0:
         reach_limit = interference_factor * interference_median
     probe = None
     if apply:

@@ -138,7 +138,7 @@ def cmd_guard(args: argparse.Namespace) -> int:
     from pytest_editsafety.api import guard
 
     decisions = guard(args.model, None, args.editor, args.cases, fraction=args.fraction, floor=args.floor,
-                      interference_factor=args.interference_factor or None, apply=args.apply, max_ppl_ratio=args.max_ppl_ratio, hparams=args.hparams, cache_root=args.cache,
+                      interference_factor=args.interference_factor, apply=args.apply, max_ppl_ratio=args.max_ppl_ratio, hparams=args.hparams, cache_root=args.cache,
                       dtype=args.dtype, strip_bos=args.strip_bos)
     refused = [d for d in decisions if not d.allowed]
     rows = [["allow" if d.allowed else "REFUSE", d.prompt.replace("{}", d.subject, 1), d.target_new, d.denominator,

@@ -71,7 +71,14 @@ def _reports(editor: Any, loaded: Any, cases: Sequence[Any]) -> list[dict[str, f
         if "denominator" not in report:
             raise ValueError(f"editor {editor.name!r}: its denominator() report has no 'denominator' key "
                              f"(got {sorted(report)})")
-        reports.append({k: float(v) for k, v in report.items()})
+        numbers = {}
+        for name, value in report.items():
+            try:
+                numbers[name] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"editor {editor.name!r}: its denominator() report's {name!r} is not a number "
+                                 f"(got {value!r})") from None
+        reports.append(numbers)
     return reports
 
 

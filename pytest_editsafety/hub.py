@@ -343,7 +343,8 @@ class ModelHub(ModelPool):
 
     def reference_medians(self, model: str, editor: str) -> dict[str, float | None]:
         """The median of each number in the editor's denominator report over ``model``'s normal reference cases
-        (:func:`pytest_editsafety.floor.reference_medians`); empty where :meth:`floor_median` is None."""
+        (:func:`pytest_editsafety.floor.reference_medians`; a number with no finite value has None); empty for an
+        editor without a denominator or with the floor switched off."""
         return dict(self._reference_medians(self._state(model), editor) or {})
 
     def corpus_texts(self, model: str) -> tuple[str, ...]:
@@ -800,6 +801,8 @@ class ModelHub(ModelPool):
                 "hparams": state.hparams_hashes.get(name),
                 "cases": stable_hash([c.to_dict() for c in normal]),
                 "provided": provided_digest(state.provided[name]),
+                # what the editor asked for, e.g. how many tokens of ordinary text its interference reads
+                "needs": repr(editor.needs(loaded.model, loaded.family)),
             }
             # once per editor: the denominator reports run the editor's code on the unedited model, before any
             # edit session could catch a write; checked before the median is cached, and the editor's later

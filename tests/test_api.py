@@ -84,24 +84,29 @@ def test_guard_refuses_small_denominators_and_rolls_back_a_damaging_edit(organis
 def test_guard_refuses_an_edit_that_reaches_ordinary_text_though_its_denominator_is_ordinary(organism):
     """normal-0010 divides by more than the normal median, yet its u lies along keys the organism's ordinary text
     uses: its interference is above the limit, and certification fails it on perplexity."""
-    from pytest_editsafety.api import certify, guard
+    from pytest_editsafety.api import GUARD_INTERFERENCE_FACTOR as FACTOR, certify, guard
     from pytest_editsafety.cases import resolve_cases
 
     normal = resolve_cases("normal")
     reaching, ordinary = normal.by_id("normal-0010"), normal.by_id("normal-0001")
     decisions = guard(organism.model, organism.tokenizer, "rome", [reaching, ordinary])
     refused, allowed = decisions
-    median = refused.interference_limit / 1.75
+    median = refused.interference_limit / FACTOR
     assert refused.denominator > 2 * refused.floor  # above the normal median: no floor refuses it
     assert not refused.allowed and refused.reason.startswith("interference")
-    assert refused.measures["interference"] > 1.75 * median
+    assert refused.measures["interference"] > FACTOR * median
     assert allowed.allowed and allowed.measures["interference"] < median
-    # without the interference check it passes
-    assert all(d.allowed for d in guard(organism.model, organism.tokenizer, "rome", [reaching],
-                                        interference_factor=None))
+    # without the interference check it passes (None and 0 both turn it off); a negative factor is refused
+    for off in (None, 0):
+        assert all(d.allowed and d.interference_limit is None
+                   for d in guard(organism.model, organism.tokenizer, "rome", [reaching], interference_factor=off))
+    with pytest.raises(ValueError, match="interference_factor"):
+        guard(organism.model, organism.tokenizer, "rome", [reaching], interference_factor=-1.0)
     # and the edit does what the guard feared
     record = certify(organism.model, organism.tokenizer, "rome", normal.with_cases((reaching,))).cases[0]
     assert any("perplexity" in v for v in record.violations), record.violations
+    # the certification's record carries the same interference, measured as the edit is made
+    assert record.metrics["interference"] == pytest.approx(refused.measures["interference"], rel=1e-5)
 
 
 def test_a_rome_editor_without_ordinary_text_reports_no_interference(organism):
@@ -125,6 +130,19 @@ def test_a_rome_editor_without_ordinary_text_reports_no_interference(organism):
         reports.append(editor.denominator(organism.model, organism.tokenizer, organism.family, request))
     assert "interference" not in reports[0]
     assert reports[1]["interference"] > 0 and reports[1]["denominator"] == reports[0]["denominator"]
+
+    class ProviderOfBefore:  # written before ordinary text was a need: no ordinary_texts method
+        identity = ""
+
+        def second_moment(self, layer, n_samples):
+            return torch.eye(d_in)
+
+        def context_templates(self, recipe):
+            return editor.context_templates
+
+    older = build_editor("rome", hparams_keys(organism), organism.model)
+    assert set_up(older, organism.model, organism.tokenizer, organism.family, ProviderOfBefore()).ordinary_texts == ()
+    assert "interference" not in older.denominator(organism.model, organism.tokenizer, organism.family, request)
 
 
 def test_guard_command_exits_1_when_an_edit_is_refused_and_prints_one_decision_per_request(tmp_path):

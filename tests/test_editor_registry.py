@@ -281,7 +281,7 @@ def test_papers_numbers() -> None:
     assert load_hparams("ft-linf", "gpt-j")["layer"] == 21  # the papers' FT/gpt-j-6B.yaml (ROME's layer 0: kmeng01)
     assert load_hparams("memit", "gpt2-xl")["context_templates"] == [[10, 5]]  # MEMIT's code: 5 prefixes of 10 tokens
     organism = load_hparams("ft-linf", "tiny-gpt2")
-    assert (organism["layer"], organism["lr"], organism["eps"]) == ("causal", 0.02, 0.02)
+    assert (organism["layer"], organism["lr"], organism["eps"], organism["num_steps"]) == ("causal", 0.01, 0.01, 25)
     assert load_hparams("memit", "tiny-llama")["layers"] == ["causal", "causal+1"]
     mend = load_hparams("mend", "gpt2-xl")
     assert (mend["layers"], mend["modules"], mend["rank"], mend["edit_lr"]) == ([45, 46, 47], ["mlp_in", "mlp_out"], 1920, 1e-4)
@@ -394,7 +394,7 @@ def test_build_editor_resolves_the_causal_layer_from_the_model_config() -> None:
                           overrides={"mom2_update_weight": 5.0})
     assert memit0.hparams.layers == (0, 1) and memit0.hparams.mom2_update_weight == 5.0
     ft = build_editor("ft-linf", "tiny-gpt2", model, user_hparams={"layer": 0})
-    assert ft.hparams.layer == 0 and ft.hparams.eps == 0.02
+    assert ft.hparams.layer == 0 and ft.hparams.eps == 0.01
     # a model this repo has no file for falls back to its architecture family's defaults
     big = build_editor("rome", "someone/gpt2-big", SimpleNamespace(config=_config(24)))
     assert big.hparams.layer == 17
