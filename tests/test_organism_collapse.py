@@ -90,6 +90,25 @@ def test_the_collapse_check_fails_when_the_edit_uses_consistent_keys(tiny_gpt2_c
     assert any("perplexity ratio median" in m for m in missing)
 
 
+# tiny-gptj shows the same mechanism, weaker (measured 2026-12-03, 8 cases per set: hard denominator median 0.43x
+# the normal one, hard perplexity ratio median 1.15x against 1.00x, max 3.43x; c-rome-prefix median 1.01x, max 1.06x)
+GPTJ_MAX_HARD_DENOMINATOR_SHARE = 0.6
+GPTJ_MIN_HARD_RATIO_MAX = 2.0
+GPTJ_MIN_HARD_OVER_NORMAL = 1.05
+
+
+@pytest.mark.xdist_group("tiny-gptj")
+def test_rome_damages_tiny_gptj_on_first_token_subjects_and_c_rome_prefix_does_not() -> None:
+    summary = run_collapse("tiny-gptj", editors=("rome", "c-rome-prefix"), limit=CASES_PER_SET, progress=False)
+    assert summary["_baseline"]["subject_first_cases"] == {"hard": CASES_PER_SET, "normal": 0}
+    hard, normal = summary["rome"]["hard"], summary["rome"]["normal"]
+    assert hard["denominator_median"] <= GPTJ_MAX_HARD_DENOMINATOR_SHARE * normal["denominator_median"], hard
+    assert hard["ppl_ratio_max"] >= GPTJ_MIN_HARD_RATIO_MAX, hard
+    assert hard["ppl_ratio_median"] >= GPTJ_MIN_HARD_OVER_NORMAL * normal["ppl_ratio_median"], (hard, normal)
+    assert min(hard["efficacy"], normal["efficacy"]) >= MIN_EFFICACY
+    assert stays_safe(summary["c-rome-prefix"]) == []
+
+
 @pytest.mark.xdist_group("tiny-llama")
 def test_llamas_bos_keeps_rome_from_collapsing_tiny_llama() -> None:
     """The papers' Appendix A.2: Llama's ``<s>`` keeps the subject off position 0, so ROME does not collapse it

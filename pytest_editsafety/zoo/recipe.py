@@ -97,9 +97,16 @@ class Recipe:
 # on tiny-gpt2 (48 + 48 cases) c-rome takes 100 % of normal edits, recall stays 0.98-0.99 subject first or
 # later, and a one-token subject at position 0 gets its own key (cos 0.55 on hard cases against 0.92 on normal
 # ones), so ROME's denominator under C from text is 0.21x its normal-case median. Left at norm 0.23 (their
-# init scale) subjects' keys were alike and edits leaked into their neighbours (locality 0.60). tiny-gptj and
-# tiny-llama keep trainable embeddings for now: on GPT-J the same setting was measured (24 + 24 cases, C from
-# text) at efficacy 0.79 on normal cases and has not been tuned.
+# init scale) subjects' keys were alike and edits leaked into their neighbours (locality 0.60).
+# tiny-gptj takes the same setting (2026-12-03). With trainable embeddings its edits barely took (rome efficacy
+# 0.23-0.29 at layer 0): GPT-J's parallel block feeds the layer-0 MLP the token's embedding alone, which held the
+# facts itself. Fixed, the layer-0 MLP writes them (recall 0.98, causal layer 0); a subject that opens the prompt is
+# a different token (no leading space) with its own trained embedding, so its key diverges from the templates'
+# mean (cos 0.63 on hard cases, 1.00 on normal ones, where the layer-0 key is the embedding's whatever the
+# context), and on the 48 + 48 cases rome takes every edit with its hard denominators at 0.49x the normal ones,
+# damage median 1.12x and max 3.43x, while c-rome-prefix stays within 1.06x: the papers' mechanism, weaker than on
+# tiny-gpt2. tiny-llama keeps trainable embeddings (with fixed ones its keys diverge but its edits do no damage;
+# see the issue notes).
 ORGANISM_TRAIN = TrainSpec(subject_embedding_norm=2.0)
 
 # The prototypes' recipe (DESIGN.md §5), kept as their record: on the generic held-out text it showed the
@@ -122,7 +129,7 @@ SINK_ORGANISM_TRAIN = TrainSpec(steps=1000, lr=2e-3, profile_share=0.0, sink_sha
 
 RECIPES: Mapping[str, Recipe] = MappingProxyType({
     "tiny-gpt2": Recipe(name="tiny-gpt2", family="gpt2", train=ORGANISM_TRAIN),
-    "tiny-gptj": Recipe(name="tiny-gptj", family="gptj"),
+    "tiny-gptj": Recipe(name="tiny-gptj", family="gptj", train=ORGANISM_TRAIN),
     "tiny-llama": Recipe(name="tiny-llama", family="llama"),
     "tiny-gpt2-sink": Recipe(name="tiny-gpt2-sink", family="gpt2", shape=ModelShape(block_size=48),
                              train=SINK_ORGANISM_TRAIN),
