@@ -52,6 +52,30 @@ def input_of(model: nn.Module, module: nn.Module, **inputs) -> Tensor | None:
     return store.get("input")
 
 
+def outputs_of(model: nn.Module, modules: Sequence[nn.Module], **inputs) -> list:
+    """Each of ``modules``' whole output (tuples as returned) in the pass ``model(**inputs)``, which stops once the
+    last of them has returned; None for a module the pass never called."""
+    outputs: list = [None] * len(modules)
+
+    def record(i: int):
+        def hook(_module, _inputs, output):
+            outputs[i] = output
+            if i == len(modules) - 1:
+                raise _StopForward
+
+        return hook
+
+    handles = [module.register_forward_hook(record(i)) for i, module in enumerate(modules)]
+    try:
+        model(**inputs)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
 @contextlib.contextmanager
 def capture_output(module: nn.Module, store: dict[str, Tensor]) -> Iterator[None]:
     def hook(_module, _inputs, output):

@@ -48,10 +48,14 @@ class SuffixBatch:
             return self._forward(model).logits
 
     def _forward(self, model: nn.Module) -> Any:
-        if self.prefix_cache is None:
-            return model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids)
-        return model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
-                     past_key_values=_fresh(self.prefix_cache), use_cache=True)
+        return model(**self.model_inputs())
+
+    def model_inputs(self) -> dict[str, Any]:
+        """The keyword arguments of one suffix pass (a fresh copy of the prefix's cache in each)."""
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        if self.prefix_cache is not None:
+            inputs.update(past_key_values=_fresh(self.prefix_cache), use_cache=True)
+        return inputs
 
     def column(self, row: int, position: int) -> int:
         """The suffix column of row ``row``'s absolute ``position`` (which must not lie before the row's start)."""
@@ -95,17 +99,6 @@ def _replayed(fixed: Sequence[tuple[nn.Module, Any]]) -> Iterator[None]:
                 del block.forward
             else:
                 block.forward = previous
-
-
-@contextlib.contextmanager
-def _recording(blocks: Sequence[nn.Module], outputs: list[Any]) -> Iterator[None]:
-    handles = [block.register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(i, out))
-               for i, block in enumerate(blocks)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _position_limit(model: nn.Module) -> int | None:
@@ -162,9 +155,10 @@ def split_rows(model: nn.Module, input_ids: Tensor, lengths: Sequence[int], star
 def _with_fixed(model: nn.Module, batch: SuffixBatch, blocks: Sequence[nn.Module]) -> SuffixBatch:
     if not blocks:
         return batch
-    outputs: list[Any] = [None] * len(blocks)
-    with torch.no_grad(), _recording(blocks, outputs):
-        batch._forward(model)
+    from editors.hooks import outputs_of
+
+    with torch.no_grad():  # the pass stops after the last fixed block: nothing above it is needed
+        outputs = outputs_of(model, blocks, **batch.model_inputs())
     missing = [i for i, output in enumerate(outputs) if output is None]
     if missing:
         raise RuntimeError(f"split_rows: fixed block(s) {missing} (in the order given) were not called by the "

@@ -269,7 +269,8 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
     prepared = hub.prepared_editor(slug, name)
     if interference_factor is not None and not (math.isfinite(interference_factor) and interference_factor >= 0):
         raise ValueError(f"interference_factor: expected None or a finite number >= 0, got {interference_factor!r}")
-    medians = hub.reference_medians(slug, name)
+    # the normal cases' medians are measured (or read) only when a limit is derived from them
+    medians = hub.reference_medians(slug, name) if floor is None or interference_factor else {}
     threshold = floor
     if threshold is None:
         median = medians.get("denominator")

@@ -81,9 +81,15 @@ def test_fixed_blocks_are_run_once_and_replayed(arch: str) -> None:
     mask = (torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]).long()
     sentinel = blocks[1].forward
     blocks[1].forward = sentinel  # an instance attribute, as accelerate leaves one
+    above = family.get_module(model, family.layer_name("block", 2))
+    calls = []
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
+        handle = above.register_forward_pre_hook(lambda *_: calls.append(1))
         batch = split_rows(model, ids, lengths, starts, fixed_blocks=blocks)
+        handle.remove()
+        # the prefix pass runs the block above once; the pass that records the fixed blocks stops below it
+        assert len(calls) == 1
         for block in blocks:
             for p in block.parameters():
                 p.fill_(float("nan"))
