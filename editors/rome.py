@@ -25,7 +25,7 @@ from editors.maths.rome import (
     rome_update,
     value_target,
 )
-from editors.text import fill, padded, pad_id, right_padded, subject_last_index
+from editors.text import fill, position_limit, right_padded, subject_last_index
 # v*'s search has its own module; editors outside this package know it by ROME's name (optimise_value_delta)
 from editors.value_search import ValueFit, optimise_value_delta, search_value_delta, search_value_deltas
 
@@ -126,24 +126,22 @@ def ordinary_keys(model, tokenizer, family, layer: int, texts, max_tokens: int) 
     ``[n, d]`` in float32; None when the texts hold no token. The pass stops at the layer."""
     device = next(model.parameters()).device
     module = _module(model, family, "mlp_out", layer)
-    limit = getattr(getattr(model, "config", None), "n_positions", None) or getattr(
-        getattr(model, "config", None), "max_position_embeddings", None)
+    limit = position_limit(model)  # a text longer than the model's context is read up to it
     found: list[torch.Tensor] = []
     remaining = max_tokens
     for start in range(0, len(texts), _ORDINARY_BATCH):
         if remaining <= 0:
             break
-        encoded = tokenizer(list(texts[start:start + _ORDINARY_BATCH]))["input_ids"]
-        encoded = [ids[:limit] if limit else ids for ids in encoded]
-        ids, mask = padded(encoded, pad_id(tokenizer))
+        batch = right_padded(tokenizer, texts[start:start + _ORDINARY_BATCH], device)
+        ids, mask = batch.input_ids[:, :limit], batch.attention_mask[:, :limit]
         with torch.no_grad():
-            keys = input_of(model, module, input_ids=ids.to(device), attention_mask=mask.to(device))
+            keys = input_of(model, module, input_ids=ids, attention_mask=mask)
         if keys is None:
             return None
-        real = keys[mask.to(device).bool()][:remaining].float()
-        found.append(real)
-        remaining -= real.shape[0]
-    return torch.cat(found) if found and sum(k.shape[0] for k in found) else None
+        found.append(keys[mask.bool()][:remaining].float())
+        remaining -= found[-1].shape[0]
+    keys = torch.cat(found) if found else None
+    return keys if keys is not None and keys.shape[0] else None
 
 
 class RomeEditor(EditorBase):

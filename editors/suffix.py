@@ -29,6 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from editors.hooks import outputs_of
+from editors.text import position_limit
+
 
 @dataclasses.dataclass(frozen=True)
 class SuffixBatch:
@@ -45,10 +48,7 @@ class SuffixBatch:
     def logits(self, model: nn.Module) -> Tensor:
         """The model's logits over the suffix positions, ``[rows, suffix length, vocabulary]``."""
         with _replayed(self.fixed):
-            return self._forward(model).logits
-
-    def _forward(self, model: nn.Module) -> Any:
-        return model(**self.model_inputs())
+            return model(**self.model_inputs()).logits
 
     def model_inputs(self) -> dict[str, Any]:
         """The keyword arguments of one suffix pass (a fresh copy of the prefix's cache in each)."""
@@ -101,15 +101,6 @@ def _replayed(fixed: Sequence[tuple[nn.Module, Any]]) -> Iterator[None]:
                 block.forward = previous
 
 
-def _position_limit(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def split_rows(model: nn.Module, input_ids: Tensor, lengths: Sequence[int], starts: Sequence[int], *,
                fixed_blocks: Sequence[nn.Module] = ()) -> SuffixBatch:
     """Run every row's first ``starts[i]`` tokens of ``input_ids`` (right-padded, real length ``lengths[i]``)
@@ -125,7 +116,7 @@ def split_rows(model: nn.Module, input_ids: Tensor, lengths: Sequence[int], star
     device = input_ids.device
     prefix_len = max(starts)
     suffix_len = max(n - s for n, s in zip(lengths, starts))
-    limit = _position_limit(model)
+    limit = position_limit(model)
     suffix_ids = torch.zeros(rows, suffix_len, dtype=input_ids.dtype, device=device)
     suffix_mask = torch.zeros(rows, suffix_len, dtype=torch.long, device=device)
     positions = torch.zeros(rows, suffix_len, dtype=torch.long, device=device)
@@ -155,8 +146,6 @@ def split_rows(model: nn.Module, input_ids: Tensor, lengths: Sequence[int], star
 def _with_fixed(model: nn.Module, batch: SuffixBatch, blocks: Sequence[nn.Module]) -> SuffixBatch:
     if not blocks:
         return batch
-    from editors.hooks import outputs_of
-
     with torch.no_grad():  # the pass stops after the last fixed block: nothing above it is needed
         outputs = outputs_of(model, blocks, **batch.model_inputs())
     missing = [i for i, output in enumerate(outputs) if output is None]

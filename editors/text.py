@@ -13,6 +13,17 @@ class SubjectNotFoundError(ValueError):
     pass
 
 
+def position_limit(model) -> int | None:
+    """The most positions ``model`` takes (its config's ``n_positions``, ``max_position_embeddings`` or ``n_ctx``),
+    or None when the config does not say."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def fill(template: str, subject: str) -> str:
     return template.replace("{}", subject, 1)
 

@@ -19,9 +19,10 @@ def check_fits_context(loaded: Any, case: EditCase, templates: Sequence[str]) ->
     """Refuse, with the lengths, a case whose longest text (a context template around the prompt and its target,
     a paraphrase, a neighbourhood prompt) exceeds the model's positions: it would fail deep inside the model
     with an IndexError, or be truncated silently."""
-    config = loaded.model.config
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0:
+    from editors.text import position_limit
+
+    limit = position_limit(loaded.model)
+    if limit is None:
         return
     tokenizer = loaded.tokenizer
 

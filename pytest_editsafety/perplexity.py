@@ -121,12 +121,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def model_context(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    """The most positions ``model`` takes (:func:`editors.text.position_limit`)."""
+    from editors.text import position_limit
+
+    return position_limit(model)
 
 
 def encode(
