@@ -23,7 +23,7 @@ measuring again: the harness batches ROME's and MEMIT's searches this way). Noth
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -41,7 +41,9 @@ __all__ = [
     "TrainingCase",
     "TrainingJob",
     "max_requests_per_apply",
+    "measurement_key",
     "prepare_requests",
+    "prepared_by",
 ]
 
 
@@ -232,6 +234,15 @@ class EditorBase:
         nothing (``{}``); an editor whose measurement batches (the searches of ROME and MEMIT) overrides it."""
         return {}
 
+    def measurement_key(self, request: EditRequest) -> Hashable | None:
+        """What :meth:`prepare` measures for ``request``, as a key: editors (of any name) whose keys are equal
+        measure the same value on the same unedited model, so a caller may measure it once and hand it to each
+        through :meth:`apply_prepared` (ROME and its C-ROME variants share v*; MEMIT, EMMET and AlphaEdit share z).
+        The key holds everything the value depends on besides the model's weights: the kind of value, the
+        settings the measurement reads, the context templates and the request. None (the default): the
+        measurement is this editor's own."""
+        return None
+
     def apply_prepared(self, model: Any, tokenizer: Any, family: Any, requests: list[EditRequest],
                        prepared: Mapping[EditRequest, Any]) -> EditOutcome:
         """``apply``, taking from ``prepared`` (:meth:`prepare`'s values, measured on this model as it is now)
@@ -252,6 +263,19 @@ def prepare_requests(editor: Any, model: Any, tokenizer: Any, family: Any,
     """``editor.prepare(...)`` for an :class:`EditorBase`; an editor that only implements the :class:`Editor`
     protocol prepares nothing (``{}``) and is applied as it is."""
     return editor.prepare(model, tokenizer, family, requests) if isinstance(editor, EditorBase) else {}
+
+
+def prepared_by(editor: Any) -> str:
+    """The function that measures ``editor``'s prepared values (``module.Class.prepare``): the kind of value part
+    of a measurement key, so a subclass that measures otherwise (overrides ``prepare``) shares with no one."""
+    prepare = type(editor).prepare
+    return f"{prepare.__module__}.{prepare.__qualname__}"
+
+
+def measurement_key(editor: Any, request: EditRequest) -> Hashable | None:
+    """``editor.measurement_key(request)`` for an :class:`EditorBase`; None (nothing shared) for an editor that
+    only implements the :class:`Editor` protocol."""
+    return editor.measurement_key(request) if isinstance(editor, EditorBase) else None
 
 
 def max_requests_per_apply(editor: Any) -> int | None:

@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, SecondMomentNeed
+from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, SecondMomentNeed, prepared_by
 from editors.domain import check_number
 from editors.ft import target_nll
 from editors.hooks import capture_output, eval_mode, rows_at
 from editors.maths import as_out_in, delta_to_storage
 from editors.maths.memit import distribute_residual, memit_layer_update
 from editors.rome import RomeHparams, check_value_settings, keys_and_outputs
-from editors.value_search import search_value_deltas
+from editors.value_search import search_settings, search_value_deltas
 from editors.text import right_padded, subject_last_index
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,13 @@ class MemitEditor(EditorBase):
         fits = search_value_deltas(model, tokenizer, family, value_hp, contexts, requests,
                                    [h0[:, i] for i in range(len(requests))])
         return {r: (h0[:, i] + fit.delta.float(), fit.nll) for i, (r, fit) in enumerate(zip(requests, fits))}
+
+    def measurement_key(self, request: EditRequest):
+        """:meth:`prepare`'s ``(z, final NLL)`` depends on the search at the last edited layer and the templates
+        only, so MEMIT, EMMET and AlphaEdit with the same settings share it; None before set-up."""
+        if self.context_templates is None:
+            return None
+        return (prepared_by(self), search_settings(self.hparams.value_hparams()), self.context_templates, request)
 
     def apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
         if not requests:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, SecondMomentNeed
+from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, SecondMomentNeed, prepared_by
 from editors.domain import check_count, check_number, check_template_recipe
 from editors.hooks import capture_input, capture_output, eval_mode, input_of, rows_at
 from editors.maths import as_out_in, delta_to_storage
@@ -27,7 +27,13 @@ from editors.maths.rome import (
 )
 from editors.text import fill, position_limit, right_padded, subject_last_index
 # v*'s search has its own module; editors outside this package know it by ROME's name (optimise_value_delta)
-from editors.value_search import ValueFit, optimise_value_delta, search_value_delta, search_value_deltas
+from editors.value_search import (
+    ValueFit,
+    optimise_value_delta,
+    search_settings,
+    search_value_delta,
+    search_value_deltas,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +214,14 @@ class RomeEditor(EditorBase):
                                 subject_positions=tuple(positions))
             for request, (keys, outputs, positions), fit in zip(requests, measured, fits)
         }
+
+    def measurement_key(self, request: EditRequest):
+        """:meth:`prepare`'s :class:`RomeInputs` do not depend on the key rule or the test prefix, so ROME and its
+        C-ROME variants with the same search settings and templates share them; None before set-up, where the
+        templates are not known yet."""
+        if self.context_templates is None:
+            return None
+        return (prepared_by(self), search_settings(self.hparams), self.context_templates, request)
 
     def denominator(self, model, tokenizer, family, request: EditRequest) -> dict[str, float]:
         """``|uᵀkᵘ|`` (rome) or ``|uᵀk̄|`` (C-ROME) for ``request``, one forward pass over the templated

@@ -27,6 +27,18 @@ from editors.maths.rome import value_search_stops
 from editors.text import fill, right_padded, subject_last_index
 
 
+# every setting of ``hp`` that :func:`search_value_deltas` reads: two searches with equal settings, templates and
+# request on the same model find the same δ (editors share a search through it: :func:`search_settings`)
+SEARCH_SETTINGS = ("layer", "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor",
+                   "kl_prompt", "early_stop_on", "early_stop_below", "v_cached_prefix")
+
+
+def search_settings(hp) -> tuple[tuple[str, object], ...]:
+    """``hp``'s values of :data:`SEARCH_SETTINGS`, as ``(name, value)`` pairs: the search's part of a
+    measurement key (:meth:`editors.base.EditorBase.measurement_key`)."""
+    return tuple((name, getattr(hp, name)) for name in SEARCH_SETTINGS)
+
+
 @dataclass(frozen=True)
 class ValueFit:
     """v*'s search: ``δ``, the NLL and whole loss at the step it stopped on, and the forward passes it took."""

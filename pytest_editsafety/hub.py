@@ -25,9 +25,10 @@ from pytest_editsafety.bounds import Bounds, Verdict, judge
 from pytest_editsafety.cache import cache_root
 from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
 from pytest_editsafety.devices import MAIN_WORKER
-from pytest_editsafety.context_fit import CaseTooLongError, check_fits_context
-from pytest_editsafety.model_pool import ModelPool, ModelState, empty_cuda_cache
+from pytest_editsafety.context_fit import check_fits_context
+from pytest_editsafety.model_pool import ModelPool, ModelState
 from pytest_editsafety.plan import Plan, PlanItem
+from pytest_editsafety.preparation import Preparations
 from pytest_editsafety.sequential import default_every, first_crossing, measurement_steps
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,13 @@ class HubOptions:
     sequential_every: int | None = None
     # single-edit cases of one (editor, model, case set) whose searches (ROME's v*, MEMIT's z: editors'
     # prepare()) run together on the unedited model, the case under way and the next ones this run selected;
-    # 1 measures each case alone (--editsafety-search-batch); None: default_search_batch for the model's device
+    # 1 measures each case alone (--editsafety-search-batch); None: preparation.default_search_batch for the device
     search_batch: int | None = None
+    # a case's measurement that editors declare they share (editors.base.EditorBase.measurement_key: ROME and its
+    # C-ROME variants' v*, MEMIT, EMMET and AlphaEdit's z) is measured by the first of them and handed to the
+    # others (pytest_editsafety.shared_measurements); False: each editor measures its own
+    # (--editsafety-measure-alone). Same records bit for bit either way
+    share_measurements: bool = True
     # lm-eval tasks scored on the unedited model and after every single edit (--editsafety-downstream), at most
     # downstream_limit examples each (None: all): pytest_editsafety.downstream
     downstream: tuple[str, ...] = ()
@@ -86,6 +92,8 @@ class HubOptions:
         if self.search_batch is not None and (isinstance(self.search_batch, bool) or not isinstance(self.search_batch, int)
                                               or self.search_batch < 1):
             raise ValueError(f"HubOptions.search_batch must be an integer >= 1, got {self.search_batch!r}")
+        if not isinstance(self.share_measurements, bool):
+            raise ValueError(f"HubOptions.share_measurements must be True or False, got {self.share_measurements!r}")
         if self.sequential_every is not None and self.sequential_every < 1:
             raise ValueError(f"HubOptions.sequential_every must be at least 1, got {self.sequential_every}")
 
@@ -107,19 +115,6 @@ class RunOutcome:
 # a perplexity measurement's figures, as the hub keeps them (and the baselines cache stores them)
 _PPL_FIELDS = ("mean", "corpus", "median", "max")
 BASELINE_CACHE_FORMAT = "pytest-editsafety/unedited-perplexity/1"
-
-# search batch sizes by device: a GPU runs a batch of searches in little more than the time of one (a small batch
-# leaves it idle; 8 cases of 22 prompts keep a 7B model's activations within a few GB); on a CPU, which one case
-# keeps busy already, 8 cases together saved about a seventh of the search: too little to measure cases that another
-# xdist worker may take
-GPU_SEARCH_BATCH = 8
-CPU_SEARCH_BATCH = 1
-
-
-def default_search_batch(device: str | None) -> int:
-    """Cases whose searches run together when --editsafety-search-batch is not given, on ``device``."""
-    return GPU_SEARCH_BATCH if device is not None and device.startswith("cuda") else CPU_SEARCH_BATCH
-
 
 def _float_or_none(value: Any) -> float | None:
     if isinstance(value, bool):
@@ -169,8 +164,8 @@ class ModelHub(ModelPool):
         options = options or HubOptions()
         super().__init__(plan, options, cache_root(options.cache_root), models)
         order = tuple(run_order) if run_order is not None else tuple(item.test_id for item in plan.items)
-        self._run_position = {test_id: index for index, test_id in enumerate(order)}
-        self._run_order = order
+        self._preparations = Preparations(plan, order, search_batch=options.search_batch,
+                                          share=options.share_measurements)
         self._editor_objects = dict(editors or {})
         self._downstream: Any = None
         self._stats_cache: Any = None
@@ -438,64 +433,11 @@ class ModelHub(ModelPool):
         return metrics, judge(self.options.bounds, metrics, denominator_floor=floor)
 
     def _prepared(self, state: ModelState, item: PlanItem, editor: Any) -> Mapping[Any, Any]:
-        """What the editor's prepare() measured for ``item``'s case on the unedited model (``{request: value}``),
-        the searches of the next ``search_batch - 1`` selected cases of its (editor, model, case set) run with it
-        when it was not measured yet; empty when the editor prepares nothing, and for a case the run did not
-        select (the fuzzer's generated cases, measured alone)."""
-        from editors.base import EditRequest, prepare_requests
-
-        key = (item.editor, item.case_set, item.case_id)
-        size = self.options.search_batch or default_search_batch(state.device)
-        if (key not in state.prepared and size > 1 and item.editor not in state.unbatched
-                and item.test_id in self._run_position):
-            tagged = self._tagged(item.model, item.case_set)
-            loaded = state.loaded
-            templates = state.provided[item.editor].context_templates or ("{}",)
-            members: list[tuple[PlanItem, Any]] = []
-            for member in [item] + self._next_cases(state, item, size - 1):
-                case = tagged.by_id(member.case_id)
-                try:
-                    check_fits_context(loaded, case, templates)
-                except CaseTooLongError:  # that case's own test says so; the batch goes on without it
-                    continue
-                members.append((member, EditRequest(case.subject, case.prompt, case.target_new)))
-            try:
-                measured = prepare_requests(editor, loaded.model, loaded.tokenizer, loaded.family,
-                                            [request for _, request in members])
-            except Exception as err:  # each case then runs alone and meets its own error, if it has one
-                out_of_memory = type(err).__name__ == "OutOfMemoryError"  # torch.cuda's, without importing torch
-                log.warning("%s: the search batch of %d cases failed (%s: %s); measuring %s alone", item.test_id,
-                            len(members), type(err).__name__, err,
-                            f"every case of {item.editor} on this model" if out_of_memory else "them")
-                if out_of_memory:  # the next batch would not fit either
-                    state.unbatched.add(item.editor)
-                measured = {}
-                empty_cuda_cache()  # a batch too large for the GPU leaves its blocks cached
-            for member, request in members:
-                # a member the batch did not measure is measured alone when it runs (an empty entry: not batched
-                # again, so one odd case does not fail every batch it would join)
-                entry = {request: measured[request]} if request in measured else {}
-                state.prepared[(member.editor, member.case_set, member.case_id)] = entry
-        return state.prepared.pop(key, {})
-
-    def _next_cases(self, state: ModelState, item: PlanItem, count: int) -> list[PlanItem]:
-        """Up to ``count`` single-edit items of ``item``'s (editor, model, case set) that this run selected after
-        it and whose searches were not run yet."""
-        upcoming: list[PlanItem] = []
-        position = self._run_position.get(item.test_id)
-        if position is None or count < 1:
-            return upcoming
-        for test_id in self._run_order[position + 1:]:
-            other = self.plan.item(test_id)
-            if other is None or other.kind != "case":
-                continue
-            if (other.editor, other.model, other.case_set) != (item.editor, item.model, item.case_set):
-                break  # the plan runs an (editor, model, case set) in one stretch
-            if (other.editor, other.case_set, other.case_id) not in state.prepared:
-                upcoming.append(other)
-                if len(upcoming) == count:
-                    break
-        return upcoming
+        """What the editor's prepare() measured for ``item``'s case on the unedited model (``{request: value}``):
+        :meth:`pytest_editsafety.preparation.Preparations.for_item`."""
+        if not self._preparations.selected(item):
+            return {}
+        return self._preparations.for_item(state, item, editor, self._tagged(item.model, item.case_set))
 
     def _edit_batch_and_measure(
         self, state: ModelState, item: PlanItem, cases: Sequence[EditCase],

@@ -65,6 +65,8 @@ class ModelState:
     # (editor, case set, case id) -> what the editor's prepare() measured for that case on the unedited model,
     # with the cases searched in one batch (HubOptions.search_batch); taken when the case runs, gone on eviction
     prepared: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    # what editors that declare the same measurement share (HubOptions.share_measurements); gone on eviction
+    shared: Any = None
     # editors whose search batch failed (a GPU out of memory): their cases are measured alone from then on
     unbatched: set[str] = field(default_factory=set)
     # per editor: the medians of its denominator report over the normal reference cases (pytest_editsafety.floor)
@@ -195,6 +197,7 @@ class ModelPool:
         state.resources = None
         state.editors.clear()  # they may hold covariances on the device
         state.prepared.clear()
+        state.shared = None
         state.provided.clear()
         if slug in self._lru:
             self._lru.remove(slug)

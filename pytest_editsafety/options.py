@@ -183,6 +183,10 @@ OPTIONS: tuple[_Option, ...] = (
             "applied, measured and restored alone; same numbers to float rounding. Default: 8 on a GPU, where "
             "a batch costs little more than one case, 1 on a CPU, where it saves about a seventh; 1 measures each "
             "case alone", "int", _positive_int, "N"),
+    _Option(LOADING, "--editsafety-measure-alone", "measure_alone", "each editor runs its own edit searches, even "
+            "where an earlier editor of the run measured the same one for the case (ROME and its C-ROME variants "
+            "share v*, MEMIT, EMMET and AlphaEdit share z, with equal settings): the same records, bit for bit, at the "
+            "cost of every search", "bool"),
     _Option(LOADING, "--editsafety-strip-bos", "strip_bos", "the papers' BOS-stripped protocol (A.2): a model whose "
             "tokenizer prepends BOS (Llama's <s>) runs without it, for edits, metrics, context templates and "
             "statistics, so a subject that opens a prompt is the first token; recorded in the report; a no-op, "
@@ -236,8 +240,10 @@ class Settings:
     # --editsafety-downstream (lm-eval task names) and --editsafety-downstream-limit: pytest_editsafety.downstream
     downstream: tuple[str, ...] = ()
     downstream_limit: int | None = None
-    # --editsafety-search-batch; None: the hub's default for the device (pytest_editsafety.hub.default_search_batch)
+    # --editsafety-search-batch; None: the default for the device (pytest_editsafety.preparation.default_search_batch)
     search_batch: int | None = None
+    # --editsafety-measure-alone: no measurement shared between editors (pytest_editsafety.shared_measurements)
+    measure_alone: bool = False
     # --editsafety-sequential-edits, -every and -ppl-corpus: the sequential protocol (pytest_editsafety.sequential);
     # None: its defaults (107 edits or the whole set, every edit on organisms and every 10th otherwise, ME-PPL_1k)
     sequential_edits: int | None = None
@@ -364,6 +370,7 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
         strip_bos=bool(value("strip_bos", False)),
         batch_size=value("batch_size", 1),
         search_batch=value("search_batch"),
+        measure_alone=bool(value("measure_alone", False)),
         downstream=_downstream_tasks(_split(value("downstream", [])), origin(given, "downstream")),
         downstream_limit=value("downstream_limit"),
         sequential_edits=value("sequential_edits"),

@@ -231,8 +231,9 @@ def build_plan(
     sequential_ppl_corpus: str | None = None,
     resolve: Callable[[str], CaseSet] = resolve_cases,
 ) -> Plan:
-    """The run's items, model-major (a worker finishes one model before the next), then editor, case set
-    and the case file's order. A model is a name or an already resolved ``ModelSpec``, a case set a name, a file
+    """The run's items, model-major (a worker finishes one model before the next), then case set, the case file's
+    order and editor (each case's editors in a row, where a measurement they share is at hand), then the
+    sequential runs. A model is a name or an already resolved ``ModelSpec``, a case set a name, a file
     or a ``CaseSet`` in hand. A sequential run makes ``sequential_edits`` edits (default: the papers' 107, or the
     whole set where it holds fewer), scored on ``sequential_ppl_corpus`` (default ME-PPL_1k, an organism's own
     perplexity corpus for organisms). A ``batch_size`` above 1 makes each case set's cases, in order, into batches
@@ -297,20 +298,25 @@ def build_plan(
 
     items: list[PlanItem] = []
     for choice in choices:
-        for editor in editors:
-            prefix = f"{slugify(editor)}-{choice.slug}"
-            for chosen in selected:
-                ids = [slugify(c.case_id, fallback="case") for c in chosen.case_set.cases]
-                # the organism's ids already name their set ("hard-0007"); others get it prepended so two
-                # files numbered from 0 cannot collide
-                parts = [i if i.startswith(f"{chosen.slug}-") else f"{chosen.slug}-{i}" for i in ids]
-                parts = _unique(parts, [c.case_id for c in chosen.case_set.cases])
-                if batch_size > 1:
-                    items.extend(_batches(prefix, choice.slug, editor, chosen, parts, batch_size))
-                    continue
-                for case, part in zip(chosen.case_set.cases, parts):
-                    items.append(PlanItem(f"{prefix}-{part}", "case", editor, choice.slug, chosen.slug, case.case_id))
-            if sequential:
+        prefixes = [f"{slugify(editor)}-{choice.slug}" for editor in editors]
+        for chosen in selected:
+            ids = [slugify(c.case_id, fallback="case") for c in chosen.case_set.cases]
+            # the organism's ids already name their set ("hard-0007"); others get it prepended so two
+            # files numbered from 0 cannot collide
+            parts = [i if i.startswith(f"{chosen.slug}-") else f"{chosen.slug}-{i}" for i in ids]
+            parts = _unique(parts, [c.case_id for c in chosen.case_set.cases])
+            per_editor = [
+                _batches(prefix, choice.slug, editor, chosen, parts, batch_size) if batch_size > 1 else
+                [PlanItem(f"{prefix}-{part}", "case", editor, choice.slug, chosen.slug, case.case_id)
+                 for case, part in zip(chosen.case_set.cases, parts)]
+                for editor, prefix in zip(editors, prefixes)
+            ]
+            # case-major: a case's editors run one after another, so the editors that share its measurement
+            # (editors.base.EditorBase.measurement_key) find it in the worker that ran the first of them
+            for same_case in zip(*per_editor):
+                items.extend(same_case)
+        if sequential:
+            for editor, prefix in zip(editors, prefixes):
                 for chosen in selected:
                     items.append(PlanItem(f"{prefix}-{_sequential_tag(sequential_edits, chosen)}-{chosen.slug}",
                                           "sequential", editor, choice.slug, chosen.slug))

@@ -260,6 +260,7 @@ def editsafety_hub(pytestconfig: pytest.Config, request: pytest.FixtureRequest) 
         strip_bos=settings.strip_bos,
         sequential_every=settings.sequential_every,
         search_batch=settings.search_batch,
+        share_measurements=not settings.measure_alone,
         downstream=settings.downstream,
         downstream_limit=settings.downstream_limit,
         # "gw0"... on an xdist worker: each record says which worker measured it

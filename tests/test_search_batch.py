@@ -15,7 +15,8 @@ import torch  # noqa: F401
 import transformers  # noqa: F401
 
 from editors.base import EditorBase, EditOutcome, EditRequest, prepare_requests
-from pytest_editsafety.hub import CPU_SEARCH_BATCH, GPU_SEARCH_BATCH, HubOptions, ModelHub, default_search_batch
+from pytest_editsafety.hub import HubOptions, ModelHub
+from pytest_editsafety.preparation import CPU_SEARCH_BATCH, GPU_SEARCH_BATCH, default_search_batch
 from pytest_editsafety.model_pool import ModelState
 from pytest_editsafety.plan import build_plan
 from tests.test_plugin import isolated, one_torch_thread  # noqa: F401  (fixtures, used by name)
@@ -45,22 +46,22 @@ def test_a_batch_takes_the_next_cases_of_its_editor_and_case_set() -> None:
     hub = _hub()
     state = ModelState("tiny-gpt2")
     first = hub.plan.item("rome-tiny-gpt2-hard-0000")
-    assert [i.case_id for i in hub._next_cases(state, first, 3)] == ["hard-0001", "hard-0002", "hard-0003"]
+    assert [i.case_id for i in hub._preparations.next_cases(state, first, 3)] == ["hard-0001", "hard-0002", "hard-0003"]
     # the set's last cases: the batch ends with the set, not in the next set or editor
     fourth = hub.plan.item("rome-tiny-gpt2-hard-0003")
-    assert [i.case_id for i in hub._next_cases(state, fourth, 3)] == ["hard-0004"]
+    assert [i.case_id for i in hub._preparations.next_cases(state, fourth, 3)] == ["hard-0004"]
     # a case already searched is not searched again
     state.prepared[("rome", "hard", "hard-0001")] = {}
-    assert [i.case_id for i in hub._next_cases(state, first, 2)] == ["hard-0002", "hard-0003"]
+    assert [i.case_id for i in hub._preparations.next_cases(state, first, 2)] == ["hard-0002", "hard-0003"]
 
 
 def test_a_batch_takes_only_the_cases_the_run_selected() -> None:
     selected = ["rome-tiny-gpt2-hard-0001", "rome-tiny-gpt2-hard-0003", "memit-tiny-gpt2-hard-0000"]
     hub = _hub(run_order=selected)
     state = ModelState("tiny-gpt2")
-    assert [i.case_id for i in hub._next_cases(state, hub.plan.item(selected[0]), 3)] == ["hard-0003"]
+    assert [i.case_id for i in hub._preparations.next_cases(state, hub.plan.item(selected[0]), 3)] == ["hard-0003"]
     # a case the run does not hold in its order (an ad hoc fuzz case) is searched alone
-    assert hub._next_cases(state, hub.plan.item("rome-tiny-gpt2-hard-0000"), 3) == []
+    assert hub._preparations.next_cases(state, hub.plan.item("rome-tiny-gpt2-hard-0000"), 3) == []
 
 
 def test_the_plugin_hands_the_hub_the_selected_tests_in_order(isolated: pytest.Pytester) -> None:
