@@ -265,11 +265,15 @@ def prepare_requests(editor: Any, model: Any, tokenizer: Any, family: Any,
     return editor.prepare(model, tokenizer, family, requests) if isinstance(editor, EditorBase) else {}
 
 
-def prepared_by(editor: Any) -> str:
-    """The function that measures ``editor``'s prepared values (``module.Class.prepare``): the kind of value part
-    of a measurement key, so a subclass that measures otherwise (overrides ``prepare``) shares with no one."""
-    prepare = type(editor).prepare
-    return f"{prepare.__module__}.{prepare.__qualname__}"
+def prepared_by(editor: Any, methods: Sequence[str] = ("prepare",)) -> tuple[str, ...]:
+    """The functions that measure ``editor``'s prepared values (``module.Class.prepare`` and whatever else of its
+    ``methods`` the value depends on): the kind of value part of a measurement key, so a subclass that measures
+    otherwise (overrides one of them) shares with no one."""
+    found = []
+    for name in methods:
+        function = getattr(type(editor), name)
+        found.append(f"{function.__module__}.{function.__qualname__}")
+    return tuple(found)
 
 
 def measurement_key(editor: Any, request: EditRequest) -> Hashable | None:

@@ -164,7 +164,8 @@ class MemitEditor(EditorBase):
         only, so MEMIT, EMMET and AlphaEdit with the same settings share it; None before set-up."""
         if self.context_templates is None:
             return None
-        return (prepared_by(self), search_settings(self.hparams.value_hparams()), self.context_templates, request)
+        return (prepared_by(self, ("prepare", "_contexts")), search_settings(self.hparams.value_hparams()),
+                self.context_templates, request)
 
     def apply(self, model, tokenizer, family, requests: list[EditRequest]) -> EditOutcome:
         if not requests:

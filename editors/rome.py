@@ -209,7 +209,10 @@ class RomeEditor(EditorBase):
         fits = search_value_deltas(model, tokenizer, family, self.hparams, contexts, requests,
                                    [outputs[0] for _, outputs, _ in measured])
         return {
-            request: RomeInputs(k_bare=keys[0], k_mean=keys.mean(0), out_bare=outputs[0], out_mean=outputs.mean(0),
+            # rows cloned: a value kept for other editors (pytest_editsafety.shared_measurements) then holds d
+            # numbers each, not every template's keys and outputs
+            request: RomeInputs(k_bare=keys[0].clone(), k_mean=keys.mean(0), out_bare=outputs[0].clone(),
+                                out_mean=outputs.mean(0),
                                 delta=fit.delta, final_nll=fit.nll, final_loss=fit.loss, steps=fit.steps,
                                 subject_positions=tuple(positions))
             for request, (keys, outputs, positions), fit in zip(requests, measured, fits)
@@ -221,7 +224,8 @@ class RomeEditor(EditorBase):
         templates are not known yet."""
         if self.context_templates is None:
             return None
-        return (prepared_by(self), search_settings(self.hparams), self.context_templates, request)
+        return (prepared_by(self, ("prepare", "_contexts")), search_settings(self.hparams), self.context_templates,
+                request)
 
     def denominator(self, model, tokenizer, family, request: EditRequest) -> dict[str, float]:
         """``|uᵀkᵘ|`` (rome) or ``|uᵀk̄|`` (C-ROME) for ``request``, one forward pass over the templated

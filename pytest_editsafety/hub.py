@@ -78,7 +78,7 @@ class HubOptions:
     # a case's measurement that editors declare they share (editors.base.EditorBase.measurement_key: ROME and its
     # C-ROME variants' v*, MEMIT, EMMET and AlphaEdit's z) is measured by the first of them and handed to the
     # others (pytest_editsafety.shared_measurements); False: each editor measures its own
-    # (--editsafety-measure-alone). Same records bit for bit either way
+    # (--editsafety-measure-alone). Same records either way: bit for bit at a search batch of 1, to float rounding above
     share_measurements: bool = True
     # lm-eval tasks scored on the unedited model and after every single edit (--editsafety-downstream), at most
     # downstream_limit examples each (None: all): pytest_editsafety.downstream

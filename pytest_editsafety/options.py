@@ -185,8 +185,8 @@ OPTIONS: tuple[_Option, ...] = (
             "case alone", "int", _positive_int, "N"),
     _Option(LOADING, "--editsafety-measure-alone", "measure_alone", "each editor runs its own edit searches, even "
             "where an earlier editor of the run measured the same one for the case (ROME and its C-ROME variants "
-            "share v*, MEMIT, EMMET and AlphaEdit share z, with equal settings): the same records, bit for bit, at the "
-            "cost of every search", "bool"),
+            "share v*, MEMIT, EMMET and AlphaEdit share z, with equal settings): the same records (bit for bit at "
+            "a search batch of 1), at the cost of every search", "bool"),
     _Option(LOADING, "--editsafety-strip-bos", "strip_bos", "the papers' BOS-stripped protocol (A.2): a model whose "
             "tokenizer prepends BOS (Llama's <s>) runs without it, for edits, metrics, context templates and "
             "statistics, so a subject that opens a prompt is the first token; recorded in the report; a no-op, "

@@ -72,7 +72,7 @@ class Preparations:
         shared_key = self._shared_key(state, editor, request)
         if shared_key is not None and shared_key in state.shared:
             state.prepared.pop(key, None)
-            log.debug("%s: measurement shared from an earlier editor", item.test_id)
+            log.debug("%s: measurement taken from the store", item.test_id)
             return {request: state.shared.get(shared_key)}
         size = self.search_batch or default_search_batch(state.device)
         if key not in state.prepared and size > 1 and item.editor not in state.unbatched:

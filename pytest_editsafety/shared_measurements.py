@@ -2,10 +2,13 @@
 same measurement (:meth:`editors.base.EditorBase.measurement_key`): ROME's v* measured for ``rome`` is the one
 ``c-rome``, ``c-rome-prefix`` and ``r-rome`` would measure with the same settings, MEMIT's z the one EMMET and
 AlphaEdit would. Each editor still applies, measures and restores its own edit; only the search is not run again,
-so the records are the ones each editor gets alone, bit for bit.
+so the records are the ones each editor gets alone: bit for bit when each search runs alone (a search batch of 1,
+the CPU default), to float rounding where a search batch (a GPU's default) measured the value.
 
 One store per loaded model (``ModelState.shared``), valid while the model is the unedited one it was measured on:
-the hub restores every edit and checks the whole model, and drops the store with the model when a restore fails.
+the hub restores every edit and checks the whole model, and drops the store with the model when a restore fails
+or the check finds a change (with ``--editsafety-restore-check=off`` it relies on the restore alone, as every later
+test of the run does).
 Bounded, oldest first out: the plan runs a case's editors one after another (case-major), so a value is wanted
 within a few tests of its measurement.
 """
@@ -22,7 +25,9 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_MAX_ENTRIES", "SharedMeasurements"]
 
 # a case's editors follow each other in the plan, and a GPU's search batch measures 8 cases ahead for each editor
-# family; 64 keeps every value until its last sharer runs, at ~220 KB per ROME value at a 7B model's 11,008 dims
+# family; 64 keeps every value until its last sharer runs, at ~220 KB per ROME value (5 vectors) at a 7B model's
+# 11,008 dims. Under --dist loadgroup, which keeps each (model, editor) on one worker, a case's editors run far apart
+# or on other workers, and most values are gone or elsewhere when a sharer comes: it then searches for itself
 DEFAULT_MAX_ENTRIES = 64
 
 
@@ -34,16 +39,12 @@ class SharedMeasurements:
             raise ValueError(f"SharedMeasurements.max_entries must be an integer >= 1, got {max_entries!r}")
         self.max_entries = max_entries
         self._values: OrderedDict[Hashable, Any] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: Hashable) -> Any | None:
-        """The value measured under ``key``, or None (counted as a miss)."""
+        """The value measured under ``key``, or None."""
         if key in self._values:
             self._values.move_to_end(key)
-            self.hits += 1
             return self._values[key]
-        self.misses += 1
         return None
 
     def put(self, key: Hashable, value: Any) -> None:

@@ -158,7 +158,7 @@ def test_a_failed_search_batch_leaves_its_cases_to_run_alone(one_torch_thread, c
 
     loaded = load_model("tiny-gpt2")
     editor = _BatchRefusingRome(build_editor("rome", hparams_keys(loaded), loaded.model), error)
-    with caplog.at_level(logging.WARNING, logger="pytest_editsafety.hub"):
+    with caplog.at_level(logging.WARNING, logger="pytest_editsafety.preparation"):
         certificate = certify(loaded.model, loaded.tokenizer, editor, "hard", limit=4, search_batch=3)
     # each batch tried once; its cases then measured alone by apply(), the last case (a batch of one) prepared
     assert editor.batches == batches

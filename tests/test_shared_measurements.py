@@ -76,30 +76,63 @@ def test_nothing_is_shared_before_set_up_by_default_or_by_a_subclass_that_measur
     own = _set_up(OwnSearch("rome", RomeHparams(layer=1), consistent=False))
     assert measurement_key(own, REQUEST) not in (None, measurement_key(_rome(), REQUEST))
 
+    class OwnTemplates(RomeEditor):  # the templates the search runs over are the value's too
+        def _contexts(self, model, tokenizer):
+            return ("{}",)
 
-def test_the_search_reads_no_setting_its_key_leaves_out() -> None:
-    """A setting read by the search but missing from SEARCH_SETTINGS would let two different searches share."""
+    other = _set_up(OwnTemplates("rome", RomeHparams(layer=1), consistent=False))
+    assert measurement_key(other, REQUEST) not in (None, measurement_key(_rome(), REQUEST))
+
+
+class _Recording:
+    """Hyper-parameters that note every field read."""
+
+    def __init__(self, hp, read: set[str]) -> None:
+        self._hp = hp
+        self._read = read
+
+    def __getattr__(self, name: str):
+        self._read.add(name)
+        return getattr(self._hp, name)
+
+
+def _random_gpt2():
     from editors.families import family_for_model_type
-    from tests.test_memit_ft import CONTEXTS, REQUESTS, _tokenizer
+    from tests.test_memit_ft import _tokenizer
     from tests.test_suffix import _random_model
 
     tokenizer = _tokenizer("gpt2")
-    model = _random_model("gpt2", len(tokenizer), layers=2)
+    return _random_model("gpt2", len(tokenizer), layers=2), tokenizer, family_for_model_type("gpt2")
+
+
+def test_the_search_and_romes_prepare_read_no_setting_the_key_leaves_out() -> None:
+    """A setting read by the measurement but missing from SEARCH_SETTINGS would let two different searches share."""
+    from tests.test_memit_ft import CONTEXTS, REQUESTS
+
+    model, tokenizer, family = _random_gpt2()
     read: set[str] = set()
-
-    class Recording:
-        def __init__(self, hp) -> None:
-            self._hp = hp
-
-        def __getattr__(self, name: str):
-            read.add(name)
-            return getattr(self._hp, name)
-
     hp = RomeHparams(layer=1, v_num_grad_steps=2)
-    width = model.config.n_embd
-    search_value_deltas(model, tokenizer, family_for_model_type("gpt2"), Recording(hp), CONTEXTS, REQUESTS[:1],
-                        [torch.ones(width)])
+    search_value_deltas(model, tokenizer, family, _Recording(hp, read), CONTEXTS, REQUESTS[:1],
+                        [torch.ones(model.config.n_embd)])
     assert read and read <= set(SEARCH_SETTINGS), sorted(read - set(SEARCH_SETTINGS))
+    read.clear()
+    rome = _set_up(RomeEditor("rome", hp, consistent=False), tuple(CONTEXTS))
+    rome.hparams = _Recording(hp, read)
+    rome.prepare(model, tokenizer, family, REQUESTS[:1])
+    assert read and read <= set(SEARCH_SETTINGS), sorted(read - set(SEARCH_SETTINGS))
+
+
+def test_memits_prepare_reads_its_search_through_value_hparams_alone() -> None:
+    from tests.test_memit_ft import CONTEXTS, REQUESTS
+
+    model, tokenizer, family = _random_gpt2()
+    read: set[str] = set()
+    hp = MemitHparams(layers=(0, 1), v_num_grad_steps=2)
+    memit = _set_up(MemitEditor(hp), tuple(CONTEXTS))
+    memit.hparams = _Recording(hp, read)
+    memit.prepare(model, tokenizer, family, REQUESTS[:1])
+    # the key holds value_hparams()'s search settings; "layers" is read to check them against the model
+    assert read == {"value_hparams", "layers"}, read
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -113,7 +146,6 @@ def test_the_store_keeps_the_latest_entries_and_counts_what_it_served() -> None:
     store.put("c", 3)
     assert "b" not in store and "a" in store and "c" in store and len(store) == 2
     assert store.get("b") is None
-    assert (store.hits, store.misses) == (1, 1)
     with pytest.raises(ValueError, match="max_entries"):
         SharedMeasurements(max_entries=0)
     with pytest.raises(ValueError, match="share_measurements"):
@@ -145,17 +177,32 @@ def test_a_shared_measurement_certifies_bit_for_bit_what_each_editor_measures_al
 
     monkeypatch.setattr(editors.rome, "search_value_deltas", counting)
     monkeypatch.setattr(editors.memit, "search_value_deltas", counting)
-    plan = build_plan(["rome", "c-rome", "memit", "emmet", "ft-linf"], ["tiny-gpt2"], ["hard"], limit=2)
+    plan = build_plan(["rome", "c-rome", "memit", "emmet", "alphaedit", "ft-linf"], ["tiny-gpt2"], ["hard"], limit=2)
     runs = {}
     for share in (True, False):
         searches.clear()
         hub = ModelHub(plan, HubOptions(share_measurements=share))
         runs[share] = {item.test_id: hub.run(item).record for item in plan.items}
         # each case searched once per family when shared (2 cases x rome's and memit's), else once per editor
-        assert len(searches) == (4 if share else 8), (share, searches)
+        assert len(searches) == (4 if share else 10), (share, searches)
     for test_id, alone in runs[False].items():
         shared = runs[True][test_id]
         assert (shared["certified"], shared["violations"]) == (alone["certified"], alone["violations"]), test_id
         assert set(shared["metrics"]) == set(alone["metrics"]), test_id
         for key, value in alone["metrics"].items():
             assert _same(shared["metrics"][key], value), (test_id, key, shared["metrics"][key], value)
+
+
+@pytest.mark.organism
+@pytest.mark.xdist_group("tiny-gpt2")
+def test_sharing_a_search_batchs_values_certifies_what_each_editor_measures_alone(one_torch_thread) -> None:
+    """With a search batch, the first editor's batch serves its sharers' cases too: the same records, to rounding."""
+    from pytest_editsafety.results import CaseRecord
+    from tests.test_search_batch import _same_records
+
+    plan = build_plan(["c-rome-prefix", "r-rome", "rome"], ["tiny-gpt2"], ["hard"], limit=3)
+    records = {}
+    for share in (True, False):
+        hub = ModelHub(plan, HubOptions(share_measurements=share, search_batch=3))
+        records[share] = [CaseRecord.from_dict(hub.run(item).record) for item in plan.items]
+    _same_records(records[False], records[True])
