@@ -209,8 +209,8 @@ class RomeEditor(EditorBase):
         fits = search_value_deltas(model, tokenizer, family, self.hparams, contexts, requests,
                                    [outputs[0] for _, outputs, _ in measured])
         return {
-            # rows cloned: a value kept for other editors (pytest_editsafety.shared_measurements) then holds d
-            # numbers each, not every template's keys and outputs
+            # rows cloned: a value a caller keeps for other editors (measurement_key) then holds d numbers each,
+            # not every template's keys and outputs
             request: RomeInputs(k_bare=keys[0].clone(), k_mean=keys.mean(0), out_bare=outputs[0].clone(),
                                 out_mean=outputs.mean(0),
                                 delta=fit.delta, final_nll=fit.nll, final_loss=fit.loss, steps=fit.steps,

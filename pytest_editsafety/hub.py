@@ -435,9 +435,7 @@ class ModelHub(ModelPool):
     def _prepared(self, state: ModelState, item: PlanItem, editor: Any) -> Mapping[Any, Any]:
         """What the editor's prepare() measured for ``item``'s case on the unedited model (``{request: value}``):
         :meth:`pytest_editsafety.preparation.Preparations.for_item`."""
-        if not self._preparations.selected(item):
-            return {}
-        return self._preparations.for_item(state, item, editor, self._tagged(item.model, item.case_set))
+        return self._preparations.for_item(state, item, editor, lambda: self._tagged(item.model, item.case_set))
 
     def _edit_batch_and_measure(
         self, state: ModelState, item: PlanItem, cases: Sequence[EditCase],

@@ -9,7 +9,7 @@ model a value was measured on is the one the next case edits.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 from pytest_editsafety.cases import CaseSet
@@ -53,20 +53,18 @@ class Preparations:
         self._run_order = tuple(run_order)
         self._run_position = {test_id: index for index, test_id in enumerate(self._run_order)}
 
-    def selected(self, item: PlanItem) -> bool:
-        """Whether the run selected ``item`` (the fuzzer's generated cases it did not: those are measured alone)."""
-        return item.test_id in self._run_position
-
-    def for_item(self, state: ModelState, item: PlanItem, editor: Any, tagged: CaseSet) -> Mapping[Any, Any]:
+    def for_item(self, state: ModelState, item: PlanItem, editor: Any,
+                 case_set: Callable[[], CaseSet]) -> Mapping[Any, Any]:
         """What the editor's prepare() measured for ``item``'s case on the unedited model (``{request: value}``),
-        ``tagged`` its case set: another editor's value where both declare the same measurement, else measured now,
+        ``case_set()`` its case set, hardness tagged: another editor's value where both declare the same measurement, else measured now,
         with the searches of the next ``search_batch - 1`` selected cases of this (editor, model, case set) when
         the batch is above 1. Empty when the editor prepares nothing, and for a case the run did not select (the
         fuzzer's generated cases, measured alone)."""
         from editors.base import prepare_requests
 
-        if not self.selected(item):
+        if item.test_id not in self._run_position:
             return {}
+        tagged = case_set()
         key = (item.editor, item.case_set, item.case_id)
         request = _request(tagged.by_id(item.case_id))
         shared_key = self._shared_key(state, editor, request)
