@@ -11,7 +11,9 @@ alternating which goes first:
 * plain: v*'s (or z's) search runs the whole batch of templated prompts through the whole model at every step
   (``v_cached_prefix`` off), and the perplexity corpus is tokenized at every measurement;
 * optimised: the search runs each step only over the positions δ reaches, on a key/value cache of the positions
-  before the subject's last token (:mod:`editors.suffix`), and the corpus's ids are kept (what the harness does).
+  before the subject's last token (:mod:`editors.suffix`), the corpus's ids are kept, and the perplexity replays
+  the blocks below the edited layer (:mod:`pytest_editsafety.lower_blocks`; nothing on an organism, whose edits
+  are at layer 0): what the harness does.
 
 ``sharing_editors`` are the available editors whose search for a case is this editor's own (equal measurement keys):
 a run that certifies them all searches once per case and hands the value to each (pytest_editsafety.shared_measurements),
@@ -23,7 +25,8 @@ and writing it), ``metrics`` (efficacy, generalization, locality), ``perplexity`
 model's perplexity corpus) and ``restore`` (weights back and the whole-model check). ``bare_forward_s`` is one
 inference pass over the corpus in the perplexity's own sorted batches (logits, nothing else):
 ``ppl_to_bare_forward_ratio`` is the optimised perplexity over it. ``sizes`` measures one search step (plain and
-cached, the mean of ``--size-steps``) and the bare forward pass as the model grows: the organism, then GPT-2 124M's
+cached, the mean of ``--size-steps``), the bare forward pass and the perplexity after an edit at the edit layer
+(every block run, and the blocks below replayed) as the model grows: the organism, then GPT-2 124M's
 shape with random weights (nothing downloaded; the organism's tokenizer, the edit at layer 5 of 12 as ROME's
 GPT-2 file) and the same with 2x and 4x the depth (the edit at the same relative depth).
 """
@@ -62,6 +65,7 @@ class Bench:
     encoded: list[list[int]]
     reference: Any
     resources: Any
+    lower_blocks: Any = None  # the optimised path's pytest_editsafety.lower_blocks.LowerBlockStore
 
 
 def _set_up(model_name: str, editor_name: str) -> Bench:
@@ -70,6 +74,7 @@ def _set_up(model_name: str, editor_name: str) -> Bench:
     from editors.registry import build_editor
     from editors.stats import SecondMomentCache
     from pytest_editsafety.cache import cache_root
+    from pytest_editsafety.lower_blocks import LowerBlockStore
     from pytest_editsafety.corpora import resolve_corpus
     from pytest_editsafety.organisms import hparams_keys
     from pytest_editsafety.perplexity import encode, model_context
@@ -91,7 +96,7 @@ def _set_up(model_name: str, editor_name: str) -> Bench:
         editors[path] = editor
     corpus = resolve_corpus(ppl_corpus)
     encoded = encode(loaded.tokenizer, corpus.texts, max_length=model_context(loaded.model))
-    return Bench(loaded, editors, corpus, encoded, ModelFingerprint.of(loaded.model), resources)
+    return Bench(loaded, editors, corpus, encoded, ModelFingerprint.of(loaded.model), resources, LowerBlockStore())
 
 
 def _certify_pieces(bench: Bench, path: str, case: Any, probe: Any) -> dict[str, float]:
@@ -99,6 +104,7 @@ def _certify_pieces(bench: Bench, path: str, case: Any, probe: Any) -> dict[str,
     from editors.base import EditRequest
     from editors.restore import ParameterSnapshot
     from pytest_editsafety.hub import PPL_BATCH_SIZE
+    from pytest_editsafety.lower_blocks import lowest_block
     from pytest_editsafety.metrics import edit_metrics
     from pytest_editsafety.perplexity import perplexity
 
@@ -132,9 +138,13 @@ def _certify_pieces(bench: Bench, path: str, case: Any, probe: Any) -> dict[str,
         editor.__dict__.pop("targets", None)
     prefix = outcome.test_prefix if case.is_hard else None
     metrics_s, _ = _seconds(lambda: edit_metrics(model, tokenizer, case, probe, test_prefix=prefix))
-    encoded = bench.encoded if path == "optimised" else None
+    encoded, lower = None, None
+    if path == "optimised":  # what the harness does: the ids kept, the blocks below the edit replayed
+        encoded = bench.encoded
+        layer = lowest_block(family, editor.parameters_touched(model, family), loaded.n_layers)
+        lower = bench.lower_blocks.outputs(model, family, bench.corpus.name, PPL_BATCH_SIZE, layer)
     ppl_s, _ = _seconds(lambda: perplexity(model, tokenizer, bench.corpus.texts, batch_size=PPL_BATCH_SIZE,
-                                           encoded=encoded))
+                                           encoded=encoded, lower_blocks=lower))
 
     def restore() -> None:
         snapshot.restore()
@@ -159,6 +169,22 @@ def bare_forward_seconds(model: Any, tokenizer: Any, encoded: Sequence[Sequence[
             ids, mask = padded([encoded[i] for i in order[at:at + batch_size]], pad)
             model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
     return time.perf_counter() - start
+
+
+def perplexity_replay_seconds(model: Any, tokenizer: Any, family: Any, encoded: Sequence[Sequence[int]],
+                              batch_size: int, layer: int) -> tuple[float, float]:
+    """The perplexity over ``encoded`` with every block run, and with the blocks below ``layer`` replayed (after an
+    edit at ``layer``: pytest_editsafety.lower_blocks), the recording pass left out of the timing."""
+    from pytest_editsafety.lower_blocks import LowerBlockStore
+    from pytest_editsafety.perplexity import sentence_nlls
+
+    texts = [""] * len(encoded)  # only names sentences in warnings; the ids are given
+    lower = LowerBlockStore().outputs(model, family, "bench", batch_size, layer)
+    sentence_nlls(model, tokenizer, texts, batch_size=batch_size, encoded=encoded, lower_blocks=lower)
+    full, _ = _seconds(lambda: sentence_nlls(model, tokenizer, texts, batch_size=batch_size, encoded=encoded))
+    replayed, _ = _seconds(lambda: sentence_nlls(model, tokenizer, texts, batch_size=batch_size, encoded=encoded,
+                                                  lower_blocks=lower))
+    return full, replayed
 
 
 def _size_models(organism: Any) -> list[tuple[str, Any, int]]:
@@ -197,10 +223,14 @@ def measure_sizes(bench: Bench, cases: Sequence[Any], steps: int, batch_size: in
                 per_path["cached" if cached else "plain"].append(seconds / (steps + 1))
         plain, cached = statistics.mean(per_path["plain"]), statistics.mean(per_path["cached"])
         forward = bare_forward_seconds(model, tokenizer, bench.encoded[:64], batch_size)
+        full_ppl, replayed_ppl = perplexity_replay_seconds(model, tokenizer, family, bench.encoded[:64], batch_size,
+                                                           layer)
         rows.append({"model": name, "layers": model.config.num_hidden_layers,
                      "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                      "edit_layer": layer, "v_step_plain_s": round(plain, 4), "v_step_cached_s": round(cached, 4),
-                     "v_step_speedup": round(plain / cached, 2), "bare_forward_64_texts_s": round(forward, 4)})
+                     "v_step_speedup": round(plain / cached, 2), "bare_forward_64_texts_s": round(forward, 4),
+                     "ppl_full_64_texts_s": round(full_ppl, 4), "ppl_replayed_64_texts_s": round(replayed_ppl, 4),
+                     "ppl_replay_speedup": round(full_ppl / replayed_ppl, 2)})
         print(f"  measured {name}", file=sys.stderr)
     return rows
 
@@ -301,12 +331,14 @@ def _print_table(result: dict[str, Any]) -> None:
           f"{result['pieces_s']['optimised']['perplexity']} s, a bare forward pass {result['bare_forward_s']} s "
           f"(ratio {result['ppl_to_bare_forward_ratio']})")
     if "sizes" in result:
-        print("\nas the model grows: one step of the search (seconds), and a bare forward pass over 64 texts")
+        print("\nas the model grows: one step of the search (seconds), a bare forward pass over 64 texts, and the "
+              "perplexity over them after an edit at the edit layer, every block run and the blocks below replayed")
         print(tabulate([[r["model"], r["layers"], r["parameters_m"], r["edit_layer"], r["v_step_plain_s"],
-                         r["v_step_cached_s"], r["v_step_speedup"], r["bare_forward_64_texts_s"]]
+                         r["v_step_cached_s"], r["v_step_speedup"], r["bare_forward_64_texts_s"],
+                         r["ppl_full_64_texts_s"], r["ppl_replayed_64_texts_s"], r["ppl_replay_speedup"]]
                         for r in result["sizes"]],
                        headers=["model", "layers", "params (M)", "edit layer", "step plain", "step cached",
-                                "speed-up", "forward"], tablefmt="github"))
+                                "speed-up", "forward", "ppl full", "ppl replayed", "speed-up"], tablefmt="github"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +75,26 @@ def outputs_of(model: nn.Module, modules: Sequence[nn.Module], **inputs) -> list
         for handle in handles:
             handle.remove()
     return outputs
+
+
+@contextlib.contextmanager
+def replaying(fixed: Sequence[tuple[nn.Module, Any]]) -> Iterator[None]:
+    """Each block returns its recorded output instead of running (an instance attribute shadows the class's
+    ``forward``; removed after, also when the pass raises). A block skipped this way writes nothing to the key/value
+    cache: the layers above read only their own layers of it, and the positions come from the cache's first layer,
+    which still holds the prefix, as it did before the pass."""
+    # a forward set on the instance already (accelerate's device hooks set one) comes back as it was
+    shadowed = [block.__dict__.get("forward") for block, _ in fixed]
+    for block, output in fixed:
+        block.forward = lambda *args, _output=output, **kwargs: _output
+    try:
+        yield
+    finally:
+        for (block, _), previous in zip(fixed, shadowed):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous
 
 
 @contextlib.contextmanager

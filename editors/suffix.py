@@ -20,16 +20,15 @@ outputs instead of running the blocks, so a step computes only the edited layer 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from editors.hooks import outputs_of
+from editors.hooks import outputs_of, replaying
 from editors.text import position_limit
 
 
@@ -47,7 +46,7 @@ class SuffixBatch:
 
     def logits(self, model: nn.Module) -> Tensor:
         """The model's logits over the suffix positions, ``[rows, suffix length, vocabulary]``."""
-        with _replayed(self.fixed):
+        with replaying(self.fixed):
             return model(**self.model_inputs()).logits
 
     def model_inputs(self) -> dict[str, Any]:
@@ -79,26 +78,6 @@ def _fresh(cache: Any) -> Any:
         fresh.layers = [copy.copy(layer) for layer in layers]
         return fresh
     return copy.deepcopy(cache)
-
-
-@contextlib.contextmanager
-def _replayed(fixed: Sequence[tuple[nn.Module, Any]]) -> Iterator[None]:
-    """Each block returns its recorded output instead of running (an instance attribute shadows the class's
-    ``forward``; removed after, also when the pass raises). A block skipped this way writes nothing to the key/value
-    cache: the layers above read only their own layers of it, and the positions come from the cache's first layer,
-    which still holds the prefix, as it did before the pass."""
-    # a forward set on the instance already (accelerate's device hooks set one) comes back as it was
-    shadowed = [block.__dict__.get("forward") for block, _ in fixed]
-    for block, output in fixed:
-        block.forward = lambda *args, _output=output, **kwargs: _output
-    try:
-        yield
-    finally:
-        for (block, _), previous in zip(fixed, shadowed):
-            if previous is None:
-                del block.forward
-            else:
-                block.forward = previous
 
 
 def split_rows(model: nn.Module, input_ids: Tensor, lengths: Sequence[int], starts: Sequence[int], *,

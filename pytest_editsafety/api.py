@@ -152,43 +152,87 @@ def _case_sets(cases: Any) -> list[str | CaseSet]:
     return [CaseSet(name=API_CASE_SET, cases=cases, source="given to certify()", format="canonical")]
 
 
+def _editors(editor: Any) -> list[Any]:
+    """``editor`` as a list of names and editor objects: one name, names separated by commas (as ``--editor``
+    takes them), one editor object, or a sequence of names and objects; unknown names and repeats are errors."""
+    from editors.registry import available_editors
+
+    if isinstance(editor, str):
+        given: list[Any] = [part.strip() for part in editor.split(",") if part.strip()]
+    elif isinstance(editor, Sequence):
+        given = list(editor)
+    else:
+        given = [editor]
+    if not given:
+        raise ValueError("editor: expected an editor name, an editor object or a sequence of them; got none")
+    names = []
+    for each in given:
+        if isinstance(each, str) and each not in available_editors():
+            raise ValueError(f"editor: unknown editor {each!r}; available: {', '.join(available_editors())}")
+        name = each if isinstance(each, str) else getattr(each, "name", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"editor: {each!r} is neither an editor name nor an editor object with a name")
+        names.append(name)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"editor: {', '.join(repeated)} given more than once")
+    return given
+
+
+def _hparams_options(hparams: Any, names: Sequence[str]) -> dict[str, Any]:
+    """HubOptions' hparams fields for ``hparams`` as :func:`certify` takes it: for one editor, a JSON file or a
+    mapping of fields; for several, a mapping from (some of) their names to a file or a mapping of fields each."""
+    if hparams is None:
+        return {}
+    if len(names) == 1:
+        if isinstance(hparams, (str, Path)):
+            return {"editor_hparams": {names[0]: str(hparams)}}
+        return {"editor_overrides": dict(hparams)}
+    if not isinstance(hparams, Mapping):
+        raise ValueError(f"hparams: with several editors ({', '.join(names)}), expected a mapping from editor name "
+                         f"to its JSON file or fields, got {type(hparams).__name__}")
+    strangers = sorted(set(hparams) - set(names))
+    if strangers:
+        raise ValueError(f"hparams: with several editors, its keys name editors; {', '.join(map(str, strangers))} "
+                         f"is not one of {', '.join(names)}")
+    return {"editor_hparams": {name: str(value) if isinstance(value, (str, Path)) else dict(value)
+                               for name, value in hparams.items()}}
+
+
 def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | CaseSet], *, bounds: Bounds | None,
-         corpus: str | None, limit: int | None, sequential: bool, hparams: str | Mapping[str, Any] | None,
+         corpus: str | None, limit: int | None, sequential: bool, hparams: Any,
          stats_corpus: str | None, stats_dir: str | None, cache_root: str | None, dtype: str | None,
          strip_bos: bool, sequential_edits: int | None = None, sequential_every: int | None = None,
          sequential_corpus: str | None = None, batch_size: int = 1,
          search_batch: int | None = None, downstream: Sequence[str] = (),
          downstream_limit: int | None = None) -> tuple[Any, Any]:
-    """The plan and the hub for one model and one editor: the plugin's own, with the caller's objects in it."""
+    """The plan and the hub for one model and its editors (:func:`_editors`): the plugin's own, with the caller's
+    objects in it."""
     from pytest_editsafety.hub import HubOptions, ModelHub
     from pytest_editsafety.plan import build_plan
 
+    editors = _editors(editor)
+    names = [each if isinstance(each, str) else each.name for each in editors]
+    hparams_options = _hparams_options(hparams, names)
     held = None if isinstance(model, str) else _held_model(model, tokenizer, strip_bos)
-    editor_name = editor if isinstance(editor, str) else editor.name
-    if isinstance(editor, str):
-        from editors.registry import available_editors
-
-        if editor not in available_editors():
-            raise ValueError(f"editor: unknown editor {editor!r}; available: {', '.join(available_editors())}")
-    plan = build_plan([editor_name], [model if held is None else held.spec], list(case_sets), ppl_corpus=corpus,
+    plan = build_plan(names, [model if held is None else held.spec], list(case_sets), ppl_corpus=corpus,
                       limit=limit, sequential=sequential, sequential_edits=sequential_edits,
                       sequential_ppl_corpus=sequential_corpus, batch_size=batch_size)
-    overrides = dict(hparams) if isinstance(hparams, Mapping) else None
     options = HubOptions(
         bounds=bounds or Bounds(), dtype=dtype, stats_dir=stats_dir, stats_corpus=stats_corpus, cache_root=cache_root,
-        editor_hparams={editor_name: str(hparams)} if isinstance(hparams, (str, Path)) else None,
-        editor_overrides=overrides, strip_bos=strip_bos, sequential_every=sequential_every,
-        search_batch=search_batch, downstream=tuple(downstream), downstream_limit=downstream_limit,
+        strip_bos=strip_bos, sequential_every=sequential_every, search_batch=search_batch,
+        downstream=tuple(downstream), downstream_limit=downstream_limit, **hparams_options,
     )
     slug = plan.models[0].slug
-    hub = ModelHub(plan, options, models={slug: held} if held is not None else None,
-                   editors=None if isinstance(editor, str) else {editor_name: editor})
+    objects = {each.name: each for each in editors if not isinstance(each, str)}
+    hub = ModelHub(plan, options, models={slug: held} if held is not None else None, editors=objects or None)
     return plan, hub
 
 
 def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
             bounds: Bounds | None = None, corpus: str | None = None, limit: int | None = None,
-            sequential: bool = False, hparams: str | Mapping[str, Any] | None = None, stats_corpus: str | None = None,
+            sequential: bool = False, hparams: str | Path | Mapping[str, Any] | None = None,
+            stats_corpus: str | None = None,
             stats_dir: str | None = None, cache_root: str | None = None, dtype: str | None = None,
             strip_bos: bool = False, sequential_edits: int | None = None, sequential_every: int | None = None,
             sequential_corpus: str | None = None, batch_size: int = 1,
@@ -196,10 +240,14 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
             downstream_limit: int | None = None) -> Certificate:
     """Certify ``editor`` on ``model`` over ``cases`` as ``pytest --editor=... --model=... --cases=...`` would.
 
+    ``editor`` is a registered name, an editor object, names separated by commas, or a sequence of names and objects:
+    several editors certify in one run, where those that declare the same measurement (ROME and its C-ROME
+    variants' v*, MEMIT, EMMET and AlphaEdit's z) search once per case and share it, as in the plugin.
     Every case is edited from the unedited model, measured, restored bit-exactly and judged against ``bounds``
     (default ``Bounds()``, the plugin's defaults). ``hparams`` is a JSON file or a mapping layered over the
-    editor's built-in hyper-parameters; ``corpus`` the perplexity corpus (default: the model's, as the plugin
-    picks it). ``strip_bos`` runs the papers' BOS-stripped protocol (A.2, ``--editsafety-strip-bos``): a tokenizer
+    editor's built-in hyper-parameters; with several editors, a mapping from editor name to such a file or
+    mapping (an editor it does not name keeps its built-in ones); ``corpus`` the perplexity corpus (default: the
+    model's, as the plugin picks it). ``strip_bos`` runs the papers' BOS-stripped protocol (A.2, ``--editsafety-strip-bos``): a tokenizer
     that prepends BOS runs without it (a copy of a tokenizer given here is stripped), recorded in the certificate.
     ``sequential`` adds the papers' sequential run per case set: ``sequential_edits`` edits (default 107 or the
     whole set), measured every ``sequential_every`` edits and after the last, on ``sequential_corpus`` (the
@@ -261,6 +309,8 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
     from editors.text import subject_last_index
     from pytest_editsafety.perplexity import perplexity
 
+    if len(_editors(editor)) != 1:
+        raise ValueError(f"editor: guard judges the edits of one editor; got {editor!r}")
     plan, hub = _hub(model, tokenizer, editor, ["normal" if _is_organism_plan(model) else "real-normal"],
                      bounds=None, corpus=None, limit=1, sequential=False, hparams=hparams, stats_corpus=stats_corpus,
                      stats_dir=stats_dir, cache_root=cache_root, dtype=dtype, strip_bos=strip_bos)

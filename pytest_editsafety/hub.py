@@ -56,8 +56,9 @@ class HubOptions:
     max_loaded_models: int = 1
     # hparams overrides applied to every built-in editor (the collapse experiment's --layer)
     editor_overrides: Mapping[str, Any] | None = None
-    # editor -> user hparams JSON file (--editsafety-hparams), layered over the built-in file per model
-    editor_hparams: Mapping[str, str] | None = None
+    # editor -> user hparams JSON file (--editsafety-hparams) or mapping of fields (the API's), layered over the
+    # built-in file per model
+    editor_hparams: Mapping[str, str | Mapping[str, Any]] | None = None
     # cache root for organisms, statistics, corpora, trained editors and floors (None: pytest_editsafety.cache's
     # default, $EDITSAFETY_CACHE or the user cache directory)
     cache_root: str | None = None
@@ -80,6 +81,10 @@ class HubOptions:
     # others (pytest_editsafety.shared_measurements); False: each editor measures its own
     # (--editsafety-measure-alone). Same records either way: bit for bit at a search batch of 1, to float rounding above
     share_measurements: bool = True
+    # perplexity after an edit whose parameters all lie in blocks L and above replays the unedited output of the
+    # blocks below L over the corpus instead of running them (pytest_editsafety.lower_blocks); False: every
+    # measurement runs the whole model (--editsafety-ppl-full-pass). Same numbers bit for bit
+    ppl_skip_unedited_blocks: bool = True
     # lm-eval tasks scored on the unedited model and after every single edit (--editsafety-downstream), at most
     # downstream_limit examples each (None: all): pytest_editsafety.downstream
     downstream: tuple[str, ...] = ()
@@ -92,8 +97,9 @@ class HubOptions:
         if self.search_batch is not None and (isinstance(self.search_batch, bool) or not isinstance(self.search_batch, int)
                                               or self.search_batch < 1):
             raise ValueError(f"HubOptions.search_batch must be an integer >= 1, got {self.search_batch!r}")
-        if not isinstance(self.share_measurements, bool):
-            raise ValueError(f"HubOptions.share_measurements must be True or False, got {self.share_measurements!r}")
+        for name in ("share_measurements", "ppl_skip_unedited_blocks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"HubOptions.{name} must be True or False, got {getattr(self, name)!r}")
         if self.sequential_every is not None and self.sequential_every < 1:
             raise ValueError(f"HubOptions.sequential_every must be at least 1, got {self.sequential_every}")
 
@@ -401,11 +407,11 @@ class ModelHub(ModelPool):
         floor = self.options.bounds.relative_denominator_floor(floor_median)
         probe = self._probe(state, item.case_set, case)
         request = EditRequest(case.subject, case.prompt, case.target_new)
+        touched = editor.parameters_touched(model, family)
         try:
             # restored bit-exactly, then the whole model checked against its fingerprint: an editor that wrote
             # outside parameters_touched fails here (UndeclaredChangeError, a RestoreError)
-            with edit_session(model, editor.parameters_touched(model, family), reference=state.reference,
-                              editor=item.editor):
+            with edit_session(model, touched, reference=state.reference, editor=item.editor):
                 prepared = self._prepared(state, item, editor)
                 if request in prepared:
                     outcome = editor.apply_prepared(model, tokenizer, family, [request], prepared)
@@ -413,7 +419,7 @@ class ModelHub(ModelPool):
                     outcome = editor.apply(model, tokenizer, family, [request])
                 measured = case_metrics(model, tokenizer, case, probe,
                                         test_prefix=outcome.test_prefix if case.is_hard else None)
-                edited = self._perplexity(state)
+                edited = self._perplexity(state, touched=touched)
                 if downstream_before:
                     from pytest_editsafety.downstream import downstream_metrics
 
@@ -461,9 +467,9 @@ class ModelHub(ModelPool):
         floor = self.options.bounds.relative_denominator_floor(self._floor_median(state, item.editor))
         probes = [self._probe(state, item.case_set, case) for case in cases]
         requests = [EditRequest(case.subject, case.prompt, case.target_new) for case in cases]
+        touched = editor.parameters_touched(model, family)
         try:
-            with edit_session(model, editor.parameters_touched(model, family), reference=state.reference,
-                              editor=item.editor):
+            with edit_session(model, touched, reference=state.reference, editor=item.editor):
                 # each member's denominator from its keys on the unedited model, as the floor's reference is
                 # measured: the edit's own diagnostics describe the batch as a whole
                 reports = [editor.denominator(model, tokenizer, family, request) for request in requests]
@@ -471,7 +477,7 @@ class ModelHub(ModelPool):
                 measured = [case_metrics(model, tokenizer, case, probe,
                                          test_prefix=outcome.test_prefix if case.is_hard else None)
                             for case, probe in zip(cases, probes)]
-                edited = self._perplexity(state)
+                edited = self._perplexity(state, touched=touched)
         except RestoreError:
             self._evict(item.model)
             raise
@@ -529,7 +535,7 @@ class ModelHub(ModelPool):
                     prefixes.append(outcome.test_prefix if case.is_hard else None)
                     progress.efficacy_after_edit.extend(rewrite_efficacy(model, tokenizer, [case], prefixes[-1:]))
                     if index in steps:
-                        progress.ppls.append(self._perplexity(state, corpus)["mean"])
+                        progress.ppls.append(self._perplexity(state, corpus, touched=touched)["mean"])
                         for name in touched:
                             progress.norm_ratios.setdefault(name, []).append(
                                 _ratio(frobenius(name), unedited_norms[name]))
@@ -551,8 +557,9 @@ class ModelHub(ModelPool):
             self._corpora[name] = resolve_corpus(name)
         return self._corpora[name]
 
-    def _perplexity(self, state: ModelState, corpus: Any = None) -> dict[str, float]:
-        """Perplexity on ``corpus``, by default the model's single-edit corpus (``state.corpus``)."""
+    def _perplexity(self, state: ModelState, corpus: Any = None, *, touched: Sequence[str] = ()) -> dict[str, float]:
+        """Perplexity on ``corpus``, by default the model's single-edit corpus (``state.corpus``), of the model as it
+        is now: unedited, or edited in the parameters ``touched`` alone (the blocks below them are then replayed)."""
         from pytest_editsafety.perplexity import encode, model_context, perplexity
 
         loaded = state.loaded
@@ -562,8 +569,23 @@ class ModelHub(ModelPool):
             encoded = encode(loaded.tokenizer, corpus.texts, max_length=model_context(loaded.model))
             state.encoded_corpora[corpus.name] = encoded
         result = perplexity(loaded.model, loaded.tokenizer, corpus.texts, batch_size=self.options.ppl_batch_size,
-                            encoded=encoded)
+                            encoded=encoded, lower_blocks=self._lower_blocks(state, corpus.name, touched))
         return dict(zip(_PPL_FIELDS, (result.mean_ppl, result.corpus_ppl, result.median_ppl, result.max_ppl)))
+
+    def _lower_blocks(self, state: ModelState, corpus: str, touched: Sequence[str]) -> Any:
+        """What a perplexity pass on ``corpus`` replays below the lowest block in ``touched``; None where nothing
+        is (no edit, an edit of the embeddings or of block 0, HubOptions.ppl_skip_unedited_blocks off)."""
+        if not touched or not self.options.ppl_skip_unedited_blocks:
+            return None
+        from pytest_editsafety.lower_blocks import LowerBlockStore, lowest_block
+
+        loaded = state.loaded
+        layer = lowest_block(loaded.family, touched, loaded.n_layers)
+        if layer == 0:
+            return None
+        if state.lower_blocks is None:
+            state.lower_blocks = LowerBlockStore()
+        return state.lower_blocks.outputs(loaded.model, loaded.family, corpus, self.options.ppl_batch_size, layer)
 
     def _baseline(self, state: ModelState) -> dict[str, float]:
         if state.baseline is None:

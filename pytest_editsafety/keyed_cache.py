@@ -25,9 +25,15 @@ __all__ = ["cached_value", "entry_path", "read_entry", "weights_key", "write_ent
 
 def weights_key(loaded: Any) -> dict[str, str]:
     """What a value measured on a loaded model (``registry.LoadedModel``) depends on through its weights: their
-    identity, dtype and device kind (a GPU's numbers are not a CPU's)."""
+    identity, dtype and device kind (a GPU's numbers are not a CPU's), and the activation the model runs where its
+    config names one (an organism runs gelu_new as its fused twin: registry.ORGANISM_ACTIVATIONS)."""
     parameter = next(loaded.model.parameters())
-    return {"identity": loaded.identity, "dtype": str(parameter.dtype), "device": parameter.device.type}
+    key = {"identity": loaded.identity, "dtype": str(parameter.dtype), "device": parameter.device.type}
+    config = getattr(loaded.model, "config", None)
+    activation = getattr(config, "activation_function", None) or getattr(config, "hidden_act", None)
+    if isinstance(activation, str):
+        key["activation"] = activation
+    return key
 
 
 def entry_path(root: Path, kind: str, name: str, key: Mapping[str, Any]) -> Path:

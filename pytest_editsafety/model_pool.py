@@ -67,6 +67,9 @@ class ModelState:
     prepared: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     # what editors that declare the same measurement share (HubOptions.share_measurements); gone on eviction
     shared: Any = None
+    # the first blocks' outputs over perplexity corpora, replayed after edits above them
+    # (pytest_editsafety.lower_blocks.LowerBlockStore; HubOptions.ppl_skip_unedited_blocks); gone on eviction
+    lower_blocks: Any = None
     # editors whose search batch failed (a GPU out of memory): their cases are measured alone from then on
     unbatched: set[str] = field(default_factory=set)
     # per editor: the medians of its denominator report over the normal reference cases (pytest_editsafety.floor)
@@ -198,6 +201,7 @@ class ModelPool:
         state.editors.clear()  # they may hold covariances on the device
         state.prepared.clear()
         state.shared = None
+        state.lower_blocks = None
         state.provided.clear()
         if slug in self._lru:
             self._lru.remove(slug)

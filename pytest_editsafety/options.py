@@ -187,6 +187,10 @@ OPTIONS: tuple[_Option, ...] = (
             "where an earlier editor of the run measured the same one for the case (ROME and its C-ROME variants "
             "share v*, MEMIT, EMMET and AlphaEdit share z, with equal settings): the same records (bit for bit at "
             "a search batch of 1), at the cost of every search", "bool"),
+    _Option(LOADING, "--editsafety-ppl-full-pass", "ppl_full_pass", "every perplexity measurement runs the whole "
+            "model, even the blocks below an edit's lowest edited layer, whose output over the corpus the edit "
+            "cannot change (by default it is recorded once per model and replayed: the same numbers bit for bit)",
+            "bool"),
     _Option(LOADING, "--editsafety-strip-bos", "strip_bos", "the papers' BOS-stripped protocol (A.2): a model whose "
             "tokenizer prepends BOS (Llama's <s>) runs without it, for edits, metrics, context templates and "
             "statistics, so a subject that opens a prompt is the first token; recorded in the report; a no-op, "
@@ -244,6 +248,8 @@ class Settings:
     search_batch: int | None = None
     # --editsafety-measure-alone: no measurement shared between editors (pytest_editsafety.shared_measurements)
     measure_alone: bool = False
+    # --editsafety-ppl-full-pass: no replay of the unedited blocks below an edit (pytest_editsafety.lower_blocks)
+    ppl_full_pass: bool = False
     # --editsafety-sequential-edits, -every and -ppl-corpus: the sequential protocol (pytest_editsafety.sequential);
     # None: its defaults (107 edits or the whole set, every edit on organisms and every 10th otherwise, ME-PPL_1k)
     sequential_edits: int | None = None
@@ -371,6 +377,7 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
         batch_size=value("batch_size", 1),
         search_batch=value("search_batch"),
         measure_alone=bool(value("measure_alone", False)),
+        ppl_full_pass=bool(value("ppl_full_pass", False)),
         downstream=_downstream_tasks(_split(value("downstream", [])), origin(given, "downstream")),
         downstream_limit=value("downstream_limit"),
         sequential_edits=value("sequential_edits"),

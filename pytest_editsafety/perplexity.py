@@ -13,6 +13,7 @@ torch is imported inside functions so that the plugin can import this module at 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -183,11 +184,14 @@ def sentence_nlls(
     device: Any = None,
     progress: bool = False,
     encoded: Sequence[Sequence[int]] | None = None,
+    lower_blocks: Any = None,
 ) -> list[tuple[float, int]]:
     """``(sum NLL, scored tokens)`` per input sentence, in input order.
 
     ``encoded``: the texts' ids as :func:`encode` gives them with the same ``add_bos`` and ``max_length``, for a
     caller that measures one corpus many times (the tokenizer is then not run; ``texts`` only names sentences).
+    ``lower_blocks``: a :class:`pytest_editsafety.lower_blocks.LowerBlockOutputs` for these texts and this batch
+    size, which the pass of each batch runs within (the first blocks replayed rather than run, where it holds them).
 
     A sentence with fewer than 2 tokens (after the optional BOS) cannot be scored: its entry is
     ``(0.0, 0)`` and a warning is logged; ``summarize``/``perplexity`` leave such entries out.
@@ -235,13 +239,14 @@ def sentence_nlls(
         batches = tqdm(batches, desc="perplexity", unit="batch")
 
     with eval_mode(model), torch.inference_mode():
-        for batch in batches:
+        for number, batch in enumerate(batches):
             ids, mask = padded([encoded[i] for i in batch], pad, left=left)
             ids, mask = ids.to(dev), mask.to(dev)
             kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
             if pass_positions:
                 kwargs["position_ids"] = position_ids_from_mask(mask)
-            logits = model(**kwargs, use_cache=False).logits
+            with lower_blocks.running(number) if lower_blocks is not None else contextlib.nullcontext():
+                logits = model(**kwargs, use_cache=False).logits
             # The first real token is context only: in left padding it sits after the pads, so
             # loss_mask[:, 1:] (the target mask) must exclude it explicitly.
             target_mask = mask.clone()
@@ -264,11 +269,12 @@ def perplexity(
     device: Any = None,
     progress: bool = False,
     encoded: Sequence[Sequence[int]] | None = None,
+    lower_blocks: Any = None,
 ) -> PerplexityResult:
     """Perplexity summary over ``texts``; see ``sentence_nlls`` for the scoring convention."""
     pairs = sentence_nlls(
         model, tokenizer, texts,
         batch_size=batch_size, add_bos=add_bos, max_length=max_length, device=device, progress=progress,
-        encoded=encoded,
+        encoded=encoded, lower_blocks=lower_blocks,
     )
     return summarize(pairs)

@@ -261,6 +261,7 @@ def editsafety_hub(pytestconfig: pytest.Config, request: pytest.FixtureRequest) 
         sequential_every=settings.sequential_every,
         search_batch=settings.search_batch,
         share_measurements=not settings.measure_alone,
+        ppl_skip_unedited_blocks=not settings.ppl_full_pass,
         downstream=settings.downstream,
         downstream_limit=settings.downstream_limit,
         # "gw0"... on an xdist worker: each record says which worker measured it

@@ -47,6 +47,13 @@ Source = Literal["zoo", "hub", "local"]
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "auto")
 ORGANISM_MANIFEST = "editsafety_organism.json"
 
+# An organism trained with transformers' gelu_new (tanh-approximated GELU written as six elementwise operations)
+# runs as gelu_pytorch_tanh, PyTorch's fused kernel of the same formula: outputs agree to float rounding (4.8e-7 at
+# most over a million inputs of scale 4, per-sentence NLLs to 9e-7 relative) and a certified case on tiny-gpt2
+# costs about 15 % less on a CPU (v*'s search 18 %: one autograd node instead of six). Organisms only: a user's
+# model runs with the kernels its config names.
+ORGANISM_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+
 # Files whose content decides what a local directory computes: the weights and the tokenizer.
 _WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf"})
 _TOKENIZER_FILES = frozenset(
@@ -503,6 +510,10 @@ def load_model(spec: ModelSpec | str, options: LoadOptions | None = None) -> Loa
         )
 
     model_kwargs: dict[str, Any] = dict(hub_kwargs, trust_remote_code=False)
+    activation = getattr(config, "activation_function", None)
+    if spec.source == "zoo" and activation in ORGANISM_ACTIVATIONS:
+        config.activation_function = ORGANISM_ACTIVATIONS[activation]
+        model_kwargs["config"] = config
     if options.dtype is not None:
         # transformers 5.x names this `dtype`; `torch_dtype` is deprecated there
         model_kwargs["dtype"] = options.dtype

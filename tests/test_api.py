@@ -53,6 +53,50 @@ def test_certify_a_loaded_model_with_an_editor_object_equals_the_plugin(organism
     assert "c-rome" in (tmp_path / "c.md").read_text()
 
 
+def test_certify_several_editors_in_one_run_gives_each_editors_own_records(organism):
+    """One call for rome and c-rome (a name list and an object): the searches are shared, the records are each editor
+    certified alone; per-editor hparams reach only the editor they name."""
+    from editors.registry import build_editor
+    from pytest_editsafety.api import certify
+    from pytest_editsafety.organisms import hparams_keys
+
+    c_rome = build_editor("c-rome", hparams_keys(organism), organism.model)
+    together = certify(organism.model, organism.tokenizer, ["rome", c_rome], "hard", limit=2)
+    assert sorted({record.editor for record in together.cases}) == ["c-rome", "rome"]
+    for name in ("rome", "c-rome"):
+        alone = certify(organism.model, organism.tokenizer, name, "hard", limit=2)
+        assert ([_comparable(r) for r in together.cases if r.editor == name]
+                == [_comparable(r) for r in alone.cases]), name
+    same = certify("tiny-gpt2", None, "rome, c-rome", "hard", limit=1)
+    assert sorted(record.editor for record in same.cases) == ["c-rome", "rome"]
+    shorter = certify(organism.model, organism.tokenizer, ["rome", "c-rome"], "hard", limit=1,
+                      hparams={"rome": {"v_num_grad_steps": 2}})
+    hashes = shorter.result.metadata.hparams_hashes
+    assert hashes["rome"] != together.result.metadata.hparams_hashes["rome"]
+    assert hashes["c-rome"] == together.result.metadata.hparams_hashes["c-rome"]
+
+
+@pytest.mark.parametrize(("editor", "hparams", "message"), [
+    (["rome", "rome"], None, "rome given more than once"),
+    ([], None, "got none"),
+    (["rome", "c-rome"], {"memit": {"layers": [0]}}, "memit is not one of rome, c-rome"),
+    (["rome", "c-rome"], "rome.json", "expected a mapping from editor name"),
+    (["rome", 3], None, "neither an editor name nor an editor object"),
+])
+def test_certify_refuses_a_bad_editor_list_before_loading_anything(editor, hparams, message):
+    from pytest_editsafety.api import certify
+
+    with pytest.raises(ValueError, match=message):
+        certify("tiny-gpt2", None, editor, "normal", hparams=hparams)
+
+
+def test_guard_judges_one_editor():
+    from pytest_editsafety.api import guard
+
+    with pytest.raises(ValueError, match="guard judges the edits of one editor"):
+        guard("tiny-gpt2", None, "rome,c-rome", [])
+
+
 def test_certify_refuses_an_unknown_editor_name_before_loading_anything():
     from pytest_editsafety.api import certify
 

@@ -76,9 +76,9 @@ def test_templates_and_the_unedited_perplexity_are_read_back_by_another_hub(monk
     second = ModelHub(plan, HubOptions())
     original = ModelHub._perplexity
 
-    def edited_only(self, state, corpus=None):
+    def edited_only(self, state, corpus=None, **kwargs):
         assert state.baseline is not None, "the unedited perplexity was measured again"
-        return original(self, state, corpus)
+        return original(self, state, corpus, **kwargs)
 
     monkeypatch.setattr(ModelHub, "_perplexity", edited_only)
     again = second.run(item)
@@ -89,8 +89,9 @@ def test_templates_and_the_unedited_perplexity_are_read_back_by_another_hub(monk
     assert again.record["metrics"]["ppl_ratio"] == measured.record["metrics"]["ppl_ratio"]
 
 
-def test_the_weights_key_names_identity_dtype_and_device_kind() -> None:
-    """A value measured in float16, or on another kind of device, is another value: the key must say so."""
+def test_the_weights_key_names_identity_dtype_device_kind_and_activation() -> None:
+    """A value measured in float16, on another kind of device, or with another activation kernel is another value:
+    the key must say so."""
     from types import SimpleNamespace
 
     import torch
@@ -102,3 +103,7 @@ def test_the_weights_key_names_identity_dtype_and_device_kind() -> None:
 
     assert weights_key(loaded(torch.float32)) == {"identity": "abc", "dtype": "torch.float32", "device": "cpu"}
     assert weights_key(loaded(torch.float16))["dtype"] == "torch.float16"
+    for field in ("activation_function", "hidden_act"):
+        configured = loaded(torch.float32)
+        configured.model.config = SimpleNamespace(**{field: "gelu_pytorch_tanh"})
+        assert weights_key(configured)["activation"] == "gelu_pytorch_tanh"

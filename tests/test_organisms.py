@@ -106,6 +106,29 @@ def test_organism_records_its_causal_layer_and_weights(organism):
         assert meta["knowledge"]["recall_subject_later"] >= MIN_RECALL
 
 
+def test_organism_runs_the_activation_it_was_trained_with_as_a_fused_kernel(organism):
+    """load_model swaps gelu_new for gelu_pytorch_tanh (the same formula, one kernel) on organisms only: the logits
+    are the stored config's to float rounding, and an activation without a fused twin (Llama's SiLU) is kept."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pytest_editsafety.registry import ORGANISM_ACTIVATIONS
+    from pytest_editsafety.zoo import ensure_built
+
+    directory = ensure_built(organism.spec.name, progress=False)
+    stored = AutoConfig.from_pretrained(directory).to_dict()
+    activation_field = "activation_function" if "activation_function" in stored else "hidden_act"
+    trained_with = stored[activation_field]
+    runs = getattr(organism.model.config, activation_field)
+    assert runs == ORGANISM_ACTIVATIONS.get(trained_with, trained_with)
+    as_stored = AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert getattr(as_stored.config, activation_field) == trained_with
+    ids = torch.randint(0, organism.model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused, reference = organism.model(input_ids=ids).logits, as_stored(input_ids=ids).logits
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_organism_perplexity_on_its_heldout_text_is_low_and_matches_the_build(organism):
     from pytest_editsafety.corpora import resolve_corpus
     from pytest_editsafety.perplexity import perplexity

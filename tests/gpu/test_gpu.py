@@ -236,3 +236,35 @@ def test_the_fingerprint_on_the_device_sees_an_undeclared_change(float32_on_devi
         finally:
             weight[0, 0] = saved
     reference.check(model, editor="gpu-check")
+
+
+# --------------------------------------------------------------------------------------------------
+# perplexity after an edit above the first blocks replays their recorded output on the device too
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_replayed_perplexity_on_the_device_is_the_full_passs(dtype: str, corpus_texts) -> None:
+    """An edit of layer 3's MLP: the per-sentence NLLs with blocks 0-2 replayed (pytest_editsafety.lower_blocks)
+    equal the full pass's on the device, the first measurement recording and the second replaying."""
+    from editors.restore import edit_session
+    from pytest_editsafety.lower_blocks import LowerBlockStore, lowest_block
+    from pytest_editsafety.perplexity import sentence_nlls
+
+    loaded = _load(dtype, DEVICE)
+    model, family = loaded.model, loaded.family
+    edited = family.layer_name("mlp_out", 3) + ".weight"
+    layer = lowest_block(family, [edited], loaded.n_layers)
+    store = LowerBlockStore()
+    lower = store.outputs(model, family, "organism-ppl", 32, layer)
+    texts = corpus_texts[:200]
+    weight = dict(model.named_parameters())[edited]
+    with edit_session(model, [edited]):
+        with torch.no_grad():
+            weight.mul_(1.5)
+        full = sentence_nlls(model, loaded.tokenizer, texts, batch_size=32)
+        for _ in range(2):
+            replayed = sentence_nlls(model, loaded.tokenizer, texts, batch_size=32, lower_blocks=lower)
+            worst = max(abs(a - b) / max(abs(b), 1e-12) for (a, _), (b, _) in zip(replayed, full, strict=True))
+            assert worst <= 1e-6, f"{dtype} on {DEVICE}: a replayed sentence's NLL differs by {worst:.3g}"
+    assert lower.replayed_batches == -(-len(texts) // 32) and store.used_bytes > 0
+    del loaded
