@@ -8,8 +8,9 @@
   edit back, bit-exactly, when a bound breaks.
 
 A model is a name (built-in, Hugging Face id, local directory: loaded as the plugin loads it) or a model object
-with its tokenizer; an editor is a registered name or an editor object (:mod:`editors.base`); cases are a case
-set name, a case file, a ``CaseSet`` or a sequence of ``EditCase``.
+with its tokenizer; an editor is a registered name or an editor object (:mod:`editors.base`), and :func:`certify`
+also takes several (names separated by commas, or a sequence of names and objects); cases are a case set name, a
+case file, a ``CaseSet`` or a sequence of ``EditCase``.
 """
 
 from __future__ import annotations
@@ -159,10 +160,10 @@ def _editors(editor: Any) -> list[Any]:
 
     if isinstance(editor, str):
         given: list[Any] = [part.strip() for part in editor.split(",") if part.strip()]
-    elif isinstance(editor, Sequence):
-        given = list(editor)
-    else:
+    elif _is_editor_object(editor) or not isinstance(editor, Sequence):
         given = [editor]
+    else:
+        given = list(editor)
     if not given:
         raise ValueError("editor: expected an editor name, an editor object or a sequence of them; got none")
     names = []
@@ -170,8 +171,9 @@ def _editors(editor: Any) -> list[Any]:
         if isinstance(each, str) and each not in available_editors():
             raise ValueError(f"editor: unknown editor {each!r}; available: {', '.join(available_editors())}")
         name = each if isinstance(each, str) else getattr(each, "name", None)
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"editor: {each!r} is neither an editor name nor an editor object with a name")
+        if not (isinstance(each, str) or _is_editor_object(each)) or not isinstance(name, str) or not name:
+            raise ValueError(f"editor: {each!r} is neither an editor name nor an editor object (editors.base: a name "
+                             f"and an apply method)")
         names.append(name)
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -179,24 +181,49 @@ def _editors(editor: Any) -> list[Any]:
     return given
 
 
-def _hparams_options(hparams: Any, names: Sequence[str]) -> dict[str, Any]:
-    """HubOptions' hparams fields for ``hparams`` as :func:`certify` takes it: for one editor, a JSON file or a
-    mapping of fields; for several, a mapping from (some of) their names to a file or a mapping of fields each."""
+def _is_editor_object(value: Any) -> bool:
+    return not isinstance(value, (str, Path)) and callable(getattr(value, "apply", None))
+
+
+def _hparams_options(hparams: Any, editors: Sequence[Any]) -> dict[str, Any]:
+    """HubOptions' hparams fields for ``hparams`` as :func:`certify` takes it: a JSON file or a mapping of fields
+    for one editor, or a mapping from (some of) the editors' names to a file or a mapping of fields each (required
+    with several editors). Hyper-parameters reach only editors given by name: an editor object has its own."""
     if hparams is None:
         return {}
-    if len(names) == 1:
+    names = [each if isinstance(each, str) else each.name for each in editors]
+    objects = {each.name for each in editors if not isinstance(each, str)}
+    per_editor = isinstance(hparams, Mapping) and bool(hparams) and set(hparams) <= set(names)
+    if len(names) == 1 and not per_editor:
+        if objects:
+            raise ValueError(f"hparams: editor {names[0]!r} was given as an object, which carries its own "
+                             f"hyper-parameters; build it with the ones you want instead")
         if isinstance(hparams, (str, Path)):
             return {"editor_hparams": {names[0]: str(hparams)}}
-        return {"editor_overrides": dict(hparams)}
+        if isinstance(hparams, Mapping):
+            return {"editor_overrides": dict(hparams)}
+        raise ValueError(f"hparams: expected a JSON file or a mapping of fields, got {type(hparams).__name__}")
     if not isinstance(hparams, Mapping):
         raise ValueError(f"hparams: with several editors ({', '.join(names)}), expected a mapping from editor name "
                          f"to its JSON file or fields, got {type(hparams).__name__}")
-    strangers = sorted(set(hparams) - set(names))
+    strangers = sorted(map(str, set(hparams) - set(names)))
     if strangers:
-        raise ValueError(f"hparams: with several editors, its keys name editors; {', '.join(map(str, strangers))} "
+        raise ValueError(f"hparams: with several editors, its keys name editors; {', '.join(strangers)} "
                          f"is not one of {', '.join(names)}")
-    return {"editor_hparams": {name: str(value) if isinstance(value, (str, Path)) else dict(value)
-                               for name, value in hparams.items()}}
+    given_as_objects = sorted(set(hparams) & objects)
+    if given_as_objects:
+        raise ValueError(f"hparams: {', '.join(given_as_objects)} was given as an editor object, which carries its "
+                         f"own hyper-parameters; build it with the ones you want instead")
+    per_name: dict[str, Any] = {}
+    for name, value in hparams.items():
+        if isinstance(value, (str, Path)):
+            per_name[name] = str(value)
+        elif isinstance(value, Mapping):
+            per_name[name] = dict(value)
+        else:
+            raise ValueError(f"hparams[{name!r}]: expected a JSON file or a mapping of fields, got "
+                             f"{type(value).__name__}")
+    return {"editor_hparams": per_name}
 
 
 def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | CaseSet], *, bounds: Bounds | None,
@@ -213,7 +240,7 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
 
     editors = _editors(editor)
     names = [each if isinstance(each, str) else each.name for each in editors]
-    hparams_options = _hparams_options(hparams, names)
+    hparams_options = _hparams_options(hparams, editors)
     held = None if isinstance(model, str) else _held_model(model, tokenizer, strip_bos)
     plan = build_plan(names, [model if held is None else held.spec], list(case_sets), ppl_corpus=corpus,
                       limit=limit, sequential=sequential, sequential_edits=sequential_edits,

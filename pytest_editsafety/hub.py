@@ -82,8 +82,9 @@ class HubOptions:
     # (--editsafety-measure-alone). Same records either way: bit for bit at a search batch of 1, to float rounding above
     share_measurements: bool = True
     # perplexity after an edit whose parameters all lie in blocks L and above replays the unedited output of the
-    # blocks below L over the corpus instead of running them (pytest_editsafety.lower_blocks); False: every
-    # measurement runs the whole model (--editsafety-ppl-full-pass). Same numbers bit for bit
+    # blocks below L over the corpus instead of running them (pytest_editsafety.lower_blocks), under the full
+    # restore check only; False: every measurement runs the whole model (--editsafety-ppl-full-pass). Same numbers
+    # bit for bit
     ppl_skip_unedited_blocks: bool = True
     # lm-eval tasks scored on the unedited model and after every single edit (--editsafety-downstream), at most
     # downstream_limit examples each (None: all): pytest_editsafety.downstream
@@ -574,8 +575,10 @@ class ModelHub(ModelPool):
 
     def _lower_blocks(self, state: ModelState, corpus: str, touched: Sequence[str]) -> Any:
         """What a perplexity pass on ``corpus`` replays below the lowest block in ``touched``; None where nothing
-        is (no edit, an edit of the embeddings or of block 0, HubOptions.ppl_skip_unedited_blocks off)."""
-        if not touched or not self.options.ppl_skip_unedited_blocks:
+        is (no edit, an edit of the embeddings or of block 0, HubOptions.ppl_skip_unedited_blocks off) and where an
+        undeclared write below it could go unseen: the replay would hide its damage, and only the full restore check
+        fails such an editor."""
+        if not touched or not self.options.ppl_skip_unedited_blocks or self.options.restore_check != "full":
             return None
         from pytest_editsafety.lower_blocks import LowerBlockStore, lowest_block
 

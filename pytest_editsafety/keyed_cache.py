@@ -20,19 +20,22 @@ from editors.storage import atomic_write_text, build_lock, slugify, stable_hash
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cached_value", "entry_path", "read_entry", "weights_key", "write_entry"]
+__all__ = ["TRAINED_ACTIVATION_FIELD", "cached_value", "entry_path", "read_entry", "weights_key", "write_entry"]
+
+# the config field in which a load that swapped a model's activation kernel names the one it was trained with
+TRAINED_ACTIVATION_FIELD = "editsafety_trained_activation"
 
 
 def weights_key(loaded: Any) -> dict[str, str]:
     """What a value measured on a loaded model (``registry.LoadedModel``) depends on through its weights: their
-    identity, dtype and device kind (a GPU's numbers are not a CPU's), and the activation the model runs where its
-    config names one (an organism runs gelu_new as its fused twin: registry.ORGANISM_ACTIVATIONS)."""
+    identity, dtype and device kind (a GPU's numbers are not a CPU's), and the activation kernel where the load
+    swapped the one the model was trained with (an organism's gelu_new runs as its fused twin:
+    registry.ORGANISM_ACTIVATIONS)."""
     parameter = next(loaded.model.parameters())
     key = {"identity": loaded.identity, "dtype": str(parameter.dtype), "device": parameter.device.type}
     config = getattr(loaded.model, "config", None)
-    activation = getattr(config, "activation_function", None) or getattr(config, "hidden_act", None)
-    if isinstance(activation, str):
-        key["activation"] = activation
+    if getattr(config, TRAINED_ACTIVATION_FIELD, None) is not None:
+        key["activation"] = str(config.activation_function)
     return key
 
 

@@ -9,12 +9,13 @@ head. The recorded tensors are what those blocks compute, so the perplexity is t
 by ``tests/test_lower_blocks.py``).
 
 Recording needs no pass of its own and no unedited model: a batch is recorded during the first measurement that
-runs it, which is correct whatever the edit did to blocks ``layer`` and above. An edit that writes below ``layer``
-without declaring it would make the replayed output stale; the restore check after every test
-(:func:`editors.restore.edit_session`) fails such an editor anyway.
+runs it, which is correct whatever the edit did to blocks ``layer`` and above. Each recorded output is kept with
+the batch's token ids and replayed only for the same ids. An edit that writes below ``layer`` without declaring it
+would make the replayed output stale and hide its damage: the harness replays only under the full restore check
+(``--editsafety-restore-check=full``, the default), which fails such an editor after its test.
 
-The outputs are kept on the model's device within a byte budget (:data:`DEFAULT_MAX_BYTES` per model by default):
-a batch that would exceed it runs in full every time, so a large corpus on a full GPU costs speed, never memory.
+The outputs are kept on the model's device within a byte budget (:data:`DEFAULT_MAX_BYTES` per model by default)
+for as long as the model is loaded: a batch that would pass it runs in full every time.
 """
 
 from __future__ import annotations
@@ -79,15 +80,22 @@ class LowerBlockOutputs:
         return len(self._outputs)
 
     @contextlib.contextmanager
-    def running(self, batch_number: int) -> Iterator[None]:
-        """Around one batch's forward pass: replays the batch's recorded output, or records it."""
+    def running(self, batch_number: int, input_ids: Any) -> Iterator[None]:
+        """Around the forward pass of batch ``batch_number``, whose ids are ``input_ids``: replays the output
+        recorded for those ids, or records it (a batch recorded with other ids runs in full)."""
+        import torch
+
         from editors.hooks import replaying
 
-        recorded = self._outputs.get(batch_number)
-        if recorded is not None:
-            # every block below returns the top one's output: each one's output only feeds the next block, which
-            # is replayed too, and the pass asks for no per-layer hidden states
-            with replaying([(block, recorded) for block in self._blocks]):
+        kept = self._outputs.get(batch_number)
+        if kept is not None:
+            ids, recorded = kept
+            if ids.shape == input_ids.shape and torch.equal(ids, input_ids):
+                # every block below returns the top one's output: each one's output only feeds the next block,
+                # which is replayed too, and the pass asks for no per-layer hidden states
+                with replaying([(block, recorded) for block in self._blocks]):
+                    yield
+            else:
                 yield
             return
         seen: list[Any] = []
@@ -97,15 +105,16 @@ class LowerBlockOutputs:
         finally:
             handle.remove()
         if len(seen) == 1:
-            self._keep(batch_number, seen[0])
+            self._keep(batch_number, input_ids.clone(), seen[0])
 
-    def _keep(self, batch_number: int, output: Any) -> None:
-        if self._budget.take(_nbytes(output)):
-            self._outputs[batch_number] = output
+    def _keep(self, batch_number: int, input_ids: Any, output: Any) -> None:
+        if self._budget.take(_nbytes(output) + _nbytes(input_ids)):
+            self._outputs[batch_number] = (input_ids, output)
         elif not self._over_budget:
             self._over_budget = True
-            log.info("perplexity: the first blocks' outputs over the corpus pass the %d MiB kept per model; batch %d "
-                     "on runs them in full", self._budget.max_bytes >> 20, batch_number)
+            log.info("perplexity: the first blocks' outputs over the corpus would pass the %d MiB kept per model; "
+                     "the batches that do not fit (batch %d first) run in full", self._budget.max_bytes >> 20,
+                     batch_number)
 
 
 class LowerBlockStore:

@@ -189,7 +189,8 @@ OPTIONS: tuple[_Option, ...] = (
             "a search batch of 1), at the cost of every search", "bool"),
     _Option(LOADING, "--editsafety-ppl-full-pass", "ppl_full_pass", "every perplexity measurement runs the whole "
             "model, even the blocks below an edit's lowest edited layer, whose output over the corpus the edit "
-            "cannot change (by default it is recorded once per model and replayed: the same numbers bit for bit)",
+            "cannot change (by default, under the full restore check, it is recorded once per model and replayed: "
+            "the same numbers bit for bit, at most 1 GiB kept per model)",
             "bool"),
     _Option(LOADING, "--editsafety-strip-bos", "strip_bos", "the papers' BOS-stripped protocol (A.2): a model whose "
             "tokenizer prepends BOS (Llama's <s>) runs without it, for edits, metrics, context templates and "

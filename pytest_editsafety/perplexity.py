@@ -245,7 +245,7 @@ def sentence_nlls(
             kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
             if pass_positions:
                 kwargs["position_ids"] = position_ids_from_mask(mask)
-            with lower_blocks.running(number) if lower_blocks is not None else contextlib.nullcontext():
+            with lower_blocks.running(number, ids) if lower_blocks is not None else contextlib.nullcontext():
                 logits = model(**kwargs, use_cache=False).logits
             # The first real token is context only: in left padding it sits after the pads, so
             # loss_mask[:, 1:] (the target mask) must exclude it explicitly.

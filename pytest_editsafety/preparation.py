@@ -132,8 +132,9 @@ class Preparations:
             log.warning("%s: the search batch of %d cases failed (%s: %s); measuring %s alone", item.test_id,
                         len(members), type(err).__name__, err,
                         f"every case of {item.editor} on this model" if out_of_memory else "them")
-            if out_of_memory:  # the next batch would not fit either
+            if out_of_memory:  # the next batch would not fit either; the perplexity's replay gives its memory back
                 state.unbatched.add(item.editor)
+                state.lower_blocks = None
             measured = {}
             empty_cuda_cache()  # a batch too large for the GPU leaves its blocks cached
         for member, request, shared_key in members:

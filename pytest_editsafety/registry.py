@@ -512,7 +512,10 @@ def load_model(spec: ModelSpec | str, options: LoadOptions | None = None) -> Loa
     model_kwargs: dict[str, Any] = dict(hub_kwargs, trust_remote_code=False)
     activation = getattr(config, "activation_function", None)
     if spec.source == "zoo" and activation in ORGANISM_ACTIVATIONS:
+        from pytest_editsafety.keyed_cache import TRAINED_ACTIVATION_FIELD
+
         config.activation_function = ORGANISM_ACTIVATIONS[activation]
+        setattr(config, TRAINED_ACTIVATION_FIELD, activation)  # values measured with it are keyed apart
         model_kwargs["config"] = config
     if options.dtype is not None:
         # transformers 5.x names this `dtype`; `torch_dtype` is deprecated there

@@ -4,6 +4,7 @@ any weight moves (and, applying, rolls back bit-exactly)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -82,12 +83,36 @@ def test_certify_several_editors_in_one_run_gives_each_editors_own_records(organ
     (["rome", "c-rome"], {"memit": {"layers": [0]}}, "memit is not one of rome, c-rome"),
     (["rome", "c-rome"], "rome.json", "expected a mapping from editor name"),
     (["rome", 3], None, "neither an editor name nor an editor object"),
+    ([Path("rome")], None, "neither an editor name nor an editor object"),
+    (["rome", "c-rome"], {"rome": 20}, r"hparams\['rome'\]: expected a JSON file or a mapping"),
+    ("rome", 20, "expected a JSON file or a mapping of fields, got int"),
 ])
 def test_certify_refuses_a_bad_editor_list_before_loading_anything(editor, hparams, message):
     from pytest_editsafety.api import certify
 
     with pytest.raises(ValueError, match=message):
         certify("tiny-gpt2", None, editor, "normal", hparams=hparams)
+
+
+def test_hparams_never_reach_an_editor_given_as_an_object(organism):
+    from editors.registry import build_editor
+    from pytest_editsafety.api import certify
+    from pytest_editsafety.organisms import hparams_keys
+
+    c_rome = build_editor("c-rome", hparams_keys(organism), organism.model)
+    for editors, hparams in ((c_rome, {"v_num_grad_steps": 2}), (["rome", c_rome], {"c-rome": {"v_num_grad_steps": 2}})):
+        with pytest.raises(ValueError, match="given as an (editor )?object"):
+            certify(organism.model, organism.tokenizer, editors, "hard", limit=1, hparams=hparams)
+
+
+def test_one_editor_takes_the_per_editor_form_too(organism):
+    from pytest_editsafety.api import certify
+
+    plain = certify(organism.model, organism.tokenizer, "rome", "hard", limit=1, hparams={"v_num_grad_steps": 2})
+    per_editor = certify(organism.model, organism.tokenizer, ["rome"], "hard", limit=1,
+                         hparams={"rome": {"v_num_grad_steps": 2}})
+    assert plain.result.metadata.hparams_hashes == per_editor.result.metadata.hparams_hashes
+    assert [_comparable(r) for r in plain.cases] == [_comparable(r) for r in per_editor.cases]
 
 
 def test_guard_judges_one_editor():

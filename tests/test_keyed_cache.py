@@ -89,9 +89,9 @@ def test_templates_and_the_unedited_perplexity_are_read_back_by_another_hub(monk
     assert again.record["metrics"]["ppl_ratio"] == measured.record["metrics"]["ppl_ratio"]
 
 
-def test_the_weights_key_names_identity_dtype_device_kind_and_activation() -> None:
-    """A value measured in float16, on another kind of device, or with another activation kernel is another value:
-    the key must say so."""
+def test_the_weights_key_names_identity_dtype_device_kind_and_a_swapped_activation() -> None:
+    """A value measured in float16, on another kind of device, or with the activation kernel a load swapped in is
+    another value: the key must say so."""
     from types import SimpleNamespace
 
     import torch
@@ -103,7 +103,9 @@ def test_the_weights_key_names_identity_dtype_device_kind_and_activation() -> No
 
     assert weights_key(loaded(torch.float32)) == {"identity": "abc", "dtype": "torch.float32", "device": "cpu"}
     assert weights_key(loaded(torch.float16))["dtype"] == "torch.float16"
-    for field in ("activation_function", "hidden_act"):
-        configured = loaded(torch.float32)
-        configured.model.config = SimpleNamespace(**{field: "gelu_pytorch_tanh"})
-        assert weights_key(configured)["activation"] == "gelu_pytorch_tanh"
+    configured = loaded(torch.float32)
+    configured.model.config = SimpleNamespace(activation_function="gelu_new")
+    assert "activation" not in weights_key(configured)  # a model that runs what it was trained with: no field
+    configured.model.config = SimpleNamespace(activation_function="gelu_pytorch_tanh",
+                                              editsafety_trained_activation="gelu_new")
+    assert weights_key(configured)["activation"] == "gelu_pytorch_tanh"

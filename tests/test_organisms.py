@@ -112,6 +112,7 @@ def test_organism_runs_the_activation_it_was_trained_with_as_a_fused_kernel(orga
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from pytest_editsafety.keyed_cache import TRAINED_ACTIVATION_FIELD
     from pytest_editsafety.registry import ORGANISM_ACTIVATIONS
     from pytest_editsafety.zoo import ensure_built
 
@@ -121,6 +122,8 @@ def test_organism_runs_the_activation_it_was_trained_with_as_a_fused_kernel(orga
     trained_with = stored[activation_field]
     runs = getattr(organism.model.config, activation_field)
     assert runs == ORGANISM_ACTIVATIONS.get(trained_with, trained_with)
+    swapped = trained_with if trained_with in ORGANISM_ACTIVATIONS else None
+    assert getattr(organism.model.config, TRAINED_ACTIVATION_FIELD, None) == swapped  # cache keys name the swap
     as_stored = AutoModelForCausalLM.from_pretrained(directory).eval()
     assert getattr(as_stored.config, activation_field) == trained_with
     ids = torch.randint(0, organism.model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
