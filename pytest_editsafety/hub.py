@@ -565,16 +565,17 @@ class ModelHub(ModelPool):
 
         loaded = state.loaded
         corpus = corpus if corpus is not None else state.corpus
-        encoded = state.encoded_corpora.get(corpus.name)
+        # by content: two corpus files of the same name (a/ppl.json, b/ppl.json) are two corpora
+        encoded = state.encoded_corpora.get(corpus.sha256)
         if encoded is None:
             encoded = encode(loaded.tokenizer, corpus.texts, max_length=model_context(loaded.model))
-            state.encoded_corpora[corpus.name] = encoded
+            state.encoded_corpora[corpus.sha256] = encoded
         result = perplexity(loaded.model, loaded.tokenizer, corpus.texts, batch_size=self.options.ppl_batch_size,
-                            encoded=encoded, lower_blocks=self._lower_blocks(state, corpus.name, touched))
+                            encoded=encoded, lower_blocks=self._lower_blocks(state, corpus.sha256, touched))
         return dict(zip(_PPL_FIELDS, (result.mean_ppl, result.corpus_ppl, result.median_ppl, result.max_ppl)))
 
     def _lower_blocks(self, state: ModelState, corpus: str, touched: Sequence[str]) -> Any:
-        """What a perplexity pass on ``corpus`` replays below the lowest block in ``touched``; None where nothing
+        """What a perplexity pass on the corpus of content hash ``corpus`` replays below the lowest block in ``touched``; None where nothing
         is (no edit, an edit of the embeddings or of block 0, HubOptions.ppl_skip_unedited_blocks off) and where an
         undeclared write below it could go unseen: the replay would hide its damage, and only the full restore check
         fails such an editor."""

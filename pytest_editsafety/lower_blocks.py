@@ -119,7 +119,8 @@ class LowerBlockOutputs:
 
 class LowerBlockStore:
     """One loaded model's :class:`LowerBlockOutputs`, keyed by everything they depend on besides the model's
-    unedited lower blocks: the corpus's name, the perplexity batch size and the edited layer. Owned by the model's
+    unedited lower blocks: the corpus (the harness gives its content hash), the perplexity batch size and the
+    edited layer. Owned by the model's
     state and dropped with it (eviction, a failed restore)."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:

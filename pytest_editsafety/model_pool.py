@@ -45,7 +45,7 @@ class ModelState:
     corpus: Any = None
     # the unedited perplexity on other corpora than ``corpus`` (sequential runs' ME-PPL_1k), by the name the plan gives
     other_baselines: dict[str, dict[str, float]] = field(default_factory=dict)
-    # each perplexity corpus's ids under this model's tokenizer (perplexity.encode), by the corpus's name: a
+    # each perplexity corpus's ids under this model's tokenizer (perplexity.encode), by the corpus's sha256: a
     # certification measures one corpus after every edit, and tokenizing it cost a tenth of the measurement
     encoded_corpora: dict[str, list[list[int]]] = field(default_factory=dict)
     identity: str = ""

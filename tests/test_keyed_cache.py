@@ -109,3 +109,23 @@ def test_the_weights_key_names_identity_dtype_device_kind_and_a_swapped_activati
     configured.model.config = SimpleNamespace(activation_function="gelu_pytorch_tanh",
                                               editsafety_trained_activation="gelu_new")
     assert weights_key(configured)["activation"] == "gelu_pytorch_tanh"
+
+
+@pytest.mark.organism
+@pytest.mark.xdist_group("tiny-gpt2")
+def test_two_corpora_of_one_name_are_measured_on_their_own_texts(one_torch_thread) -> None:
+    """Corpus files are named by their stem (a/ppl.json and b/ppl.json are both "ppl"): the hub keeps each one's
+    token ids apart, so the second is not measured on the first's."""
+    from editors.corpus import Corpus
+    from pytest_editsafety.hub import HubOptions, ModelHub
+    from pytest_editsafety.perplexity import perplexity
+    from pytest_editsafety.plan import build_plan
+
+    plan = build_plan(["rome"], ["tiny-gpt2"], ["normal"], limit=1)
+    hub = ModelHub(plan, HubOptions())
+    state = hub._state("tiny-gpt2")
+    first = Corpus.from_texts("ppl", ["The cat sat on the mat.", "A dog ran far away."])
+    second = Corpus.from_texts("ppl", ["The cat sat on the mat today.", "Nobody knows where the road ends."])
+    for corpus in (first, second, first):
+        expected = perplexity(state.loaded.model, state.loaded.tokenizer, corpus.texts).mean_ppl
+        assert hub._perplexity(state, corpus)["mean"] == expected
