@@ -153,9 +153,10 @@ def _case_sets(cases: Any) -> list[str | CaseSet]:
     return [CaseSet(name=API_CASE_SET, cases=cases, source="given to certify()", format="canonical")]
 
 
-def _editors(editor: Any) -> list[Any]:
-    """``editor`` as a list of names and editor objects: one name, names separated by commas (as ``--editor``
-    takes them), one editor object, or a sequence of names and objects; unknown names and repeats are errors."""
+def _editors(editor: Any) -> dict[str, Any]:
+    """``editor`` by name, in the order given, each a registered name or an editor object: one name, names separated
+    by commas (as ``--editor`` takes them), one editor object, or a sequence of names and objects; unknown names and
+    repeats are errors."""
     from editors.registry import available_editors
 
     if isinstance(editor, str):
@@ -166,7 +167,7 @@ def _editors(editor: Any) -> list[Any]:
         given = list(editor)
     if not given:
         raise ValueError("editor: expected an editor name, an editor object or a sequence of them; got none")
-    names = []
+    by_name: dict[str, Any] = {}
     for each in given:
         if isinstance(each, str) and each not in available_editors():
             raise ValueError(f"editor: unknown editor {each!r}; available: {', '.join(available_editors())}")
@@ -174,43 +175,33 @@ def _editors(editor: Any) -> list[Any]:
         if not (isinstance(each, str) or _is_editor_object(each)) or not isinstance(name, str) or not name:
             raise ValueError(f"editor: {each!r} is neither an editor name nor an editor object (editors.base: a name "
                              f"and an apply method)")
-        names.append(name)
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"editor: {', '.join(repeated)} given more than once")
-    return given
+        if name in by_name:
+            raise ValueError(f"editor: {name} given more than once")
+        by_name[name] = each
+    return by_name
 
 
 def _is_editor_object(value: Any) -> bool:
     return not isinstance(value, (str, Path)) and callable(getattr(value, "apply", None))
 
 
-def _hparams_options(hparams: Any, editors: Sequence[Any]) -> dict[str, Any]:
-    """HubOptions' hparams fields for ``hparams`` as :func:`certify` takes it: a JSON file or a mapping of fields
-    for one editor, or a mapping from (some of) the editors' names to a file or a mapping of fields each (required
-    with several editors). Hyper-parameters reach only editors given by name: an editor object has its own."""
-    if hparams is None:
+def _hparams_options(hparams: Any, editors: Mapping[str, Any]) -> dict[str, Any]:
+    """HubOptions' ``editor_hparams`` for ``hparams`` as :func:`certify` takes it: for one editor, a JSON file or a
+    mapping of fields; for any number, a mapping from (some of) the editors' names to a file or a mapping of fields
+    each. Hyper-parameters reach only editors given by name: an editor object carries its own."""
+    if hparams is None or (isinstance(hparams, Mapping) and not hparams):
         return {}
-    names = [each if isinstance(each, str) else each.name for each in editors]
-    objects = {each.name for each in editors if not isinstance(each, str)}
-    per_editor = isinstance(hparams, Mapping) and bool(hparams) and set(hparams) <= set(names)
-    if len(names) == 1 and not per_editor:
-        if objects:
-            raise ValueError(f"hparams: editor {names[0]!r} was given as an object, which carries its own "
-                             f"hyper-parameters; build it with the ones you want instead")
-        if isinstance(hparams, (str, Path)):
-            return {"editor_hparams": {names[0]: str(hparams)}}
-        if isinstance(hparams, Mapping):
-            return {"editor_overrides": dict(hparams)}
-        raise ValueError(f"hparams: expected a JSON file or a mapping of fields, got {type(hparams).__name__}")
-    if not isinstance(hparams, Mapping):
-        raise ValueError(f"hparams: with several editors ({', '.join(names)}), expected a mapping from editor name "
-                         f"to its JSON file or fields, got {type(hparams).__name__}")
-    strangers = sorted(map(str, set(hparams) - set(names)))
-    if strangers:
-        raise ValueError(f"hparams: with several editors, its keys name editors; {', '.join(strangers)} "
-                         f"is not one of {', '.join(names)}")
-    given_as_objects = sorted(set(hparams) & objects)
+    names = list(editors)
+    if not (isinstance(hparams, Mapping) and set(hparams) <= set(names)):  # not the per-editor form
+        if len(names) == 1:
+            hparams = {names[0]: hparams}
+        elif isinstance(hparams, Mapping):
+            raise ValueError(f"hparams: with several editors, its keys name editors; "
+                             f"{', '.join(sorted(map(str, set(hparams) - set(names))))} is not one of {', '.join(names)}")
+        else:
+            raise ValueError(f"hparams: with several editors ({', '.join(names)}), expected a mapping from editor "
+                             f"name to its JSON file or fields, got {type(hparams).__name__}")
+    given_as_objects = sorted(name for name in hparams if not isinstance(editors[name], str))
     if given_as_objects:
         raise ValueError(f"hparams: {', '.join(given_as_objects)} was given as an editor object, which carries its "
                          f"own hyper-parameters; build it with the ones you want instead")
@@ -239,10 +230,9 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
     from pytest_editsafety.plan import build_plan
 
     editors = _editors(editor)
-    names = [each if isinstance(each, str) else each.name for each in editors]
     hparams_options = _hparams_options(hparams, editors)
     held = None if isinstance(model, str) else _held_model(model, tokenizer, strip_bos)
-    plan = build_plan(names, [model if held is None else held.spec], list(case_sets), ppl_corpus=corpus,
+    plan = build_plan(list(editors), [model if held is None else held.spec], list(case_sets), ppl_corpus=corpus,
                       limit=limit, sequential=sequential, sequential_edits=sequential_edits,
                       sequential_ppl_corpus=sequential_corpus, batch_size=batch_size)
     options = HubOptions(
@@ -251,7 +241,7 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
         downstream=tuple(downstream), downstream_limit=downstream_limit, **hparams_options,
     )
     slug = plan.models[0].slug
-    objects = {each.name: each for each in editors if not isinstance(each, str)}
+    objects = {name: each for name, each in editors.items() if not isinstance(each, str)}
     hub = ModelHub(plan, options, models={slug: held} if held is not None else None, editors=objects or None)
     return plan, hub
 
@@ -274,8 +264,9 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     (default ``Bounds()``, the plugin's defaults). ``hparams`` is a JSON file or a mapping layered over the
     editor's built-in hyper-parameters; with several editors, a mapping from editor name to such a file or
     mapping (an editor it does not name keeps its built-in ones); ``corpus`` the perplexity corpus (default: the
-    model's, as the plugin picks it). ``strip_bos`` runs the papers' BOS-stripped protocol (A.2, ``--editsafety-strip-bos``): a tokenizer
-    that prepends BOS runs without it (a copy of a tokenizer given here is stripped), recorded in the certificate.
+    model's, as the plugin picks it). ``strip_bos`` runs the papers' BOS-stripped protocol (A.2,
+    ``--editsafety-strip-bos``): a tokenizer that prepends BOS runs without it (a copy of a tokenizer given here is
+    stripped), recorded in the certificate.
     ``sequential`` adds the papers' sequential run per case set: ``sequential_edits`` edits (default 107 or the
     whole set), measured every ``sequential_every`` edits and after the last, on ``sequential_corpus`` (the
     plugin's ``--editsafety-sequential-*`` options and defaults). ``batch_size`` K > 1 certifies batches, as

@@ -574,11 +574,11 @@ class ModelHub(ModelPool):
                             encoded=encoded, lower_blocks=self._lower_blocks(state, corpus.sha256, touched))
         return dict(zip(_PPL_FIELDS, (result.mean_ppl, result.corpus_ppl, result.median_ppl, result.max_ppl)))
 
-    def _lower_blocks(self, state: ModelState, corpus: str, touched: Sequence[str]) -> Any:
-        """What a perplexity pass on the corpus of content hash ``corpus`` replays below the lowest block in ``touched``; None where nothing
-        is (no edit, an edit of the embeddings or of block 0, HubOptions.ppl_skip_unedited_blocks off) and where an
-        undeclared write below it could go unseen: the replay would hide its damage, and only the full restore check
-        fails such an editor."""
+    def _lower_blocks(self, state: ModelState, corpus_sha256: str, touched: Sequence[str]) -> Any:
+        """What a perplexity pass on the corpus of that content hash replays below the lowest block in ``touched``;
+        None where nothing is (no edit, an edit of the embeddings or of block 0, HubOptions.ppl_skip_unedited_blocks
+        off) and where an undeclared write below it could go unseen: the replay would hide its damage, and only the
+        full restore check fails such an editor."""
         if not touched or not self.options.ppl_skip_unedited_blocks or self.options.restore_check != "full":
             return None
         from pytest_editsafety.lower_blocks import LowerBlockStore, lowest_block
@@ -589,7 +589,8 @@ class ModelHub(ModelPool):
             return None
         if state.lower_blocks is None:
             state.lower_blocks = LowerBlockStore()
-        return state.lower_blocks.outputs(loaded.model, loaded.family, corpus, self.options.ppl_batch_size, layer)
+        return state.lower_blocks.outputs(loaded.model, loaded.family, corpus_sha256, self.options.ppl_batch_size,
+                                          layer)
 
     def _baseline(self, state: ModelState) -> dict[str, float]:
         if state.baseline is None:

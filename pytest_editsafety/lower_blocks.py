@@ -120,8 +120,7 @@ class LowerBlockOutputs:
 class LowerBlockStore:
     """One loaded model's :class:`LowerBlockOutputs`, keyed by everything they depend on besides the model's
     unedited lower blocks: the corpus (the harness gives its content hash), the perplexity batch size and the
-    edited layer. Owned by the model's
-    state and dropped with it (eviction, a failed restore)."""
+    edited layer. Owned by the model's state and dropped with it (eviction, a failed restore)."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._budget = _Budget(max_bytes)

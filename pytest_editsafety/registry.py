@@ -52,7 +52,7 @@ ORGANISM_MANIFEST = "editsafety_organism.json"
 # most over a million inputs of scale 4, per-sentence NLLs to 9e-7 relative) and a certified case on tiny-gpt2
 # costs about 15 % less on a CPU (v*'s search 18 %: one autograd node instead of six). Organisms only: a user's
 # model runs with the kernels its config names.
-ORGANISM_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+ORGANISM_ACTIVATIONS: Mapping[str, str] = MappingProxyType({"gelu_new": "gelu_pytorch_tanh"})
 
 # Files whose content decides what a local directory computes: the weights and the tokenizer.
 _WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf"})
