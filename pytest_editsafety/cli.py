@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     mining.add_argument("--mom2", action=argparse.BooleanOptionalAction, default=None,
                         help="score with C from text (--mom2) or C = I (--no-mom2) whatever the editor's hparams "
                              "say (default: the hparams decide)")
-    mining.add_argument("--stats-corpus", default=None, help="corpus for C (default organism-heldout for "
+    mining.add_argument("--stats-corpus", default=None, help="corpus for C (default organism-wiki for "
                                                               "organisms, wikitext-103 otherwise)")
     mining.add_argument("--ppl-corpus", default=None, help="perplexity corpus for --confirm (default "
                                                            "organism-ppl for organisms, me-ppl-50 otherwise)")
@@ -577,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = commands.add_parser("ppl", help="perplexity of a model on a corpus")
     ppl.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
     ppl.add_argument("--corpus", default=None,
-                     help="me-ppl-50, me-ppl-1k, me-ppl-10k, organism-ppl, organism-heldout or a path "
+                     help="me-ppl-50, me-ppl-1k, me-ppl-10k, organism-ppl, organism-wiki, organism-heldout or a path "
                           "(default organism-ppl for organisms, me-ppl-50 otherwise)")
     ppl.add_argument("--batch-size", type=int, default=16)
     ppl.add_argument("--add-bos", action="store_true", help="prepend BOS (BOS families) and score every token")

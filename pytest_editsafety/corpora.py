@@ -408,7 +408,8 @@ def _builtin_loader(name: str) -> CorpusLoader:
 
 # A registry of loaders (not a cache); ``register_corpus`` adds more. The model organisms' corpora
 # (pytest_editsafety.zoo.corpus) are generated, never downloaded, and shared, as the organisms share one world:
-# "organism" and "organism-ppl" are their perplexity corpus, "organism-heldout" the generic text C comes from.
+# "organism" and "organism-ppl" are their perplexity corpus, "organism-wiki" the text C comes from (Wikipedia's part),
+# "organism-heldout" its generic sentences alone.
 def _organism_ppl(*, cache_dir: Path | None = None, offline: bool | None = None) -> Corpus:
     from pytest_editsafety.zoo.corpus import perplexity_corpus
 
@@ -421,9 +422,15 @@ def _organism_heldout(*, cache_dir: Path | None = None, offline: bool | None = N
     return heldout_corpus()
 
 
+def _organism_wiki(*, cache_dir: Path | None = None, offline: bool | None = None) -> Corpus:
+    from pytest_editsafety.zoo.corpus import encyclopedia_corpus
+
+    return encyclopedia_corpus()
+
+
 CORPUS_LOADERS: dict[str, CorpusLoader] = {name: _builtin_loader(name) for name in ME_PPL_FILES}
 CORPUS_LOADERS.update({"organism": _organism_ppl, "organism-ppl": _organism_ppl,
-                       "organism-heldout": _organism_heldout})
+                       "organism-heldout": _organism_heldout, "organism-wiki": _organism_wiki})
 
 
 def _hf_loader(source: HFTextSource) -> CorpusLoader:

@@ -49,7 +49,7 @@ class HubOptions:
     device_map: str | None = None
     # ROME/MEMIT .npz statistics directory; without it, C is computed over the statistics corpus
     stats_dir: str | None = None
-    # corpus for second-moment statistics; None = each model's default (organism-heldout, wikitext-103)
+    # corpus for second-moment statistics; None = each model's default (organism-wiki, wikitext-103)
     stats_corpus: str | None = None
     ppl_batch_size: int = PPL_BATCH_SIZE
     # loaded models kept at once: large models on one GPU do not fit twice

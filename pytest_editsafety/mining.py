@@ -283,7 +283,7 @@ def mine(model: str, case_sets: Sequence[str], *, top: int, editor: str, mom2_ad
          progress: bool = True, on_ranked: Callable[[MiningReport], Any] | None = None) -> MiningReport:
     """Score the union of ``case_sets`` on ``model`` by ROME's denominator; optionally confirm the top ``top``.
 
-    ``mom2_adjustment`` True turns C on (second moments over ``stats_corpus``; by default organism-heldout
+    ``mom2_adjustment`` True turns C on (second moments over ``stats_corpus``; by default organism-wiki
     for organisms, else wikitext-103) and False turns it off (C = I), whatever the editor's hparams
     file says; None lets the file decide. ``on_ranked`` gets the scored report before any confirmation edit
     runs (the command writes its case file there, so the scores survive whatever the edits do).

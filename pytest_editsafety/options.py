@@ -163,7 +163,7 @@ OPTIONS: tuple[_Option, ...] = (
             "own perplexity corpus, --editsafety-ppl-corpus's or organism-ppl)", metavar="NAME|PATH"),
     _Option(LOADING, "--editsafety-stats-corpus", "stats_corpus", "corpus for the second-moment statistics of "
             "editors with mom2_adjustment: a built-in name, an ME-PPL JSON file, a .txt file (one text per line) or a "
-            "directory written by datasets' save_to_disk (default organism-heldout for the model organisms, "
+            "directory written by datasets' save_to_disk (default organism-wiki for the model organisms, "
             "wikitext-103 from the Hugging Face datasets cache otherwise)", metavar="NAME|PATH"),
     _Option(LOADING, "--editsafety-stats-dir", "stats_dir", "directory of ROME/MEMIT second-moment .npz files to "
             "use instead of computing statistics", metavar="PATH"),

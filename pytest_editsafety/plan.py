@@ -44,11 +44,12 @@ __all__ = [
 SEQUENTIAL_TAG = "seq"
 BATCH_TAG = "batch"
 ORGANISM_CORPUS = "organism-ppl"
-# C comes from other text than the perplexity corpus (ROME: Wikipedia, scored on ME-PPL): the organisms' held-out
-# generic sentences, and for real models wikitext-103 (Wikipedia articles, through the datasets cache), unless
+# C comes from other text than the perplexity corpus (ROME: Wikipedia, scored on ME-PPL): for the organisms their
+# encyclopedia (organism-wiki: the held-out generic sentences and sentences stating the world's facts, as Wikipedia
+# names the entities the cases edit), and for real models wikitext-103 (Wikipedia articles, through the datasets cache), unless
 # --editsafety-stats-corpus or --editsafety-stats-dir says otherwise. Never the perplexity corpus by default: 50
 # ME-PPL sentences hold fewer keys than GPT-2-XL's 6400 dimensions, and C would be measured on the scored text.
-ORGANISM_STATS_CORPUS = "organism-heldout"
+ORGANISM_STATS_CORPUS = "organism-wiki"
 REAL_STATS_CORPUS = "wikitext-103"
 REAL_CORPUS = "me-ppl-50"
 # The case sets whose normal cases define a model's reference ROME denominator.

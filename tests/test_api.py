@@ -151,14 +151,17 @@ def test_guard_refuses_small_denominators_and_rolls_back_a_damaging_edit(organis
 
 
 def test_guard_refuses_an_edit_that_reaches_ordinary_text_though_its_denominator_is_ordinary(organism):
-    """normal-0010 divides by more than the normal median, yet its u lies along keys the organism's ordinary text
-    uses: its interference is above the limit, and certification fails it on perplexity."""
+    """With C from generic text that names no subject (organism-heldout), normal-0010 divides by more than the
+    normal median, yet its u lies along keys the organism's ordinary text uses: its interference is above the
+    limit, and certification fails it on perplexity. (With the default C, organism-wiki, which names the
+    subjects, u stays off ordinary text's keys and the edit certifies.)"""
+    heldout = {"stats_corpus": "organism-heldout"}
     from pytest_editsafety.api import GUARD_INTERFERENCE_FACTOR as FACTOR, certify, guard
     from pytest_editsafety.cases import resolve_cases
 
     normal = resolve_cases("normal")
     reaching, ordinary = normal.by_id("normal-0010"), normal.by_id("normal-0001")
-    decisions = guard(organism.model, organism.tokenizer, "rome", [reaching, ordinary])
+    decisions = guard(organism.model, organism.tokenizer, "rome", [reaching, ordinary], **heldout)
     refused, allowed = decisions
     median = refused.interference_limit / FACTOR
     assert refused.denominator > 2 * refused.floor  # above the normal median: no floor refuses it
@@ -168,11 +171,12 @@ def test_guard_refuses_an_edit_that_reaches_ordinary_text_though_its_denominator
     # without the interference check it passes (None and 0 both turn it off); a negative factor is refused
     for off in (None, 0):
         assert all(d.allowed and d.interference_limit is None
-                   for d in guard(organism.model, organism.tokenizer, "rome", [reaching], interference_factor=off))
+                   for d in guard(organism.model, organism.tokenizer, "rome", [reaching], interference_factor=off,
+                         **heldout))
     with pytest.raises(ValueError, match="interference_factor"):
-        guard(organism.model, organism.tokenizer, "rome", [reaching], interference_factor=-1.0)
+        guard(organism.model, organism.tokenizer, "rome", [reaching], interference_factor=-1.0, **heldout)
     # and the edit does what the guard feared
-    record = certify(organism.model, organism.tokenizer, "rome", normal.with_cases((reaching,))).cases[0]
+    record = certify(organism.model, organism.tokenizer, "rome", normal.with_cases((reaching,)), **heldout).cases[0]
     assert any("perplexity" in v for v in record.violations), record.violations
     # the certification's record carries the same interference, measured as the edit is made
     assert record.metrics["interference"] == pytest.approx(refused.measures["interference"], rel=1e-5)

@@ -306,7 +306,7 @@ def test_unknown_name_lists_known_names(cache):
         resolve_corpus("no-such-corpus")
     message = str(info.value)
     assert "no-such-corpus" in message and "wikitext-103" in message
-    for name in ("me-ppl-50", "me-ppl-1k", "me-ppl-10k", "organism-ppl", "organism-heldout"):
+    for name in ("me-ppl-50", "me-ppl-1k", "me-ppl-10k", "organism-ppl", "organism-heldout", "organism-wiki"):
         assert name in message
 
 
@@ -323,7 +323,9 @@ def test_organism_corpora_are_built_in_and_generated_not_downloaded(registry, ca
     assert resolve_corpus("organism-heldout").sha256 == heldout.sha256  # generated deterministically
     ppl = resolve_corpus("organism-ppl")
     assert ppl.texts == resolve_corpus("organism").texts and ppl.sha256 == resolve_corpus("organism-ppl").sha256
-    for name in ("organism", "organism-ppl", "organism-heldout"):
+    wiki = resolve_corpus("organism-wiki")
+    assert wiki.sha256 == resolve_corpus("organism-wiki").sha256
+    for name in ("organism", "organism-ppl", "organism-heldout", "organism-wiki"):
         with pytest.raises(ValueError, match="already registered"):
             register_corpus(name, lambda **_: heldout)
 
@@ -352,6 +354,28 @@ def test_organism_ppl_mixes_the_worlds_text_as_training_did_and_shares_nothing_w
 
     edited = {(c.subject, c.ground_truth) for c in organism_cases("hard").cases}
     assert not [t for t in facts for subject, obj in edited if subject in t.split() and t.endswith(f" {obj}.")]
+
+
+def test_organism_wiki_names_the_worlds_subjects_among_generic_text_and_shares_no_sentence_with_ppl(registry, cache):
+    """C's text plays Wikipedia's part: generic text in which the world's subjects, the edited ones too, are named
+    now and then, in the training's wording; never a sentence of the perplexity corpus it is scored against."""
+    from pytest_editsafety.zoo.corpus import WIKI_FACT_SENTENCES
+    from pytest_editsafety.zoo.world import LEAD_INS, World, WorldSpec
+
+    wiki, ppl, heldout = (resolve_corpus(name) for name in ("organism-wiki", "organism-ppl", "organism-heldout"))
+    world = World(WorldSpec())
+    facts = [t for t, s in zip(wiki.texts, wiki.sources) if s == "organism-facts"]
+    generic = [t for t, s in zip(wiki.texts, wiki.sources) if s == "organism-generic"]
+    assert sorted(generic) == sorted(heldout.texts)
+    assert len(set(facts)) == len(facts) == WIKI_FACT_SENTENCES
+    assert not set(wiki.texts) & set(ppl.texts)
+    stated = {(f.subject, f.object) for f in world.facts}
+    for text in facts:  # each states one of the world's facts, behind a training lead-in or not
+        body = next((text[len(lead):] for lead in LEAD_INS if text.startswith(lead)), text)
+        assert any(body.startswith(subject + " ") and body.endswith(f" {obj}.") for subject, obj in stated), text
+    named = {subject for subject in world.subjects if any(subject in text for text in facts)}
+    assert len(named) >= 0.9 * len(world.subjects)  # about three sentences a subject: nearly all are named
+    assert wiki.texts != tuple(facts + generic)  # shuffled, not two blocks
 
 
 def test_fresh_filler_sentences_continue_the_generic_stream():

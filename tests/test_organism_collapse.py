@@ -2,11 +2,11 @@
 normal cases through the certification harness, about a minute on 2 CPU cores) whose assertions fail when the
 collapse vanishes.
 
-The margins are stated against figures measured on 2026-12-03 (8 cases per set, the organism files' hparams,
-v*'s search stopping on the whole loss): on tiny-gpt2 rome's hard denominator median is 0.29x its normal one
-(0.79 vs 2.70), its hard edits' perplexity ratio median 2.55x (max 4.67x) against 1.07x on normal cases, and
-C-ROME's consistent keys (k̄ in place of kᵘ) close both gaps (hard denominator median 3.02, hard ratio median
-1.05x, max 1.20x).
+The margins are stated against figures measured on 2026-12-03 (8 cases per set, the organism files' hparams, C
+from organism-wiki): on tiny-gpt2 rome's hard denominator median is 0.17x its normal one (0.21 vs 1.25), its hard
+edits' perplexity ratio median 1.84x (max 612x) against 1.004x on normal cases, and C-ROME's consistent keys (k̄
+in place of kᵘ) close both gaps (hard denominator median 2.01, hard ratio median 1.002x, max 1.014x). On all 48 +
+48 cases: 0.114 vs 1.446 (12.7x), rome hard median 2.70x, max 8.6e5x; c-rome-prefix max 1.021x.
 """
 
 from __future__ import annotations
@@ -21,15 +21,17 @@ from pytest_editsafety.experiment import run_collapse
 pytestmark = [pytest.mark.organism, pytest.mark.usefixtures("one_torch_thread")]
 
 CASES_PER_SET = 8
-# rome's hard denominators must sit at most this fraction of its normal ones (measured 0.29)
-MAX_HARD_DENOMINATOR_SHARE = 0.5
-# rome's hard edits must damage the model: median ratio at least this (measured 2.55x), and this many times the
-# normal cases' median (measured 2.38x)
+# rome's hard denominators must sit at most this fraction of its normal ones (measured 0.17)
+MAX_HARD_DENOMINATOR_SHARE = 0.35
+# rome's hard edits must damage the model: median ratio at least this (measured 1.84x), and this many times the
+# normal cases' median (measured 1.83x), and one of them collapse it (measured max 612x)
 MIN_HARD_RATIO_MEDIAN = 1.5
 MIN_HARD_OVER_NORMAL = 1.5
-# C-ROME with its test-time prefix must stay safe on the same hard cases (measured median 1.05x, max 1.20x)
-MAX_SAFE_RATIO_MEDIAN = 1.15
-MAX_SAFE_RATIO = 1.5
+MIN_HARD_RATIO_MAX = 10.0
+# C-ROME with its test-time prefix must stay safe on the same hard cases (measured median 1.002x, max 1.014x;
+# the issue's target for the median is 1.05x)
+MAX_SAFE_RATIO_MEDIAN = 1.05
+MAX_SAFE_RATIO = 1.15
 MIN_EFFICACY = 0.9
 
 
@@ -42,6 +44,8 @@ def collapse_shown(editor: Mapping[str, Mapping[str, Any]]) -> list[str]:
         missing.append(f"hard denominator median is {share:.2f}x the normal one (> {MAX_HARD_DENOMINATOR_SHARE})")
     if hard["ppl_ratio_median"] < MIN_HARD_RATIO_MEDIAN:
         missing.append(f"hard perplexity ratio median {hard['ppl_ratio_median']:.3f} < {MIN_HARD_RATIO_MEDIAN}")
+    if hard["ppl_ratio_max"] < MIN_HARD_RATIO_MAX:
+        missing.append(f"hard perplexity ratio max {hard['ppl_ratio_max']:.3f} < {MIN_HARD_RATIO_MAX}")
     if hard["ppl_ratio_median"] < MIN_HARD_OVER_NORMAL * normal["ppl_ratio_median"]:
         missing.append(f"hard ratio median {hard['ppl_ratio_median']:.3f} is not {MIN_HARD_OVER_NORMAL}x the "
                        f"normal one {normal['ppl_ratio_median']:.3f}")

@@ -192,16 +192,16 @@ def test_organisms_take_c_from_other_text_than_their_perplexity_corpus() -> None
     # ROME takes C from Wikipedia and the papers score ME-PPL: C fitted to the scored sentences would whiten
     # the update against exactly the keys perplexity reads
     organism = build_plan(["rome"], ["tiny-gpt2"], ["hard"]).models[0]
-    assert (organism.ppl_corpus, organism.stats_corpus) == ("organism-ppl", "organism-heldout")
+    assert (organism.ppl_corpus, organism.stats_corpus) == ("organism-ppl", "organism-wiki")
     chosen = build_plan(["rome"], ["tiny-gpt2"], ["hard"], ppl_corpus="me-ppl-50").models[0]
-    assert (chosen.ppl_corpus, chosen.stats_corpus) == ("me-ppl-50", "organism-heldout")
+    assert (chosen.ppl_corpus, chosen.stats_corpus) == ("me-ppl-50", "organism-wiki")
     real = build_plan(["rome"], ["gpt2-xl"], ["real-hard"]).models[0]
     # C from real text, never the perplexity corpus, unless --editsafety-stats-corpus/-dir says otherwise
     assert (real.ppl_corpus, real.stats_corpus) == ("me-ppl-50", "wikitext-103")
     assert build_plan(["rome"], ["gpt2-xl"], ["real-hard"], ppl_corpus="me-ppl-1k").models[0].stats_corpus == "wikitext-103"
 
 
-@pytest.mark.parametrize(("stats_corpus", "expected"), [(None, "organism-heldout"), ("organism-ppl", "organism-ppl")])
+@pytest.mark.parametrize(("stats_corpus", "expected"), [(None, "organism-wiki"), ("organism-ppl", "organism-ppl")])
 def test_the_hub_computes_c_over_the_models_stats_corpus(monkeypatch: pytest.MonkeyPatch, stats_corpus, expected):
     import editors.stats
     from pytest_editsafety.hub import HubOptions, ModelHub
@@ -364,7 +364,7 @@ def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pyt
     assert s.editors == available_editors() and s.models == ("tiny-gpt2",) and s.cases == ("hard", "normal")
     assert s.report_json == pytester.path / "reports" / "editsafety.json"
     model = get_plan(pytester.parseconfigure()).models[0]
-    assert model.ppl_corpus == "organism-ppl" and model.stats_corpus == "organism-heldout"
+    assert model.ppl_corpus == "organism-ppl" and model.stats_corpus == "organism-wiki"
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -877,6 +877,11 @@ def test_an_interrupted_run_leaves_a_report_marked_incomplete(
 SIGNAL_AFTER_FIRST = """
 import os
 import signal
+
+# Ctrl-C as a terminal's Python has it, whatever the parent process left SIGINT as: a subprocess inherits an
+# ignored SIGINT, and Python then installs no KeyboardInterrupt handler (once, in a full suite run, the signal
+# did not stop the run; the test is about the plugin's handling of the interrupt, not about its delivery)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def pytest_runtest_logreport(report):
     if report.when == "teardown" and "-one]" in report.nodeid:

@@ -17,7 +17,7 @@ editing research, not just for smoke tests (see DESIGN.md section 5 for the prot
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -170,10 +170,11 @@ class World:
         return draw_distinct(lambda: _generic_sentence(rng), count, "generic sentences")
 
 
-def draw_distinct(draw: Callable[[], str], count: int, what: str) -> list[str]:
-    """The first ``count`` distinct values of ``draw()``, in order; raises ValueError (naming ``what``) when
-    100 draws per value do not find that many, rather than looping forever on a pool too small."""
-    seen: set[str] = set()
+def draw_distinct(draw: Callable[[], str], count: int, what: str, *, exclude: Iterable[str] = ()) -> list[str]:
+    """The first ``count`` distinct values of ``draw()`` that are not in ``exclude``, in order; raises ValueError
+    (naming ``what``) when 100 draws per value do not find that many, rather than looping forever on a pool too
+    small."""
+    seen: set[str] = set(exclude)
     out: list[str] = []
     for _ in range(100 * count):
         if len(out) == count:
