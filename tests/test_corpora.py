@@ -359,7 +359,7 @@ def test_organism_ppl_mixes_the_worlds_text_as_training_did_and_shares_nothing_w
 def test_organism_wiki_names_the_worlds_subjects_among_generic_text_and_shares_no_sentence_with_ppl(registry, cache):
     """C's text plays Wikipedia's part: generic text in which the world's subjects, the edited ones too, are named
     now and then, in the training's wording; never a sentence of the perplexity corpus it is scored against."""
-    from pytest_editsafety.zoo.corpus import WIKI_FACT_SENTENCES
+    from pytest_editsafety.zoo.corpus import WIKI_SENTENCES_PER_SUBJECT as PER_SUBJECT
     from pytest_editsafety.zoo.world import LEAD_INS, World, WorldSpec
 
     wiki, ppl, heldout = (resolve_corpus(name) for name in ("organism-wiki", "organism-ppl", "organism-heldout"))
@@ -367,14 +367,19 @@ def test_organism_wiki_names_the_worlds_subjects_among_generic_text_and_shares_n
     facts = [t for t, s in zip(wiki.texts, wiki.sources) if s == "organism-facts"]
     generic = [t for t, s in zip(wiki.texts, wiki.sources) if s == "organism-generic"]
     assert sorted(generic) == sorted(heldout.texts)
-    assert len(set(facts)) == len(facts) == WIKI_FACT_SENTENCES
+    assert len(set(facts)) == len(facts) == PER_SUBJECT * len(world.subjects)
     assert not set(wiki.texts) & set(ppl.texts)
     stated = {(f.subject, f.object) for f in world.facts}
     for text in facts:  # each states one of the world's facts, behind a training lead-in or not
         body = next((text[len(lead):] for lead in LEAD_INS if text.startswith(lead)), text)
         assert any(body.startswith(subject + " ") and body.endswith(f" {obj}.") for subject, obj in stated), text
-    named = {subject for subject in world.subjects if any(subject in text for text in facts)}
-    assert len(named) >= 0.9 * len(world.subjects)  # about three sentences a subject: nearly all are named
+    # every subject named exactly PER_SUBJECT times, as the subject of its sentence (a one-word subject is never
+    # part of a two-word one: "Vosa" and "Vosa Nexed" are told apart by the word after it)
+    for subject in world.subjects:
+        about = [t for t in facts if any(t.startswith(lead + subject + " ") for lead in ("", *LEAD_INS))
+                 and not any(t.startswith(lead + other + " ") for lead in ("", *LEAD_INS)
+                             for other in world.subjects if other != subject and other.startswith(subject + " "))]
+        assert len(about) == PER_SUBJECT, (subject, about)
     assert wiki.texts != tuple(facts + generic)  # shuffled, not two blocks
 
 

@@ -3,10 +3,10 @@ normal cases through the certification harness, about a minute on 2 CPU cores) w
 collapse vanishes.
 
 The margins are stated against figures measured on 2026-12-03 (8 cases per set, the organism files' hparams, C
-from organism-wiki): on tiny-gpt2 rome's hard denominator median is 0.17x its normal one (0.21 vs 1.25), its hard
-edits' perplexity ratio median 1.84x (max 612x) against 1.004x on normal cases, and C-ROME's consistent keys (k̄
-in place of kᵘ) close both gaps (hard denominator median 2.01, hard ratio median 1.002x, max 1.014x). On all 48 +
-48 cases: 0.114 vs 1.446 (12.7x), rome hard median 2.70x, max 8.6e5x; c-rome-prefix max 1.021x.
+from organism-wiki): on tiny-gpt2 rome's hard denominator median is 0.075x its normal one (0.117 vs 1.55), its
+hard edits' perplexity ratio median 1.83x (max 159x) against 1.002x on normal cases, and C-ROME's consistent keys
+(k̄ in place of kᵘ) close both gaps (hard denominator median 2.27, hard ratio median 1.001x, max 1.005x). On all
+48 + 48 cases: 0.116 vs 1.523 (13.1x), rome hard median 2.72x, max 4278x; c-rome-prefix max 1.016x.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from pytest_editsafety.experiment import run_collapse
 pytestmark = [pytest.mark.organism, pytest.mark.usefixtures("one_torch_thread")]
 
 CASES_PER_SET = 8
-# rome's hard denominators must sit at most this fraction of its normal ones (measured 0.17)
-MAX_HARD_DENOMINATOR_SHARE = 0.35
-# rome's hard edits must damage the model: median ratio at least this (measured 1.84x), and this many times the
-# normal cases' median (measured 1.83x), and one of them collapse it (measured max 612x)
+# rome's hard denominators must sit at most this fraction of its normal ones (measured 0.075)
+MAX_HARD_DENOMINATOR_SHARE = 0.25
+# rome's hard edits must damage the model: median ratio at least this (measured 1.83x), and this many times the
+# normal cases' median (measured 1.83x), and one of them collapse it (measured max 159x)
 MIN_HARD_RATIO_MEDIAN = 1.5
 MIN_HARD_OVER_NORMAL = 1.5
 MIN_HARD_RATIO_MAX = 10.0
-# C-ROME with its test-time prefix must stay safe on the same hard cases (measured median 1.002x, max 1.014x;
+# C-ROME with its test-time prefix must stay safe on the same hard cases (measured median 1.001x, max 1.005x;
 # the issue's target for the median is 1.05x)
 MAX_SAFE_RATIO_MEDIAN = 1.05
 MAX_SAFE_RATIO = 1.15

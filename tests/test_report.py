@@ -337,3 +337,36 @@ def test_the_report_shows_generated_efficacy_beside_the_teacher_forced(run: RunR
     rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows and all(cells(row)[5] == "0 %" and cells(row)[7] == "25 %" for row in rows), rows
     assert "A gap means edits that score without being said." in section
+
+
+def test_hard_cases_that_fail_where_normal_ones_pass_are_explained_per_editor(run: RunResult) -> None:
+    def findings(result: RunResult) -> tuple[list[str], str]:
+        section = render_markdown(result).split("## Hard vs normal cases", 1)[1].split("\n## ", 1)[0]
+        return [line for line in section.splitlines() if line.startswith("- **")], section
+
+    # rome's three hard cases all fail (on every bound but generalization), its two normal ones pass; c-rome's
+    # hard cases pass, so it has no line
+    lines, section = findings(run)
+    assert lines == ["- **rome** on tiny-gpt2: 3 of 3 hard cases not certified against 0 of 2 normal ones; the hard "
+                     "ones fail on perplexity 3, denominator floor 3, locality 2, efficacy 1. Median cos(kᵘ, k̄) "
+                     "0.4 on hard cases, 0.9 on normal ones."]
+    assert "papers' collapse" in section and "averaged over context prefixes" in section
+    # an editor that reports no key cosine gets the counts without it; an error is counted as one
+    hard = [r for r in run.cases if r.is_hard and r.editor == "rome"]
+    changed = {hard[0].test_id: {"violations": ("error: RuntimeError: boom",)}}
+    cases = tuple(dataclasses.replace(r, metrics={k: v for k, v in r.metrics.items() if k != "key_cosine"},
+                                      **changed.get(r.test_id, {})) for r in run.cases)
+    lines, section = findings(dataclasses.replace(run, cases=cases))
+    # (the record turned into an error had failed efficacy and locality besides)
+    assert lines[0].endswith("fail on perplexity 2, denominator floor 2, error 1, efficacy 1, locality 1.")
+    # only efficacy failures: the note says nothing of a collapse
+    only_efficacy = tuple(dataclasses.replace(r, violations=("efficacy 0 % (cf_efficacy) is below the bound 80 %",))
+                          if r in hard else r for r in run.cases)
+    lines, section = findings(dataclasses.replace(run, cases=only_efficacy))
+    assert "fail on efficacy 3." in lines[0] and "averaged over context prefixes" in section
+    assert "papers' collapse" not in section
+    # hard cases that pass leave no finding
+    healed = tuple(dataclasses.replace(r, certified=True, violations=(), outcome="passed") if r.is_hard else r
+                   for r in run.cases)
+    assert findings(dataclasses.replace(run, cases=healed))[0] == []
+    assert "Hard cases that fail where normal ones pass" not in render_markdown(dataclasses.replace(run, cases=healed))

@@ -29,12 +29,14 @@ HELDOUT_NAME = "organism-heldout"
 WIKI_NAME = "organism-wiki"
 PPL_NAME = "organism-ppl"
 PPL_GENERIC_SENTENCES = 100
-# Fact sentences in organism-wiki, beside its 400 generic ones: the world's subjects are named, each in about
-# three sentences, and stay a small share of the text, as any one entity is of Wikipedia's. In the training mix's
-# proportions (1,600) they would be a fifth of the keys each relation's subjects give, and C's large eigenvectors
-# would span them: AlphaEdit's null space lost the subjects' keys (10 of tiny-gpt2's 48 normal cases took
-# nothing), where with 200 it certified them all (README, "The statistics corpus").
-WIKI_FACT_SENTENCES = 200
+# Sentences per subject in organism-wiki, beside its 400 generic ones: every subject of the world is named, as
+# Wikipedia names the entities ROME's cases edit, and each stays a small share of the text (216 fact sentences, a
+# third of it), as any one entity is of Wikipedia's. Drawn from all facts at random instead, 5 of the 72 subjects
+# (4 of them edited by built-in cases) went unnamed, and C stayed blind to them. In the training mix's proportions
+# (1,600 fact sentences of 2,000) C's large eigenvectors span the subjects' keys: AlphaEdit's null space lost them
+# and 10 of tiny-gpt2's 48 normal edits took nothing (README, "C comes from organism-wiki"). One sentence a
+# subject did not spare AlphaEdit on tiny-llama either (22 of 48 normal edits against 9 with three; see its file).
+WIKI_SENTENCES_PER_SUBJECT = 3
 
 
 def heldout_corpus(spec: WorldSpec | None = None) -> Corpus:
@@ -81,15 +83,19 @@ def perplexity_corpus(spec: WorldSpec | None = None, *, generic: int = PPL_GENER
     return Corpus.from_texts(PPL_NAME, [text for text, _ in rows], [source for _, source in rows])
 
 
-def encyclopedia_corpus(spec: WorldSpec | None = None, *, facts: int = WIKI_FACT_SENTENCES) -> Corpus:
-    """The held-out generic sentences and ``facts`` sentences stating any of the world's facts (the edited ones
-    too, as Wikipedia states the facts ROME's cases edit), none of them a sentence of ``organism-ppl``;
-    shuffled."""
+def encyclopedia_corpus(spec: WorldSpec | None = None, *, per_subject: int = WIKI_SENTENCES_PER_SUBJECT) -> Corpus:
+    """The held-out generic sentences and, for every subject, ``per_subject`` sentences stating its facts (the
+    edited ones too, as Wikipedia states the facts ROME's cases edit), none of them a sentence of
+    ``organism-ppl``; shuffled."""
     world = World(spec or WorldSpec())
     generic = heldout_corpus(world.spec).texts
     rng = random.Random(f"editsafety-wiki-{world.spec.seed}")
     avoid = frozenset(perplexity_corpus(world.spec).texts)
-    stated = _fact_sentences(world, world.facts, facts, rng, "fact sentences for organism-wiki", avoid=avoid)
+    stated = []
+    for subject in world.subjects:
+        facts = [fact for fact in world.facts if fact.subject == subject]
+        stated += _fact_sentences(world, facts, per_subject, rng, f"fact sentences about {subject} for organism-wiki",
+                                  avoid=avoid)
     rows = [(text, "organism-facts") for text in stated] + [(text, "organism-generic") for text in generic]
     rng.shuffle(rows)
     return Corpus.from_texts(WIKI_NAME, [text for text, _ in rows], [source for _, source in rows])
