@@ -40,6 +40,7 @@ __all__ = [
     "Verdict",
     "format_number",
     "judge",
+    "violation_topic",
 ]
 
 
@@ -340,3 +341,16 @@ def _denominator_violations(
             f"{format_number(floor)} ({origin})"
         ]
     return []
+
+
+# What a violation is about, by the start of the text :func:`judge` (and the hub, for an error) words it: records
+# keep violations as plain strings, so this is where their wording and their reading stay together.
+VIOLATION_TOPICS = (("error", "error"), ("perplexity", "perplexity"), ("edited perplexity", "perplexity"),
+                    ("collapse", "perplexity"), ("ROME denominator", "denominator floor"), ("efficacy", "efficacy"),
+                    ("generalization", "generalization"), ("locality", "locality"), ("downstream", "downstream"))
+OTHER_TOPIC = "other"
+
+
+def violation_topic(violation: str) -> str:
+    """The topic of :data:`VIOLATION_TOPICS` ``violation`` is about (:data:`OTHER_TOPIC` for none)."""
+    return next((topic for start, topic in VIOLATION_TOPICS if violation.startswith(start)), OTHER_TOPIC)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_editsafety.bounds import METRIC_FAMILIES, Bounds, BoundsError, format_number, judge
+from pytest_editsafety.bounds import METRIC_FAMILIES, Bounds, BoundsError, format_number, judge, violation_topic
 
 UNEDITED = 40.0
 
@@ -169,6 +169,30 @@ def test_infinite_metrics_are_violations() -> None:
     assert verdict.violations == ("perplexity ratio inf exceeds the bound 1.5x (collapse: edited ppl is inf)",)
     assert not judge(Bounds(), healthy(cf_efficacy=math.inf), denominator_floor=FLOOR).certified
     assert not judge(Bounds(), healthy(denominator=math.inf), denominator_floor=FLOOR).certified
+
+
+@pytest.mark.parametrize(("overrides", "topic"), [
+    ({"ppl_ratio": None}, "perplexity"),
+    ({"ppl_ratio": math.nan}, "perplexity"),
+    ({"ppl_ratio": 3.0}, "perplexity"),
+    ({"ppl_edited": None}, "perplexity"),
+    ({"ppl_edited": 5000.0}, "perplexity"),  # the collapse line alone
+    ({"denominator": math.nan}, "denominator floor"),
+    ({"denominator": 0.01}, "denominator floor"),
+    ({"cf_efficacy": None}, "efficacy"),
+    ({"cf_efficacy": 0.1}, "efficacy"),
+    ({"cf_generalization": math.nan}, "generalization"),
+    ({"cf_locality": 0.1}, "locality"),
+    ({"downstream_arc_drop": 0.5}, "downstream"),
+    ({"downstream_arc_drop": math.nan}, "downstream"),
+])
+def test_every_violation_reads_back_as_its_topic(overrides: dict, topic: str) -> None:
+    """The report groups failures by violation_topic, which reads judge's wording: a reworded violation that
+    falls out of its topic fails here, not silently in a report."""
+    verdict = judge(Bounds(max_downstream_drop=0.1), healthy(**overrides), denominator_floor=FLOOR)
+    assert verdict.violations and {violation_topic(v) for v in verdict.violations} == {topic}, verdict.violations
+    assert violation_topic("error: RuntimeError: boom") == "error"
+    assert violation_topic("something new") == "other"
 
 
 def test_all_violations_are_listed_together() -> None:

@@ -23,6 +23,7 @@ from tabulate import tabulate
 
 from pytest_editsafety.aggregates import mean, median
 from pytest_editsafety.bounds import Bounds, format_number
+from pytest_editsafety.report.hard_cases import hard_case_findings, pattern_notes
 from pytest_editsafety.report.verdict import CERTIFIED, PARTIAL, verdict
 from pytest_editsafety.results import (
     BOS_NOT_LOADED,
@@ -384,69 +385,26 @@ def _kind_table(result: RunResult) -> list[str]:
     ]
 
 
-# what a violation is about, by how bounds.check_case (and the hub, for errors) words it; first match wins
-_VIOLATION_TOPICS = (("error", "error"), ("perplexity", "perplexity"), ("edited perplexity", "perplexity"),
-                     ("collapse", "perplexity"), ("ROME denominator", "denominator floor"), ("efficacy", "efficacy"),
-                     ("generalization", "generalization"), ("locality", "locality"))
-_OTHER_TOPIC = "other"
-
-
-def _topic(violation: str) -> str:
-    return next((topic for start, topic in _VIOLATION_TOPICS if violation.startswith(start)), _OTHER_TOPIC)
-
-
-def _failed_on(records: Sequence[CaseRecord]) -> list[tuple[str, int]]:
-    """How many of the uncertified ``records`` fail on each topic (a record counts once per topic), most first,
-    ties in :data:`_VIOLATION_TOPICS`' order (never a set's)."""
-    counts: Counter[str] = Counter()
-    for record in records:
-        if not record.ok:
-            counts.update({_topic(v) for v in record.violations} or {_OTHER_TOPIC})
-    order = [topic for _, topic in _VIOLATION_TOPICS] + [_OTHER_TOPIC]
-    return sorted(counts.items(), key=lambda item: (-item[1], order.index(item[0])))
-
-
 def _hard_case_findings(result: RunResult) -> list[str]:
-    """One line per (editor, model) whose hard cases fail where its normal cases pass: what they fail on, and
-    how far the subject-first key drifted from the key the update was made for, where the editor reports it;
-    then what each pattern shown means."""
+    """The hard-case findings (:mod:`pytest_editsafety.report.hard_cases`) as a list, then what they mean."""
     by_pair: dict[tuple[str, str], dict[str, list[CaseRecord]]] = {}
     for editor, model, kind, records in _by_kind(result):
         by_pair.setdefault((editor, model), {})[kind] = records
-    findings, topics_shown = [], set()
-    for (editor, model), kinds in by_pair.items():
-        hard, normal = kinds.get("hard", []), kinds.get("normal", [])
-        if not hard or not normal:
-            continue
-        hard_share = sum(r.ok for r in hard) / len(hard)
-        normal_share = sum(r.ok for r in normal) / len(normal)
-        if hard_share >= 0.5 * normal_share:
-            continue
-        failed_on = _failed_on(hard)
-        topics_shown.update(topic for topic, _ in failed_on)
-        reasons = ", ".join(f"{topic} {n}" for topic, n in failed_on)
-        line = (f"- **{escape_md(editor)}** on {escape_md(model)}: {sum(not r.ok for r in hard)} of {len(hard)} hard "
-                f"cases not certified against {sum(not r.ok for r in normal)} of {len(normal)} normal ones; the hard "
-                f"ones fail on {reasons}.")
-        cosines = [[v for v in (r.metrics.get("key_cosine") for r in records) if v is not None]
-                   for records in (hard, normal)]
-        if all(cosines):
-            line += (f" Median cos(kᵘ, k̄) {_num(median(cosines[0]))} on hard cases, {_num(median(cosines[1]))} on "
-                     f"normal ones.")
-        findings.append(line)
+    findings = hard_case_findings((editor, model, kinds.get("hard", []), kinds.get("normal", []))
+                                  for (editor, model), kinds in by_pair.items())
     if not findings:
         return []
-    notes = []
-    if topics_shown & {"perplexity", "denominator floor"}:
-        notes.append("Perplexity damage and small denominators on hard cases are the papers' collapse: ROME divides "
-                     "its update by (C⁻¹k̄)ᵀkᵘ, which shrinks when the prompt opens with its subject and kᵘ drifts "
-                     "from the templated keys' mean k̄.")
-    if "efficacy" in topics_shown:
-        notes.append("Missed edits on hard cases with the normal ones taken are the other side of that drift: an "
-                     "update made for keys averaged over context prefixes (C-ROME's k̄, MEMIT's mean keys) barely "
-                     "reaches kᵘ. The papers' C-ROME takes 5-31 % of collapse cases so, and 91-100 % with the "
-                     "same prefix added at test time.")
-    return ["", "Hard cases that fail where normal ones pass:", "", *findings, *(["", " ".join(notes)] if notes else [])]
+    lines = []
+    for f in findings:
+        reasons = ", ".join(f"{topic} {n}" for topic, n in f.failed_on)
+        line = (f"- **{escape_md(f.editor)}** on {escape_md(f.model)}: {f.hard_failed} of {f.hard} hard cases not "
+                f"certified against {f.normal_failed} of {f.normal} normal ones; the hard ones fail on {reasons}.")
+        if f.key_cosine_hard is not None and f.key_cosine_normal is not None:
+            line += (f" Median cos(kᵘ, k̄) {_num(f.key_cosine_hard)} on hard cases, {_num(f.key_cosine_normal)} on "
+                     f"normal ones.")
+        lines.append(line)
+    notes = pattern_notes(findings)
+    return ["", "Hard cases that fail where normal ones pass:", "", *lines, *(["", " ".join(notes)] if notes else [])]
 
 
 def _mean_of(records: Sequence[CaseRecord], key: str) -> float | None:

@@ -60,12 +60,6 @@ def _fact_sentences(world: World, facts: Sequence[Fact], count: int, rng: random
     return draw_distinct(fact_sentence, count, what, exclude=avoid)
 
 
-def _facts_for(generic: int) -> int:
-    """Fact sentences that go with ``generic`` generic ones in the training mix's proportions."""
-    fact_share = TrainSpec().fact_share
-    return round(generic * fact_share / (1.0 - fact_share))
-
-
 def perplexity_corpus(spec: WorldSpec | None = None, *, generic: int = PPL_GENERIC_SENTENCES) -> Corpus:
     """``generic`` unseen generic sentences and fact sentences in the training mix's proportions, shuffled."""
     world = World(spec or WorldSpec())
@@ -76,7 +70,9 @@ def perplexity_corpus(spec: WorldSpec | None = None, *, generic: int = PPL_GENER
     edited = certified_pairs(world.spec)
     candidates = [fact for fact in world.facts if (fact.subject, fact.relation) not in edited]
     rng = random.Random(f"editsafety-ppl-{world.spec.seed}")
-    facts = _fact_sentences(world, candidates, _facts_for(generic), rng, "fact sentences outside the edited facts")
+    fact_share = TrainSpec().fact_share  # the training mix's proportions
+    n_facts = round(generic * fact_share / (1.0 - fact_share))
+    facts = _fact_sentences(world, candidates, n_facts, rng, "fact sentences outside the edited facts")
     rows = [(text, "organism-facts") for text in facts]
     rows += [(text, "organism-generic") for text in world.fresh_filler_sentences(generic)]
     rng.shuffle(rows)
