@@ -17,6 +17,7 @@ from editors.base import EditorBase, EditOutcome, EditRequest, Needs, Provided, 
 from editors.domain import check_count, check_number, check_template_recipe
 from editors.hooks import capture_input, capture_output, eval_mode, input_of, rows_at
 from editors.maths import as_out_in, delta_to_storage
+from editors.maths.moments import ridged
 from editors.maths.rome import (
     CONSISTENT_TARGETS,
     EARLY_STOP_ON,
@@ -52,6 +53,9 @@ class RomeHparams:
     mom2_adjustment: bool = False
     # texts of the statistics corpus behind C; read by whoever provides C, part of its cache key
     mom2_n_samples: int = 100000
+    # ROME solves C u = k̄ as it is (0, the papers' code); a number adds that many times C's mean eigenvalue to its
+    # diagonal first (editors.maths.moments.ridged), for a C whose rank falls short of the key dimension
+    mom2_ridge: float = 0.0
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     kl_prompt: str = "{} is a"
     # v*'s search stops at the first step whose loss is below early_stop_below; "loss" (NLL + KL + decay) is
@@ -69,6 +73,7 @@ class RomeHparams:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"RomeHparams.layer: expected an int >= 0, got {self.layer!r}")
         check_value_settings(self)
+        check_number(self, ("mom2_ridge",))
         if self.c_rome_target not in CONSISTENT_TARGETS:
             raise ValueError(f"RomeHparams.c_rome_target: expected one of {CONSISTENT_TARGETS}, "
                              f"got {self.c_rome_target!r}")
@@ -182,7 +187,8 @@ class RomeEditor(EditorBase):
     def setup(self, model, tokenizer, family, provided: Provided) -> None:
         super().setup(model, tokenizer, family, provided)
         self.context_templates = provided.context_templates
-        self.covariance = provided.second_moments.get(self.hparams.layer)
+        covariance = provided.second_moments.get(self.hparams.layer)
+        self.covariance = None if covariance is None else ridged(covariance, self.hparams.mom2_ridge)
         self._solve = None
         self.ordinary_texts = provided.ordinary_texts
         self._ordinary_keys, self._ordinary_measured = None, False

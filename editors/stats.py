@@ -666,7 +666,8 @@ def _refuse_ill_posed(quality: SecondMomentQuality, source: str, module_name: st
     concerns = second_moment_concerns(quality)
     if concerns:
         log.warning("%s for %s (%s): %s; the sample is large enough, so this is the model's own key space "
-                    "(e.g. neurons that never fire), and solves with C are unreliable along it", source,
+                    "(e.g. neurons that never fire), and solves with C are unreliable along it unless the editor "
+                    "regularises C (ROME: mom2_ridge)", source,
                     module_name, quality.describe(), "; ".join(concerns))
     elif not quality.well_sampled:
         log.warning("%s for %s: %s; at least %d tokens per dimension are advised", source, module_name,

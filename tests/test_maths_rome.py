@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from editors.maths import MathsError, as_out_in, delta_to_storage
+from editors.maths.moments import ridged
 from editors.maths.rome import (
     SecondMomentAccumulator,
     key_cosine,
@@ -317,3 +318,33 @@ def test_conv1d_layout_round_trip() -> None:
         conv.weight.add_(delta_to_storage(upd.delta, transposed=True))
     torch.testing.assert_close(conv(k[None])[0] - conv.bias.detach(), v, rtol=1e-5, atol=1e-5)
     assert delta_to_storage(upd.delta, transposed=False) is upd.delta
+
+
+def test_a_ridge_makes_a_rank_deficient_second_moment_solvable_and_keeps_its_span() -> None:
+    """A C of rank 3 in 6 dimensions (keys one per distinct token, as tiny-gptj's layer 0): the plain solve's u is
+    decided by rounding along the directions C never saw; with a ridge u is definite and, for a k̄ inside C's span,
+    stays inside it up to the ridge's share."""
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    span, null = basis[:, :3], basis[:, 3:]
+    C = torch.tensor(span @ np.diag([4.0, 2.0, 1.0]) @ span.T)
+    k_bar = torch.tensor(span @ np.array([1.0, -0.5, 0.25]))
+    ridge = 1e-4
+    regularised = ridged(C, ridge)
+    mean_eigenvalue = 7.0 / 6
+    assert torch.allclose(regularised - C, ridge * mean_eigenvalue * torch.eye(6, dtype=C.dtype))
+    u = left_direction(k_bar, covariance=regularised).numpy()
+    assert np.linalg.norm(null.T @ u) < 1e-9
+    expected = span @ (np.array([1.0, -0.5, 0.25]) / (np.array([4.0, 2.0, 1.0]) + ridge * mean_eigenvalue))
+    assert np.allclose(u, expected / np.linalg.norm(expected), atol=1e-12)
+
+
+def test_a_zero_ridge_is_romes_own_solve_and_bad_ridges_are_named() -> None:
+    C = torch.eye(3, dtype=torch.float32) * 2
+    assert ridged(C, 0.0) is C
+    assert ridged(C, 0.5).dtype == torch.float32
+    for bad in (-1e-3, float("nan"), float("inf"), True):
+        with pytest.raises(MathsError, match="ridge"):
+            ridged(C, bad)
+    with pytest.raises(MathsError, match="mean eigenvalue"):
+        ridged(torch.zeros(3, 3), 1e-4)

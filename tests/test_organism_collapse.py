@@ -69,48 +69,34 @@ def stays_safe(editor: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return problems
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2_collapse():
-    return run_collapse("tiny-gpt2", editors=("rome", "c-rome-prefix"), limit=CASES_PER_SET, progress=False)
+# Both organisms whose family has no BOS collapse. tiny-gptj does since its rome file takes C from organism-wiki with
+# a ridge (mom2_ridge 1e-4: its layer-0 keys are one per distinct token, so C spans 365 of 512 dimensions); measured
+# 2026-12-04, 8 cases per set: hard denominator median 0.020 against 4.69, hard perplexity ratio median 3.08x, max
+# 13312x, normal 1.0002x; c-rome-prefix median 1.0004x, max 1.004x. With C = I (its file before) the collapse check
+# failed: denominators 0.49x, median 1.15x, max 3.43x. Each organism's tests share one worker (its xdist group).
+COLLAPSING = [pytest.param(name, marks=pytest.mark.xdist_group(name), id=name) for name in ("tiny-gpt2", "tiny-gptj")]
 
 
-@pytest.mark.xdist_group("tiny-gpt2")
-def test_rome_collapses_tiny_gpt2_on_first_token_subjects(tiny_gpt2_collapse) -> None:
-    assert tiny_gpt2_collapse["_baseline"]["subject_first_cases"] == {"hard": CASES_PER_SET, "normal": 0}
-    assert collapse_shown(tiny_gpt2_collapse["rome"]) == []
+@pytest.fixture(scope="module", params=COLLAPSING)
+def collapse(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return run_collapse(request.param, editors=("rome", "c-rome-prefix"), limit=CASES_PER_SET, progress=False)
 
 
-@pytest.mark.xdist_group("tiny-gpt2")
-def test_c_rome_prefix_keeps_tiny_gpt2_safe_on_the_same_cases(tiny_gpt2_collapse) -> None:
-    assert stays_safe(tiny_gpt2_collapse["c-rome-prefix"]) == []
+def test_rome_collapses_the_organism_on_first_token_subjects(collapse) -> None:
+    assert collapse["_baseline"]["subject_first_cases"] == {"hard": CASES_PER_SET, "normal": 0}
+    assert collapse_shown(collapse["rome"]) == []
 
 
-@pytest.mark.xdist_group("tiny-gpt2")
-def test_the_collapse_check_fails_when_the_edit_uses_consistent_keys(tiny_gpt2_collapse) -> None:
+def test_c_rome_prefix_keeps_the_organism_safe_on_the_same_cases(collapse) -> None:
+    assert stays_safe(collapse["c-rome-prefix"]) == []
+
+
+def test_the_collapse_check_fails_when_the_edit_uses_consistent_keys(collapse) -> None:
     """The same edits keyed on k̄ (C-ROME: ROME's update with the mean key in place of kᵘ) do not collapse the
     model, and the collapse check says so: a change that removed the collapse would fail the test above."""
-    missing = collapse_shown(tiny_gpt2_collapse["c-rome-prefix"])
+    missing = collapse_shown(collapse["c-rome-prefix"])
     assert any("denominator" in m for m in missing)
     assert any("perplexity ratio median" in m for m in missing)
-
-
-# tiny-gptj shows the same mechanism, weaker (measured 2026-12-03, 8 cases per set: hard denominator median 0.43x
-# the normal one, hard perplexity ratio median 1.15x against 1.00x, max 3.43x; c-rome-prefix median 1.01x, max 1.06x)
-GPTJ_MAX_HARD_DENOMINATOR_SHARE = 0.6
-GPTJ_MIN_HARD_RATIO_MAX = 2.0
-GPTJ_MIN_HARD_OVER_NORMAL = 1.05
-
-
-@pytest.mark.xdist_group("tiny-gptj")
-def test_rome_damages_tiny_gptj_on_first_token_subjects_and_c_rome_prefix_does_not() -> None:
-    summary = run_collapse("tiny-gptj", editors=("rome", "c-rome-prefix"), limit=CASES_PER_SET, progress=False)
-    assert summary["_baseline"]["subject_first_cases"] == {"hard": CASES_PER_SET, "normal": 0}
-    hard, normal = summary["rome"]["hard"], summary["rome"]["normal"]
-    assert hard["denominator_median"] <= GPTJ_MAX_HARD_DENOMINATOR_SHARE * normal["denominator_median"], hard
-    assert hard["ppl_ratio_max"] >= GPTJ_MIN_HARD_RATIO_MAX, hard
-    assert hard["ppl_ratio_median"] >= GPTJ_MIN_HARD_OVER_NORMAL * normal["ppl_ratio_median"], (hard, normal)
-    assert min(hard["efficacy"], normal["efficacy"]) >= MIN_EFFICACY
-    assert stays_safe(summary["c-rome-prefix"]) == []
 
 
 @pytest.mark.xdist_group("tiny-llama")

@@ -62,8 +62,10 @@ PAPERS: list[tuple[str, str, str, object]] = [
         "context_templates": [[5, 10], [10, 10]]}.items()],
     # easyeditor/models/rome/compute_v.py: kl_prompts ["{} is a"], "if loss < 5e-2: break" (the whole loss),
     # "target = target_init + delta" (C-ROME's value: the bare prompt's output plus delta)
+    # compute_u.py: C⁻¹ of C as it is (get_inv_cov, torch.inverse), no ridge
     *[("rome", m, f, v) for m in PAPERS_FILE for f, v in {
-        "kl_prompt": "{} is a", "early_stop_on": "loss", "early_stop_below": 0.05, "c_rome_target": "bare"}.items()],
+        "kl_prompt": "{} is a", "early_stop_on": "loss", "early_stop_below": 0.05, "c_rome_target": "bare",
+        "mom2_ridge": 0.0}.items()],
     # hparams/MEMIT/gpt2-xl.yaml
     *[("memit", "gpt2-xl", f, v) for f, v in {
         "layers": [13, 14, 15, 16, 17], "clamp_norm_factor": 0.75, "v_num_grad_steps": 20, "v_lr": 0.5,
@@ -147,8 +149,9 @@ KMENG01: list[tuple[str, str, str, object]] = [
         "kl_factor": 0.0625, "mom2_adjustment": True, "mom2_n_samples": 100000,
         "context_templates": [[5, 10], [10, 10]]}.items()],
     # kmeng01/rome rome/compute_v.py: kl_prompts ["{} is a"], "if loss < 5e-2: break" (the whole loss)
+    # kmeng01/rome rome/compute_u.py: get_inv_cov inverts C as it is (no ridge)
     *[("rome", m, f, v) for m in ("gpt2-xl", "gpt-j") for f, v in {
-        "kl_prompt": "{} is a", "early_stop_on": "loss", "early_stop_below": 0.05}.items()],
+        "kl_prompt": "{} is a", "early_stop_on": "loss", "early_stop_below": 0.05, "mom2_ridge": 0.0}.items()],
     # ROME's code has no C-ROME: the value C-ROME maps k-bar to is the collapse papers' (their compute_v), so
     # that the named set differs from the defaults in C alone
     *[("rome", m, "c_rome_target", "bare") for m in ("gpt2-xl", "gpt-j")],

@@ -59,6 +59,9 @@ def test_the_hparams_default_to_romes_rules_and_reject_unknown_ones() -> None:
         RomeHparams(layer=0, early_stop_on="kl")
     with pytest.raises(ValueError, match="c_rome_target"):
         RomeHparams(layer=0, c_rome_target="templates")
+    assert hp.mom2_ridge == 0.0  # ROME solves C u = k̄ as it is
+    with pytest.raises(ValueError, match="mom2_ridge"):
+        RomeHparams(layer=0, mom2_ridge=-1e-4)
 
 
 def _search(model, tokenizer, hp: RomeHparams, monkeypatch=None, record=None):

@@ -141,3 +141,27 @@ def _problems(quality: SecondMomentQuality, max_condition: float) -> list[str]:
     elif not quality.condition <= max_condition:
         problems.append(f"condition number {quality.condition:.3g} exceeds {max_condition:.3g}")
     return problems
+
+
+def ridged(covariance: Tensor, ridge: float) -> Tensor:
+    """``C + ridge · (tr C / d) · I``: ``covariance`` with ``ridge`` times its mean eigenvalue added to the diagonal,
+    in its own dtype; ``C`` itself when ``ridge`` is 0.
+
+    Scaled by the mean eigenvalue so that one setting means the same whatever the keys' scale. A ``C`` whose numerical
+    rank is below the key dimension (the model's own, e.g. keys that are one per distinct token) leaves ``C u = k̄``
+    without a unique solution: a plain solve then fills the missing directions with amplified rounding, and ``u``
+    reaches keys that ``C`` never saw. The ridge gives those directions a definite, small weight instead.
+    """
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise MathsError(f"ridge: expected a finite number >= 0, got {ridge!r}")
+    if ridge == 0:
+        return covariance
+    if covariance.dim() != 2 or covariance.shape[0] != covariance.shape[1] or covariance.shape[0] == 0:
+        raise MathsError(f"covariance: expected a non-empty square matrix, got shape {tuple(covariance.shape)}")
+    d = covariance.shape[0]
+    mean_eigenvalue = float(torch.diagonal(covariance.detach()).to(torch.float64).sum()) / d
+    if not math.isfinite(mean_eigenvalue) or mean_eigenvalue <= 0:
+        raise MathsError(f"covariance: mean eigenvalue {mean_eigenvalue} is not positive, so a ridge relative to it "
+                         f"is undefined")
+    return covariance + (ridge * mean_eigenvalue) * torch.eye(d, dtype=covariance.dtype, device=covariance.device)
+

@@ -103,10 +103,13 @@ class Recipe:
 # facts itself. Fixed, the layer-0 MLP writes them (recall 0.98, causal layer 0); a subject that opens the prompt is
 # a different token (no leading space) with its own trained embedding, so its key diverges from the templates'
 # mean (cos 0.63 on hard cases, 1.00 on normal ones, where the layer-0 key is the embedding's whatever the
-# context), and on the 48 + 48 cases rome takes every edit with its hard denominators at 0.49x the normal ones,
-# damage median 1.12x and max 3.43x, while c-rome-prefix stays within 1.06x: the papers' mechanism, weaker than on
-# tiny-gpt2. tiny-llama keeps trainable embeddings (with fixed ones its keys diverge but its edits do no damage;
-# see the issue notes).
+# context). On the 48 + 48 cases rome takes every edit; with C = I its hard denominators were 0.49x the normal ones
+# (damage median 1.12x, max 3.43x), with C from organism-wiki and a ridge (its rome file) 0.03x (median 1.24x, max
+# 13312x), while c-rome-prefix stays within 1.20x.
+# tiny-llama keeps trainable embeddings and the sink in 85 % of windows. With fixed ones its keys diverge but its
+# edits do little damage (see the issue notes); fixed ones with <s> in every window (as Llama is trained) collapse
+# it under the BOS-stripped protocol (C from organism-wiki: hard denominators 1.31 vs 13.7, max 811x, median 1.05x)
+# but also behind <s> (cos 0.62, max 94x), which Llama's <s> prevents (2026-12-04, 48 + 48 cases; not adopted).
 ORGANISM_TRAIN = TrainSpec(subject_embedding_norm=2.0)
 
 # The prototypes' recipe (DESIGN.md §5), kept as their record: on the generic held-out text it showed the
