@@ -108,6 +108,7 @@ def cmd_experiment_collapse(args: argparse.Namespace) -> int:
         layer=args.layer,
         strip_bos=args.strip_bos,
         progress=not args.quiet,
+        overrides=_parse_overrides(args.set or ()),
     )
     _emit(summary, args.json, render_table(summary))
     return 0
@@ -466,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the papers' BOS-stripped protocol (A.2): a BOS family's tokenizer (Llama's <s>) "
                                "stops prepending BOS for edits, metrics, context templates and statistics; a no-op "
                                "for a tokenizer that prepends none (GPT-2, GPT-J)")
+    collapse.add_argument("--set", action="append", metavar="KEY=VALUE",
+                          help="a hyper-parameter every editor takes over its file's (VALUE as JSON, e.g. "
+                               "mom2_ridge=0 or mom2_adjustment=false); repeatable")
     _output(collapse)
     collapse.set_defaults(func=cmd_experiment_collapse)
     surrogate = experiment.add_parser("surrogate", help="is perplexity a fair surrogate for downstream tasks? "

@@ -56,8 +56,12 @@ def run_collapse(
     layer: int | None = None,
     strip_bos: bool = False,
     progress: bool = True,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{editor: {case set: summary}}`` plus ``"_baseline"``; raises if any edit could not be measured.
+
+    ``overrides`` are hyper-parameter values every editor of the run takes over its files' (as the CLI's ``--set``,
+    e.g. ``{"mom2_ridge": 0.0}``); ``layer`` is one of them, given apart for the papers' layer sweeps.
 
     ``strip_bos`` runs the model under the BOS-stripped protocol (the paper's A.2, :mod:`pytest_editsafety.bos`):
     a BOS family's subject-first prompts then put the subject at position 0, and its hard cases are hard."""
@@ -68,8 +72,8 @@ def run_collapse(
     from pytest_editsafety.results import CaseRecord
 
     plan = build_plan(editors, [model_name], case_sets, ppl_corpus=corpus, limit=limit)
-    hub = ModelHub(plan, HubOptions(editor_overrides={"layer": layer} if layer is not None else None,
-                                    strip_bos=strip_bos))
+    chosen = {**(overrides or {}), **({"layer": layer} if layer is not None else {})}
+    hub = ModelHub(plan, HubOptions(editor_overrides=chosen or None, strip_bos=strip_bos))
     given = {selected.slug: selected.given for selected in plan.case_sets}
     by_group: dict[tuple[str, str], list[Mapping[str, float | None]]] = {}
     hard: dict[str, int] = {}
@@ -90,7 +94,7 @@ def run_collapse(
     summary["_baseline"] = {"model": model_name, "identity": meta.get("identity"), "corpus": plan.models[0].ppl_corpus,
                             "mean_ppl": first.get("ppl_unedited"), "layer": layer,
                             "strip_bos": strip_bos, "bos_protocol": meta.get("bos_protocol", "default"),
-                            "subject_first_cases": hard}
+                            "subject_first_cases": hard, "overrides": chosen}
     return summary
 
 
@@ -111,8 +115,10 @@ def render_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     protocol = base.get("bos_protocol", "default")
     bos = "" if protocol == "default" else f"; BOS-stripped protocol: {protocol}"
     first = ", ".join(f"{name} {n}" for name, n in base.get("subject_first_cases", {}).items())
+    chosen = ", ".join(f"{key}={value!r}" for key, value in (base.get("overrides") or {}).items())
     return (f"{base.get('model')} ({base.get('identity')}), unedited mean per-sentence ppl "
             f"{base.get('mean_ppl', float('nan')):.3f} on {base.get('corpus')}{bos}\n"
+            + (f"hyper-parameters set over the files': {chosen}\n" if chosen else "")
             + (f"cases whose subject key is at position 0 (hard for this tokenizer): {first}\n" if first else "")
             + tabulate(rows, headers=headers, floatfmt=".3g", tablefmt="github"))
 

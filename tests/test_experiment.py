@@ -62,3 +62,24 @@ def test_layer_override_reaches_the_editor(micro_model: Path):
     assert metrics["denominator"] == pytest.approx(abs(metrics["denominator_signed"]))
     assert metrics["denominator"] > 0
     assert metrics["numerator"] > 0 and {"abs_denominator", "numerator_norm"}.isdisjoint(metrics)
+
+
+def test_hyper_parameters_set_for_the_experiment_reach_every_editor_and_are_recorded(micro_model: Path):
+    """``--set`` on ``experiment collapse``: the values are the editors' (an unknown field fails the edit, naming
+    it), and the summary and its table say which were set."""
+    summary = run_collapse(str(micro_model), editors=("rome",), case_sets=("normal",), limit=1, progress=False,
+                           overrides={"mom2_ridge": 0.5}, layer=1)
+    assert summary["_baseline"]["overrides"] == {"mom2_ridge": 0.5, "layer": 1}
+    assert "hyper-parameters set over the files': mom2_ridge=0.5, layer=1" in render_table(summary)
+    with pytest.raises(RuntimeError, match="could not be measured") as failure:
+        run_collapse(str(micro_model), editors=("rome",), case_sets=("normal",), limit=1, progress=False,
+                     overrides={"no_such_field": 1})
+    assert "no_such_field" in repr(failure.value.__cause__)
+
+
+def test_the_collapse_command_parses_repeated_sets() -> None:
+    from pytest_editsafety.cli import _parse_overrides, build_parser
+
+    args = build_parser().parse_args(["experiment", "collapse", "--editors", "rome", "--set", "mom2_ridge=0.001",
+                                      "--set", "mom2_adjustment=true"])
+    assert _parse_overrides(args.set) == {"mom2_ridge": 0.001, "mom2_adjustment": True}
