@@ -54,7 +54,8 @@ class RomeHparams:
     # texts of the statistics corpus behind C; read by whoever provides C, part of its cache key
     mom2_n_samples: int = 100000
     # ROME solves C u = k̄ as it is (0, the papers' code); a number adds that many times C's mean eigenvalue to its
-    # diagonal first (editors.maths.moments.ridged), for a C whose rank falls short of the key dimension
+    # diagonal first (editors.maths.moments.ridged), for a C whose rank falls short of the key dimension. Only read
+    # with mom2_adjustment on (with C = I there is nothing to regularise)
     mom2_ridge: float = 0.0
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     kl_prompt: str = "{} is a"

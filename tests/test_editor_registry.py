@@ -156,6 +156,23 @@ def test_rome_variants_differ_only_in_keys_and_prefix(name: str, consistent: boo
     assert (original.context_templates, original.covariance) == (("{}", "A. {}"), "C")
 
 
+def test_a_rome_ridge_regularises_the_provided_c_at_each_set_up_and_leaves_it_untouched() -> None:
+    import torch
+
+    from editors.maths.moments import ridged
+
+    hparams = resolve_hparams_layers("rome", load_hparams("rome", "gpt2-xl", user_file="kmeng01"),
+                                     SimpleNamespace(num_hidden_layers=48))
+    C = torch.diag(torch.tensor([4.0, 2.0, 0.0]))  # rank 2 of 3
+    given = C.clone()
+    editor = get_editor("rome", {**hparams, "mom2_ridge": 0.01})
+    for _ in range(2):  # a second set-up starts again from the provided C, it does not ridge twice
+        editor.setup(None, None, None, Provided(context_templates=("{}",), second_moments={17: C}))
+        assert torch.equal(editor.covariance, ridged(C, 0.01))
+    assert torch.equal(C, given)
+    assert float(editor.covariance[2, 2]) == 0.01 * 2.0  # the missing direction gets ridge x mean eigenvalue
+
+
 def test_editors_without_needs_declare_none() -> None:
     ft = get_editor("ft-linf", resolve_hparams_layers("ft-linf", load_hparams("ft-linf", "gpt2-xl"),
                                                       SimpleNamespace(num_hidden_layers=48)))

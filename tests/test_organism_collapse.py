@@ -73,7 +73,9 @@ def stays_safe(editor: Mapping[str, Mapping[str, Any]]) -> list[str]:
 # a ridge (mom2_ridge 1e-4: its layer-0 keys are one per distinct token, so C spans 365 of 512 dimensions); measured
 # 2026-12-04, 8 cases per set: hard denominator median 0.020 against 4.69, hard perplexity ratio median 3.08x, max
 # 13312x, normal 1.0002x; c-rome-prefix median 1.0004x, max 1.004x. With C = I (its file before) the collapse check
-# failed: denominators 0.49x, median 1.15x, max 3.43x. Each organism's tests share one worker (its xdist group).
+# failed: denominators 0.49x, median 1.15x, max 3.43x. Over all 48 hard cases tiny-gptj's median is 1.24x: its damage
+# concentrates on the subjects organism-wiki names only sentence-first (README), 5 of these 8, so the median margin
+# holds for these cases, not for the whole set. Each organism's tests share one worker (its xdist group).
 COLLAPSING = [pytest.param(name, marks=pytest.mark.xdist_group(name), id=name) for name in ("tiny-gpt2", "tiny-gptj")]
 
 

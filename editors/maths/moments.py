@@ -1,10 +1,10 @@
-"""Is a second moment ``C = E[k kᵀ]`` well posed enough to be solved with? Tensors in, numbers out.
+"""Is a second moment ``C = E[k kᵀ]`` well posed enough to be solved with, and how to make one that is not.
 
 ROME solves ``C u = k̄`` and MEMIT ``(λC + K Kᵀ)``; a ``C`` estimated from too few keys, or whose smallest
 eigenvalues are rounding noise, turns those solves into amplified noise, silently. :func:`assess_second_moment`
 measures the sample (tokens against the key dimension) and the matrix (numerical rank, condition number);
-:func:`second_moment_problems` says, with the numbers, why one is refused. No I/O: the statistics module
-decides where the matrix comes from and what to tell the user.
+:func:`second_moment_problems` says, with the numbers, why one is refused; :func:`ridged` regularises one whose
+rank is the model's own. No I/O: the statistics module decides where the matrix comes from and what to tell the user.
 
 Thresholds, and why (measured on the model organisms, d = 512 keys, 2 CPU cores):
 
@@ -41,6 +41,7 @@ __all__ = [
     "WELL_SAMPLED_TOKENS_PER_DIM",
     "SecondMomentQuality",
     "assess_second_moment",
+    "ridged",
     "second_moment_concerns",
     "second_moment_problems",
 ]
@@ -145,7 +146,8 @@ def _problems(quality: SecondMomentQuality, max_condition: float) -> list[str]:
 
 def ridged(covariance: Tensor, ridge: float) -> Tensor:
     """``C + ridge · (tr C / d) · I``: ``covariance`` with ``ridge`` times its mean eigenvalue added to the diagonal,
-    in its own dtype; ``C`` itself when ``ridge`` is 0.
+    in float64 (the precision every solve with C runs in; in half precision a small ridge rounds away); ``C`` itself
+    when ``ridge`` is 0.
 
     Scaled by the mean eigenvalue so that one setting means the same whatever the keys' scale. A ``C`` whose numerical
     rank is below the key dimension (the model's own, e.g. keys that are one per distinct token) leaves ``C u = k̄``
@@ -158,10 +160,11 @@ def ridged(covariance: Tensor, ridge: float) -> Tensor:
         return covariance
     if covariance.dim() != 2 or covariance.shape[0] != covariance.shape[1] or covariance.shape[0] == 0:
         raise MathsError(f"covariance: expected a non-empty square matrix, got shape {tuple(covariance.shape)}")
-    d = covariance.shape[0]
-    mean_eigenvalue = float(torch.diagonal(covariance.detach()).to(torch.float64).sum()) / d
+    c64 = covariance.detach().to(torch.float64)
+    d = c64.shape[0]
+    mean_eigenvalue = float(torch.diagonal(c64).sum()) / d
     if not math.isfinite(mean_eigenvalue) or mean_eigenvalue <= 0:
         raise MathsError(f"covariance: mean eigenvalue {mean_eigenvalue} is not positive, so a ridge relative to it "
                          f"is undefined")
-    return covariance + (ridge * mean_eigenvalue) * torch.eye(d, dtype=covariance.dtype, device=covariance.device)
+    return c64 + (ridge * mean_eigenvalue) * torch.eye(d, dtype=torch.float64, device=c64.device)
 
