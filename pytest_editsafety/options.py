@@ -144,7 +144,8 @@ OPTIONS: tuple[_Option, ...] = (
             "FAMILY"),
     _Option(OUTPUTS, "--editsafety-report", "report", f"markdown report path (default {DEFAULT_REPORT})",
             metavar="PATH"),
-    _Option(OUTPUTS, "--editsafety-json", "json", f"JSON results path (default {DEFAULT_JSON})", metavar="PATH"),
+    _Option(OUTPUTS, "--editsafety-json", "json", f"JSON results path (default {DEFAULT_JSON}; beside "
+            "--editsafety-report, with its name and .json, when only that is given)", metavar="PATH"),
     _Option(OUTPUTS, "--editsafety-baseline", "baseline", "a previous editsafety JSON to compare against; a "
             "regression, or a test of the baseline this run lacks, fails the run", metavar="PATH"),
     _Option(OUTPUTS, "--editsafety-allow-missing", "allow_missing", "tests of --editsafety-baseline that this run "
@@ -347,7 +348,12 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
         corpora[name] = None if given[name] is None else _corpus(config, str(given[name][0]), given[name][1])
         if corpora[name] is not None:
             _validate_corpus(corpora[name], origin(given, name), str(given[name][0]))
-    report_md, report_json = path("report", DEFAULT_REPORT), path("json", DEFAULT_JSON)
+    report_md = path("report", DEFAULT_REPORT)
+    # a report written elsewhere takes its results along (out/r.md -> out/r.json): a quick run with its own report
+    # must not overwrite the JSON of the run whose markdown stays in reports/, leaving the two disagreeing
+    moved_report = given["report"] is not None and given["json"] is None
+    report_json = report_md.with_suffix(".json") if moved_report and report_md is not None else path("json",
+                                                                                                    DEFAULT_JSON)
     if report_md is not None and report_json is not None and report_md.resolve() == report_json.resolve():
         # one would overwrite the other: the certificate must not be the markdown, nor the reverse
         raise pytest.UsageError(f"{origin(given, 'json')} and {origin(given, 'report')} name the same file "

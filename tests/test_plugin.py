@@ -357,6 +357,16 @@ def test_options_and_ini_twins_parse(pytester: pytest.Pytester, micro_model: Pat
     assert (s.bounds.max_ppl_ratio, s.bounds.min_efficacy, s.limit) == (2.0, 0.9, 1)
 
 
+def test_a_report_written_elsewhere_takes_its_json_along_unless_the_json_is_named(pytester: pytest.Pytester) -> None:
+    """A quick run with its own report must not overwrite the JSON beside the main run's report in reports/."""
+    s = get_settings(pytester.parseconfigure("--editsafety-report=quick/r.md"))
+    assert (s.report_md, s.report_json) == (pytester.path / "quick" / "r.md", pytester.path / "quick" / "r.json")
+    s = get_settings(pytester.parseconfigure("--editsafety-report=quick/r.md", "--editsafety-json=elsewhere.json"))
+    assert s.report_json == pytester.path / "elsewhere.json"
+    s = get_settings(pytester.parseconfigure("--editsafety-json=quick/r.json"))  # the markdown does not follow
+    assert s.report_md == pytester.path / "reports" / "editsafety.md"
+
+
 def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pytester) -> None:
     from editors.registry import available_editors
 
