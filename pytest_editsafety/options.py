@@ -352,12 +352,12 @@ def read_settings(config: pytest.Config, given: Given) -> Settings:
     # a report written elsewhere takes its results along (out/r.md -> out/r.json): a quick run with its own report
     # must not overwrite the JSON of the run whose markdown stays in reports/, leaving the two disagreeing
     moved_report = given["report"] is not None and given["json"] is None
-    report_json = report_md.with_suffix(".json") if moved_report and report_md is not None else path("json",
-                                                                                                    DEFAULT_JSON)
-    if report_md is not None and report_json is not None and report_md.resolve() == report_json.resolve():
+    report_json = report_md.with_suffix(".json") if moved_report else path("json", DEFAULT_JSON)
+    if report_md.resolve() == report_json.resolve():
         # one would overwrite the other: the certificate must not be the markdown, nor the reverse
+        beside = " (the JSON goes beside the report, with its name and .json, unless given)" if moved_report else ""
         raise pytest.UsageError(f"{origin(given, 'json')} and {origin(given, 'report')} name the same file "
-                                f"{report_json}: the JSON results and the markdown report need a file each")
+                                f"{report_json}{beside}: the JSON results and the markdown report need a file each")
     return Settings(
         editors=_editor_names(_split(value("editor", "all")), origin(given, "editor")),
         models=tuple(_split(value("model", DEFAULT_MODEL))),

@@ -312,6 +312,7 @@ def test_the_cache_root_reaches_the_hub(pytester: pytest.Pytester) -> None:
     (["--editsafety-json=out/r", "--editsafety-report=out/./r"], "",
      "--editsafety-json and --editsafety-report name the same file"),
     (["--editsafety-json=reports/editsafety.md"], "", "--editsafety-json and --editsafety-report name the same file"),
+    (["--editsafety-report=out/r.json"], "", "r.json (the JSON goes beside the report, with its name and .json, unless given)"),
     ([], "editsafety_json = r.txt\neditsafety_report = r.txt",
      "ini editsafety_json and ini editsafety_report name the same file"),
 ])

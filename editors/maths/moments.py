@@ -167,4 +167,3 @@ def ridged(covariance: Tensor, ridge: float) -> Tensor:
         raise MathsError(f"covariance: mean eigenvalue {mean_eigenvalue} is not positive, so a ridge relative to it "
                          f"is undefined")
     return c64 + (ridge * mean_eigenvalue) * torch.eye(d, dtype=torch.float64, device=c64.device)
-
