@@ -15,7 +15,9 @@ step) and exits 1 when any check fails. The checks:
 * ``pinning``: each worker ran on one device, no two workers on the same one, every device a GPU
   (``--mode cpu``: every device the CPU, shared by the workers);
 * ``budget``: the steps after the organism build took at most ``--budget-s`` (300 s) (``--mode cpu``: reported
-  only; two shared cores say nothing about a GPU's time).
+  only; two shared cores say nothing about a GPU's time);
+* ``gate`` (with ``--gate``): the CI gate on the device, a collapsing editor stopped (exit 1, perplexity among
+  its reasons) and a safe one let through (exit 0), both runs complete.
 
 The functions are pure (records in, checks out) so that the normal CPU suite tests them
 (``tests/test_gpu_check.py``).
@@ -35,6 +37,7 @@ from typing import Any, Protocol
 DEFAULT_BUDGET_S = 300.0
 MODES = ("gpu", "cpu")
 # the steps that count against the budget: the organism build is a one-time cost of a bare machine
+# (``gate``, an optional extra, is timed and printed but not budgeted: the issue sized the check without it)
 BUDGETED_STEPS = ("tests", "certify")
 
 
@@ -158,6 +161,36 @@ def certification_check(result: Any, exit_code: int) -> Check:
     return Check("certification", True, f"certified, {len(records)} records, coverage complete")
 
 
+def gate_check(collapsing: Any, collapsing_exit: int, safe: Any, safe_exit: int) -> Check:
+    """The ``gate`` check (``--gate``): the run of an editor that collapses the model failed (exit 1) with
+    perplexity damage among its reasons, and the run of one that does not passed (exit 0), coverage complete in
+    both (``collapsing``, ``safe``: RunResults, None when unreadable)."""
+    from pytest_editsafety.bounds import violation_topic
+
+    problems = []
+    if collapsing is None:
+        problems.append("the collapsing run left no readable results")
+    else:
+        damaged = [r.test_id for r in collapsing.cases if any(violation_topic(v) == "perplexity" for v in r.violations)]
+        if collapsing_exit != 1:
+            problems.append(f"the collapsing run exited {collapsing_exit}, expected 1")
+        if not damaged:
+            problems.append("no record of the collapsing run failed on perplexity")
+        if not collapsing.coverage.complete:
+            problems.append(f"the collapsing run's coverage is {collapsing.coverage.status}")
+    if safe is None:
+        problems.append("the safe run left no readable results")
+    else:
+        if safe_exit != 0:
+            problems.append(f"the safe run exited {safe_exit}, expected 0")
+        if not safe.coverage.complete:
+            problems.append(f"the safe run's coverage is {safe.coverage.status}")
+    if problems:
+        return Check("gate", False, "; ".join(problems))
+    return Check("gate", True, f"stopped: {len(damaged)} of {len(collapsing.cases)} cases failed on perplexity; "
+                               f"passed: {len(safe.cases)} cases certified")
+
+
 def read_junit(path: str | Path) -> JunitCounts:
     """The totals of a pytest ``--junitxml`` file (one or several test suites)."""
     root = ElementTree.parse(path).getroot()
@@ -191,8 +224,9 @@ def tests_check(counts: JunitCounts | None, exit_code: int, *, min_tests: int = 
 
 
 def budget_check(timings: Mapping[str, float], *, budget_s: float, mode: str) -> Check:
-    spent = sum(timings.get(step, 0.0) for step in BUDGETED_STEPS)
-    detail = f"{spent:.1f} s for {' + '.join(BUDGETED_STEPS)} (budget {budget_s:.0f} s)"
+    steps = [step for step in BUDGETED_STEPS if step in timings]
+    spent = sum(timings[step] for step in steps)
+    detail = f"{spent:.1f} s for {' + '.join(steps) or 'no step'} (budget {budget_s:.0f} s)"
     if mode == "cpu":
         return Check("budget", True, detail + "; CPU mode, reported only")
     return Check("budget", spent <= budget_s, detail)
@@ -219,7 +253,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tests-exit", type=int, default=0, help="tests/gpu's exit code")
     parser.add_argument("--timing", type=_timing, action="append", default=[], help="STEP=SECONDS, repeatable")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S)
+    parser.add_argument("--gate", nargs=4, metavar=("COLLAPSING_JSON", "COLLAPSING_EXIT", "SAFE_JSON", "SAFE_EXIT"),
+                        help="the gate runs' results and exit codes (gpu_check.sh --gate)")
     args = parser.parse_args(argv)
+    gate_exits: tuple[int, int] | None = None
+    if args.gate is not None:
+        try:
+            gate_exits = (int(args.gate[1]), int(args.gate[3]))
+        except ValueError:
+            parser.error(f"--gate {' '.join(args.gate)}: the exit codes must be integers")
 
     from pytest_editsafety.results import ResultsError, read_result
 
@@ -239,6 +281,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result is not None:
         checks.append(certification_check(result, args.certify_exit))
         checks += placement_checks(result.cases, workers=args.workers, mode=args.mode)
+    if args.gate is not None and gate_exits is not None:
+        gate_results = []
+        for path in (args.gate[0], args.gate[2]):
+            try:
+                gate_results.append(read_result(path))
+            except (OSError, ResultsError) as err:
+                print(f"cannot read {path}: {err}", file=sys.stderr)
+                gate_results.append(None)
+        checks.append(gate_check(gate_results[0], gate_exits[0], gate_results[1], gate_exits[1]))
     timings = dict(args.timing)
     checks.append(budget_check(timings, budget_s=args.budget_s, mode=args.mode))
 

@@ -3,6 +3,8 @@
 #
 #     benchmarks/gpu_check.sh            # on the GPUs; under 5 minutes on one GPU once the organism is built
 #     benchmarks/gpu_check.sh --cpu      # the same steps on the CPU (or GPU_CHECK_ALLOW_CPU=1): the plumbing
+#     benchmarks/gpu_check.sh --gate     # and step 5, the CI gate on the device (about 2 minutes more on 2 CPU
+#                                        # cores; builds tiny-gptj first if the cache lacks it)
 #
 # 1. builds the tiny-gpt2 organism if the cache lacks it (a one-time cost, timed apart: set EDITSAFETY_CACHE
 #    to a cache that holds it to skip it);
@@ -10,19 +12,25 @@
 #    CPU's (rel 1e-4; half precision rel 1e-2), c-rome and rome edits are restored bit-exactly and the
 #    whole-model fingerprint holds;
 # 3. a real certification run, `pytest --editor=c-rome --model=tiny-gpt2 --cases=normal -n <GPU count>`;
-# 4. benchmarks/gpu_check.py reads its JSON: every worker recorded cases, each on its own GPU, and prints the
-#    figures (per-case seconds, the device of each worker, each step's time) and one line per check.
+# 4. with --gate, the gate a CI job runs, on the device: `pytest --editor=rome --model=tiny-gptj --cases=hard`
+#    must fail with perplexity damage (the papers' collapse) and `pytest --editor=c-rome-prefix --model=tiny-gptj`
+#    must pass (timed, not counted in the 5-minute budget);
+# 5. benchmarks/gpu_check.py reads the JSON: every worker recorded cases, each on its own GPU (and, with --gate,
+#    the gate stopped rome and let c-rome-prefix through), and prints the figures (per-case seconds, the device
+#    of each worker, each step's time) and one line per check.
 # Exits non-zero when any check fails. Python: $PYTHON, else .venv/bin/python, else python3. Outputs go to
 # $GPU_CHECK_OUT (default: a new temporary directory), printed at the start.
 set -uo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 mode=gpu
+gate=0
 case "${GPU_CHECK_ALLOW_CPU:-}" in 1) mode=cpu ;; esac
 for arg in "$@"; do
     case "$arg" in
         --cpu) mode=cpu ;;
+        --gate) gate=1 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
     esac
@@ -95,7 +103,29 @@ t0=$(now)
 certify_exit=$?
 timings+=(--timing "certify=$(since "$t0")")
 
-# 4. the verdict
+# 4. (--gate) the CI gate on the device: a collapsing editor stopped, a safe one let through
+gate_args=()
+if [ "$gate" = 1 ]; then
+    t0=$(now)
+    "$py" -m pytest_editsafety zoo build tiny-gptj || { echo "gpu_check: organism build failed" >&2; exit 1; }
+    timings+=(--timing "gate_build=$(since "$t0")")
+    t0=$(now)
+    for editor in rome c-rome-prefix; do
+        cases=(); [ "$editor" = rome ] && cases=(--cases=hard)
+        "$py" -m pytest --editor="$editor" --model=tiny-gptj "${cases[@]}" -n "$workers" -p no:cacheprovider -q \
+            --editsafety-json "$out/gate-$editor.json" --editsafety-report "$out/gate-$editor.md" \
+            > "$out/gate-$editor.log" 2>&1
+        gate_exit=$?
+        echo "gate: $editor on tiny-gptj exited $gate_exit ($out/gate-$editor.log)"
+        grep '^editsafety: ' "$out/gate-$editor.log"
+        gate_args+=("$out/gate-$editor.json" "$gate_exit")
+    done
+    timings+=(--timing "gate=$(since "$t0")")
+    gate_args=(--gate "${gate_args[@]}")
+fi
+
+# 5. the verdict
 echo
 "$py" benchmarks/gpu_check.py "$out/editsafety.json" --workers "$workers" --mode "$mode" \
-    --certify-exit "$certify_exit" --tests-junit "$out/gpu-tests.xml" --tests-exit "$tests_exit" "${timings[@]}"
+    --certify-exit "$certify_exit" --tests-junit "$out/gpu-tests.xml" --tests-exit "$tests_exit" "${timings[@]}" \
+    "${gate_args[@]}"

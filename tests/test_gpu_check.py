@@ -111,3 +111,24 @@ def test_the_budget_counts_the_tests_and_the_run_not_the_build():
     over = gpu_check.budget_check({**timings, "certify": 250.0}, budget_s=300, mode="gpu")
     assert not over.ok and "350.0 s" in over.detail
     assert gpu_check.budget_check({**timings, "certify": 250.0}, budget_s=300, mode="cpu").ok
+
+
+def _run(*violations: tuple[str, ...], complete: bool = True):
+    cases = tuple(SimpleNamespace(test_id=f"t{i}", violations=list(v)) for i, v in enumerate(violations))
+    return SimpleNamespace(cases=cases, coverage=SimpleNamespace(complete=complete, status="complete" if complete
+                                                                 else "partial"))
+
+
+def test_the_gate_wants_the_collapse_stopped_on_perplexity_and_the_safe_editor_through():
+    collapsing = _run(("perplexity ratio 12.4 > 1.5",), ("efficacy 0.00 < 0.90",), ())
+    safe = _run((), ())
+    check = gpu_check.gate_check(collapsing, 1, safe, 0)
+    assert check.ok and "1 of 3 cases failed on perplexity" in check.detail
+    # stopped for another reason only: the gate did not see the collapse
+    assert "no record of the collapsing run failed on perplexity" in gpu_check.gate_check(
+        _run(("efficacy 0.00 < 0.90",)), 1, safe, 0).detail
+    assert "the collapsing run exited 0, expected 1" in gpu_check.gate_check(collapsing, 0, safe, 0).detail
+    assert "the safe run exited 1, expected 0" in gpu_check.gate_check(collapsing, 1, safe, 1).detail
+    assert "the safe run's coverage is partial" in gpu_check.gate_check(collapsing, 1, _run((), complete=False), 0).detail
+    unreadable = gpu_check.gate_check(None, 1, None, 0)
+    assert not unreadable.ok and "collapsing run left no readable results" in unreadable.detail

@@ -199,6 +199,28 @@ def test_figures_are_written_linked_under_the_denominator_table_and_reproducible
         assert png.read_bytes() == (second.md_path.parent / link).read_bytes()  # no timestamp, no version
 
 
+def test_a_report_written_again_keeps_only_the_figures_it_links(tmp_path: Path, run: RunResult,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    first = write_outputs(run, tmp_path / "r.json", tmp_path / "r.md")
+    folder = tmp_path / "r_plots"
+    assert {p.name for p in folder.iterdir()} == {p.name for p in first.plots} and len(first.plots) == 4
+    run = replanned(dataclasses.replace(run, sequential=()))  # the denominator figures alone from here on
+    users_own = folder / "notes.png"
+    users_own.write_bytes(b"mine")
+    rome_only = replanned(dataclasses.replace(run, cases=tuple(r for r in run.cases if r.editor == "rome")))
+    second = write_outputs(rome_only, tmp_path / "r.json", tmp_path / "r.md")
+    links = figure_links(second.md_path.read_text(encoding="utf-8"))
+    assert links == ["r_plots/denominator-rome-tiny-gpt2-e1119f68.png"]
+    # c-rome's figure of the first run is gone; a file the report never names stays
+    assert sorted(p.name for p in folder.iterdir()) == ["denominator-rome-tiny-gpt2-e1119f68.png", "notes.png"]
+    users_own.unlink()
+    nothing = replanned(dataclasses.replace(run, cases=tuple(r for r in run.cases if r.editor not in ("rome", "c-rome"))))
+    third = write_outputs(nothing, tmp_path / "r.json", tmp_path / "r.md")
+    assert third.plots == () and not folder.exists()
+
+
 def test_a_group_whose_values_are_all_unusable_still_gets_its_figure(tmp_path: Path, run: RunResult,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("matplotlib")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from editors.storage import atomic_write_text
 from pytest_editsafety.report.markdown import render
-from pytest_editsafety.report.plots import report_denominator_plots, report_plots
+from pytest_editsafety.report.plots import prune_stale_plots, report_denominator_plots, report_plots
 from pytest_editsafety.report.verdict import exit_code, verdict
 from pytest_editsafety.results import Regression, RunResult, compare, missing_from, write_result
 
@@ -64,14 +64,15 @@ def write_outputs(
     allow_missing: bool = False,
     job_summary: bool = True,
 ) -> ReportOutputs:
-    """Write the JSON results and the markdown report (plots in ``<md stem>_plots/`` beside it), each
-    atomically, and append the markdown to ``$GITHUB_STEP_SUMMARY`` when that is set and ``job_summary``.
+    """Write the JSON results and the markdown report (plots in ``<md stem>_plots/`` beside it, the figures of an
+    earlier report there removed), each atomically, and append the markdown to ``$GITHUB_STEP_SUMMARY`` when that is set and ``job_summary``.
     ``allow_missing``: baseline tests this run lacks are listed, not regressions."""
     md = Path(md_path)
     regressions, allowed = _against(result, baseline, allow_missing)
     plots_dir = md.parent / f"{md.stem}_plots"
     links, plots, note = report_plots(result, plots_dir)
     figures, figure_files, figure_note = report_denominator_plots(result, plots_dir)
+    prune_stale_plots(plots_dir, plots + figure_files)
     write_result(result, json_path)
     atomic_write_text(md, render(result, baseline=baseline, regressions=regressions, allowed_missing=allowed,
                                  plot_links=links, plot_note=note, denominator_figures=figures,

@@ -24,7 +24,8 @@ from pytest_editsafety.results import RunResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["report_denominator_plots", "report_plots", "write_denominator_plots", "write_sequential_plots"]
+__all__ = ["prune_stale_plots", "report_denominator_plots", "report_plots", "write_denominator_plots",
+           "write_sequential_plots"]
 
 MATPLOTLIB_MISSING = "matplotlib is not installed (pip install 'pytest-editsafety[plots]')"
 
@@ -38,6 +39,8 @@ def _load_matplotlib() -> tuple[Any, Any]:
 
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+# what _plot_filename writes, and nothing else: a file of another shape in the folder is the user's
+_PLOT_FILENAME = re.compile(r"(sequential|denominator)-[A-Za-z0-9._-]*-[0-9a-f]{8}\.png")
 
 
 def _plot_filename(kind: str, *parts: str) -> str:
@@ -134,3 +137,23 @@ def report_denominator_plots(
     prefix = quote(Path(plots_dir).name)
     links = [FigureLink(data.title, f"{prefix}/{quote(path.name)}", data.caption) for data, path in written]
     return links, tuple(path for _, path in written), note
+
+
+def prune_stale_plots(plots_dir: str | os.PathLike[str], keep: tuple[Path, ...]) -> tuple[Path, ...]:
+    """Remove the figures an earlier report left in ``plots_dir`` that this one did not write (``keep``), so the
+    folder holds only what the report links; files not named as this module names figures stay. The folder
+    goes too when that leaves it empty. Returns the files removed."""
+    folder = Path(plots_dir)
+    if not folder.is_dir():
+        return ()
+    kept = {path.name for path in keep}
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and _PLOT_FILENAME.fullmatch(path.name) and path.name not in kept:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.debug("removed %d figure(s) of an earlier report from %s", len(removed), folder)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return tuple(removed)
