@@ -162,6 +162,22 @@ def _check_keys(data: Mapping[str, Any], known: Sequence[str], source: str, edit
             )
 
 
+def check_hparams_values(editor: str, data: Mapping[str, Any], source: str) -> None:
+    """What can be checked of a file of ``editor``'s hyper-parameters before a model is known: every key is one of
+    its fields and every value has the field's type (a symbolic layer such as ``"causal"`` is resolved against the
+    model later, as are ranges that depend on it). Raises :class:`HparamsError` naming ``source`` and the key; an
+    editor without built-in hyper-parameters (a third-party one) is not checked here."""
+    schema = _SCHEMAS.get(editor)
+    if schema is None:
+        return
+    cls = schema.dataclass()
+    _check_keys(data, schema.field_names(), source, editor)
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key != COMMENT_KEY and not (_is_symbolic(value) and key == schema.layer_key):
+            _coerce(value, hints[key], f"{source}: {key}")
+
+
 def named_hparams_sets(editor: str) -> tuple[str, ...]:
     """The names of ``editor``'s built-in named sets (subdirectories of its hparams directory), sorted."""
     schema = _require_schema(editor)

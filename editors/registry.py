@@ -23,7 +23,7 @@ from typing import Any
 
 from editors.hparams import (
     HparamsError,
-    load_hparams,
+    layer_hparams,
     read_hparams_file,
     resolve_hparams_layers,
     schema_for,
@@ -161,10 +161,16 @@ def build_editor(
     family = _family_name(model)
     if isinstance(user_hparams, Mapping):
         # a mapping from the caller is an override layer of its own, checked like the others
-        hparams = load_hparams(name, model_key, overrides={**user_hparams, **(overrides or {})}, family=family)
+        layered = layer_hparams(name, model_key, overrides={**user_hparams, **(overrides or {})}, family=family)
     else:
-        hparams = load_hparams(name, model_key, user_file=user_hparams, overrides=overrides, family=family)
-    return get_editor(name, resolve_hparams_layers(name, hparams, model))
+        layered = layer_hparams(name, model_key, user_file=user_hparams, overrides=overrides, family=family)
+    try:
+        resolved = resolve_hparams_layers(name, dict(layered.values), model)
+    except HparamsError as err:
+        # a layer that does not fit the model: say which file (or the overrides) set it
+        raise HparamsError(f"{name}: {schema.layer_key} from {layered.sources.get(schema.layer_key, '?')}: {err}") \
+            from None
+    return get_editor(name, resolved)
 
 
 def _family_name(model: Any) -> str | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +46,12 @@ class Certificate:
 
     result: Any
     certified: bool
+
+    @property
+    def coverage(self) -> Any:
+        """How much of its plan the run covered (``results.Coverage``: ``status`` ``complete`` or ``partial``, and
+        each gap with the reason). A partial run, e.g. under ``limit``, is never certified, whatever its records."""
+        return self.result.coverage
 
     @property
     def cases(self) -> tuple[Any, ...]:
@@ -147,6 +153,11 @@ def _case_sets(cases: Any) -> list[str | CaseSet]:
         return [part.strip() for part in str(cases).split(",") if part.strip()]
     if isinstance(cases, CaseSet):
         return [cases]
+    if isinstance(cases, EditCase):
+        return [CaseSet(name=API_CASE_SET, cases=(cases,), source="given to certify()", format="canonical")]
+    if not isinstance(cases, Iterable):
+        raise ValueError(f"cases: expected a case set name, a case file, a CaseSet or a non-empty sequence of "
+                         f"EditCase; got {type(cases).__name__}")
     cases = tuple(cases)
     if not cases or not all(isinstance(c, EditCase) for c in cases):
         raise ValueError("cases: expected a case set name, a case file, a CaseSet or a non-empty sequence of EditCase")
@@ -276,10 +287,14 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     of N single-edit cases at once (``--editsafety-search-batch``; None: 8 on a GPU, 1 on a CPU).
     ``downstream`` names lm-eval tasks scored before and after every single edit, at most ``downstream_limit``
     examples each (``--editsafety-downstream``, :mod:`pytest_editsafety.downstream`). The model is left as it was
-    given.
+    given. An editor that cannot be set up for the model (a hyper-parameter unknown, of the wrong type or out of
+    range, a missing trained network, statistics too poor to solve with) raises that error (an
+    ``editors.hparams.HparamsError`` names the key) before any case runs; errors of a single case are recorded.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: expected None or an integer >= 1, got {limit!r}")
     from pytest_editsafety.controller import RunRecords, absorb_meta, build_result
     from pytest_editsafety.results import Session
 
@@ -290,6 +305,12 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
                      cache_root=cache_root, dtype=dtype, strip_bos=strip_bos, sequential_edits=sequential_edits,
                      sequential_every=sequential_every, sequential_corpus=sequential_corpus, batch_size=batch_size,
                      search_batch=search_batch, downstream=downstream, downstream_limit=downstream_limit)
+    # every editor set up first, so that a caller hears of a bad setting as an exception naming it, not as an
+    # error recorded against every case of an uncertified certificate (the plugin, which must report per test,
+    # records it so)
+    for planned_model in plan.models:
+        for name in plan.editors:
+            hub.prepared_editor(planned_model.slug, name)
     records = RunRecords(started=started, t0=t0, seen=True, strip_bos=strip_bos)
     for item in plan.items:
         outcome = hub.run(item)
@@ -329,14 +350,21 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
 
     if len(_editors(editor)) != 1:
         raise ValueError(f"editor: guard judges the edits of one editor; got {editor!r}")
+    # a NaN would compare False everywhere and let every edit through; a negative bound would refuse every one
+    for name, value in (("fraction", fraction), ("max_ppl_ratio", max_ppl_ratio), ("floor", floor)):
+        if value is None and name == "floor":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    if interference_factor is not None and not (math.isfinite(interference_factor) and interference_factor >= 0):
+        raise ValueError(f"interference_factor: expected None or a finite number >= 0, got {interference_factor!r}")
+    requests = _requests(requests)
     plan, hub = _hub(model, tokenizer, editor, ["normal" if _is_organism_plan(model) else "real-normal"],
                      bounds=None, corpus=None, limit=1, sequential=False, hparams=hparams, stats_corpus=stats_corpus,
                      stats_dir=stats_dir, cache_root=cache_root, dtype=dtype, strip_bos=strip_bos)
     slug, name = plan.models[0].slug, plan.editors[0]
     loaded = hub.loaded(slug)
     prepared = hub.prepared_editor(slug, name)
-    if interference_factor is not None and not (math.isfinite(interference_factor) and interference_factor >= 0):
-        raise ValueError(f"interference_factor: expected None or a finite number >= 0, got {interference_factor!r}")
     # the normal cases' medians are measured (or read) only when a limit is derived from them
     medians = hub.reference_medians(slug, name) if floor is None or interference_factor else {}
     threshold = floor
@@ -353,7 +381,7 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
         texts = hub.corpus_texts(slug)[:probe_texts]
         probe = (texts, perplexity(loaded.model, loaded.tokenizer, texts).mean_ppl)
     decisions = []
-    for request in _requests(requests):
+    for request in requests:
         started = time.perf_counter()
         report = prepared.denominator(loaded.model, loaded.tokenizer, loaded.family, request)
         if report is not None and "denominator" not in report:
@@ -408,13 +436,24 @@ def _requests(requests: Any) -> list[Any]:
     from editors.base import EditRequest
     from pytest_editsafety.cases import resolve_cases
 
-    if isinstance(requests, EditRequest):
-        return [requests]
-    if isinstance(requests, (str, Path)):  # case set names or files, comma-separated as on the command line
+    if isinstance(requests, (EditRequest, EditCase)):
+        requests = [requests]
+    elif isinstance(requests, (str, Path)):  # case set names or files, comma-separated as on the command line
         requests = [c for part in str(requests).split(",") if part.strip() for c in resolve_cases(part.strip()).cases]
     elif isinstance(requests, CaseSet):
         requests = requests.cases
+    elif not isinstance(requests, Iterable):
+        raise ValueError(f"requests: expected an EditRequest, an EditCase, a sequence of them, a CaseSet or case set "
+                         f"names; got {type(requests).__name__}")
     out = []
-    for r in requests:
-        out.append(r if isinstance(r, EditRequest) else EditRequest(r.subject, r.prompt, r.target_new))
+    for i, r in enumerate(requests):
+        if isinstance(r, EditRequest):
+            out.append(r)
+        elif isinstance(r, EditCase):
+            out.append(EditRequest(r.subject, r.prompt, r.target_new))
+        else:
+            raise ValueError(f"requests[{i}]: expected an EditRequest or an EditCase, got {type(r).__name__} "
+                             f"(a mapping of subject, prompt, target_new is EditRequest(**it))")
+    if not out:
+        raise ValueError("requests: none given")
     return out

@@ -432,6 +432,10 @@ class ControllerHooks:
         collapses = sum(bool(r.get("collapse")) for r in records)
         head = outputs.verdict if coverage.complete or outputs.verdict == PARTIAL else f"{outputs.verdict}, {PARTIAL}"
         line = f"editsafety: {head}: {ok}/{len(records)} tests certified, {collapses} collapse(s)"
+        errors = [r for r in records if r.get("outcome") == "error"]
+        if errors:
+            # an error is no finding about the editor (a bad setting, a model that will not load): say so apart
+            line += f", {len(errors)} error(s)"
         if outputs.regressions:
             line += f", {len(outputs.regressions)} regression(s) against the baseline"
         if not coverage.complete:
@@ -439,6 +443,11 @@ class ControllerHooks:
         certified = outputs.verdict == CERTIFIED
         terminalreporter.write_line(line, green=certified, yellow=outputs.verdict == PARTIAL,
                                     red=outputs.verdict not in (CERTIFIED, PARTIAL), bold=True)
+        if errors:
+            first = errors[0]
+            why = next(iter(first.get("violations") or ()), "no reason recorded")
+            terminalreporter.write_line(f"editsafety: {len(errors)} test(s) errored rather than judged the edit, "
+                                        f"first {first.get('test_id')}: {str(why).splitlines()[0]}", red=True)
         for slug, why in sorted(controller.unloadable.items()):
             terminalreporter.write_line(f"editsafety: model {slug} could not be loaded, so its tests errored: "
                                         f"{why.splitlines()[0]}", red=True)

@@ -617,14 +617,16 @@ class ModelHub(ModelPool):
             log.info("model %s: unedited downstream scores %s", state.slug, state.downstream_unedited)
         return state.downstream_unedited
 
+    def _weights_pinned(self, state: ModelState) -> bool:
+        """Whether the model's identity pins its weights: not for a model object the caller holds (it may have been
+        changed in memory since it was loaded) nor for a hub model at an unpinned revision."""
+        identity = state.loaded.identity
+        return not (state.slug in self._held_models or not identity or identity.endswith("@unpinned"))
+
     def _values_root(self, state: ModelState) -> Any:
         """Where values measured on the unedited model are kept across processes (templates, perplexity), or None
-        where the identity does not pin the weights: a model object the caller holds (it may have been changed in
-        memory since it was loaded) or a hub model at an unpinned revision."""
-        identity = state.loaded.identity
-        if state.slug in self._held_models or not identity or identity.endswith("@unpinned"):
-            return None
-        return self._root
+        where the identity does not pin the weights (:meth:`_weights_pinned`)."""
+        return self._root if self._weights_pinned(state) else None
 
     def _unedited_perplexity(self, state: ModelState, corpus: Any) -> dict[str, float]:
         """The unedited model's perplexity on ``corpus``: measured once, and kept under the cache root for the other
@@ -699,7 +701,8 @@ class ModelHub(ModelPool):
                                              values_root=self._values_root(state),
                                              stats_corpus=lambda: self._corpus(corpus_name),
                                              stats_cache=self._stats_cache, stats_dir=self.options.stats_dir,
-                                             ordinary_texts=lambda: self.corpus_texts(state.slug))
+                                             ordinary_texts=lambda: self.corpus_texts(state.slug),
+                                             weights_pinned=self._weights_pinned(state))
         return state.resources
 
     def _editor(self, state: ModelState, name: str) -> Any:
@@ -715,8 +718,8 @@ class ModelHub(ModelPool):
             self._verify_intact(state, name, "set-up")
             return editor
         except Exception as err:
-            log.warning("model %s: editor %s could not be set up; its remaining tests report the same error",
-                        state.slug, name)
+            log.warning("model %s: editor %s could not be set up (%s); every later use of it on this model raises the "
+                        "same error", state.slug, name, type(err).__name__)
             state.editor_errors[name] = (err, err.__traceback__)
             raise
 

@@ -304,6 +304,15 @@ def options_given(config: pytest.Config) -> bool:
     return any(_given(config, option) is not None for option in OPTIONS)
 
 
+# the options that say what to certify; one of them on the command line asks for a certification run
+SELECTION_OPTIONS = ("editor", "model", "cases")
+
+
+def selection_on_command_line(config: pytest.Config) -> bool:
+    """Whether the command line names an editor, a model or case sets (not an ini twin, nor another option)."""
+    return any(config.getoption(option.key) is not None for option in OPTIONS if option.name in SELECTION_OPTIONS)
+
+
 def origin(given: Given, name: str) -> str:
     """Where an option's value came from, for messages: its flag when it was not set."""
     got = given[name]
@@ -425,10 +434,11 @@ def _editor_names(requested: Sequence[str], origin: str) -> tuple[str, ...]:
 
 def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None) -> tuple[tuple[str, Path], ...]:
     """``--editsafety-hparams EDITOR=FILE`` values (else the ini's lines) as (editor, file) pairs, each file
-    read once here so that a typo is a usage error now, not an error in every test of the editor."""
+    read and checked once here (its keys and their types; what depends on the model, such as a layer's range,
+    when the model loads) so that a typo is a usage error now, not an error in every test of the editor."""
     if given is None:
         return ()
-    from editors.hparams import HparamsError, named_hparams_sets, read_hparams_file, schema_for
+    from editors.hparams import HparamsError, check_hparams_values, named_hparams_sets, read_hparams_file, schema_for
     from editors.registry import EditorRegistryError, available_editors
 
     values, origin = given
@@ -454,7 +464,7 @@ def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None) -> tup
             raise pytest.UsageError(f"{origin}: {value!r}: no such file {path} (built-in named sets of "
                                     f"{editor}: {', '.join(named_sets) or 'none'})")
         try:
-            read_hparams_file(path)
+            check_hparams_values(editor, read_hparams_file(path), str(path))
         except HparamsError as err:
             raise pytest.UsageError(f"{origin}: {value!r}: {err}") from None
         pairs[editor] = path

@@ -13,8 +13,13 @@ options and markers and nothing else. It activates:
   ``xdist_glue`` (``-n auto`` = number of GPUs, one GPU per worker; xdist's ``load`` scheduling spreads
   every (editor, model) over all workers, in the plan's model-major order);
 * otherwise when collection first meets a test that requests ``editsafety_item`` or
-  ``editsafety_fuzz_target`` (the modules in ``suites/``), or when an xdist controller first receives such
-  a test's record: the plan is built from the defaults then, and xdist keeps its own scheduling.
+  ``editsafety_fuzz_target`` (the modules of ``pytest_editsafety.suites``, which this repository's ``suites/``
+  re-exports), or when an xdist controller first receives such a test's record: the plan is built from the
+  defaults then, and xdist keeps its own scheduling.
+
+A run whose command line names an editor, a model or case sets but no paths, and whose collection holds no
+editsafety test, collects the shipped suites too (``pytest_editsafety.shipped``), so ``pytest --editor=rome
+--model=gpt2`` certifies from any directory.
 
 Flow: ``pytest_generate_tests`` turns the plan into one test per (editor, model, case) plus sequential
 tests; the test attaches its record to ``user_properties``; the controller (``ControllerHooks``) learns
@@ -54,6 +59,7 @@ from pytest_editsafety.options import (
     origin,
     plan_for,
     read_settings,
+    selection_on_command_line,
 )
 
 log = logging.getLogger(__name__)
@@ -142,6 +148,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if not options_given(config):
         return
     _activate(config)
+    if selection_on_command_line(config):
+        # a project that carries no certification test still gets the suite it asked for (pytest_editsafety.shipped)
+        from pytest_editsafety.shipped import ShippedSuites
+
+        config.pluginmanager.register(ShippedSuites(), "editsafety-shipped-suites")
     if workerinput is None and config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(xdist_glue.ControllerXdist(), "editsafety-xdist-controller")
 

@@ -526,7 +526,9 @@ def load_model(spec: ModelSpec | str, options: LoadOptions | None = None) -> Loa
         # GPT-J's attention is eager-only; sdpa forced on it later drops the causal mask (future tokens leak).
         model_kwargs["attn_implementation"] = "eager"
 
-    settings_text = ", ".join(f"{key}={value}" for key, value in model_kwargs.items())
+    # a config object prints as many lines of JSON: name its class alone
+    settings_text = ", ".join(f"{key}={type(value).__name__ if key == 'config' else value}"
+                              for key, value in model_kwargs.items())
     log.info("loading model %s from %s (%s)", spec.name, location, settings_text)
     with _unavailable_as_error(spec, "tokenizer", revision):
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False, **hub_kwargs)

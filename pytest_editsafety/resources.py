@@ -28,11 +28,14 @@ class ModelResources:
 
     def __init__(self, loaded: Any, *, cache_root: Path, stats_corpus: Any, stats_cache: Any,
                  stats_dir: str | None = None, values_root: Path | None = None,
-                 ordinary_texts: Callable[[], Sequence[str]] = tuple) -> None:
+                 ordinary_texts: Callable[[], Sequence[str]] = tuple, weights_pinned: bool = True) -> None:
         """``stats_corpus`` is the statistics ``Corpus`` or a callable returning it, called only when a second
         moment is computed from text; ``values_root`` keeps the context templates across processes (None: sampled
         in each, for a model whose identity does not pin its weights); ``ordinary_texts`` returns the model's
-        perplexity corpus's texts, read when an editor asks for ordinary text."""
+        perplexity corpus's texts, read when an editor asks for ordinary text. ``weights_pinned`` False (a model
+        the caller holds in memory, a hub model at an unpinned revision): the identity names where the weights
+        came from, not what they are now, so C and trained networks are kept under it plus a digest of the
+        weights (:meth:`weights_identity`)."""
         self.loaded = loaded
         self.identity = loaded.identity
         self._cache_root = cache_root
@@ -42,13 +45,32 @@ class ModelResources:
         self._stats_dir = stats_dir
         self._templates: dict[tuple[tuple[int, int], ...], tuple[str, ...]] = {}
         self._ordinary_texts = ordinary_texts
+        self._weights_pinned = weights_pinned
+        self._weights_identity: str | None = None
+
+    def weights_identity(self) -> str:
+        """The identity the on-disk artefacts measured on these weights are kept under: the model's own where it
+        pins the weights, else it plus a digest of every parameter and buffer, taken once (on the unedited
+        model: editors are set up before any edit). A fine-tuned or edited copy of a model held in memory so never
+        gets the C its original was given; the price is one pass over the weights (about 0.5 s per 124M
+        parameters on one CPU thread) when such a model first needs C or a trained network."""
+        if self._weights_identity is None:
+            if self._weights_pinned:
+                self._weights_identity = self.loaded.identity
+            else:
+                from editors.restore import model_digest
+
+                log.info("model %s: digesting its weights to key its second moments and trained networks (its "
+                         "identity does not pin them)", self.loaded.spec.name)
+                self._weights_identity = f"{self.loaded.identity}+weights-{model_digest(self.loaded.model)[:16]}"
+        return self._weights_identity
 
     def second_moment(self, layer: int, n_samples: int) -> Any:
         from editors.stats import covariance_for
 
         loaded = self.loaded
         return covariance_for(
-            loaded.model, loaded.tokenizer, loaded.family, layer, identity=loaded.identity,
+            loaded.model, loaded.tokenizer, loaded.family, layer, identity=self.weights_identity(),
             corpus=self._stats_corpus, cache=self._stats_cache, stats_dir=self._stats_dir,
             n_samples=n_samples, progress=False,
         )
@@ -75,7 +97,7 @@ class ModelResources:
         from pytest_editsafety.trained import locate_network
 
         loaded = self.loaded
-        return locate_network(need, loaded.model, loaded.tokenizer, loaded.family, identity=loaded.identity,
+        return locate_network(need, loaded.model, loaded.tokenizer, loaded.family, identity=self.weights_identity(),
                               root=self._cache_root)
 
     def ordinary_texts(self) -> tuple[str, ...]:

@@ -54,6 +54,36 @@ def test_certify_a_loaded_model_with_an_editor_object_equals_the_plugin(organism
     assert "c-rome" in (tmp_path / "c.md").read_text()
 
 
+def test_a_held_model_changed_in_memory_is_not_given_the_second_moments_of_its_original(organism, tmp_path):
+    """A model object's identity names where its weights came from; C is kept under it plus the weights' digest,
+    so a copy changed in memory (fine-tuned, edited) gets its own C, and the same weights find theirs again."""
+    import torch
+
+    from pytest_editsafety.api import certify
+    from pytest_editsafety.cases import resolve_cases
+    from pytest_editsafety.registry import load_model
+
+    normal = resolve_cases("normal")
+    one = normal.with_cases(normal.cases[:1])
+    with_c = {"mom2_adjustment": True}
+    cache = tmp_path / "cache"
+
+    def stats_files() -> set[str]:
+        return {p.name for p in (cache / "stats").glob("*.safetensors")}
+
+    certify(organism.model, organism.tokenizer, "rome", one, hparams=with_c, cache_root=str(cache))
+    original = stats_files()
+    assert len(original) == 1
+    changed = load_model("tiny-gpt2")
+    with torch.no_grad():
+        changed.model.transformer.h[0].mlp.c_fc.weight.mul_(3)  # the layer-0 keys are no longer the original's
+    certify(changed.model, changed.tokenizer, "rome", one, hparams=with_c, cache_root=str(cache))
+    assert len(stats_files()) == 2
+    # the original's weights again: its C is found, not measured a third time
+    certify(organism.model, organism.tokenizer, "rome", one, hparams=with_c, cache_root=str(cache))
+    assert len(stats_files()) == 2
+
+
 def test_certify_several_editors_in_one_run_gives_each_editors_own_records(organism):
     """One call for rome and c-rome (a name list and an object): the searches are shared, the records are each editor
     certified alone; per-editor hparams reach only the editor they name."""
@@ -120,6 +150,47 @@ def test_guard_judges_one_editor():
 
     with pytest.raises(ValueError, match="guard judges the edits of one editor"):
         guard("tiny-gpt2", None, "rome,c-rome", [])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"fraction": math.nan}, "fraction: expected a finite number >= 0, got nan"),
+    ({"fraction": -1.0}, "fraction: expected a finite number >= 0"),
+    ({"max_ppl_ratio": -1.0}, "max_ppl_ratio: expected a finite number >= 0"),
+    ({"floor": math.inf}, "floor: expected a finite number >= 0"),
+    ({"interference_factor": -2.0}, "interference_factor: expected None or a finite number >= 0"),
+])
+def test_guard_refuses_a_bound_no_edit_could_be_judged_by_before_loading_anything(kwargs, message):
+    from pytest_editsafety.api import guard
+
+    with pytest.raises(ValueError, match=message):
+        guard("no-such-model-is-loaded", None, "rome", [], **kwargs)
+
+
+def test_guard_and_certify_take_one_case_and_name_a_request_of_the_wrong_kind(organism):
+    from pytest_editsafety.api import certify, guard
+    from pytest_editsafety.cases import resolve_cases
+
+    case = resolve_cases("normal").cases[0]
+    (decision,) = guard(organism.model, organism.tokenizer, "rome", case)
+    assert decision.subject == case.subject
+    assert len(certify(organism.model, organism.tokenizer, "rome", case).cases) == 1
+    as_dict = {"subject": case.subject, "prompt": case.prompt, "target_new": case.target_new}
+    with pytest.raises(ValueError, match=r"requests\[0\]: expected an EditRequest or an EditCase, got dict"):
+        guard(organism.model, organism.tokenizer, "rome", [as_dict])
+    with pytest.raises(ValueError, match="limit: expected None or an integer >= 1, got 0"):
+        certify(organism.model, organism.tokenizer, "rome", case, limit=0)
+
+
+def test_certify_raises_a_setting_that_does_not_fit_the_model_naming_where_it_came_from(organism):
+    from editors.hparams import HparamsError, UnknownHparamsKeyError
+    from pytest_editsafety.api import certify
+
+    with pytest.raises(HparamsError, match="rome: layer from overrides: layer 99 is out of range for a model with 6"):
+        certify(organism.model, organism.tokenizer, "rome", "normal", hparams={"layer": 99})
+    with pytest.raises(HparamsError, match=r"layer from editors/hparams/rome/kmeng01/gpt2.json: layer 17 is out of"):
+        certify(organism.model, organism.tokenizer, "rome", "normal", hparams="kmeng01")
+    with pytest.raises(UnknownHparamsKeyError, match="unknown hyper-parameter 'layerz'"):
+        certify(organism.model, organism.tokenizer, "rome", "normal", hparams={"layerz": 3})
 
 
 def test_certify_refuses_an_unknown_editor_name_before_loading_anything():

@@ -19,6 +19,11 @@ import types
 from pathlib import Path
 
 import pytest
+
+# imported before the in-process pytester runs below (as in tests/test_search_batch.py): a run restores sys.modules
+# afterwards, and torch first imported inside one (checking an --editsafety-hparams file reads the editor's
+# dataclass), dropped, then imported again broke the process
+import torch  # noqa: F401
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -404,6 +409,9 @@ def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pyt
     (["--editsafety-hparams=mend=no/such.json"], "'mend=no/such.json': no such file"),
     (["--editsafety-hparams=rome={broken}"], "expected a JSON object of hyper-parameters"),
     (["--editsafety-hparams=rome={valid}", "--editsafety-hparams=rome={valid}"], "editor 'rome' given twice"),
+    # a typo or a wrong type in the file is the run's usage error, not an error in every test of the editor
+    (["--editsafety-hparams=rome={typo}"], "typo.json: unknown hyper-parameter 'layerz' for editor 'rome'"),
+    (["--editsafety-hparams=rome={typed}"], "typed.json: v_num_grad_steps: expected an integer, got 'many'"),
 ])
 def test_usage_errors_exit_4_and_name_the_culprit(pytester: pytest.Pytester, args: list[str], message: str) -> None:
     broken = pytester.path / "broken_cases.json"
@@ -411,9 +419,14 @@ def test_usage_errors_exit_4_and_name_the_culprit(pytester: pytest.Pytester, arg
     empty = pytester.path / "empty_cases.json"
     empty.write_text("[]")
     valid = pytester.path / "hparams.json"
-    valid.write_text("{}")
+    valid.write_text('{"layer": "causal", "v_lr": 0.5}')
+    typo = pytester.path / "typo.json"
+    typo.write_text('{"layerz": 3}')
+    typed = pytester.path / "typed.json"
+    typed.write_text('{"v_num_grad_steps": "many"}')
     pytester.makepyfile(test_certify=SUITE.read_text())
-    result = pytester.runpytest(*[a.format(broken=broken, empty=empty, valid=valid) for a in args])
+    result = pytester.runpytest(*[a.format(broken=broken, empty=empty, valid=valid, typo=typo, typed=typed)
+                                  for a in args])
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
 
@@ -913,6 +926,32 @@ def test_a_stop_on_failure_is_partial_only_when_it_left_a_test_unrun(
     assert not run.certified
     assert [g.kind for g in run.coverage.gaps] == ([gap] if gap else [])
     assert (run.sessions[0].interrupted is None) == (gap is None)
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+def test_a_project_without_the_suite_certifies_with_the_shipped_one(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, micro_model: Path, corpus_file: Path,
+    two_cases: Path, tmp_path: Path, one_torch_thread: None, workers: list[str],
+) -> None:
+    # another project: a test of its own, no certification module (the plugin installed from a wheel)
+    monkeypatch.setenv("EDITSAFETY_CACHE", str(tmp_path / "cache"))
+    pytester.makepyfile(test_theirs="def test_theirs():\n    pass\n")
+    out = tmp_path / "out"
+    args = run_args(micro_model, corpus_file, out, *LOOSE, f"--cases={two_cases}", "-v")
+    result = pytester.runpytest_subprocess(*args, *workers, timeout=300)
+    assert result.ret == pytest.ExitCode.OK
+    # theirs and the two cases; the fuzz test waits for -m (xdist's summary does not count what workers deselect)
+    result.assert_outcomes(passed=3, deselected=0 if workers else 1)
+    result.stdout.fnmatch_lines(["*PASSED*test_certify.py::test_edit_is_safe?c-rome-*-one?*"] if workers else
+                                ["test_certify.py::test_edit_is_safe?c-rome-*-one? PASSED*"])
+    assert [r.case_id for r in read_result(out / "r.json").cases] == ["one", "two"]
+    # a run that names its paths gets those alone, and no certificate
+    named = pytester.runpytest(*args, "test_theirs.py")
+    named.assert_outcomes(passed=1)
+    assert named.ret == pytest.ExitCode.TESTS_FAILED
+    # the shipped suites by name, without the project's tests
+    pyargs = pytester.runpytest(*args, "--pyargs", "pytest_editsafety.suites")
+    pyargs.assert_outcomes(passed=2, deselected=1)
 
 
 def test_a_run_that_selects_none_of_its_plan_is_partial_not_a_silent_pass(

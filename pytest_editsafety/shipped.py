@@ -1,0 +1,50 @@
+"""The suites shipped with the plugin, collected in an owned run that found no certification test of its own.
+
+``pip install pytest-editsafety`` and ``pytest --editor=rome --model=gpt2`` in any directory: the project there
+carries no module requesting ``editsafety_item``, so without this the run would collect nothing (exit 5). When the
+command line names what to certify (``--editor``, ``--model`` or ``--cases``) but no paths (pytest collects its
+``testpaths`` or the invocation directory), and that collection holds no test of the plugin's fixtures,
+:class:`ShippedSuites` collects :mod:`pytest_editsafety.suites` as well. A run that names paths gets exactly
+those (``--pyargs pytest_editsafety.suites`` names the shipped suites alone); a project with editsafety tests of
+its own (a re-export of the suites, as this repository's ``suites/``, or tests of ``editsafety_hub``) keeps them
+alone; other editsafety options (``--editsafety-limit``, an ini twin) add nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+# a test requesting one of these is the project's own editsafety test
+SUITE_FIXTURES = ("editsafety_item", "editsafety_fuzz_target", "editsafety_hub", "editsafety_plan")
+
+
+def shipped_suite_paths() -> tuple[Path, ...]:
+    """The shipped suite modules, certification first."""
+    from pytest_editsafety import suites
+
+    folder = Path(suites.__file__).parent
+    return folder / "test_certify.py", folder / "test_fuzz.py"
+
+
+def collects_a_suite(items: Iterable[pytest.Item]) -> bool:
+    """Whether any of ``items`` is an editsafety test (it requests one of :data:`SUITE_FIXTURES`)."""
+    return any(name in getattr(item, "fixturenames", ()) for item in items for name in SUITE_FIXTURES)
+
+
+class ShippedSuites:
+    """Registered when the command line names what to certify, on the controller and every xdist worker alike
+    (they share the command line), so that all of them collect the same tests."""
+
+    @pytest.hookimpl(tryfirst=True)  # before -k / -m deselect: the shipped tests are selected like any other
+    def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config,
+                                      items: list[pytest.Item]) -> None:
+        if config.args_source == pytest.Config.ArgsSource.ARGS or collects_a_suite(items):
+            return
+        for path in shipped_suite_paths():
+            # the id `--pyargs pytest_editsafety.suites` gives it (pytest's own, outside the rootdir, is
+            # "::test_certify.py")
+            module = pytest.Module.from_parent(session, path=path, nodeid=path.name)
+            items.extend(session.genitems(module))
