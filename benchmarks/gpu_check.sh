@@ -3,7 +3,7 @@
 #
 #     benchmarks/gpu_check.sh            # on the GPUs; under 5 minutes on one GPU once the organism is built
 #     benchmarks/gpu_check.sh --cpu      # the same steps on the CPU (or GPU_CHECK_ALLOW_CPU=1): the plumbing
-#     benchmarks/gpu_check.sh --gate     # and step 5, the CI gate on the device (about 2 minutes more on 2 CPU
+#     benchmarks/gpu_check.sh --gate     # and step 4, the CI gate on the device (about 2 minutes more on 2 CPU
 #                                        # cores; builds tiny-gptj first if the cache lacks it)
 #
 # 1. builds the tiny-gpt2 organism if the cache lacks it (a one-time cost, timed apart: set EDITSAFETY_CACHE

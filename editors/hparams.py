@@ -164,8 +164,8 @@ def _check_keys(data: Mapping[str, Any], known: Sequence[str], source: str, edit
 
 def check_hparams_values(editor: str, data: Mapping[str, Any], source: str) -> None:
     """What can be checked of a file of ``editor``'s hyper-parameters before a model is known: every key is one of
-    its fields and every value has the field's type (a symbolic layer such as ``"causal"`` is resolved against the
-    model later, as are ranges that depend on it). Raises :class:`HparamsError` naming ``source`` and the key; an
+    its fields and every value but the layers has the field's type (the layers, ints, lists or symbolic such as
+    ``"causal"``, are resolved against the model later, as are ranges that depend on it). Raises :class:`HparamsError` naming ``source`` and the key; an
     editor without built-in hyper-parameters (a third-party one) is not checked here."""
     schema = _SCHEMAS.get(editor)
     if schema is None:
@@ -174,7 +174,9 @@ def check_hparams_values(editor: str, data: Mapping[str, Any], source: str) -> N
     _check_keys(data, schema.field_names(), source, editor)
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
-        if key != COMMENT_KEY and not (_is_symbolic(value) and key == schema.layer_key):
+        # the layer key takes more shapes than its field's type (an int or a list either way, symbolic layers),
+        # all resolved against the model (resolve_hparams_layers)
+        if key != COMMENT_KEY and key != schema.layer_key:
             _coerce(value, hints[key], f"{source}: {key}")
 
 

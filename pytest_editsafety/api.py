@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -287,9 +288,10 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     of N single-edit cases at once (``--editsafety-search-batch``; None: 8 on a GPU, 1 on a CPU).
     ``downstream`` names lm-eval tasks scored before and after every single edit, at most ``downstream_limit``
     examples each (``--editsafety-downstream``, :mod:`pytest_editsafety.downstream`). The model is left as it was
-    given. An editor that cannot be set up for the model (a hyper-parameter unknown, of the wrong type or out of
-    range, a missing trained network, statistics too poor to solve with) raises that error (an
-    ``editors.hparams.HparamsError`` names the key) before any case runs; errors of a single case are recorded.
+    given. A model that cannot be loaded, or an editor that cannot be set up for it (a hyper-parameter unknown, of
+    the wrong type or out of range, a missing trained network, statistics too poor to solve with), raises that
+    error (an ``editors.hparams.HparamsError`` names the key) before any case runs, whichever of several editors it
+    is; errors of a single case are recorded. Set-up is therefore not in any record's ``duration_s``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
@@ -351,13 +353,10 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
     if len(_editors(editor)) != 1:
         raise ValueError(f"editor: guard judges the edits of one editor; got {editor!r}")
     # a NaN would compare False everywhere and let every edit through; a negative bound would refuse every one
-    for name, value in (("fraction", fraction), ("max_ppl_ratio", max_ppl_ratio), ("floor", floor)):
-        if value is None and name == "floor":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-    if interference_factor is not None and not (math.isfinite(interference_factor) and interference_factor >= 0):
-        raise ValueError(f"interference_factor: expected None or a finite number >= 0, got {interference_factor!r}")
+    _check_bound("fraction", fraction)
+    _check_bound("floor", floor, none_ok=True)
+    _check_bound("interference_factor", interference_factor, none_ok=True)
+    _check_bound("max_ppl_ratio", max_ppl_ratio, infinite_ok=True)  # inf: apply every allowed edit, roll none back
     requests = _requests(requests)
     plan, hub = _hub(model, tokenizer, editor, ["normal" if _is_organism_plan(model) else "real-normal"],
                      bounds=None, corpus=None, limit=1, sequential=False, hparams=hparams, stats_corpus=stats_corpus,
@@ -432,6 +431,16 @@ def _is_organism_plan(model: Any) -> bool:
     return is_organism(resolve_model(model)) if isinstance(model, str) else is_organism_model(model)
 
 
+def _check_bound(name: str, value: Any, *, none_ok: bool = False, infinite_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0 \
+        and (math.isfinite(value) or (infinite_ok and value == math.inf))
+    if not ok:
+        allowed = ("None or " if none_ok else "") + "a finite number >= 0" + (" or inf" if infinite_ok else "")
+        raise ValueError(f"{name}: expected {allowed}, got {value!r}")
+
+
 def _requests(requests: Any) -> list[Any]:
     from editors.base import EditRequest
     from pytest_editsafety.cases import resolve_cases
@@ -454,6 +463,4 @@ def _requests(requests: Any) -> list[Any]:
         else:
             raise ValueError(f"requests[{i}]: expected an EditRequest or an EditCase, got {type(r).__name__} "
                              f"(a mapping of subject, prompt, target_new is EditRequest(**it))")
-    if not out:
-        raise ValueError("requests: none given")
     return out

@@ -445,9 +445,9 @@ class ControllerHooks:
                                     red=outputs.verdict not in (CERTIFIED, PARTIAL), bold=True)
         if errors:
             first = errors[0]
-            why = next(iter(first.get("violations") or ()), "no reason recorded")
+            why = str(next(iter(first.get("violations") or ()), "no reason recorded")).removeprefix("error: ")
             terminalreporter.write_line(f"editsafety: {len(errors)} test(s) errored rather than judged the edit, "
-                                        f"first {first.get('test_id')}: {str(why).splitlines()[0]}", red=True)
+                                        f"first {first.get('test_id')}: {why.splitlines()[0]}", red=True)
         for slug, why in sorted(controller.unloadable.items()):
             terminalreporter.write_line(f"editsafety: model {slug} could not be loaded, so its tests errored: "
                                         f"{why.splitlines()[0]}", red=True)

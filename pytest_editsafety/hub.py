@@ -779,7 +779,8 @@ class ModelHub(ModelPool):
             # tests report the same error, as for a set-up
             try:
                 # hyper-parameters that cannot be hashed cannot key a file: measured, not cached
-                root = self._root if key_fields["hparams"] is not None else None
+                # and a model whose identity does not pin its weights: measured in each process, as its templates
+                root = self._values_root(state) if key_fields["hparams"] is not None else None
                 medians = reference_medians(editor, loaded, normal, key_fields=key_fields, root=root,
                                             verify=lambda: self._verify_intact(state, name, "denominator reports"))
             except Exception as err:

@@ -34,8 +34,8 @@ class ModelResources:
         in each, for a model whose identity does not pin its weights); ``ordinary_texts`` returns the model's
         perplexity corpus's texts, read when an editor asks for ordinary text. ``weights_pinned`` False (a model
         the caller holds in memory, a hub model at an unpinned revision): the identity names where the weights
-        came from, not what they are now, so C and trained networks are kept under it plus a digest of the
-        weights (:meth:`weights_identity`)."""
+        came from, not what they are now, so C is kept under it plus a digest of the weights
+        (:meth:`weights_identity`)."""
         self.loaded = loaded
         self.identity = loaded.identity
         self._cache_root = cache_root
@@ -49,19 +49,19 @@ class ModelResources:
         self._weights_identity: str | None = None
 
     def weights_identity(self) -> str:
-        """The identity the on-disk artefacts measured on these weights are kept under: the model's own where it
-        pins the weights, else it plus a digest of every parameter and buffer, taken once (on the unedited
-        model: editors are set up before any edit). A fine-tuned or edited copy of a model held in memory so never
-        gets the C its original was given; the price is one pass over the weights (about 0.5 s per 124M
-        parameters on one CPU thread) when such a model first needs C or a trained network."""
+        """The identity C is kept under on disk: the model's own where it pins the weights, else it plus a digest
+        of every parameter and buffer, taken once (on the unedited model: editors are set up before any edit). A
+        fine-tuned or edited copy of a model held in memory so never gets the C its original was given; the price
+        is one pass over the weights (about 0.5 s per 124M parameters on one CPU thread) when such a model first
+        needs C."""
         if self._weights_identity is None:
             if self._weights_pinned:
                 self._weights_identity = self.loaded.identity
             else:
                 from editors.restore import model_digest
 
-                log.info("model %s: digesting its weights to key its second moments and trained networks (its "
-                         "identity does not pin them)", self.loaded.spec.name)
+                log.info("model %s: digesting its weights to key its second moments (its identity does not pin "
+                         "them)", self.loaded.spec.name)
                 self._weights_identity = f"{self.loaded.identity}+weights-{model_digest(self.loaded.model)[:16]}"
         return self._weights_identity
 
@@ -97,7 +97,10 @@ class ModelResources:
         from pytest_editsafety.trained import locate_network
 
         loaded = self.loaded
-        return locate_network(need, loaded.model, loaded.tokenizer, loaded.family, identity=self.weights_identity(),
+        # under the model's own identity, as `editsafety train --editor mend` writes it and MEND's set-up checks it
+        # (Provided.identity): a network is trained for a model, and a caller who changed the weights in memory
+        # trains one for the new weights (or passes its archive)
+        return locate_network(need, loaded.model, loaded.tokenizer, loaded.family, identity=loaded.identity,
                               root=self._cache_root)
 
     def ordinary_texts(self) -> tuple[str, ...]:

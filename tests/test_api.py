@@ -154,10 +154,13 @@ def test_guard_judges_one_editor():
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"fraction": math.nan}, "fraction: expected a finite number >= 0, got nan"),
+    ({"fraction": math.inf}, "fraction: expected a finite number >= 0, got inf"),
     ({"fraction": -1.0}, "fraction: expected a finite number >= 0"),
     ({"max_ppl_ratio": -1.0}, "max_ppl_ratio: expected a finite number >= 0"),
-    ({"floor": math.inf}, "floor: expected a finite number >= 0"),
+    ({"floor": math.inf}, "floor: expected None or a finite number >= 0"),
     ({"interference_factor": -2.0}, "interference_factor: expected None or a finite number >= 0"),
+    ({"interference_factor": "high"}, "interference_factor: expected None or a finite number >= 0"),
+    ({"max_ppl_ratio": math.nan}, "max_ppl_ratio: expected a finite number >= 0 or inf, got nan"),
 ])
 def test_guard_refuses_a_bound_no_edit_could_be_judged_by_before_loading_anything(kwargs, message):
     from pytest_editsafety.api import guard
@@ -185,7 +188,7 @@ def test_certify_raises_a_setting_that_does_not_fit_the_model_naming_where_it_ca
     from editors.hparams import HparamsError, UnknownHparamsKeyError
     from pytest_editsafety.api import certify
 
-    with pytest.raises(HparamsError, match="rome: layer from overrides: layer 99 is out of range for a model with 6"):
+    with pytest.raises(HparamsError, match="^layer from overrides: layer 99 is out of range for a model with 6"):
         certify(organism.model, organism.tokenizer, "rome", "normal", hparams={"layer": 99})
     with pytest.raises(HparamsError, match=r"layer from editors/hparams/rome/kmeng01/gpt2.json: layer 17 is out of"):
         certify(organism.model, organism.tokenizer, "rome", "normal", hparams="kmeng01")

@@ -943,7 +943,7 @@ def test_a_project_without_the_suite_certifies_with_the_shipped_one(
     # theirs and the two cases; the fuzz test waits for -m (xdist's summary does not count what workers deselect)
     result.assert_outcomes(passed=3, deselected=0 if workers else 1)
     result.stdout.fnmatch_lines(["*PASSED*test_certify.py::test_edit_is_safe?c-rome-*-one?*"] if workers else
-                                ["test_certify.py::test_edit_is_safe?c-rome-*-one? PASSED*"])
+                                ["pytest_editsafety/suites/test_certify.py::test_edit_is_safe?c-rome-*-one? PASSED*"])
     assert [r.case_id for r in read_result(out / "r.json").cases] == ["one", "two"]
     # a run that names its paths gets those alone, and no certificate
     named = pytester.runpytest(*args, "test_theirs.py")
