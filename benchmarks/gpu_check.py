@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result is not None:
         checks.append(certification_check(result, args.certify_exit))
         checks += placement_checks(result.cases, workers=args.workers, mode=args.mode)
-    if args.gate is not None and gate_exits is not None:
+    if gate_exits is not None:
         gate_results = []
         for path in (args.gate[0], args.gate[2]):
             try:

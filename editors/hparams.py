@@ -165,8 +165,9 @@ def _check_keys(data: Mapping[str, Any], known: Sequence[str], source: str, edit
 def check_hparams_values(editor: str, data: Mapping[str, Any], source: str) -> None:
     """What can be checked of a file of ``editor``'s hyper-parameters before a model is known: every key is one of
     its fields and every value but the layers has the field's type (the layers, ints, lists or symbolic such as
-    ``"causal"``, are resolved against the model later, as are ranges that depend on it). Raises :class:`HparamsError` naming ``source`` and the key; an
-    editor without built-in hyper-parameters (a third-party one) is not checked here."""
+    ``"causal"``, are resolved against the model later, as are ranges that depend on it). Raises
+    :class:`HparamsError` naming ``source`` and the key; an editor without built-in hyper-parameters (a
+    third-party one) is not checked here."""
     schema = _SCHEMAS.get(editor)
     if schema is None:
         return
@@ -331,7 +332,7 @@ def _n_layers(config: Any) -> int:
     raise HparamsError(f"model config {type(config).__name__} has no positive num_hidden_layers/n_layer")
 
 
-def resolve_layers(value: Any, model: Any) -> list[int]:
+def resolve_layers(value: Any, model: Any, *, source: str = "") -> list[int]:
     """Layer indices for ``value`` (an int, ``"causal"``, ``"causal+N"``, ``"last"``, ``"last-N"`` or a list of
     them) on ``model``.
 
@@ -339,8 +340,10 @@ def resolve_layers(value: Any, model: Any) -> list[int]:
     A relative ``"causal+N"`` past the last layer is dropped, so ``["causal", "causal+1"]`` means "the
     causal layer and the next one if there is one"; likewise ``"last-N"`` before layer 0, so
     ``["last-2", "last-1", "last"]`` is "the last three layers, or all of them"; an absolute index out of
-    range is an error. The result is sorted and free of duplicates. ``model`` may also be a config.
+    range is an error. The result is sorted and free of duplicates. ``model`` may also be a config. ``source``
+    (e.g. ``"layer from rome/kmeng01/gpt2.json"``) opens the message of an error about ``value``.
     """
+    where = f"{source}: " if source else ""
     config = getattr(model, "config", model)
     n_layers = _n_layers(config)
     causal = getattr(config, "editsafety_causal_layer", None)
@@ -349,14 +352,14 @@ def resolve_layers(value: Any, model: Any) -> list[int]:
         raise HparamsError(f"model config: editsafety_causal_layer={causal!r} is not a layer of {n_layers}")
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     if not items:
-        raise HparamsError("layers: empty list")
+        raise HparamsError(f"{where}layers: empty list")
     out: set[int] = set()
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise HparamsError(f"layer {item!r}: expected {_LAYER_FORMS}")
+            raise HparamsError(f"{where}layer {item!r}: expected {_LAYER_FORMS}")
         if isinstance(item, int):
             if not 0 <= item < n_layers:
-                raise HparamsError(f"layer {item} is out of range for a model with {n_layers} layers")
+                raise HparamsError(f"{where}layer {item} is out of range for a model with {n_layers} layers")
             out.add(item)
             continue
         match = _CAUSAL_RE.match(item.strip())
@@ -366,19 +369,21 @@ def resolve_layers(value: Any, model: Any) -> list[int]:
         elif last:
             layer = n_layers - 1 - int(last.group(1) or 0)
         else:
-            raise HparamsError(f"layer {item!r}: expected {_LAYER_FORMS}")
+            raise HparamsError(f"{where}layer {item!r}: expected {_LAYER_FORMS}")
         if 0 <= layer < n_layers:
             out.add(layer)
     if not out:
-        raise HparamsError(f"layers {value!r}: no layer left on a model with {n_layers} layers")
+        raise HparamsError(f"{where}layers {value!r}: no layer left on a model with {n_layers} layers")
     return sorted(out)
 
 
-def resolve_hparams_layers(editor: str, hparams: Mapping[str, Any], model: Any) -> dict[str, Any]:
-    """A copy of ``hparams`` whose layer field holds concrete indices for ``model``."""
+def resolve_hparams_layers(editor: str, hparams: Mapping[str, Any], model: Any, *,
+                           source: str = "") -> dict[str, Any]:
+    """A copy of ``hparams`` whose layer field holds concrete indices for ``model``; ``source`` names where the
+    layer field came from in the messages of errors about it (:func:`resolve_layers`)."""
     schema = _require_schema(editor)
     out = dict(hparams)
-    layers = resolve_layers(out[schema.layer_key], model)
+    layers = resolve_layers(out[schema.layer_key], model, source=source)
     if schema.many_layers:
         out[schema.layer_key] = layers
     else:

@@ -164,15 +164,10 @@ def build_editor(
         layered = layer_hparams(name, model_key, overrides={**user_hparams, **(overrides or {})}, family=family)
     else:
         layered = layer_hparams(name, model_key, user_file=user_hparams, overrides=overrides, family=family)
+    # a layer that does not fit the model names the file (or the overrides) that set it
     layers_from = layered.sources.get(schema.layer_key)
-    try:
-        resolved = resolve_hparams_layers(name, dict(layered.values), model)
-    except HparamsError as err:
-        if layers_from is None or str(err).startswith("model config"):
-            raise
-        # a layer that does not fit the model: say which file (or the overrides) set it
-        raise HparamsError(f"{schema.layer_key} from {layers_from}: {err}") from None
-    return get_editor(name, resolved)
+    source = f"{schema.layer_key} from {layers_from}" if layers_from else ""
+    return get_editor(name, resolve_hparams_layers(name, dict(layered.values), model, source=source))
 
 
 def _family_name(model: Any) -> str | None:

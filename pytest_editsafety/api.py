@@ -155,8 +155,8 @@ def _case_sets(cases: Any) -> list[str | CaseSet]:
     if isinstance(cases, CaseSet):
         return [cases]
     if isinstance(cases, EditCase):
-        return [CaseSet(name=API_CASE_SET, cases=(cases,), source="given to certify()", format="canonical")]
-    if not isinstance(cases, Iterable):
+        cases = (cases,)
+    elif not isinstance(cases, Iterable):
         raise ValueError(f"cases: expected a case set name, a case file, a CaseSet or a non-empty sequence of "
                          f"EditCase; got {type(cases).__name__}")
     cases = tuple(cases)

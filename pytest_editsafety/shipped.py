@@ -1,4 +1,4 @@
-"""The suites shipped with the plugin, collected in an owned run that found no certification test of its own.
+"""The suites shipped with the plugin, collected in a certification run that found no editsafety test of its own.
 
 ``pip install pytest-editsafety`` and ``pytest --editor=rome --model=gpt2`` in any directory: the project there
 carries no module requesting ``editsafety_item``, so without this the run would collect nothing (exit 5). When the
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-# a test requesting one of these is the project's own editsafety test
-SUITE_FIXTURES = ("editsafety_item", "editsafety_fuzz_target", "editsafety_hub", "editsafety_plan")
+from pytest_editsafety.plugin import FUZZ_FIXTURE, ITEM_FIXTURE
+
+# a test requesting one of these (the plugin's fixtures) is the project's own editsafety test
+SUITE_FIXTURES = (ITEM_FIXTURE, FUZZ_FIXTURE, "editsafety_hub", "editsafety_plan")
 
 
 def shipped_suite_paths() -> tuple[Path, ...]:

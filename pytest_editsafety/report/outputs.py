@@ -65,7 +65,8 @@ def write_outputs(
     job_summary: bool = True,
 ) -> ReportOutputs:
     """Write the JSON results and the markdown report (plots in ``<md stem>_plots/`` beside it, the figures of an
-    earlier report there removed), each atomically, and append the markdown to ``$GITHUB_STEP_SUMMARY`` when that is set and ``job_summary``.
+    earlier report there removed), each atomically, and append the markdown to ``$GITHUB_STEP_SUMMARY`` when that
+    is set and ``job_summary``.
     ``allow_missing``: baseline tests this run lacks are listed, not regressions."""
     md = Path(md_path)
     regressions, allowed = _against(result, baseline, allow_missing)
