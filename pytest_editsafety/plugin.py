@@ -152,7 +152,8 @@ def pytest_configure(config: pytest.Config) -> None:
         # a project that carries no certification test still gets the suite it asked for (pytest_editsafety.shipped)
         from pytest_editsafety.shipped import ShippedSuites
 
-        config.pluginmanager.register(ShippedSuites(), "editsafety-shipped-suites")
+        config.pluginmanager.register(ShippedSuites((ITEM_FIXTURE, FUZZ_FIXTURE, "editsafety_hub", "editsafety_plan")),
+                                      "editsafety-shipped-suites")
     if workerinput is None and config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(xdist_glue.ControllerXdist(), "editsafety-xdist-controller")
 

@@ -17,11 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from pytest_editsafety.plugin import FUZZ_FIXTURE, ITEM_FIXTURE
-
-# a test requesting one of these (the plugin's fixtures) is the project's own editsafety test
-SUITE_FIXTURES = (ITEM_FIXTURE, FUZZ_FIXTURE, "editsafety_hub", "editsafety_plan")
-
 
 def shipped_suite_paths() -> tuple[Path, ...]:
     """The shipped suite modules, certification first."""
@@ -31,19 +26,25 @@ def shipped_suite_paths() -> tuple[Path, ...]:
     return folder / "test_certify.py", folder / "test_fuzz.py"
 
 
-def collects_a_suite(items: Iterable[pytest.Item]) -> bool:
-    """Whether any of ``items`` is an editsafety test (it requests one of :data:`SUITE_FIXTURES`)."""
-    return any(name in getattr(item, "fixturenames", ()) for item in items for name in SUITE_FIXTURES)
+def requests_any(items: Iterable[pytest.Item], fixtures: Iterable[str]) -> bool:
+    """Whether any of ``items`` requests one of ``fixtures``."""
+    names = frozenset(fixtures)
+    return any(not names.isdisjoint(getattr(item, "fixturenames", ())) for item in items)
 
 
 class ShippedSuites:
     """Registered when the command line names what to certify, on the controller and every xdist worker alike
-    (they share the command line), so that all of them collect the same tests."""
+    (they share the command line), so that all of them collect the same tests. ``fixtures``: the plugin's fixtures,
+    which a test of the project's own editsafety tests requests (the plugin passes them: this module imports
+    nothing of it, which imports this one)."""
+
+    def __init__(self, fixtures: Iterable[str]) -> None:
+        self.fixtures = tuple(fixtures)
 
     @pytest.hookimpl(tryfirst=True)  # before -k / -m deselect: the shipped tests are selected like any other
     def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config,
                                       items: list[pytest.Item]) -> None:
-        if config.args_source == pytest.Config.ArgsSource.ARGS or collects_a_suite(items):
+        if config.args_source == pytest.Config.ArgsSource.ARGS or requests_any(items, self.fixtures):
             return
         for path in shipped_suite_paths():
             # the package's own path, which no module of the project shares (pytest's id for a file outside the
