@@ -4,7 +4,8 @@ Certifies ``--editor`` on ``--model`` over ``--cases`` (every case edited, measu
 does), then asks the guard about the same edits before any weight moves. Printed for the guard's defaults, for the
 denominator floor alone at several fractions and for the interference limit alone at several factors: recall of the
 cases certification fails on perplexity (overall, and among subject-first cases), precision of the refusals, the
-share of normal cases refused; and the guard's seconds per request against one certification test's.
+share of normal cases refused; the guard's seconds per request against one certification test's, and what building
+a ``Guard`` on the loaded model costs once (the editor's set-up and the floor: what every ``guard()`` call pays).
 
     python benchmarks/guard.py [--model tiny-gpt2] [--editor rome] [--cases hard,normal] [--json]
 """
@@ -31,12 +32,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pytest_editsafety.api import GUARD_INTERFERENCE_FACTOR, certify, guard
+    import time
+
+    from pytest_editsafety.api import GUARD_INTERFERENCE_FACTOR, Guard, certify
+    from pytest_editsafety.registry import load_model
 
     torch.set_num_threads(1)  # the certification's own timing convention on a shared CPU
     certificate = certify(args.model, None, args.editor, args.cases)
     verdict = {(r.subject, r.prompt, r.target_new): r for r in certificate.cases}
-    decisions = guard(args.model, None, args.editor, args.cases)
+    loaded = load_model(args.model)  # a platform's model in hand
+    started = time.perf_counter()
+    gate = Guard(loaded.model, loaded.tokenizer, args.editor)
+    setup_seconds = time.perf_counter() - started
+    decisions = gate.check(args.cases)
     median = decisions[0].floor / 0.5
     limit = decisions[0].interference_limit
     interference_median = None if limit is None else limit / GUARD_INTERFERENCE_FACTOR
@@ -50,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"model": args.model, "editor": args.editor, "cases": len(rows), "ppl_failures": len(failed),
                "ppl_failures_subject_first": sum(r["subject_first"] for r in failed), "median_denominator": median,
                "median_interference": interference_median,
+               "guard_setup_seconds": setup_seconds,
                "guard_seconds_per_request": statistics.median(d.seconds for d in decisions),
                "certification_seconds_per_test": statistics.median(r.duration_s for r in certificate.cases),
                "default": _scores(rows, [r["refused"] for r in rows]), "fractions": [], "interference_factors": []}
@@ -66,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.editor} on {args.model}: {len(rows)} cases, {len(failed)} fail certification on perplexity "
           f"({figures['ppl_failures_subject_first']} subject-first); median |uᵀk| {median:.4g}, median "
           f"interference {interference_median if interference_median is None else f'{interference_median:.4g}'}")
-    print(f"guard {figures['guard_seconds_per_request']:.4f} s/request, certification "
+    print(f"guard set-up (editor, floor; once per Guard, in every guard() call) {setup_seconds:.2f} s, then "
+          f"{figures['guard_seconds_per_request']:.4f} s/request, certification "
           f"{figures['certification_seconds_per_test']:.3f} s/test "
           f"({figures['guard_seconds_per_request'] / figures['certification_seconds_per_test']:.1%})")
     print(f"  the guard's defaults (floor 0.5 x median, interference {GUARD_INTERFERENCE_FACTOR:g} x median): "

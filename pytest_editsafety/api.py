@@ -5,7 +5,8 @@
 * :func:`guard` decides, before any weight moves, whether an edit is safe to make, from what the editor can say
   about it without editing (its ``denominator`` report: ROME's ``|uᵀk|`` against a floor derived like the
   certification's); with ``apply=True`` it also makes the edit, measures perplexity on a probe set and rolls the
-  edit back, bit-exactly, when a bound breaks.
+  edit back, bit-exactly, when a bound breaks. :class:`Guard` is the same judge set up once (the editor, the floor)
+  for a platform that asks it about edit after edit.
 
 A model is a name (built-in, Hugging Face id, local directory: loaded as the plugin loads it) or a model object
 with its tokenizer; an editor is a registered name or an editor object (:mod:`editors.base`), and :func:`certify`
@@ -30,7 +31,7 @@ from pytest_editsafety.cases import CaseSet, EditCase
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Certificate", "GuardDecision", "certify", "guard"]
+__all__ = ["Certificate", "Guard", "GuardDecision", "certify", "guard"]
 
 API_CASE_SET = "cases"
 # texts of the model's perplexity corpus a guarded edit is measured on (the corpus's first ones)
@@ -324,6 +325,124 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     return Certificate(result=result, certified=result.certified)
 
 
+class Guard:
+    """:func:`guard` set up once, for a platform that judges edit after edit on a model it holds.
+
+    Building one does what every :func:`guard` call does before its first request: it loads the model (when
+    named), sets the editor up (C, context templates) and derives the floor and the interference limit from the
+    model's normal reference cases. :meth:`check` then costs, per request, the editor's ``denominator`` report
+    (one forward pass over the templated prompts) and, applying, the edit and a probe perplexity. On tiny-gpt2
+    (rome, one CPU thread) a :func:`guard` call spends about 1.6 s before its first decision, a :meth:`check` about
+    0.02 s per request (``benchmarks/guard.py`` prints both).
+
+    The floor and the limit describe the model as it was when the guard was built: edits it keeps
+    (``apply=True``), or that the caller makes, do not move them. Build a new guard when the model has changed
+    enough that its normal cases no longer describe it. One check at a time: a guard is not thread-safe.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, editor: Any, *,
+                 fraction: float = 0.5, floor: float | None = None,
+                 interference_factor: float | None = GUARD_INTERFERENCE_FACTOR, max_ppl_ratio: float = 1.5,
+                 probe_texts: int = GUARD_PROBE_TEXTS, hparams: str | Mapping[str, Any] | None = None,
+                 stats_corpus: str | None = None, stats_dir: str | None = None, cache_root: str | None = None,
+                 dtype: str | None = None, strip_bos: bool = False) -> None:
+        if len(_editors(editor)) != 1:
+            raise ValueError(f"editor: guard judges the edits of one editor; got {editor!r}")
+        # a NaN would compare False everywhere and let every edit through; a negative bound would refuse every one
+        _check_bound("fraction", fraction)
+        _check_bound("floor", floor, none_ok=True)
+        _check_bound("interference_factor", interference_factor, none_ok=True)
+        _check_bound("max_ppl_ratio", max_ppl_ratio, infinite_ok=True)  # inf: apply every allowed edit, roll none back
+        if isinstance(probe_texts, bool) or not isinstance(probe_texts, int) or probe_texts < 1:
+            raise ValueError(f"probe_texts: expected an integer >= 1, got {probe_texts!r}")
+        plan, hub = _hub(model, tokenizer, editor, ["normal" if _is_organism_plan(model) else "real-normal"],
+                         bounds=None, corpus=None, limit=1, sequential=False, hparams=hparams,
+                         stats_corpus=stats_corpus, stats_dir=stats_dir, cache_root=cache_root, dtype=dtype,
+                         strip_bos=strip_bos)
+        slug = plan.models[0].slug
+        self.editor_name: str = plan.editors[0]
+        self._loaded = hub.loaded(slug)
+        self._editor = hub.prepared_editor(slug, self.editor_name)
+        self._hub, self._slug = hub, slug
+        # the normal cases' medians are measured (or read) only when a limit is derived from them
+        medians = hub.reference_medians(slug, self.editor_name) if floor is None or interference_factor else {}
+        if floor is None:
+            median = medians.get("denominator")
+            floor = None if median is None or not math.isfinite(median) else fraction * abs(median)
+        self.floor: float | None = floor
+        self._interference_median = medians.get("interference")
+        self._interference_factor = interference_factor
+        self.interference_limit: float | None = None
+        if interference_factor and self._interference_median is not None \
+                and math.isfinite(self._interference_median) and self._interference_median > 0:
+            self.interference_limit = interference_factor * self._interference_median
+        self.max_ppl_ratio = max_ppl_ratio
+        self.probe_texts = probe_texts
+
+    def check(self, requests: Any, *, apply: bool = False) -> tuple[GuardDecision, ...]:
+        """One decision per request, as :func:`guard` makes them; with ``apply=True`` each allowed edit is made,
+        kept when the probe perplexity (measured at the start of this call, then after each kept edit) stays
+        within ``max_ppl_ratio``, else rolled back bit-exactly and refused."""
+        from editors.base import EditRequest
+        from editors.restore import ParameterSnapshot
+        from editors.text import subject_last_index
+        from pytest_editsafety.perplexity import perplexity
+
+        requests = _requests(requests)
+        loaded, prepared, threshold, reach_limit = self._loaded, self._editor, self.floor, self.interference_limit
+        probe = None
+        if apply:
+            texts = self._hub.corpus_texts(self._slug)[: self.probe_texts]
+            probe = (texts, perplexity(loaded.model, loaded.tokenizer, texts).mean_ppl)
+        decisions = []
+        for request in requests:
+            started = time.perf_counter()
+            report = prepared.denominator(loaded.model, loaded.tokenizer, loaded.family, request)
+            if report is not None and "denominator" not in report:
+                raise ValueError(f"editor {self.editor_name!r}: its denominator() report has no 'denominator' key "
+                                 f"(got {sorted(report)})")
+            first = subject_last_index(loaded.tokenizer, "{}", request.prompt, request.subject) == 0
+            measures = {k: float(v) for k, v in (report or {}).items() if k != "denominator"}
+            value = float(report["denominator"]) if report is not None else None
+            allowed, reason = True, "no denominator to judge by" if report is None else "denominator above the floor"
+            if value is not None and not math.isfinite(value):
+                allowed, reason = False, f"|uᵀk| is {value}: the update cannot be computed"
+            elif value is not None and threshold is not None and value < threshold:
+                allowed, reason = False, f"|uᵀk| {value:.4g} < floor {threshold:.4g}"
+            elif reach_limit is not None and "interference" in measures and not measures["interference"] <= reach_limit:
+                allowed, reason = False, (f"interference {measures['interference']:.4g} > {reach_limit:.4g} "
+                                          f"({self._interference_factor:g} × the normal cases' median): ordinary "
+                                          f"text's keys receive "
+                                          f"{measures['interference'] / self._interference_median:.2g}x the usual "
+                                          f"share of the update")
+            ratio, applied = None, False
+            if allowed and probe is not None:
+                texts, before = probe
+                snapshot = ParameterSnapshot.from_model(loaded.model,
+                                                        prepared.parameters_touched(loaded.model, loaded.family))
+                try:
+                    prepared.apply(loaded.model, loaded.tokenizer, loaded.family,
+                                   [EditRequest(request.subject, request.prompt, request.target_new)])
+                    ratio = perplexity(loaded.model, loaded.tokenizer, texts).mean_ppl / before
+                except BaseException:  # an edit that raised midway is undone before the error reaches the caller
+                    snapshot.restore()
+                    raise
+                if not ratio <= self.max_ppl_ratio:  # NaN counts as broken
+                    snapshot.restore()
+                    allowed, reason = False, (f"probe perplexity ratio {ratio:.4g} > {self.max_ppl_ratio:g}: "
+                                              f"edit rolled back")
+                else:
+                    applied, reason = True, f"{reason}; applied, probe perplexity ratio {ratio:.4g}"
+                    probe = (texts, ratio * before)
+            decisions.append(GuardDecision(
+                allowed=allowed, reason=reason, subject=request.subject, prompt=request.prompt,
+                target_new=request.target_new, denominator=value, floor=threshold, subject_first=first,
+                measures=measures, interference_limit=reach_limit if "interference" in measures else None,
+                applied=applied, ppl_ratio=ratio, seconds=time.perf_counter() - started,
+            ))
+        return tuple(decisions)
+
+
 def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
           fraction: float = 0.5, floor: float | None = None,
           interference_factor: float | None = GUARD_INTERFERENCE_FACTOR, apply: bool = False, max_ppl_ratio: float = 1.5,
@@ -339,89 +458,21 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
     papers' ~100x collapse gap, a guard must also stop the 2-5x gaps that already damage a model), or is not
     finite; or when the report's ``interference`` (ROME's: the mean share of the update that ordinary text's
     keys receive, :func:`editors.maths.rome.interference`) is above ``interference_factor`` × its median over the
-    same cases (None or 0: not judged; a negative or non-finite factor is a ValueError). An editor without a denominator is allowed on that count. With ``apply=True`` an allowed edit is
-    made, the perplexity of the first ``probe_texts`` texts of the model's perplexity corpus is measured before
-    and after, and the edit is rolled back bit-exactly (and refused) when the ratio exceeds ``max_ppl_ratio``;
-    the kept edits stay in the model, one after another. ``strip_bos`` judges the edits as the model runs under the
-    BOS-stripped protocol (:func:`certify`), with the floor derived under it.
-    """
-    from editors.base import EditRequest
-    from editors.restore import ParameterSnapshot
-    from editors.text import subject_last_index
-    from pytest_editsafety.perplexity import perplexity
+    same cases (None or 0: not judged; a negative or non-finite factor is a ValueError). An editor without a
+    denominator is allowed on that count. With ``apply=True`` an allowed edit is made, the perplexity of the first
+    ``probe_texts`` texts of the model's perplexity corpus is measured before and after, and the edit is rolled
+    back bit-exactly (and refused) when the ratio exceeds ``max_ppl_ratio``; the kept edits stay in the model, one
+    after another. ``strip_bos`` judges the edits as the model runs under the BOS-stripped protocol
+    (:func:`certify`), with the floor derived under it.
 
-    if len(_editors(editor)) != 1:
-        raise ValueError(f"editor: guard judges the edits of one editor; got {editor!r}")
-    # a NaN would compare False everywhere and let every edit through; a negative bound would refuse every one
-    _check_bound("fraction", fraction)
-    _check_bound("floor", floor, none_ok=True)
-    _check_bound("interference_factor", interference_factor, none_ok=True)
-    _check_bound("max_ppl_ratio", max_ppl_ratio, infinite_ok=True)  # inf: apply every allowed edit, roll none back
-    requests = _requests(requests)
-    plan, hub = _hub(model, tokenizer, editor, ["normal" if _is_organism_plan(model) else "real-normal"],
-                     bounds=None, corpus=None, limit=1, sequential=False, hparams=hparams, stats_corpus=stats_corpus,
-                     stats_dir=stats_dir, cache_root=cache_root, dtype=dtype, strip_bos=strip_bos)
-    slug, name = plan.models[0].slug, plan.editors[0]
-    loaded = hub.loaded(slug)
-    prepared = hub.prepared_editor(slug, name)
-    # the normal cases' medians are measured (or read) only when a limit is derived from them
-    medians = hub.reference_medians(slug, name) if floor is None or interference_factor else {}
-    threshold = floor
-    if threshold is None:
-        median = medians.get("denominator")
-        threshold = None if median is None or not math.isfinite(median) else fraction * abs(median)
-    interference_median = medians.get("interference")
-    reach_limit = None
-    if interference_factor and interference_median is not None and math.isfinite(interference_median) \
-            and interference_median > 0:
-        reach_limit = interference_factor * interference_median
-    probe = None
-    if apply:
-        texts = hub.corpus_texts(slug)[:probe_texts]
-        probe = (texts, perplexity(loaded.model, loaded.tokenizer, texts).mean_ppl)
-    decisions = []
-    for request in requests:
-        started = time.perf_counter()
-        report = prepared.denominator(loaded.model, loaded.tokenizer, loaded.family, request)
-        if report is not None and "denominator" not in report:
-            raise ValueError(f"editor {name!r}: its denominator() report has no 'denominator' key (got {sorted(report)})")
-        first = subject_last_index(loaded.tokenizer, "{}", request.prompt, request.subject) == 0
-        measures = {k: float(v) for k, v in (report or {}).items() if k != "denominator"}
-        value = float(report["denominator"]) if report is not None else None
-        allowed, reason = True, "no denominator to judge by" if report is None else "denominator above the floor"
-        if value is not None and not math.isfinite(value):
-            allowed, reason = False, f"|uᵀk| is {value}: the update cannot be computed"
-        elif value is not None and threshold is not None and value < threshold:
-            allowed, reason = False, f"|uᵀk| {value:.4g} < floor {threshold:.4g}"
-        elif reach_limit is not None and "interference" in measures and not measures["interference"] <= reach_limit:
-            allowed, reason = False, (f"interference {measures['interference']:.4g} > {reach_limit:.4g} "
-                                      f"({interference_factor:g} × the normal cases' median): ordinary text's keys "
-                                      f"receive {measures['interference'] / interference_median:.2g}x the usual "
-                                      f"share of the update")
-        ratio, applied = None, False
-        if allowed and probe is not None:
-            texts, before = probe
-            snapshot = ParameterSnapshot.from_model(loaded.model, prepared.parameters_touched(loaded.model, loaded.family))
-            try:
-                prepared.apply(loaded.model, loaded.tokenizer, loaded.family,
-                               [EditRequest(request.subject, request.prompt, request.target_new)])
-                ratio = perplexity(loaded.model, loaded.tokenizer, texts).mean_ppl / before
-            except BaseException:  # an edit that raised midway is undone before the error reaches the caller
-                snapshot.restore()
-                raise
-            if not ratio <= max_ppl_ratio:  # NaN counts as broken
-                snapshot.restore()
-                allowed, reason = False, f"probe perplexity ratio {ratio:.4g} > {max_ppl_ratio:g}: edit rolled back"
-            else:
-                applied, reason = True, f"{reason}; applied, probe perplexity ratio {ratio:.4g}"
-                probe = (texts, ratio * before)
-        decisions.append(GuardDecision(
-            allowed=allowed, reason=reason, subject=request.subject, prompt=request.prompt,
-            target_new=request.target_new, denominator=value, floor=threshold, subject_first=first,
-            measures=measures, interference_limit=reach_limit if "interference" in measures else None,
-            applied=applied, ppl_ratio=ratio, seconds=time.perf_counter() - started,
-        ))
-    return tuple(decisions)
+    Each call sets the editor up and derives the floor anew; to judge edits one after another on a model you
+    hold, build a :class:`Guard` once and call its :meth:`Guard.check`.
+    """
+    requests = _requests(requests)  # a request of the wrong kind is refused before anything loads
+    return Guard(model, tokenizer, editor, fraction=fraction, floor=floor, interference_factor=interference_factor,
+                 max_ppl_ratio=max_ppl_ratio, probe_texts=probe_texts, hparams=hparams, stats_corpus=stats_corpus,
+                 stats_dir=stats_dir, cache_root=cache_root, dtype=dtype, strip_bos=strip_bos
+                 ).check(requests, apply=apply)
 
 
 def _is_organism_plan(model: Any) -> bool:

@@ -161,6 +161,7 @@ def test_guard_judges_one_editor():
     ({"interference_factor": -2.0}, "interference_factor: expected None or a finite number >= 0"),
     ({"interference_factor": "high"}, "interference_factor: expected None or a finite number >= 0"),
     ({"max_ppl_ratio": math.nan}, "max_ppl_ratio: expected a finite number >= 0 or inf, got nan"),
+    ({"probe_texts": 0}, "probe_texts: expected an integer >= 1, got 0"),
 ])
 def test_guard_refuses_a_bound_no_edit_could_be_judged_by_before_loading_anything(kwargs, message):
     from pytest_editsafety.api import guard
@@ -222,6 +223,32 @@ def test_guard_refuses_small_denominators_and_rolls_back_a_damaging_edit(organis
     assert all(not d.allowed and not d.applied and "rolled back" in d.reason for d in applied)
     assert all(d.ppl_ratio is not None and math.isfinite(d.ppl_ratio) for d in applied)
     assert model_digest(organism.model) == digest
+
+
+def test_a_guard_built_once_decides_as_guard_does_and_then_measures_only_the_requests(organism, monkeypatch):
+    """A platform judging edit after edit: the editor's set-up and the floor's reference cases are paid once, when
+    the Guard is built; each check asks the editor for the requests' own reports and nothing more."""
+    from editors.registry import build_editor
+    from pytest_editsafety.api import Guard, guard
+    from pytest_editsafety.cases import resolve_cases
+    from pytest_editsafety.organisms import hparams_keys
+
+    rome = build_editor("rome", hparams_keys(organism), organism.model)
+    asked = []
+    report = rome.denominator
+    monkeypatch.setattr(rome, "denominator", lambda *args: asked.append(args[-1].subject) or report(*args))
+    hard = resolve_cases("hard").cases[:3]
+    gate = Guard(organism.model, organism.tokenizer, rome)
+    at_set_up = len(asked)
+    assert at_set_up >= 40  # the normal reference cases the floor is the median of
+    first, second = gate.check(hard), gate.check(hard[0])
+    assert asked[at_set_up:] == [c.subject for c in hard] + [hard[0].subject]
+    assert gate.floor > 0 and gate.interference_limit > 0
+    once = guard(organism.model, organism.tokenizer, "rome", hard)
+    assert [d.allowed for d in first] == [d.allowed for d in once] and second[0].allowed == first[0].allowed
+    for mine, theirs in zip(first, once):
+        assert mine.floor == pytest.approx(theirs.floor, rel=1e-6) == gate.floor
+        assert mine.denominator == pytest.approx(theirs.denominator, rel=1e-6)
 
 
 def test_guard_refuses_an_edit_that_reaches_ordinary_text_though_its_denominator_is_ordinary(organism):
