@@ -20,6 +20,8 @@ from types import MappingProxyType
 
 import torch
 
+from editors.hooks import eval_mode
+
 START_WORDS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
 TEMPLATE_SEED = 0
 TEMPLATE_TOP_K = 5
@@ -54,7 +56,8 @@ def sample_context_templates(
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     templates: list[str] = ["{}"]
-    with torch.no_grad():
+    # no dropout, whatever mode the caller's model is in: the seeded sampler then draws the same templates
+    with torch.no_grad(), eval_mode(model):
         for length, count in lengths_and_counts:
             for start, n in zip(START_WORDS, prefixes_per_start_word(count)):
                 for _ in range(n):

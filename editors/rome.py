@@ -114,13 +114,14 @@ def _module(model, family, kind: str, layer: int):
 
 
 def keys_and_outputs(model, tokenizer, family, layer: int, contexts, request: EditRequest):
-    """Keys (MLP output-projection inputs) and MLP outputs at the subject's last token, per context."""
+    """Keys (MLP output-projection inputs) and MLP outputs at the subject's last token, per context, without
+    dropout whatever mode the caller's model is in (a key measured in train mode differs at every call)."""
     device = next(model.parameters()).device
     texts = [fill(c, request.text) for c in contexts]
     positions = [subject_last_index(tokenizer, c, request.prompt, request.subject) for c in contexts]
     batch = right_padded(tokenizer, texts, device)
     store: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), capture_input(_module(model, family, "mlp_out", layer), store), \
+    with torch.no_grad(), eval_mode(model), capture_input(_module(model, family, "mlp_out", layer), store), \
             capture_output(_module(model, family, "mlp", layer), store):
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     return rows_at(store["input"], positions).float(), rows_at(store["output"], positions).float(), positions
@@ -211,8 +212,7 @@ class RomeEditor(EditorBase):
     def prepare(self, model, tokenizer, family, requests) -> dict[EditRequest, RomeInputs]:
         """Keys, outputs and v* of every request, measured on the model as it is; the searches run together."""
         contexts = self._contexts(model, tokenizer)
-        with eval_mode(model):  # keys and outputs without dropout, whatever mode the caller's model is in
-            measured = [keys_and_outputs(model, tokenizer, family, self.hparams.layer, contexts, r) for r in requests]
+        measured = [keys_and_outputs(model, tokenizer, family, self.hparams.layer, contexts, r) for r in requests]
         fits = search_value_deltas(model, tokenizer, family, self.hparams, contexts, requests,
                                    [outputs[0] for _, outputs, _ in measured])
         return {

@@ -16,6 +16,8 @@ case file, a ``CaseSet`` or a sequence of ``EditCase``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import numbers
@@ -98,7 +100,10 @@ class GuardDecision:
     # reference cases' median; None when the editor reports no interference
     interference_limit: float | None = None
     applied: bool = False  # apply=True and the edit was kept
-    ppl_ratio: float | None = None  # apply=True: probe perplexity after the edit / before
+    ppl_ratio: float | None = None  # apply=True: probe perplexity after the edit / just before it
+    # apply=True: probe perplexity after the edit / the guard's reference (the model as its first applying check
+    # found it): the number max_ppl_ratio bounds
+    ppl_ratio_total: float | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,7 +121,13 @@ def _held_model(model: Any, tokenizer: Any, strip_bos: bool = False) -> Any:
 
     if tokenizer is None:
         raise ValueError("tokenizer: a model object needs its tokenizer (pass a model name to load both)")
-    config = model.config
+    if isinstance(tokenizer, (str, Path)) or not callable(tokenizer):
+        raise ValueError(f"tokenizer: expected the model's tokenizer object (a transformers tokenizer), got "
+                         f"{type(tokenizer).__name__}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "named_parameters"):
+        raise ValueError(f"model: expected a model name or a transformers model (with a .config), got "
+                         f"{type(model).__name__}")
     family = family_for_model_type(config.model_type)
     name = str(getattr(config, "_name_or_path", "") or "")
     try:
@@ -230,7 +241,7 @@ def _hparams_options(hparams: Any, editors: Mapping[str, Any]) -> dict[str, Any]
     return {"editor_hparams": per_name}
 
 
-def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | CaseSet], *, bounds: Bounds | None,
+def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | CaseSet], *, bounds: Bounds | Mapping[str, Any] | None,
          corpus: str | None, limit: int | None, sequential: bool, hparams: Any,
          stats_corpus: str | None, stats_dir: str | None, cache_root: str | None, dtype: str | None,
          strip_bos: bool, sequential_edits: int | None = None, sequential_every: int | None = None,
@@ -244,12 +255,19 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
 
     editors = _editors(editor)
     hparams_options = _hparams_options(hparams, editors)
+    checked_bounds = _bounds(bounds)
+    if isinstance(model, str) and tokenizer is not None:
+        raise ValueError(f"tokenizer: model {model!r} is given by name and loads its own tokenizer; pass None, or "
+                         f"pass the model object with its tokenizer")
+    if not isinstance(model, str) and dtype is not None:
+        raise ValueError(f"dtype: a model you hold runs in its own dtype; convert it first (model.to(...)) or give "
+                         f"the model by name to load it in {dtype!r}")
     held = None if isinstance(model, str) else _held_model(model, tokenizer, strip_bos)
     plan = build_plan(list(editors), [model if held is None else held.spec], list(case_sets), ppl_corpus=corpus,
                       limit=limit, sequential=sequential, sequential_edits=sequential_edits,
                       sequential_ppl_corpus=sequential_corpus, batch_size=batch_size)
     options = HubOptions(
-        bounds=bounds or Bounds(), dtype=dtype, stats_dir=stats_dir, stats_corpus=stats_corpus, cache_root=cache_root,
+        bounds=checked_bounds, dtype=dtype, stats_dir=stats_dir, stats_corpus=stats_corpus, cache_root=cache_root,
         strip_bos=strip_bos, sequential_every=sequential_every, search_batch=search_batch,
         downstream=tuple(downstream), downstream_limit=downstream_limit, **hparams_options,
     )
@@ -260,7 +278,7 @@ def _hub(model: Any, tokenizer: Any, editor: Any, case_sets: Sequence[str | Case
 
 
 def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
-            bounds: Bounds | None = None, corpus: str | None = None, limit: int | None = None,
+            bounds: Bounds | Mapping[str, Any] | None = None, corpus: str | None = None, limit: int | None = None,
             sequential: bool = False, hparams: str | Path | Mapping[str, Any] | None = None,
             stats_corpus: str | None = None,
             stats_dir: str | None = None, cache_root: str | None = None, dtype: str | None = None,
@@ -311,14 +329,17 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     # every editor set up first, so that a caller hears of a bad setting as an exception naming it, not as an
     # error recorded against every case of an uncertified certificate (the plugin, which must report per test,
     # records it so)
-    for planned_model in plan.models:
-        for name in plan.editors:
-            hub.prepared_editor(planned_model.slug, name)
     records = RunRecords(started=started, t0=t0, seen=True, strip_bos=strip_bos)
-    for item in plan.items:
-        outcome = hub.run(item)
-        absorb_meta(records, outcome.meta)
-        records.records[item.test_id] = outcome.record
+    # a model you hold is measured as the plugin's own loads are, in eval mode (dropout off), and given back in the
+    # modes it came in
+    with _measuring(model):
+        for planned_model in plan.models:
+            for name in plan.editors:
+                hub.prepared_editor(planned_model.slug, name)
+        for item in plan.items:
+            outcome = hub.run(item)
+            absorb_meta(records, outcome.meta)
+            records.records[item.test_id] = outcome.record
     # one session that selected the whole plan and ran it to the end: the certificate covers its plan or says why not
     session = Session(keyword="", markexpr="", shard=None, deselected=(), interrupted=None)
     result = build_result(plan, hub.options.bounds, records, ("pytest_editsafety.api.certify",), session)
@@ -332,12 +353,14 @@ class Guard:
     named), sets the editor up (C, context templates) and derives the floor and the interference limit from the
     model's normal reference cases. :meth:`check` then costs, per request, the editor's ``denominator`` report
     (one forward pass over the templated prompts) and, applying, the edit and a probe perplexity. On tiny-gpt2
-    (rome, one CPU thread) a :func:`guard` call spends about 1.6 s before its first decision, a :meth:`check` about
+    (rome, one CPU thread) a :func:`guard` call spends about 1.5 s before its first decision, a :meth:`check` about
     0.02 s per request (``benchmarks/guard.py`` prints both).
 
     The floor and the limit describe the model as it was when the guard was built: edits it keeps
-    (``apply=True``), or that the caller makes, do not move them. Build a new guard when the model has changed
-    enough that its normal cases no longer describe it. One check at a time: a guard is not thread-safe.
+    (``apply=True``), or that the caller makes, do not move them. ``max_ppl_ratio`` bounds the probe perplexity
+    against the guard's reference, the model as its first applying check found it, so kept edits cannot drift
+    past it one small step at a time. Build a new guard when the model has changed enough that its normal cases no
+    longer describe it. One check at a time: a guard is not thread-safe.
     """
 
     def __init__(self, model: Any, tokenizer: Any, editor: Any, *,
@@ -361,86 +384,130 @@ class Guard:
                          strip_bos=strip_bos)
         slug = plan.models[0].slug
         self.editor_name: str = plan.editors[0]
-        self._loaded = hub.loaded(slug)
-        self._editor = hub.prepared_editor(slug, self.editor_name)
         self._hub, self._slug = hub, slug
-        # the normal cases' medians are measured (or read) only when a limit is derived from them
-        medians = hub.reference_medians(slug, self.editor_name) if floor is None or interference_factor else {}
+        self._loaded = hub.loaded(slug)
+        with _measuring(self._loaded.model):
+            self._editor = hub.prepared_editor(slug, self.editor_name)
+            self._templates = hub.provided(slug, self.editor_name).context_templates or ("{}",)
+            # the normal cases' medians are measured (or read) only when a limit is derived from them
+            medians = hub.reference_medians(slug, self.editor_name) if floor is None or interference_factor else {}
         if floor is None:
             median = medians.get("denominator")
             floor = None if median is None or not math.isfinite(median) else fraction * abs(median)
-        self.floor: float | None = floor
+        # plain floats: a decision holds them and goes to JSON
+        self.floor: float | None = None if floor is None else float(floor)
         self._interference_median = medians.get("interference")
-        self._interference_factor = interference_factor
+        self._interference_factor = None if interference_factor is None else float(interference_factor)
         self.interference_limit: float | None = None
-        if interference_factor and self._interference_median is not None \
+        if self._interference_factor and self._interference_median is not None \
                 and math.isfinite(self._interference_median) and self._interference_median > 0:
-            self.interference_limit = interference_factor * self._interference_median
-        self.max_ppl_ratio = max_ppl_ratio
+            self.interference_limit = self._interference_factor * float(self._interference_median)
+        self.max_ppl_ratio = float(max_ppl_ratio)
         self.probe_texts = probe_texts
+        self._probe: tuple[tuple[str, ...], float] | None = None  # the probe texts and the reference perplexity
+
+    @property
+    def probe_reference(self) -> float | None:
+        """The probe perplexity ``max_ppl_ratio`` is held against; None before the first check that applies."""
+        return None if self._probe is None else self._probe[1]
 
     def check(self, requests: Any, *, apply: bool = False) -> tuple[GuardDecision, ...]:
-        """One decision per request, as :func:`guard` makes them; with ``apply=True`` each allowed edit is made,
-        kept when the probe perplexity (measured at the start of this call, then after each kept edit) stays
-        within ``max_ppl_ratio``, else rolled back bit-exactly and refused."""
-        from editors.base import EditRequest
+        """One decision per request, as :func:`guard` makes them. With ``apply=True`` each allowed edit is made and
+        kept while the probe perplexity stays within ``max_ppl_ratio`` of the reference, else rolled back
+        bit-exactly and refused. A request whose edit would not fit the model's context is refused with the
+        lengths. A call that raises (an editor's error midway) leaves no edit of its own in the model: the ones it
+        had kept are rolled back too, as the caller never learns of them."""
         from editors.restore import ParameterSnapshot
-        from editors.text import subject_last_index
-        from pytest_editsafety.perplexity import perplexity
 
         requests = _requests(requests)
-        loaded, prepared, threshold, reach_limit = self._loaded, self._editor, self.floor, self.interference_limit
-        probe = None
-        if apply:
-            texts = self._hub.corpus_texts(self._slug)[: self.probe_texts]
-            probe = (texts, perplexity(loaded.model, loaded.tokenizer, texts).mean_ppl)
+        loaded = self._loaded
+        kept: list[Any] = []
         decisions = []
-        for request in requests:
-            started = time.perf_counter()
-            report = prepared.denominator(loaded.model, loaded.tokenizer, loaded.family, request)
-            if report is not None and "denominator" not in report:
-                raise ValueError(f"editor {self.editor_name!r}: its denominator() report has no 'denominator' key "
-                                 f"(got {sorted(report)})")
-            first = subject_last_index(loaded.tokenizer, "{}", request.prompt, request.subject) == 0
-            measures = {k: float(v) for k, v in (report or {}).items() if k != "denominator"}
-            value = float(report["denominator"]) if report is not None else None
-            allowed, reason = True, "no denominator to judge by" if report is None else "denominator above the floor"
-            if value is not None and not math.isfinite(value):
-                allowed, reason = False, f"|uᵀk| is {value}: the update cannot be computed"
-            elif value is not None and threshold is not None and value < threshold:
-                allowed, reason = False, f"|uᵀk| {value:.4g} < floor {threshold:.4g}"
-            elif reach_limit is not None and "interference" in measures and not measures["interference"] <= reach_limit:
-                allowed, reason = False, (f"interference {measures['interference']:.4g} > {reach_limit:.4g} "
-                                          f"({self._interference_factor:g} × the normal cases' median): ordinary "
-                                          f"text's keys receive "
-                                          f"{measures['interference'] / self._interference_median:.2g}x the usual "
-                                          f"share of the update")
-            ratio, applied = None, False
-            if allowed and probe is not None:
-                texts, before = probe
-                snapshot = ParameterSnapshot.from_model(loaded.model,
-                                                        prepared.parameters_touched(loaded.model, loaded.family))
-                try:
-                    prepared.apply(loaded.model, loaded.tokenizer, loaded.family,
-                                   [EditRequest(request.subject, request.prompt, request.target_new)])
-                    ratio = perplexity(loaded.model, loaded.tokenizer, texts).mean_ppl / before
-                except BaseException:  # an edit that raised midway is undone before the error reaches the caller
+        with _measuring(loaded.model):
+            if apply and self._probe is None:
+                texts = tuple(self._hub.corpus_texts(self._slug)[: self.probe_texts])
+                self._probe = (texts, self._probe_perplexity(texts))
+            try:
+                for request in requests:
+                    started = time.perf_counter()
+                    decision = self._decide(request)
+                    if decision.allowed and apply:
+                        snapshot = ParameterSnapshot.from_model(
+                            loaded.model, self._editor.parameters_touched(loaded.model, loaded.family))
+                        decision = self._apply(request, decision, snapshot)
+                        if decision.applied:
+                            kept.append(snapshot)
+                    decisions.append(dataclasses.replace(decision, seconds=time.perf_counter() - started))
+            except BaseException:
+                for snapshot in reversed(kept):
                     snapshot.restore()
-                    raise
-                if not ratio <= self.max_ppl_ratio:  # NaN counts as broken
-                    snapshot.restore()
-                    allowed, reason = False, (f"probe perplexity ratio {ratio:.4g} > {self.max_ppl_ratio:g}: "
-                                              f"edit rolled back")
-                else:
-                    applied, reason = True, f"{reason}; applied, probe perplexity ratio {ratio:.4g}"
-                    probe = (texts, ratio * before)
-            decisions.append(GuardDecision(
-                allowed=allowed, reason=reason, subject=request.subject, prompt=request.prompt,
-                target_new=request.target_new, denominator=value, floor=threshold, subject_first=first,
-                measures=measures, interference_limit=reach_limit if "interference" in measures else None,
-                applied=applied, ppl_ratio=ratio, seconds=time.perf_counter() - started,
-            ))
+                raise
         return tuple(decisions)
+
+    def _probe_perplexity(self, texts: Sequence[str]) -> float:
+        from pytest_editsafety.perplexity import perplexity
+
+        return perplexity(self._loaded.model, self._loaded.tokenizer, texts).mean_ppl
+
+    def _decide(self, request: Any) -> GuardDecision:
+        """The decision on ``request`` before any weight moves."""
+        from editors.text import subject_last_index
+        from pytest_editsafety.context_fit import edit_tokens_over_context
+
+        loaded, threshold, reach_limit = self._loaded, self.floor, self.interference_limit
+        first = subject_last_index(loaded.tokenizer, "{}", request.prompt, request.subject) == 0
+        decided = functools.partial(GuardDecision, subject=request.subject, prompt=request.prompt,
+                                    target_new=request.target_new, floor=threshold, subject_first=first)
+        too_long = edit_tokens_over_context(loaded, request.text, request.target_new, self._templates)
+        if too_long is not None:
+            n_tokens, text, limit = too_long
+            return decided(allowed=False, denominator=None,
+                           reason=f"the edit reads {n_tokens} tokens ({text[:60]!r}...), more than the model's "
+                                  f"context of {limit}")
+        report = self._editor.denominator(loaded.model, loaded.tokenizer, loaded.family, request)
+        if report is not None and "denominator" not in report:
+            raise ValueError(f"editor {self.editor_name!r}: its denominator() report has no 'denominator' key "
+                             f"(got {sorted(report)})")
+        measures = {k: float(v) for k, v in (report or {}).items() if k != "denominator"}
+        value = float(report["denominator"]) if report is not None else None
+        allowed, reason = True, "no denominator to judge by" if report is None else "denominator above the floor"
+        if value is not None and not math.isfinite(value):
+            allowed, reason = False, f"|uᵀk| is {value}: the update cannot be computed"
+        elif value is not None and threshold is not None and value < threshold:
+            allowed, reason = False, f"|uᵀk| {value:.4g} < floor {threshold:.4g}"
+        elif reach_limit is not None and "interference" in measures and not measures["interference"] <= reach_limit:
+            allowed, reason = False, (f"interference {measures['interference']:.4g} > {reach_limit:.4g} "
+                                      f"({self._interference_factor:g} × the normal cases' median): ordinary "
+                                      f"text's keys receive "
+                                      f"{measures['interference'] / self._interference_median:.2g}x the usual "
+                                      f"share of the update")
+        return decided(allowed=allowed, reason=reason, denominator=value, measures=measures,
+                       interference_limit=reach_limit if "interference" in measures else None)
+
+    def _apply(self, request: Any, decision: GuardDecision, snapshot: Any) -> GuardDecision:
+        """Make the allowed edit of ``request`` and keep it, or roll it back (``snapshot``) when the probe
+        perplexity passes the bound; an edit that raises midway is undone before the error goes on."""
+        from editors.base import EditRequest
+
+        loaded = self._loaded
+        texts, reference = self._probe
+        try:
+            before = self._probe_perplexity(texts)
+            self._editor.apply(loaded.model, loaded.tokenizer, loaded.family,
+                               [EditRequest(request.subject, request.prompt, request.target_new)])
+            after = self._probe_perplexity(texts)
+        except BaseException:
+            snapshot.restore()
+            raise
+        step, total = after / before, after / reference
+        if not total <= self.max_ppl_ratio:  # NaN counts as broken
+            snapshot.restore()
+            return dataclasses.replace(decision, allowed=False, ppl_ratio=step, ppl_ratio_total=total,
+                                       reason=f"probe perplexity {total:.4g}x the reference (this edit {step:.4g}x) "
+                                              f"> {self.max_ppl_ratio:g}: edit rolled back")
+        return dataclasses.replace(decision, applied=True, ppl_ratio=step, ppl_ratio_total=total,
+                                   reason=f"{decision.reason}; applied, probe perplexity {total:.4g}x the reference "
+                                          f"(this edit {step:.4g}x)")
 
 
 def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
@@ -459,10 +526,11 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
     finite; or when the report's ``interference`` (ROME's: the mean share of the update that ordinary text's
     keys receive, :func:`editors.maths.rome.interference`) is above ``interference_factor`` × its median over the
     same cases (None or 0: not judged; a negative or non-finite factor is a ValueError). An editor without a
-    denominator is allowed on that count. With ``apply=True`` an allowed edit is made, the perplexity of the first
-    ``probe_texts`` texts of the model's perplexity corpus is measured before and after, and the edit is rolled
-    back bit-exactly (and refused) when the ratio exceeds ``max_ppl_ratio``; the kept edits stay in the model, one
-    after another. ``strip_bos`` judges the edits as the model runs under the BOS-stripped protocol
+    denominator is allowed on that count; an edit that would not fit the model's context is refused. With
+    ``apply=True`` an allowed edit is made and the perplexity of the first ``probe_texts`` texts of the model's
+    perplexity corpus measured; the edit is rolled back bit-exactly (and refused) when that perplexity passes
+    ``max_ppl_ratio`` × the model's as the call found it, so the kept edits, which stay in the model one after
+    another, stay within the bound together. An error midway rolls back every edit of the call. ``strip_bos`` judges the edits as the model runs under the BOS-stripped protocol
     (:func:`certify`), with the floor derived under it.
 
     Each call sets the editor up and derives the floor anew; to judge edits one after another on a model you
@@ -473,6 +541,30 @@ def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
                  max_ppl_ratio=max_ppl_ratio, probe_texts=probe_texts, hparams=hparams, stats_corpus=stats_corpus,
                  stats_dir=stats_dir, cache_root=cache_root, dtype=dtype, strip_bos=strip_bos
                  ).check(requests, apply=apply)
+
+
+def _measuring(model: Any) -> Any:
+    """Around the measurements of a model the caller holds: eval mode (dropout off), each module's mode given back
+    after (:func:`editors.hooks.eval_mode`); nothing for a model given by name, which loads in eval mode."""
+    import contextlib
+
+    if isinstance(model, str):
+        return contextlib.nullcontext()
+    from editors.hooks import eval_mode
+
+    return eval_mode(model)
+
+
+def _bounds(bounds: Any) -> Bounds:
+    """``bounds`` as certify takes it: None (the plugin's defaults), a ``Bounds``, or a mapping of its fields."""
+    if bounds is None:
+        return Bounds()
+    if isinstance(bounds, Bounds):
+        return bounds
+    if isinstance(bounds, Mapping):
+        return Bounds.from_mapping(bounds)
+    raise ValueError(f"bounds: expected None, a pytest_editsafety.bounds.Bounds or a mapping of its fields, got "
+                     f"{type(bounds).__name__}")
 
 
 def _is_organism_plan(model: Any) -> bool:
@@ -496,6 +588,8 @@ def _requests(requests: Any) -> list[Any]:
     from editors.base import EditRequest
     from pytest_editsafety.cases import resolve_cases
 
+    if isinstance(requests, Mapping):
+        raise ValueError("requests: a mapping is not a request; pass EditRequest(**it) (subject, prompt, target_new)")
     if isinstance(requests, (EditRequest, EditCase)):
         requests = [requests]
     elif isinstance(requests, (str, Path)):  # case set names or files, comma-separated as on the command line

@@ -8,11 +8,31 @@ from typing import Any
 
 from pytest_editsafety.cases import EditCase
 
-__all__ = ["CaseTooLongError", "check_fits_context"]
+__all__ = ["CaseTooLongError", "check_fits_context", "edit_tokens_over_context"]
 
 
 class CaseTooLongError(ValueError):
     """A case whose texts do not fit the model's context window."""
+
+
+def edit_tokens_over_context(loaded: Any, text: str, target_new: str, templates: Sequence[str]
+                             ) -> tuple[int, str, int] | None:
+    """``(tokens, text, context)`` for the longest text an edit of ``text`` (the prompt with its subject) towards
+    ``target_new`` reads (a context template around it and the target but its last token) when that passes the
+    model's context; None when every one fits or the model has no position limit."""
+    from editors.text import position_limit
+
+    limit = position_limit(loaded.model)
+    if limit is None:
+        return None
+    n_tokens, longest = max(_edit_lengths(loaded.tokenizer, text, target_new, templates), key=lambda pair: pair[0])
+    return (n_tokens, longest, limit) if n_tokens > limit else None
+
+
+def _edit_lengths(tokenizer: Any, text: str, target_new: str, templates: Sequence[str]) -> list[tuple[int, str]]:
+    # an edit reads a context template around the prompt and the new target but its last token
+    filled = [t.replace("{}", text, 1) for t in templates]
+    return [(len(tokenizer(f"{f} {target_new}")["input_ids"]) - 1, f) for f in filled]
 
 
 def check_fits_context(loaded: Any, case: EditCase, templates: Sequence[str]) -> None:
@@ -29,9 +49,9 @@ def check_fits_context(loaded: Any, case: EditCase, templates: Sequence[str]) ->
     def length(text: str) -> int:
         return len(tokenizer(text)["input_ids"])
 
-    # an edit reads a template around the prompt and the new target but its last token; the metrics read the
-    # rewrite, paraphrase and neighbourhood prompts followed by each answer they score
-    lengths = [(length(f"{t.replace('{}', case.rewrite_prompt, 1)} {case.target_new}") - 1, t) for t in templates]
+    # the edit's texts, then the metrics': the rewrite, paraphrase and neighbourhood prompts followed by each answer
+    # they score
+    lengths = _edit_lengths(tokenizer, case.rewrite_prompt, case.target_new, templates)
     lengths += [(length(f"{p} {a}"), p) for p in (case.rewrite_prompt, *case.paraphrase_prompts)
                 for a in (case.target_new, case.ground_truth)]
     lengths += [(length(f"{n.prompt} {a}"), n.prompt) for n in case.neighborhood for a in (n.answer, case.target_new)]

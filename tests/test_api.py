@@ -342,6 +342,142 @@ def test_guard_command_exits_1_when_an_edit_is_refused_and_prints_one_decision_p
     assert refused["floor"] == 1.0 and refused["subject_first"] and "< floor 1" in refused["reason"]
 
 
+def _nudge_editor(scale: float, *, fail_after: int | None = None):
+    """An editor object that adds the same seeded random matrix, times ``scale``, to layer 0's MLP output
+    projection at every edit (each edit small, their sum not), raising instead after ``fail_after`` edits."""
+    import torch
+
+    from editors.base import EditorBase
+
+    class Nudge(EditorBase):
+        name = "nudge"
+        hparams = {}
+        made = 0
+
+        def parameters_touched(self, model, family):
+            return (family.layer_name("mlp_out", 0) + ".weight",)
+
+        def apply(self, model, tokenizer, family, requests):
+            if fail_after is not None and self.made == fail_after:
+                raise RuntimeError("the editor failed on this request")
+            weight = family.get_module(model, family.layer_name("mlp_out", 0)).weight
+            noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                weight.add_(scale * noise)
+            self.made += 1
+
+    return Nudge()
+
+
+def test_a_guard_bounds_what_its_kept_edits_do_together(organism):
+    """Each nudge moves the probe perplexity by a few percent; the guard keeps them until together they pass
+    max_ppl_ratio against its reference, and refuses the one that would, though alone it is small."""
+    import copy
+
+    from pytest_editsafety.api import Guard
+    from pytest_editsafety.cases import resolve_cases
+
+    model = copy.deepcopy(organism.model)
+    gate = Guard(model, organism.tokenizer, _nudge_editor(0.02), max_ppl_ratio=1.2, probe_texts=16)
+    decisions = gate.check(resolve_cases("normal").cases[:10], apply=True)
+    kept = [d for d in decisions if d.applied]
+    refused = [d for d in decisions if not d.applied]
+    assert kept and refused and decisions[: len(kept)] == tuple(kept)  # kept until the bound, then refused
+    assert all(d.ppl_ratio_total <= 1.2 for d in kept)
+    assert all(d.ppl_ratio < 1.2 < d.ppl_ratio_total and "rolled back" in d.reason for d in refused)
+    assert kept[-1].ppl_ratio_total == pytest.approx(
+        math.prod(d.ppl_ratio for d in kept), rel=1e-6)  # each edit's ratio is against the one before it
+    assert gate.probe_reference is not None
+
+
+def test_a_check_that_fails_midway_leaves_none_of_its_edits_in_the_model(organism):
+    import copy
+
+    from editors.restore import model_digest
+    from pytest_editsafety.api import Guard
+    from pytest_editsafety.cases import resolve_cases
+
+    model = copy.deepcopy(organism.model)
+    digest = model_digest(model)
+    gate = Guard(model, organism.tokenizer, _nudge_editor(0.001, fail_after=2), max_ppl_ratio=math.inf,
+                 probe_texts=4)
+    with pytest.raises(RuntimeError, match="failed on this request"):
+        gate.check(resolve_cases("normal").cases[:3], apply=True)  # two edits kept, then the error
+    assert model_digest(model) == digest
+
+
+def test_guard_refuses_an_edit_too_long_for_the_context_and_judges_the_rest(organism):
+    from editors.base import EditRequest
+    from pytest_editsafety.api import guard
+    from pytest_editsafety.cases import resolve_cases
+
+    too_long = EditRequest("Fimeth " * 40, "{} lives in", "Athens")  # the organism's context is 32 tokens
+    ordinary = resolve_cases("normal").cases[0]
+    refused, judged = guard(organism.model, organism.tokenizer, "rome", [too_long, ordinary])
+    assert not refused.allowed and refused.denominator is None
+    assert "more than the model's context of 32" in refused.reason
+    assert judged.denominator is not None
+
+
+def test_a_guard_judges_a_model_in_train_mode_with_dropout_as_in_eval_mode(organism):
+    """Keys measured with dropout on would differ at every call: the floor and every report are measured
+    without it, whatever mode the caller's model is in, and the mode comes back."""
+    import copy
+
+    import torch
+
+    from pytest_editsafety.api import Guard
+    from pytest_editsafety.cases import resolve_cases
+
+    model = copy.deepcopy(organism.model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1  # GPT-2's own; the organism trains without it
+    case = resolve_cases("hard").cases[0]
+    reference = Guard(model.eval(), organism.tokenizer, "rome")
+    expected = reference.check(case)[0].denominator
+    model.train()
+    gate = Guard(model, organism.tokenizer, "rome")
+    assert gate.floor == pytest.approx(reference.floor, rel=1e-6)
+    assert [gate.check(case)[0].denominator for _ in range(3)] == pytest.approx([expected] * 3, rel=1e-6)
+    assert model.training
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda m, t: __import__("pytest_editsafety.api").api.guard(m, t, "rome", [], dtype="bfloat16"),
+     "dtype: a model you hold runs in its own dtype"),
+    (lambda m, t: __import__("pytest_editsafety.api").api.guard("tiny-gpt2", t, "rome", []),
+     "tokenizer: model 'tiny-gpt2' is given by name and loads its own tokenizer"),
+    (lambda m, t: __import__("pytest_editsafety.api").api.guard(m, "gpt2", "rome", []),
+     "tokenizer: expected the model's tokenizer object"),
+    (lambda m, t: __import__("pytest_editsafety.api").api.certify(object(), t, "rome", "normal"),
+     "model: expected a model name or a transformers model"),
+    (lambda m, t: __import__("pytest_editsafety.api").api.certify(m, t, "rome", "normal", bounds={"max_ppl": 2}),
+     "max_ppl"),
+    (lambda m, t: __import__("pytest_editsafety.api").api.certify(m, t, "rome", "normal", bounds=2.0),
+     "bounds: expected None, a pytest_editsafety.bounds.Bounds or a mapping"),
+    (lambda m, t: __import__("pytest_editsafety.api").api.guard(m, t, "rome", {"subject": "x"}),
+     r"requests: a mapping is not a request; pass EditRequest\(\*\*it\)"),
+])
+def test_an_argument_the_api_cannot_use_is_an_error_naming_it(organism, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(organism.model, organism.tokenizer)
+
+
+def test_a_guard_decision_holds_plain_numbers_whatever_numbers_it_was_given(organism):
+    import json
+
+    import numpy as np
+
+    from pytest_editsafety.api import guard
+    from pytest_editsafety.cases import resolve_cases
+
+    (decision,) = guard(organism.model, organism.tokenizer, "rome", resolve_cases("normal").cases[0],
+                        fraction=np.float32(0.5), interference_factor=np.float64(1.75))
+    assert type(decision.floor) is float and type(decision.interference_limit) is float
+    json.dumps(decision.to_dict())
+
+
 def test_guard_undoes_an_edit_that_raises_midway(organism):
     import torch
 
