@@ -57,14 +57,18 @@ class UndeclaredChangeError(RestoreError):
         listed = ", ".join(shown) + (f" and {more} more" if more else "")
         who = f"editor {self.editor!r}" if self.editor else "the editor"
         if self.during:
-            return (f"{who} changed {listed} during its {self.during}, which must leave the model as loaded; the "
-                    "model is reloaded before the next test")
+            return f"{who} changed {listed} during its {self.during}, which must leave the model as loaded"
         declared = ", ".join(self.declared) if self.declared else "nothing"
+        hint = ""
+        if self.changes and all(c.what.startswith("requires_grad") or c.what == _GRADIENT_LEFT for c in self.changes):
+            hint = ("; only their requires_grad flags or gradients changed: give back the flags the edit sets and "
+                    "drop the gradients it makes (editors.hooks.frozen does both) rather than declaring these")
         return (f"{who} changed {listed}, which it does not declare in parameters_touched (it declares "
-                f"{declared}); the model is reloaded before the next test")
+                f"{declared}){hint}")
 
 
 _SHOWN_CHANGES = 8
+_GRADIENT_LEFT = "a gradient was left on it"
 
 
 @dataclass(frozen=True)
@@ -395,7 +399,7 @@ class ModelFingerprint:
                 return f"requires_grad {p.requires_grad} -> {tensor.requires_grad}"
             grad = _grad_ptr(tensor)
             if grad != p.grad_ptr:
-                return "a gradient was left on it" if p.grad_ptr is None else "its gradient was replaced or removed"
+                return _GRADIENT_LEFT if p.grad_ptr is None else "its gradient was replaced or removed"
         return None
 
 

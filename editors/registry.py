@@ -16,7 +16,7 @@ This module imports neither torch nor the editors at import time; factories impo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "UnknownEditorError",
     "available_editors",
     "build_editor",
+    "editor_distributions",
     "get_editor",
 ]
 
@@ -93,6 +94,19 @@ def _listing(registered: Mapping[str, metadata.EntryPoint]) -> tuple[str, ...]:
 def available_editors() -> tuple[str, ...]:
     """The built-in editors, then the other installed ones, each sorted by name."""
     return _listing(_registered())
+
+
+def editor_distributions(names: Sequence[str]) -> dict[str, str]:
+    """``{distribution: version}`` of the installed distributions other than this project's that register any of
+    ``names`` (a certificate names the code it certified); names no entry point registers are left out."""
+    registered = _registered()
+    found: dict[str, str] = {}
+    for name in names:
+        ep = registered.get(name)
+        dist = getattr(ep, "dist", None)
+        if dist is not None and dist.name != BUILTIN_DISTRIBUTION:
+            found[dist.name] = dist.version
+    return found
 
 
 def _factory(name: str) -> tuple[Factory, str]:

@@ -30,10 +30,11 @@ from typing import Any
 
 from pytest_editsafety.bounds import Bounds
 from pytest_editsafety.cases import CaseSet, EditCase
+from pytest_editsafety.model_pool import HeldModelChangedError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Certificate", "Guard", "GuardDecision", "certify", "guard"]
+__all__ = ["Certificate", "Guard", "GuardDecision", "HeldModelChangedError", "certify", "guard"]
 
 API_CASE_SET = "cases"
 # texts of the model's perplexity corpus a guarded edit is measured on (the corpus's first ones)
@@ -196,6 +197,9 @@ def _editors(editor: Any) -> dict[str, Any]:
         if isinstance(each, str) and each not in available_editors():
             raise ValueError(f"editor: unknown editor {each!r}; available: {', '.join(available_editors())}")
         name = each if isinstance(each, str) else getattr(each, "name", None)
+        if _is_editor_object(each) and (not isinstance(name, str) or not name.strip()):
+            raise ValueError(f"editor: {each!r} has no name (its 'name' attribute is {name!r}); an editor object "
+                             f"names itself in records and reports")
         if not (isinstance(each, str) or _is_editor_object(each)) or not isinstance(name, str) or not name:
             raise ValueError(f"editor: {each!r} is neither an editor name nor an editor object (editors.base: a name "
                              f"and an apply method)")
@@ -340,6 +344,9 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
             outcome = hub.run(item)
             absorb_meta(records, outcome.meta)
             records.records[item.test_id] = outcome.record
+            changed = hub.held_model_changed(item.model)
+            if changed is not None:  # the caller's object is not what they gave: no certificate can say otherwise
+                raise changed
     # one session that selected the whole plan and ran it to the end: the certificate covers its plan or says why not
     session = Session(keyword="", markexpr="", shard=None, deselected=(), interrupted=None)
     result = build_result(plan, hub.options.bounds, records, ("pytest_editsafety.api.certify",), session)
@@ -417,6 +424,7 @@ class Guard:
         bit-exactly and refused. A request whose edit would not fit the model's context is refused with the
         lengths. A call that raises (an editor's error midway) leaves no edit of its own in the model: the ones it
         had kept are rolled back too, as the caller never learns of them."""
+        from editors.fingerprint import ModelFingerprint
         from editors.restore import ParameterSnapshot
 
         requests = _requests(requests)
@@ -427,6 +435,8 @@ class Guard:
             if apply and self._probe is None:
                 texts = tuple(self._hub.corpus_texts(self._slug)[: self.probe_texts])
                 self._probe = (texts, self._probe_perplexity(texts))
+            # every tensor but the editor's declared ones must come out of an edit, kept or rolled back, as it was
+            fingerprint = ModelFingerprint.of(loaded.model) if apply else None
             try:
                 for request in requests:
                     started = time.perf_counter()
@@ -434,7 +444,7 @@ class Guard:
                     if decision.allowed and apply:
                         snapshot = ParameterSnapshot.from_model(
                             loaded.model, self._editor.parameters_touched(loaded.model, loaded.family))
-                        decision = self._apply(request, decision, snapshot)
+                        decision = self._apply(request, decision, snapshot, fingerprint)
                         if decision.applied:
                             kept.append(snapshot)
                     decisions.append(dataclasses.replace(decision, seconds=time.perf_counter() - started))
@@ -484,10 +494,12 @@ class Guard:
         return decided(allowed=allowed, reason=reason, denominator=value, measures=measures,
                        interference_limit=reach_limit if "interference" in measures else None)
 
-    def _apply(self, request: Any, decision: GuardDecision, snapshot: Any) -> GuardDecision:
+    def _apply(self, request: Any, decision: GuardDecision, snapshot: Any, fingerprint: Any) -> GuardDecision:
         """Make the allowed edit of ``request`` and keep it, or roll it back (``snapshot``) when the probe
-        perplexity passes the bound; an edit that raises midway is undone before the error goes on."""
+        perplexity passes the bound; an edit that raises midway is undone before the error goes on, and one that
+        wrote outside its declared parameters (``fingerprint``: the model before the call) is an error."""
         from editors.base import EditRequest
+        from editors.fingerprint import UndeclaredChangeError
 
         loaded = self._loaded
         texts, reference = self._probe
@@ -500,8 +512,16 @@ class Guard:
             snapshot.restore()
             raise
         step, total = after / before, after / reference
-        if not total <= self.max_ppl_ratio:  # NaN counts as broken
+        keep = total <= self.max_ppl_ratio  # NaN counts as broken
+        if not keep:
             snapshot.restore()
+        try:
+            fingerprint.check(loaded.model, editor=self.editor_name, declared=snapshot)
+        except UndeclaredChangeError as err:
+            snapshot.restore()
+            raise HeldModelChangedError(f"{err}; the guard restored what the editor declares, but the model keeps "
+                                        f"those changes: load it afresh") from err
+        if not keep:
             return dataclasses.replace(decision, allowed=False, ppl_ratio=step, ppl_ratio_total=total,
                                        reason=f"probe perplexity {total:.4g}x the reference (this edit {step:.4g}x) "
                                               f"> {self.max_ppl_ratio:g}: edit rolled back")

@@ -20,7 +20,7 @@ import platform
 import re
 import shlex
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -179,8 +179,11 @@ def absorb_meta(controller: RunRecords, meta: Any) -> None:
 # The report
 
 
-def _library_versions() -> dict[str, str]:
+def _library_versions(editors: Sequence[str]) -> dict[str, str]:
+    """The versions of what a run depends on, with the distributions that registered its installed editors."""
     from importlib import metadata
+
+    from editors.registry import EditorRegistryError, editor_distributions
 
     versions = {"python": platform.python_version()}
     for dist in ("pytest-editsafety", "pytest", "pytest-xdist", "torch", "transformers", "tokenizers"):
@@ -188,6 +191,10 @@ def _library_versions() -> dict[str, str]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
+    try:
+        versions.update(editor_distributions(editors))
+    except EditorRegistryError as err:  # a name clash fails the run's tests already; the report still gets written
+        log.warning("the editors' distributions could not be named: %s", err)
     return versions
 
 
@@ -264,7 +271,7 @@ def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple
         bounds=bounds.to_dict(),
         corpus=corpus,
         corpus_sha256=corpus_sha,
-        library_versions=_library_versions(),
+        library_versions=_library_versions(plan.editors),
         hardware="; ".join(sorted(controller.hardware)) or f"{platform.machine()} ({os.cpu_count()} cores)",
         started=controller.started.isoformat(timespec="seconds"),
         finished=finished.isoformat(timespec="seconds"),

@@ -123,6 +123,16 @@ class RunOutcome:
 _PPL_FIELDS = ("mean", "corpus", "median", "max")
 BASELINE_CACHE_FORMAT = "pytest-editsafety/unedited-perplexity/1"
 
+def _outcome(editor: str, outcome: Any) -> Any:
+    """What an editor's apply returned, when it is the EditOutcome the contract asks for."""
+    from editors.base import EditOutcome
+
+    if not isinstance(outcome, EditOutcome):
+        raise TypeError(f"editor {editor!r}: apply() returned {type(outcome).__name__}; it must return an "
+                        f"editors.base.EditOutcome (the edited parameters' names, diagnostics, test prefix)")
+    return outcome
+
+
 def _float_or_none(value: Any) -> float | None:
     if isinstance(value, bool):
         return float(value)
@@ -415,9 +425,10 @@ class ModelHub(ModelPool):
             with edit_session(model, touched, reference=state.reference, editor=item.editor):
                 prepared = self._prepared(state, item, editor)
                 if request in prepared:
-                    outcome = editor.apply_prepared(model, tokenizer, family, [request], prepared)
+                    outcome = _outcome(item.editor, editor.apply_prepared(model, tokenizer, family, [request],
+                                                                          prepared))
                 else:
-                    outcome = editor.apply(model, tokenizer, family, [request])
+                    outcome = _outcome(item.editor, editor.apply(model, tokenizer, family, [request]))
                 measured = case_metrics(model, tokenizer, case, probe,
                                         test_prefix=outcome.test_prefix if case.is_hard else None)
                 edited = self._perplexity(state, touched=touched)
@@ -426,8 +437,8 @@ class ModelHub(ModelPool):
 
                     after = self._downstream_tasks().scores(model, tokenizer)
                     measured.update(downstream_metrics(downstream_before, after))
-        except RestoreError:
-            self._evict(item.model)  # the weights in memory are not the model any more
+        except RestoreError as err:
+            self._evict(item.model, err)  # the weights in memory are not the model any more
             raise
         metrics: dict[str, float | None] = {"denominator": None}  # None: a method without a denominator
         for key, value in outcome.diagnostics.items():
@@ -474,13 +485,13 @@ class ModelHub(ModelPool):
                 # each member's denominator from its keys on the unedited model, as the floor's reference is
                 # measured: the edit's own diagnostics describe the batch as a whole
                 reports = [editor.denominator(model, tokenizer, family, request) for request in requests]
-                outcome = editor.apply(model, tokenizer, family, requests)
+                outcome = _outcome(item.editor, editor.apply(model, tokenizer, family, requests))
                 measured = [case_metrics(model, tokenizer, case, probe,
                                          test_prefix=outcome.test_prefix if case.is_hard else None)
                             for case, probe in zip(cases, probes)]
                 edited = self._perplexity(state, touched=touched)
-        except RestoreError:
-            self._evict(item.model)
+        except RestoreError as err:
+            self._evict(item.model, err)
             raise
         ppl = _perplexity_metrics(baseline, edited)
         batch_metrics: dict[str, float | None] = {}
@@ -530,8 +541,9 @@ class ModelHub(ModelPool):
             # the whole-model check runs once, after the restore at the end)
             with edit_session(model, touched, reference=state.reference, editor=item.editor):
                 for index, case in enumerate(cases, start=1):
-                    outcome = editor.apply(model, tokenizer, family,
-                                           [EditRequest(case.subject, case.prompt, case.target_new)])
+                    outcome = _outcome(item.editor, editor.apply(model, tokenizer, family,
+                                                                 [EditRequest(case.subject, case.prompt,
+                                                                              case.target_new)]))
                     # a hard case is asked behind the editor's test-time prefix (C-ROME + prefix), as single edits are
                     prefixes.append(outcome.test_prefix if case.is_hard else None)
                     progress.efficacy_after_edit.extend(rewrite_efficacy(model, tokenizer, [case], prefixes[-1:]))
@@ -542,8 +554,8 @@ class ModelHub(ModelPool):
                                 _ratio(frobenius(name), unedited_norms[name]))
                         progress.steps.append(index)
                 progress.efficacy_at_end.extend(rewrite_efficacy(model, tokenizer, cases, prefixes))
-        except RestoreError:
-            self._evict(item.model)
+        except RestoreError as err:
+            self._evict(item.model, err)
             raise
         bounds = dataclasses.replace(self.options.bounds, min_efficacy=0.0, min_generalization=0.0, min_locality=0.0)
         metrics = {"ppl_ratio": _ratio(progress.ppls[-1], baseline), "ppl_edited": _worst(progress.ppls)}

@@ -23,7 +23,7 @@ from pytest_editsafety.plan import Plan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelPool", "ModelState", "default_device", "empty_cuda_cache"]
+__all__ = ["HeldModelChangedError", "ModelPool", "ModelState", "default_device", "empty_cuda_cache"]
 
 
 @dataclass
@@ -74,6 +74,11 @@ class ModelState:
     unbatched: set[str] = field(default_factory=set)
     # per editor: the medians of its denominator report over the normal reference cases (pytest_editsafety.floor)
     reference_medians: dict[str, dict[str, float | None] | None] = field(default_factory=dict)
+
+
+class HeldModelChangedError(RuntimeError):
+    """A model object the caller holds was changed by an edit that could not be undone (a failed restore, a write
+    outside the editor's declared parameters)."""
 
 
 class ModelPool:
@@ -180,19 +185,32 @@ class ModelPool:
 
         try:
             state.reference.check(state.loaded.model, editor=editor, during=during)
-        except UndeclaredChangeError:
-            self._evict(state.slug)
+        except UndeclaredChangeError as err:
+            self._evict(state.slug, err)
             raise
 
-    def _evict(self, slug: str) -> None:
+    def held_model_changed(self, slug: str) -> HeldModelChangedError | None:
+        """The error that retired ``slug``'s model object, when the caller holds it and an edit changed it beyond
+        restoring; None otherwise."""
+        state = self._states.get(slug)
+        if slug not in self._held_models or state is None or state.load_error is None:
+            return None
+        error = state.load_error[0]
+        return error if isinstance(error, HeldModelChangedError) else None
+
+    def _evict(self, slug: str, cause: BaseException | None = None) -> None:
+        """Release ``slug``'s model (its later tests load it again); ``cause``: the failed restore or undeclared
+        change that makes the weights in memory no longer the model's."""
         state = self._states.get(slug)
         if state is None or state.loaded is None:
             return
         if slug in self._held_models and state.load_error is None:
             # the caller's own model object: it cannot be loaded again, so after a failed restore or an undeclared
             # change its later tests fail at once rather than measure a model that is no longer the one given
-            error = RuntimeError(f"model {slug}: the model object given to the hub was changed by an edit that "
-                                 "could not be undone; its remaining tests are not run")
+            error = HeldModelChangedError(
+                f"model {slug}: the model object you gave was changed by an edit that could not be undone"
+                f"{f' ({cause})' if cause is not None else ''}; its weights are no longer the ones given and "
+                f"cannot be loaded again here: load the model afresh")
             state.load_error = (error, None)
         log.info("releasing model %s", slug)
         state.loaded = None

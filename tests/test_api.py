@@ -347,7 +347,7 @@ def _nudge_editor(scale: float, *, fail_after: int | None = None):
     projection at every edit (each edit small, their sum not), raising instead after ``fail_after`` edits."""
     import torch
 
-    from editors.base import EditorBase
+    from editors.base import EditOutcome, EditorBase
 
     class Nudge(EditorBase):
         name = "nudge"
@@ -365,6 +365,7 @@ def _nudge_editor(scale: float, *, fail_after: int | None = None):
             with torch.no_grad():
                 weight.add_(scale * noise)
             self.made += 1
+            return EditOutcome(edited=self.parameters_touched(model, family))
 
     return Nudge()
 
@@ -476,6 +477,56 @@ def test_a_guard_decision_holds_plain_numbers_whatever_numbers_it_was_given(orga
                         fraction=np.float32(0.5), interference_factor=np.float64(1.75))
     assert type(decision.floor) is float and type(decision.interference_limit) is float
     json.dumps(decision.to_dict())
+
+
+def _undeclared_editor(returns_outcome: bool = True, layers: tuple[int, ...] = (0, 1)):
+    """An editor object that declares layer 0's MLP output projection and writes those of ``layers`` (by default
+    layer 1's too, which it does not declare)."""
+    import torch
+
+    from editors.base import EditOutcome, EditorBase
+
+    class Undeclared(EditorBase):
+        name = "undeclared"
+        hparams = {}
+
+        def parameters_touched(self, model, family):
+            return (family.layer_name("mlp_out", 0) + ".weight",)
+
+        def apply(self, model, tokenizer, family, requests):
+            with torch.no_grad():
+                for layer in layers:
+                    family.get_module(model, family.layer_name("mlp_out", layer)).weight.mul_(1.01)
+            return EditOutcome(edited=self.parameters_touched(model, family)) if returns_outcome else None
+
+    return Undeclared()
+
+
+def test_an_editor_that_changes_a_model_you_hold_beyond_restoring_is_an_error_naming_the_tensor(organism):
+    """The plugin reloads a model an editor changed outside what it declares; a model you hold cannot be
+    reloaded, so certify and a guard that applies raise rather than hand back a model that is not the one given."""
+    import copy
+
+    from pytest_editsafety.api import Guard, HeldModelChangedError, certify
+    from pytest_editsafety.cases import resolve_cases
+
+    with pytest.raises(HeldModelChangedError, match=r"changed transformer\.h\.1\.mlp\.c_proj\.weight \(values\), "
+                                                    r"which it does not declare.*load the model afresh"):
+        certify(copy.deepcopy(organism.model), organism.tokenizer, _undeclared_editor(), "normal", limit=2)
+    gate = Guard(copy.deepcopy(organism.model), organism.tokenizer, _undeclared_editor(), probe_texts=4)
+    with pytest.raises(HeldModelChangedError, match=r"transformer\.h\.1\.mlp\.c_proj\.weight.*keeps those changes"):
+        gate.check(resolve_cases("normal").cases[0], apply=True)
+
+
+def test_an_apply_that_returns_no_edit_outcome_is_an_error_saying_what_it_must_return(organism):
+    import copy
+
+    from pytest_editsafety.api import certify
+
+    (record,) = certify(copy.deepcopy(organism.model), organism.tokenizer, _undeclared_editor(returns_outcome=False, layers=(0,)),
+                        "normal", limit=1).cases
+    assert record.outcome == "error"
+    assert "apply() returned NoneType; it must return an editors.base.EditOutcome" in record.violations[0]
 
 
 def test_guard_undoes_an_edit_that_raises_midway(organism):

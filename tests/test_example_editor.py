@@ -58,3 +58,12 @@ def test_the_example_gets_c_and_templates_through_the_contract_and_certifies(ins
         metrics = outcome.record["metrics"]
         assert metrics["cf_efficacy"] == 1.0 and metrics["n_keys"] == 21
         assert metrics["denominator"] is None  # it has no rank-one denominator, and says so
+
+
+def test_a_certificate_names_the_distribution_and_version_of_an_installed_editor(installed):
+    from editors.registry import editor_distributions
+    from pytest_editsafety.controller import _library_versions
+
+    assert editor_distributions(["template-lsq", "rome", "no-such-editor"]) == {"editsafety-lsq-example": "0.1"}
+    versions = _library_versions(("rome", "template-lsq"))
+    assert versions["editsafety-lsq-example"] == "0.1" and "pytest-editsafety" in versions

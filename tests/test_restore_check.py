@@ -160,6 +160,22 @@ def test_changes_other_than_values_are_named(model, mode, mutate, name, what) ->
     assert _changed(reference, model)[name] == what
 
 
+def test_an_editor_that_only_leaves_flags_or_gradients_behind_is_told_to_give_them_back(model) -> None:
+    from editors.fingerprint import UndeclaredChangeError
+
+    reference = ModelFingerprint.of(model)
+    _freeze(model)
+    _grad(model)
+    with pytest.raises(UndeclaredChangeError, match="give back the flags the edit sets and drop the gradients"):
+        reference.check(model, editor="mine")
+    other = next(p for name, p in model.named_parameters() if name != UNDECLARED)
+    with torch.no_grad():
+        other.mul_(2.0)  # a value changed too: a real undeclared write, no such hint
+    with pytest.raises(UndeclaredChangeError) as caught:
+        reference.check(model, editor="mine")
+    assert "give back" not in str(caught.value)
+
+
 def test_buffers_are_checked(model) -> None:
     model.register_buffer("table", torch.arange(10, dtype=torch.int64))
     model.register_buffer("scratch", torch.zeros(3), persistent=False)
