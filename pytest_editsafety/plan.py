@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from editors.storage import slugify
 from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
 from pytest_editsafety.organisms import is_organism
 from pytest_editsafety.registry import ModelSpec, resolve_model
@@ -57,6 +56,12 @@ ORGANISM_REFERENCE_SET = "normal"
 REAL_REFERENCE_SET = "real-normal"
 
 
+def _slugify(text: str, **kwargs: Any) -> str:
+    from editors.storage import slugify  # lazily: see pytest_editsafety.editors_package
+
+    return slugify(text, **kwargs)
+
+
 class PlanError(ValueError):
     """The selection cannot form a run: an empty selection, a bad limit; the message names the option."""
 
@@ -72,11 +77,11 @@ def default_ppl_corpus(spec: ModelSpec) -> str:
 
 def _model_slug(spec: ModelSpec) -> str:
     if spec.source == "zoo" or spec.name in _builtin_names():
-        return slugify(spec.name)
+        return _slugify(spec.name)
     if spec.source == "hub":
         text = spec.location.rsplit("/", 1)[-1]
-        return slugify(f"{text}-{spec.revision}" if spec.revision else text)
-    return slugify(Path(spec.location).name)
+        return _slugify(f"{text}-{spec.revision}" if spec.revision else text)
+    return _slugify(Path(spec.location).name)
 
 
 def _builtin_names() -> frozenset[str]:
@@ -282,7 +287,7 @@ def build_plan(
         ))
 
     loaded = [in_hand[c] if c in in_hand else resolve(c) for c in case_sets]
-    set_slugs = _unique([slugify(s.name, fallback="cases") for s in loaded], [str(s.source) for s in loaded])
+    set_slugs = _unique([_slugify(s.name, fallback="cases") for s in loaded], [str(s.source) for s in loaded])
     selected = []
     for given, case_set, slug in zip(case_sets, loaded, set_slugs):
         cases = case_set.cases[:limit] if limit is not None else case_set.cases
@@ -299,9 +304,9 @@ def build_plan(
 
     items: list[PlanItem] = []
     for choice in choices:
-        prefixes = [f"{slugify(editor)}-{choice.slug}" for editor in editors]
+        prefixes = [f"{_slugify(editor)}-{choice.slug}" for editor in editors]
         for chosen in selected:
-            ids = [slugify(c.case_id, fallback="case") for c in chosen.case_set.cases]
+            ids = [_slugify(c.case_id, fallback="case") for c in chosen.case_set.cases]
             # the organism's ids already name their set ("hard-0007"); others get it prepended so two
             # files numbered from 0 cannot collide
             parts = [i if i.startswith(f"{chosen.slug}-") else f"{chosen.slug}-{i}" for i in ids]

@@ -92,6 +92,12 @@ _XDIST_COLLECTED = pytest.StashKey[Sequence[str]]()
 def _activate(config: pytest.Config) -> Any:
     """Read and check the options, build the plan and, outside xdist workers, start gathering records
     (``ControllerHooks``); returns the plan. Raises ``pytest.UsageError``."""
+    from pytest_editsafety.editors_package import EditorsPackageError, check_editors_package
+
+    try:
+        check_editors_package()
+    except EditorsPackageError as err:
+        raise pytest.UsageError(str(err)) from None
     given = given_options(config)
     settings = read_settings(config, given)
     plan = plan_for(settings, given)

@@ -116,6 +116,28 @@ def test_an_option_makes_the_plugin_check_the_editors(unrelated: pytest.Pytester
     assert "--editor: editor 'twin' is registered by both" in result.stderr.str()
 
 
+def test_a_project_with_its_own_editors_package_keeps_it_and_hears_why_when_it_asks_for_a_certification(
+    pytester: pytest.Pytester,
+) -> None:
+    """This project's algorithms are the top-level package ``editors``; a project of the same package name runs
+    its own tests with the plugin installed (nothing of ours is imported at start), and a certification asked for
+    there stops with a usage error naming both packages instead of a missing module. In a fresh interpreter:
+    ``python -m pytest`` puts the project first on the path, as a user's run does."""
+    ours = str(REPO / "editors")
+    pytester.makepyfile(**{"editors/__init__.py": "", "editors/mine.py": "NAME = 'theirs'\n",
+                           "test_theirs.py": "import sys\nfrom editors.mine import NAME\n\n"
+                                             "def test_theirs():\n    assert NAME == 'theirs'\n"
+                                             "    loaded = [getattr(m, '__file__', None) or '' for n, m in "
+                                             "sys.modules.items() if n.split('.')[0] == 'editors']\n"
+                                             f"    assert not [f for f in loaded if f.startswith({ours!r})], loaded\n"})
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=1)
+    asked = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--editor=rome", "--model=tiny-gpt2",
+                                          "--collect-only", timeout=120)
+    assert asked.ret == pytest.ExitCode.USAGE_ERROR
+    asked.stderr.fnmatch_lines(["*the package 'editors' that Python finds first is *, not pytest-editsafety's*"])
+
+
 def test_a_collected_certification_suite_activates_the_plugin_and_its_errors_exit_4(
     pytester: pytest.Pytester, clashing_editors: None,
 ) -> None:

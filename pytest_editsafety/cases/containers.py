@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from editors.jsontext import StrictJsonError, loads_strict
 from pytest_editsafety.cases.model import MISSING
 from pytest_editsafety.cases.problems import CaseProblem
 
@@ -97,6 +96,8 @@ def _syntax_problem(error: json.JSONDecodeError, *, line_offset: int = 0, index:
 
 
 def _parse_jsonl(text: str) -> ParsedFile:
+    from editors.jsontext import StrictJsonError, loads_strict  # lazily: see pytest_editsafety.editors_package
+
     entries: list[RawEntry] = []
     problems: list[CaseProblem] = []
     index = 0
@@ -151,6 +152,8 @@ def _parse_envelope(doc: Mapping[str, Any], text: str) -> ParsedFile:
 
 def parse_document(text: str) -> ParsedFile:
     """Split a file's text into raw entries, whatever the container; syntax errors become problems."""
+    from editors.jsontext import StrictJsonError, loads_strict  # lazily: see pytest_editsafety.editors_package
+
     if not text.strip():
         return ParsedFile("empty", (), None, (CaseProblem("(file)", "is empty"),))
     try:

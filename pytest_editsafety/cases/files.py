@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from editors.storage import atomic_write_text
 from pytest_editsafety.cases.containers import ENVELOPE_FORMAT, ENVELOPE_VERSION, RawEntry, parse_document
 from pytest_editsafety.cases.formats import CANONICAL, detect_entry_format, entry_to_case, unknown_shape
 from pytest_editsafety.cases.model import CaseSet, EditCase, duplicate_id_problems
@@ -142,6 +141,8 @@ def dumps_cases(case_set: CaseSet) -> str:
 
 def dump_cases(case_set: CaseSet, path: str | os.PathLike[str]) -> Path:
     """Write ``case_set`` in the canonical envelope, atomically (temporary file + rename)."""
+    from editors.storage import atomic_write_text  # lazily: see pytest_editsafety.editors_package
+
     target = Path(path)
     atomic_write_text(target, dumps_cases(case_set))
     return target

@@ -11,8 +11,6 @@ import json
 import os
 from pathlib import Path
 
-from editors.jsontext import StrictJsonError, loads_strict
-from editors.storage import atomic_write_text
 from pytest_editsafety.results.errors import ResultsError, ResultsFormatError
 from pytest_editsafety.results.records import RunResult
 
@@ -26,6 +24,8 @@ def to_json(result: RunResult) -> str:
 
 def from_json(text: str, *, source: str = "<string>") -> RunResult:
     """Parse and validate a results document; errors name ``source`` and the JSON path of the bad field."""
+    from editors.jsontext import StrictJsonError, loads_strict  # lazily: see pytest_editsafety.editors_package
+
     try:
         data = loads_strict(text, allow_constants=False)
     except json.JSONDecodeError as err:
@@ -45,4 +45,6 @@ def read_result(path: str | os.PathLike[str]) -> RunResult:
 
 
 def write_result(result: RunResult, path: str | os.PathLike[str]) -> None:
+    from editors.storage import atomic_write_text  # lazily: see pytest_editsafety.editors_package
+
     atomic_write_text(path, to_json(result))
