@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+# imported before any in-process pytester run: such a run restores sys.modules afterwards, so torch first imported
+# inside one (checking an --editsafety-hparams file reads the editor's dataclass; a tokenizer library likewise) is
+# dropped and imported again by the next, which crashes the process with a segfault (seen on an xdist worker
+# running tests/test_plugin_inert.py's settings test twice)
+import torch  # noqa: F401
+import transformers  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +26,6 @@ def micro_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def one_torch_thread():
     """Torch on one thread for a module of tiny-tensor tests: on a shared 2-core machine a second thread only
     adds contention (seen: 100x slower)."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -20,10 +20,6 @@ from pathlib import Path
 
 import pytest
 
-# imported before the in-process pytester runs below (as in tests/test_search_batch.py): a run restores sys.modules
-# afterwards, and torch first imported inside one (checking an --editsafety-hparams file reads the editor's
-# dataclass), dropped, then imported again broke the process
-import torch  # noqa: F401
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

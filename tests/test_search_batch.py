@@ -9,10 +9,6 @@ import logging
 import math
 
 import pytest
-# imported before the in-process pytester runs below: a run restores sys.modules afterwards, and torch or a
-# tokenizer library first imported inside one, dropped, then imported again broke the process (a segfault)
-import torch  # noqa: F401
-import transformers  # noqa: F401
 
 from editors.base import EditorBase, EditOutcome, EditRequest, prepare_requests
 from pytest_editsafety.hub import HubOptions, ModelHub
