@@ -238,8 +238,13 @@ def judge(
 
     ppl_edited = _metric(record_metrics, "ppl_edited")
     ratio = _metric(record_metrics, "ppl_ratio")
+    ppl_unedited = _metric(record_metrics, "ppl_unedited")
+    # a model already above the line before any edit (a wrong tokenizer, an untrained model) says nothing of the
+    # edit: the line cannot judge it, and the record says so rather than blaming the editor for a collapse
+    line_blind = ppl_unedited is not None and math.isfinite(ppl_unedited) and ppl_unedited > bounds.collapse_ppl
     # a NaN or infinite edited perplexity is what a collapsed model yields, whatever the line says
-    collapse = ppl_edited is not None and (not math.isfinite(ppl_edited) or ppl_edited > bounds.collapse_ppl)
+    collapse = ppl_edited is not None and (not math.isfinite(ppl_edited)
+                                           or (ppl_edited > bounds.collapse_ppl and not line_blind))
     collapse_note = ""
     if collapse and ppl_edited is not None:
         collapse_note = (
@@ -270,6 +275,11 @@ def judge(
     elif collapse and not ratio_violated:
         # e.g. an unedited model already near the line: the ratio holds but the absolute line does not
         violations.append(collapse_note)
+    if line_blind:
+        violations.append(
+            f"the unedited model's perplexity {format_number(ppl_unedited)} is already above the collapse line "
+            f"{format_number(bounds.collapse_ppl)}, which cannot judge an edit of it: check the model's tokenizer "
+            f"and perplexity corpus, or set --editsafety-collapse-ppl above it (inf turns the line off)")
 
     violations.extend(_denominator_violations(bounds, record_metrics, denominator_floor))
 

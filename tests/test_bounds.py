@@ -72,6 +72,25 @@ def test_collapse_line_alone_is_a_violation() -> None:
                  denominator_floor=FLOOR).certified
 
 
+def test_a_model_above_the_line_before_any_edit_is_not_called_collapsed_and_the_record_says_why() -> None:
+    # a model paired with the wrong tokenizer: 6e4 unedited, the edit changes nothing
+    verdict = judge(Bounds(), healthy(ppl_ratio=0.99, ppl_edited=59_400.0, ppl_unedited=60_000.0),
+                    denominator_floor=FLOOR)
+    assert not verdict.collapse and not verdict.certified
+    assert verdict.violations == ("the unedited model's perplexity 6e4 is already above the collapse line 1000, "
+                                  "which cannot judge an edit of it: check the model's tokenizer and perplexity "
+                                  "corpus, or set --editsafety-collapse-ppl above it (inf turns the line off)",)
+    # a ratio past the bound is still the editor's
+    damaged = judge(Bounds(), healthy(ppl_ratio=3.0, ppl_edited=180_000.0, ppl_unedited=60_000.0),
+                    denominator_floor=FLOOR)
+    assert not damaged.collapse and damaged.violations[0] == "perplexity ratio 3x exceeds the bound 1.5x"
+    # a non-finite edited perplexity is a collapse whatever the model was before
+    assert judge(Bounds(), healthy(ppl_ratio=math.inf, ppl_edited=math.inf, ppl_unedited=60_000.0),
+                 denominator_floor=FLOOR).collapse
+    assert judge(Bounds(collapse_ppl=math.inf), healthy(ppl_ratio=0.99, ppl_edited=59_400.0,
+                                                        ppl_unedited=60_000.0), denominator_floor=FLOOR).certified
+
+
 def test_denominator_below_model_derived_floor() -> None:
     verdict = judge(Bounds(), healthy(denominator=0.031), denominator_floor=FLOOR)
     assert not verdict.certified
