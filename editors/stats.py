@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from editors.hooks import eval_mode, input_of
+from editors.progress import ThrottledProgress
 from editors.maths.moments import (
     WELL_SAMPLED_TOKENS_PER_DIM,
     SecondMomentQuality,
@@ -202,7 +203,7 @@ def compute_second_moment(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     batch_size: int | None = None,
     max_length: int = 128,
-    progress: bool = True,
+    progress: bool | Callable[[str], None] = True,
 ) -> tuple[Tensor, int]:
     """``(C, n)``: the float32 ``E[k kᵀ]`` over the keys of every non-pad token of ``texts``, and ``n``.
 
@@ -210,9 +211,10 @@ def compute_second_moment(
     ``max_length`` tokens (special tokens included, as the tokenizer adds them). The texts are tokenized
     first, then run in batches of at most ``batch_tokens`` padded tokens (and at most ``batch_size`` texts
     when given, see :func:`token_batches`); the progress bar counts tokens against the known total, so its
-    ETA holds however the lengths vary. Padding follows the tokenizer's ``padding_side`` and position ids
-    are derived from the attention mask, so neither the batching nor the padding side changes the result
-    beyond rounding. The model runs in eval mode without gradients and gets its train/eval flags back
+    ETA holds however the lengths vary (``progress`` a function of one line: lines of text every few seconds
+    instead, :class:`editors.progress.ThrottledProgress`). Padding follows the tokenizer's ``padding_side`` and
+    position ids are derived from the attention mask, so neither the batching nor the padding side changes the
+    result beyond rounding. The model runs in eval mode without gradients and gets its train/eval flags back
     afterwards.
     """
     from tqdm.auto import tqdm
@@ -235,7 +237,9 @@ def compute_second_moment(
     accumulator: SecondMomentAccumulator | None = None
     with eval_mode(model), torch.no_grad():
         bar = tqdm(total=sum(lengths), desc=f"E[kkᵀ] {module_name}", unit="tok", unit_scale=True,
-                   disable=not progress)
+                   disable=progress is not True)
+        lines = ThrottledProgress(f"C = E[kkᵀ] at {module_name}", sum(lengths), "tokens",
+                                  progress if callable(progress) else lambda line: None)
         try:
             for batch in batches:
                 ids, mask = padded([token_ids[i].tolist() for i in batch], pad_id(tokenizer), left=pads_left(tokenizer))
@@ -253,8 +257,10 @@ def compute_second_moment(
                         accumulator = SecondMomentAccumulator(keys.shape[-1], device=keys.device)
                     accumulator.update(keys)
                 bar.update(sum(lengths[i] for i in batch))
+                lines.advance(sum(lengths[i] for i in batch))
         finally:
             bar.close()
+        lines.finish()
     if accumulator is None or accumulator.count == 0:
         raise StatsError(f"texts: the {len(texts)} texts produced no tokens, so there are no keys to average")
     return accumulator.mean(dtype=torch.float32).cpu(), accumulator.count
@@ -567,7 +573,7 @@ def covariance_for(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     batch_size: int | None = None,
     dtype: str = "float32",
-    progress: bool = True,
+    progress: bool | Callable[[str], None] = True,
     check: bool = True,
 ) -> Tensor:
     """``C`` for the MLP output projection of ``layer``: a ROME ``.npz`` when ``stats_dir`` holds one,

@@ -60,8 +60,13 @@ def _valid(entry: Any) -> bool:
     return medians.get("denominator") == entry.get("median") and (entry["median"] is None or _is_number(entry["median"]))
 
 
-def _reports(editor: Any, loaded: Any, cases: Sequence[Any]) -> list[dict[str, float]] | None:
-    """``editor``'s denominator report for each case, or None for an editor without a denominator."""
+def _reports(editor: Any, loaded: Any, cases: Sequence[Any], progress: Callable[[str], None]
+             ) -> list[dict[str, float]] | None:
+    """``editor``'s denominator report for each case, or None for an editor without a denominator; ``progress``
+    takes a line every few seconds."""
+    from editors.progress import ThrottledProgress
+
+    lines = ThrottledProgress(f"denominator floor of {editor.name}: reference cases", len(cases), "cases", progress)
     reports = []
     for case in cases:
         report = editor.denominator(loaded.model, loaded.tokenizer, loaded.family,
@@ -79,22 +84,25 @@ def _reports(editor: Any, loaded: Any, cases: Sequence[Any]) -> list[dict[str, f
                 raise ValueError(f"editor {editor.name!r}: its denominator() report's {name!r} is not a number "
                                  f"(got {value!r})") from None
         reports.append(numbers)
+        lines.advance()
+    lines.finish()
     return reports
 
 
 def reference_medians(editor: Any, loaded: Any, normal_cases: Sequence[Any], *, key_fields: Mapping[str, Any],
-                      root: Path | None, verify: Callable[[], None] = lambda: None) -> dict[str, float | None] | None:
+                      root: Path | None, verify: Callable[[], None] = lambda: None,
+                      progress: Callable[[str], None] = lambda line: None) -> dict[str, float | None] | None:
     """The median of each number in ``editor``'s denominator report over ``normal_cases`` on ``loaded`` (non-finite
     values left out; None where none is finite), ``"denominator"`` the floor's; None for an editor without a
     denominator. Read from the cache under ``root`` when an entry with exactly ``key_fields`` (plus this module's
     format) is there; ``root`` None measures without the disk cache (a key that cannot name everything the medians
     depend on). ``verify`` runs after the reports and before anything is written (it raises when the model was
-    changed)."""
+    changed); ``progress`` takes a line every few seconds while the reports run."""
     if not normal_cases:
         return None
 
     def measured_entry() -> dict[str, Any] | None:
-        reports = _reports(editor, loaded, normal_cases)
+        reports = _reports(editor, loaded, normal_cases, progress)
         # the reports ran the editor's code: a model it changed must not leave a median behind for later runs
         verify()
         if reports is None:  # the first case already said so: nothing is kept for such an editor

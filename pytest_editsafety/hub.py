@@ -90,6 +90,9 @@ class HubOptions:
     # downstream_limit examples each (None: all): pytest_editsafety.downstream
     downstream: tuple[str, ...] = ()
     downstream_limit: int | None = None
+    # where the slow measurements of a model's set-up (C, the denominator floor) report their progress, a line every
+    # few seconds, besides this module's log at INFO: the plugin's terminal, outside xdist workers
+    progress: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         if self.restore_check not in RESTORE_CHECKS:
@@ -352,6 +355,11 @@ class ModelHub(ModelPool):
         """The editor's median |uᵀk| over ``model``'s normal reference cases, as the denominator floor uses it
         (None for an editor without a denominator, or with the floor switched off)."""
         return self._floor_median(self._state(model), editor)
+
+    def _progress_line(self, line: str) -> None:
+        log.info(line)
+        if self.options.progress is not None:
+            self.options.progress(line)
 
     def reference_medians(self, model: str, editor: str) -> dict[str, float | None]:
         """The median of each number in the editor's denominator report over ``model``'s normal reference cases
@@ -714,7 +722,8 @@ class ModelHub(ModelPool):
                                              stats_corpus=lambda: self._corpus(corpus_name),
                                              stats_cache=self._stats_cache, stats_dir=self.options.stats_dir,
                                              ordinary_texts=lambda: self.corpus_texts(state.slug),
-                                             weights_pinned=self._weights_pinned(state))
+                                             weights_pinned=self._weights_pinned(state),
+                                             progress=self._progress_line)
         return state.resources
 
     def _editor(self, state: ModelState, name: str) -> Any:
@@ -794,7 +803,8 @@ class ModelHub(ModelPool):
                 # and a model whose identity does not pin its weights: measured in each process, as its templates
                 root = self._values_root(state) if key_fields["hparams"] is not None else None
                 medians = reference_medians(editor, loaded, normal, key_fields=key_fields, root=root,
-                                            verify=lambda: self._verify_intact(state, name, "denominator reports"))
+                                            verify=lambda: self._verify_intact(state, name, "denominator reports"),
+                                            progress=self._progress_line)
             except Exception as err:
                 state.editor_errors[name] = (err, err.__traceback__)
                 raise

@@ -31,6 +31,7 @@ deselected unless ``-m`` names the marker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -259,6 +260,28 @@ def editsafety_plan(pytestconfig: pytest.Config) -> Any:
     return get_plan(pytestconfig)
 
 
+def _terminal_progress(config: pytest.Config) -> Any:
+    """Where a model's slow set-up (C, the denominator floor: minutes for a real model on a CPU) reports its
+    progress while pytest captures the test that set it off: the terminal, capture suspended for the line. An xdist
+    worker writes to the stderr it shares with the controller's terminal, its id first."""
+    import sys
+
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    worker = getattr(config, "workerinput", {}).get("workerid")
+
+    def show(line: str) -> None:
+        suspended = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
+        with suspended:
+            if worker is None and reporter is not None:
+                reporter.write_line(f"editsafety: {line}")
+            else:
+                sys.stderr.write(f"editsafety [{worker or 'main'}]: {line}\n")
+                sys.stderr.flush()
+
+    return show
+
+
 @pytest.fixture(scope="session")
 def editsafety_hub(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> Iterator[Any]:
     """This worker's ``ModelHub``: loads each model once and runs certification tests against it."""
@@ -284,6 +307,7 @@ def editsafety_hub(pytestconfig: pytest.Config, request: pytest.FixtureRequest) 
         downstream_limit=settings.downstream_limit,
         # "gw0"... on an xdist worker: each record says which worker measured it
         worker=str(pytestconfig.workerinput["workerid"]) if hasattr(pytestconfig, "workerinput") else MAIN_WORKER,
+        progress=_terminal_progress(pytestconfig),
     )
     yield ModelHub(get_plan(pytestconfig), options, run_order=run_order(request.session.items))
 

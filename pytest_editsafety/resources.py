@@ -28,15 +28,17 @@ class ModelResources:
 
     def __init__(self, loaded: Any, *, cache_root: Path, stats_corpus: Any, stats_cache: Any,
                  stats_dir: str | None = None, values_root: Path | None = None,
-                 ordinary_texts: Callable[[], Sequence[str]] = tuple, weights_pinned: bool = True) -> None:
+                 ordinary_texts: Callable[[], Sequence[str]] = tuple, weights_pinned: bool = True,
+                 progress: Callable[[str], None] = lambda line: None) -> None:
         """``stats_corpus`` is the statistics ``Corpus`` or a callable returning it, called only when a second
         moment is computed from text; ``values_root`` keeps the context templates across processes (None: sampled
         in each, for a model whose identity does not pin its weights); ``ordinary_texts`` returns the model's
         perplexity corpus's texts, read when an editor asks for ordinary text. ``weights_pinned`` False (a model
         the caller holds in memory, a hub model at an unpinned revision): the identity names where the weights
         came from, not what they are now, so C is kept under it plus a digest of the weights
-        (:meth:`weights_identity`)."""
+        (:meth:`weights_identity`). ``progress`` takes a line every few seconds while C is computed."""
         self.loaded = loaded
+        self._progress = progress
         self.identity = loaded.identity
         self._cache_root = cache_root
         self._values_root = values_root
@@ -72,7 +74,7 @@ class ModelResources:
         return covariance_for(
             loaded.model, loaded.tokenizer, loaded.family, layer, identity=self.weights_identity(),
             corpus=self._stats_corpus, cache=self._stats_cache, stats_dir=self._stats_dir,
-            n_samples=n_samples, progress=False,
+            n_samples=n_samples, progress=self._progress,
         )
 
     def context_templates(self, recipe: tuple[tuple[int, int], ...]) -> tuple[str, ...]:
