@@ -49,6 +49,7 @@ __all__ = [
     "hparams_hash",
     "layer_hparams",
     "load_hparams",
+    "layer_setting",
     "named_hparams_sets",
     "read_hparams_file",
     "resolve_hparams_layers",
@@ -288,6 +289,27 @@ def layer_hparams(
     if missing:
         raise HparamsError(f"{layers[0].path}: missing required hyper-parameter(s) {', '.join(missing)} for {editor!r}")
     return LayeredHparams(merged, sources, tuple(layers))
+
+
+def layer_setting(editor: str, model_key: str | Sequence[str], *, user_file: str | Path | None = None,
+                  family: str | None = None) -> tuple[Any, str]:
+    """``editor``'s layer field on ``model_key`` and the label of the file that set it, as :func:`layer_hparams`
+    layers them (the built-in file, then a named set or a user file that holds the field), without importing the
+    editor (and torch): what a run checks against a model's depth before loading it."""
+    schema = _require_schema(editor)
+    keys = (model_key,) if isinstance(model_key, str) else tuple(model_key)
+    path, label = _builtin_file(schema, editor, keys, family)
+    value = read_hparams_file(path).get(schema.layer_key)
+    if user_file is not None:
+        named = _named_set(editor, user_file)
+        if named is not None:
+            path, label_given = _builtin_file(schema, editor, keys, family, named=named)
+        else:
+            path, label_given = Path(user_file), str(user_file)
+        data = read_hparams_file(path)
+        if schema.layer_key in data:
+            value, label = data[schema.layer_key], label_given
+    return value, label
 
 
 def load_hparams(

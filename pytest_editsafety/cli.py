@@ -256,49 +256,6 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def _model_config(spec: Any, cache: str | None) -> tuple[dict[str, Any] | None, str, list[str]]:
-    """What can be known of ``spec``'s config without loading or downloading anything: (config or None, where it
-    was read, notes). Organisms: their build's config.json (none before the build, but the recipe's depth and
-    hash); local directories: config.json; Hugging Face ids: config.json if the local cache holds it."""
-
-    def read(path: Path) -> dict[str, Any]:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return data
-
-    if spec.source == "local":
-        path = Path(spec.location) / "config.json"
-        return read(path), str(path), []
-    if spec.source == "zoo":
-        from pytest_editsafety.cache import cache_root
-        from pytest_editsafety.zoo.build import organism_dir, recipe_for
-
-        recipe = recipe_for(spec.location)
-        path = organism_dir(recipe, cache_root(cache)) / "config.json"
-        if path.is_file():
-            return read(path), str(path), []
-        partial = {"n_layer": recipe.shape.n_layer, "editsafety_recipe_hash": recipe.recipe_hash}
-        return partial, f"recipe {recipe.name} ({recipe.recipe_hash})", [
-            f"organism {recipe.name!r} is not built under {path.parent.parent}: its depth ({recipe.shape.n_layer} "
-            f"layers) comes from its recipe; its causal layer is measured by the build "
-            f"(python -m pytest_editsafety zoo build {recipe.name})"]
-    try:  # the hub: the local cache only, never the network
-        from huggingface_hub import try_to_load_from_cache
-
-        from pytest_editsafety.registry import hub_cache_dir
-
-        found = try_to_load_from_cache(spec.location, "config.json", cache_dir=hub_cache_dir(),
-                                       revision=spec.revision)
-    except Exception as err:  # best effort: no cache, no huggingface_hub, a malformed cache entry
-        found = None
-        log.debug("no cached config for %s: %s", spec.location, err)
-    if isinstance(found, str):
-        return read(Path(found)), found, []
-    return None, "", [f"config.json of {spec.location} is not in the local Hugging Face cache (nothing is "
-                      "downloaded): layers are not checked against the model's depth"]
-
-
 def _has_symbolic(value: Any) -> bool:
     return any(isinstance(item, str) for item in (value if isinstance(value, list) else [value]))
 
@@ -332,14 +289,12 @@ def _resolve_for_display(editor: str, values: dict[str, Any], config: dict[str, 
 
 
 def cmd_hparams(args: argparse.Namespace) -> int:
-    from types import SimpleNamespace
-
     from tabulate import tabulate
 
     from editors.families import family_for_model_type
     from editors.hparams import hparams_from_mapping, layer_hparams, schema_for
     from editors.registry import UnknownEditorError, available_editors
-    from pytest_editsafety.organisms import hparams_keys
+    from pytest_editsafety.model_check import hparams_lookup_keys, known_config
     from pytest_editsafety.registry import resolve_model
 
     spec = resolve_model(args.model)
@@ -347,14 +302,11 @@ def cmd_hparams(args: argparse.Namespace) -> int:
     if args.editor not in editors:
         raise UnknownEditorError(f"unknown editor {args.editor!r}; available: {', '.join(editors)}")
     overrides = _parse_overrides(args.set or ())
-    config, config_source, notes = _model_config(spec, args.cache)
+    config, config_source, notes = known_config(spec, args.cache)
     family = spec.family
     if not family and config is not None and isinstance(config.get("model_type"), str):
         family = family_for_model_type(config["model_type"]).name
-    fake = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(**(config or {}),
-                                                                         _name_or_path=spec.location)),
-                           family=SimpleNamespace(name=family), spec=spec)
-    keys = hparams_keys(fake)
+    keys = hparams_lookup_keys(spec, config, family)
     schema = schema_for(args.editor)
     if schema is None:  # a third-party editor: its factory gets the user file and the overrides as they are
         from editors.hparams import read_hparams_file

@@ -10,8 +10,10 @@ weights verified) on first use, so they pass here.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from pytest_editsafety.registry import (
@@ -26,7 +28,7 @@ from pytest_editsafety.registry import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_loadable", "unloadable_models"]
+__all__ = ["check_loadable", "hparams_lookup_keys", "known_config", "layer_problems", "unloadable_models"]
 
 
 def _hub_config_cached(spec: ModelSpec, revision: str | None) -> bool:
@@ -61,4 +63,101 @@ def unloadable_models(choices: Iterable[Any], options: LoadOptions | None = None
             check_loadable(choice.spec, options)
         except (ModelUnavailableError, ValueError) as err:
             problems[choice.slug] = str(err)
+    return problems
+
+
+def known_config(spec: ModelSpec, cache: str | None) -> tuple[dict[str, Any] | None, str, list[str]]:
+    """What can be known of ``spec``'s config without loading or downloading anything: (config or None, where it
+    was read, notes). Organisms: their build's config.json (none before the build, but the recipe's depth and
+    hash); local directories: config.json; Hugging Face ids: config.json if the local cache holds it."""
+
+    def read(path: Path) -> dict[str, Any]:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return data
+
+    if spec.source == "local":
+        path = Path(spec.location) / "config.json"
+        return read(path), str(path), []
+    if spec.source == "zoo":
+        from pytest_editsafety.cache import cache_root
+        from pytest_editsafety.zoo.build import organism_dir, recipe_for
+
+        recipe = recipe_for(spec.location)
+        path = organism_dir(recipe, cache_root(cache)) / "config.json"
+        if path.is_file():
+            return read(path), str(path), []
+        partial = {"n_layer": recipe.shape.n_layer, "editsafety_recipe_hash": recipe.recipe_hash}
+        return partial, f"recipe {recipe.name} ({recipe.recipe_hash})", [
+            f"organism {recipe.name!r} is not built under {path.parent.parent}: its depth ({recipe.shape.n_layer} "
+            f"layers) comes from its recipe; its causal layer is measured by the build "
+            f"(python -m pytest_editsafety zoo build {recipe.name})"]
+    try:  # the hub: the local cache only, never the network
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(spec.location, "config.json", cache_dir=hub_cache_dir(),
+                                       revision=spec.revision)
+    except Exception as err:  # best effort: no cache, no huggingface_hub, a malformed cache entry
+        found = None
+        log.debug("no cached config for %s: %s", spec.location, err)
+    if isinstance(found, str):
+        return read(Path(found)), found, []
+    return None, "", [f"config.json of {spec.location} is not in the local Hugging Face cache (nothing is "
+                      "downloaded): layers are not checked against the model's depth"]
+
+
+def hparams_lookup_keys(spec: ModelSpec, config: Mapping[str, Any] | None, family: str | None) -> tuple[str, ...]:
+    """The keys ``spec``'s built-in hyper-parameter files are looked up by (``organisms.hparams_keys``), from its
+    config as :func:`known_config` reads it."""
+    from types import SimpleNamespace
+
+    from pytest_editsafety.organisms import hparams_keys
+
+    view = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(**(config or {}),
+                                                                        _name_or_path=spec.location)),
+                           family=SimpleNamespace(name=family), spec=spec)
+    return hparams_keys(view)
+
+
+def layer_problems(choices: Iterable[Any], editors: Iterable[str], user_files: Mapping[str, Any],
+                   cache: str | None) -> list[str]:
+    """Each (editor, model) whose layer setting the model's config, read without loading anything, shows to be
+    out of range, as a sentence naming the file that set it and how to set another; models whose config is not at
+    hand (an uncached hub id, an organism not built yet) and editors without built-in hyper-parameters are left
+    to their tests. ``user_files``: editor -> its --editsafety-hparams file or named set."""
+    from types import SimpleNamespace
+
+    from editors.families import UnsupportedArchitectureError, family_for_model_type
+    from editors.hparams import HparamsError, layer_setting, resolve_layers, schema_for
+
+    problems: list[str] = []
+    editors = tuple(editors)
+    for choice in choices:
+        spec = choice.spec
+        try:
+            config, source, _ = known_config(spec, cache)
+        except (OSError, ValueError):  # unreadable: the load check names it
+            continue
+        if config is None or not source.endswith("config.json"):
+            continue
+        family = spec.family
+        if not family and isinstance(config.get("model_type"), str):
+            try:
+                family = family_for_model_type(config["model_type"]).name
+            except UnsupportedArchitectureError:
+                continue
+        keys = hparams_lookup_keys(spec, config, family)
+        for editor in editors:
+            schema = schema_for(editor)
+            if schema is None:
+                continue
+            example = f'{{"{schema.layer_key}": ' + ("[N]}" if schema.many_layers else "N}")
+            try:
+                value, label = layer_setting(editor, keys, user_file=user_files.get(editor), family=family or None)
+                resolve_layers(value, SimpleNamespace(**config), source=f"layer from {label}")
+            except HparamsError as err:
+                problems.append(f"{editor} on {choice.given}: {err}; set the layer with --editsafety-hparams "
+                                f"{editor}=FILE (a JSON file such as {example}; python -m pytest_editsafety "
+                                f"hparams --model {choice.given} --editor {editor} shows every value and its source)")
     return problems

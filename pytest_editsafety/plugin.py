@@ -114,6 +114,7 @@ def _activate(config: pytest.Config) -> Any:
                 raise pytest.UsageError(f"{origin(given, 'baseline')}: {err}") from None
         if not config.getoption("collectonly", False):
             controller.unloadable = _check_models(plan, given)
+            _check_layers(plan, settings, given)
     config.stash[_SETTINGS] = settings
     config.stash[_PLAN] = plan
     if controller is not None:
@@ -134,6 +135,17 @@ def _check_models(plan: Any, given: Any) -> dict[str, str]:
     for slug, why in problems.items():
         log.warning("model %s cannot be loaded; its tests will error: %s", slug, why)
     return problems
+
+
+def _check_layers(plan: Any, settings: Any, given: Any) -> None:
+    """A layer setting that a model's config, readable without loading it, shows out of range is a usage error
+    before any test runs (a real model would otherwise load, then fail every test on it)."""
+    from pytest_editsafety.model_check import layer_problems
+
+    problems = layer_problems(plan.models, plan.editors, dict(settings.editor_hparams),
+                              str(settings.cache_root) if settings.cache_root else None)
+    if problems:
+        raise pytest.UsageError(f"{origin(given, 'editor')}: a layer the model does not have:\n" + "\n".join(problems))
 
 
 def _active_plan(config: pytest.Config) -> Any:

@@ -408,8 +408,12 @@ def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pyt
     # a typo or a wrong type in the file is the run's usage error, not an error in every test of the editor
     (["--editsafety-hparams=rome={typo}"], "typo.json: unknown hyper-parameter 'layerz' for editor 'rome'"),
     (["--editsafety-hparams=rome={typed}"], "typed.json: v_num_grad_steps: expected an integer, got 'many'"),
+    # a layer the model lacks, seen in its config before anything loads
+    (["--editsafety-hparams=rome={deep}", "--model={micro}"],
+     "deep.json: layer 99 is out of range for a model with 2 layers; set the layer with --editsafety-hparams rome=FILE"),
 ])
-def test_usage_errors_exit_4_and_name_the_culprit(pytester: pytest.Pytester, args: list[str], message: str) -> None:
+def test_usage_errors_exit_4_and_name_the_culprit(pytester: pytest.Pytester, args: list[str], message: str,
+                                                  micro_model: Path) -> None:
     broken = pytester.path / "broken_cases.json"
     broken.write_text('[{"subject": "Alpha", "prompt": "no placeholder", "target_new": "x"}]')
     empty = pytester.path / "empty_cases.json"
@@ -420,9 +424,11 @@ def test_usage_errors_exit_4_and_name_the_culprit(pytester: pytest.Pytester, arg
     typo.write_text('{"layerz": 3}')
     typed = pytester.path / "typed.json"
     typed.write_text('{"v_num_grad_steps": "many"}')
+    deep = pytester.path / "deep.json"
+    deep.write_text('{"layer": 99}')
     pytester.makepyfile(test_certify=SUITE.read_text())
-    result = pytester.runpytest(*[a.format(broken=broken, empty=empty, valid=valid, typo=typo, typed=typed)
-                                  for a in args])
+    result = pytester.runpytest(*[a.format(broken=broken, empty=empty, valid=valid, typo=typo, typed=typed, deep=deep,
+                                           micro=micro_model) for a in args])
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
 
