@@ -49,6 +49,7 @@ __all__ = [
     "hparams_hash",
     "layer_hparams",
     "load_hparams",
+    "LayerOutOfRangeError",
     "layer_setting",
     "named_hparams_sets",
     "read_hparams_file",
@@ -73,6 +74,11 @@ class HparamsError(ValueError):
 
 class UnknownHparamsKeyError(HparamsError):
     pass
+
+
+class LayerOutOfRangeError(HparamsError):
+    """A layer setting that names no layer of the model (an index past its depth, relative layers none of which
+    is left)."""
 
 
 @dataclass(frozen=True)
@@ -381,7 +387,7 @@ def resolve_layers(value: Any, model: Any, *, source: str = "") -> list[int]:
             raise HparamsError(f"{where}layer {item!r}: expected {_LAYER_FORMS}")
         if isinstance(item, int):
             if not 0 <= item < n_layers:
-                raise HparamsError(f"{where}layer {item} is out of range for a model with {n_layers} layers")
+                raise LayerOutOfRangeError(f"{where}layer {item} is out of range for a model with {n_layers} layers")
             out.add(item)
             continue
         match = _CAUSAL_RE.match(item.strip())
@@ -395,7 +401,7 @@ def resolve_layers(value: Any, model: Any, *, source: str = "") -> list[int]:
         if 0 <= layer < n_layers:
             out.add(layer)
     if not out:
-        raise HparamsError(f"{where}layers {value!r}: no layer left on a model with {n_layers} layers")
+        raise LayerOutOfRangeError(f"{where}layers {value!r}: no layer left on a model with {n_layers} layers")
     return sorted(out)
 
 

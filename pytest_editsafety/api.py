@@ -320,6 +320,7 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit: expected None or an integer >= 1, got {limit!r}")
+    from editors.restore import RestoreError
     from pytest_editsafety.controller import RunRecords, absorb_meta, build_result
     from pytest_editsafety.results import Session
 
@@ -339,7 +340,13 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     with _measuring(model):
         for planned_model in plan.models:
             for name in plan.editors:
-                hub.prepared_editor(planned_model.slug, name)
+                try:
+                    hub.prepared_editor(planned_model.slug, name)
+                except RestoreError as err:  # an editor's set-up wrote to the model: yours, if you hold it
+                    changed = hub.held_model_changed(planned_model.slug)
+                    if changed is None:
+                        raise
+                    raise changed from err
         for item in plan.items:
             outcome = hub.run(item)
             absorb_meta(records, outcome.meta)
@@ -412,6 +419,7 @@ class Guard:
         self.max_ppl_ratio = float(max_ppl_ratio)
         self.probe_texts = probe_texts
         self._probe: tuple[tuple[str, ...], float] | None = None  # the probe texts and the reference perplexity
+        self._broken: BaseException | None = None  # an edit changed the model beyond restoring
 
     @property
     def probe_reference(self) -> float | None:
@@ -427,14 +435,23 @@ class Guard:
         from editors.fingerprint import ModelFingerprint
         from editors.restore import ParameterSnapshot
 
+        if self._broken is not None:
+            raise HeldModelChangedError(f"this guard's model was changed beyond restoring ({self._broken}); load the "
+                                        f"model afresh and build a new Guard")
         requests = _requests(requests)
         loaded = self._loaded
-        kept: list[Any] = []
+        # with an infinite bound nothing is rolled back, so nothing is measured for it
+        probing = apply and math.isfinite(self.max_ppl_ratio)
+        first_kept = None  # the parameters as they were before the call's first kept edit
         decisions = []
         with _measuring(loaded.model):
-            if apply and self._probe is None:
-                texts = tuple(self._hub.corpus_texts(self._slug)[: self.probe_texts])
-                self._probe = (texts, self._probe_perplexity(texts))
+            current = None
+            if probing:
+                texts = self._probe[0] if self._probe is not None else tuple(
+                    self._hub.corpus_texts(self._slug)[: self.probe_texts])
+                current = self._probe_perplexity(texts)  # the caller may have changed the model since the last call
+                if self._probe is None:
+                    self._probe = (texts, current)
             # every tensor but the editor's declared ones must come out of an edit, kept or rolled back, as it was
             fingerprint = ModelFingerprint.of(loaded.model) if apply else None
             try:
@@ -442,15 +459,18 @@ class Guard:
                     started = time.perf_counter()
                     decision = self._decide(request)
                     if decision.allowed and apply:
+                        # the editor declares the same parameters for every request: the first kept edit's
+                        # snapshot is all a rollback of the whole call needs
                         snapshot = ParameterSnapshot.from_model(
                             loaded.model, self._editor.parameters_touched(loaded.model, loaded.family))
-                        decision = self._apply(request, decision, snapshot, fingerprint)
+                        decision, after = self._apply(request, decision, snapshot, fingerprint, current)
                         if decision.applied:
-                            kept.append(snapshot)
+                            current = after
+                            first_kept = snapshot if first_kept is None else first_kept
                     decisions.append(dataclasses.replace(decision, seconds=time.perf_counter() - started))
             except BaseException:
-                for snapshot in reversed(kept):
-                    snapshot.restore()
+                if first_kept is not None:
+                    first_kept.restore()
                 raise
         return tuple(decisions)
 
@@ -494,40 +514,45 @@ class Guard:
         return decided(allowed=allowed, reason=reason, denominator=value, measures=measures,
                        interference_limit=reach_limit if "interference" in measures else None)
 
-    def _apply(self, request: Any, decision: GuardDecision, snapshot: Any, fingerprint: Any) -> GuardDecision:
+    def _apply(self, request: Any, decision: GuardDecision, snapshot: Any, fingerprint: Any,
+               before: float | None) -> tuple[GuardDecision, float | None]:
         """Make the allowed edit of ``request`` and keep it, or roll it back (``snapshot``) when the probe
-        perplexity passes the bound; an edit that raises midway is undone before the error goes on, and one that
-        wrote outside its declared parameters (``fingerprint``: the model before the call) is an error."""
+        perplexity (``before``: the model's just now; None: not measured, the bound being infinite) passes the
+        bound; the decision and the probe perplexity after. An edit that raises midway is undone before the
+        error goes on; one that wrote outside its declared parameters (``fingerprint``: the model before the
+        call) is an error, and retires the guard."""
         from editors.base import EditRequest
         from editors.fingerprint import UndeclaredChangeError
 
         loaded = self._loaded
-        texts, reference = self._probe
         try:
-            before = self._probe_perplexity(texts)
             self._editor.apply(loaded.model, loaded.tokenizer, loaded.family,
                                [EditRequest(request.subject, request.prompt, request.target_new)])
-            after = self._probe_perplexity(texts)
+            after = None if before is None else self._probe_perplexity(self._probe[0])
         except BaseException:
             snapshot.restore()
             raise
-        step, total = after / before, after / reference
-        keep = total <= self.max_ppl_ratio  # NaN counts as broken
+        step = total = None
+        keep = after is None
+        if after is not None:
+            step, total = after / before, after / self._probe[1]
+            keep = total <= self.max_ppl_ratio  # NaN counts as broken
         if not keep:
             snapshot.restore()
         try:
             fingerprint.check(loaded.model, editor=self.editor_name, declared=snapshot)
         except UndeclaredChangeError as err:
             snapshot.restore()
+            self._broken = err
             raise HeldModelChangedError(f"{err}; the guard restored what the editor declares, but the model keeps "
                                         f"those changes: load it afresh") from err
         if not keep:
             return dataclasses.replace(decision, allowed=False, ppl_ratio=step, ppl_ratio_total=total,
                                        reason=f"probe perplexity {total:.4g}x the reference (this edit {step:.4g}x) "
-                                              f"> {self.max_ppl_ratio:g}: edit rolled back")
+                                              f"> {self.max_ppl_ratio:g}: edit rolled back"), None
+        measured = "" if total is None else f", probe perplexity {total:.4g}x the reference (this edit {step:.4g}x)"
         return dataclasses.replace(decision, applied=True, ppl_ratio=step, ppl_ratio_total=total,
-                                   reason=f"{decision.reason}; applied, probe perplexity {total:.4g}x the reference "
-                                          f"(this edit {step:.4g}x)")
+                                   reason=f"{decision.reason}; applied{measured}"), after
 
 
 def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,

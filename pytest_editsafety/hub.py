@@ -256,7 +256,7 @@ class ModelHub(ModelPool):
             batch_metrics, measured = self._edit_batch_and_measure(state, item, cases)
             # the batch's own bound: its perplexity, judged once on exactly the figures every member carries
             batch_verdict = judge(_perplexity_only(self.options.bounds),
-                                  {key: batch_metrics.get(key) for key in ("ppl_ratio", "ppl_edited")},
+                                  {key: batch_metrics.get(key) for key in ("ppl_ratio", "ppl_edited", "ppl_unedited")},
                                   denominator_floor=None)
         except Exception as err:  # the record says what happened; the test re-raises it with its traceback
             log.warning("%s: the batch could not be measured: %s: %s", item.test_id, type(err).__name__, err)
@@ -566,7 +566,8 @@ class ModelHub(ModelPool):
             self._evict(item.model, err)
             raise
         bounds = dataclasses.replace(self.options.bounds, min_efficacy=0.0, min_generalization=0.0, min_locality=0.0)
-        metrics = {"ppl_ratio": _ratio(progress.ppls[-1], baseline), "ppl_edited": _worst(progress.ppls)}
+        metrics = {"ppl_ratio": _ratio(progress.ppls[-1], baseline), "ppl_edited": _worst(progress.ppls),
+                   "ppl_unedited": baseline}
         return judge(bounds, metrics, denominator_floor=None)
 
     # ---- per-model caches ------------------------------------------------------------------------

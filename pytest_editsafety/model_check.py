@@ -114,8 +114,9 @@ def hparams_lookup_keys(spec: ModelSpec, config: Mapping[str, Any] | None, famil
 
     from pytest_editsafety.organisms import hparams_keys
 
-    view = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(**(config or {}),
-                                                                        _name_or_path=spec.location)),
+    # a saved config may hold _name_or_path already: the spec's location is the one the lookup goes by
+    view = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(**{**(config or {}),
+                                                                           "_name_or_path": spec.location})),
                            family=SimpleNamespace(name=family), spec=spec)
     return hparams_keys(view)
 
@@ -123,41 +124,44 @@ def hparams_lookup_keys(spec: ModelSpec, config: Mapping[str, Any] | None, famil
 def layer_problems(choices: Iterable[Any], editors: Iterable[str], user_files: Mapping[str, Any],
                    cache: str | None) -> list[str]:
     """Each (editor, model) whose layer setting the model's config, read without loading anything, shows to be
-    out of range, as a sentence naming the file that set it and how to set another; models whose config is not at
-    hand (an uncached hub id, an organism not built yet) and editors without built-in hyper-parameters are left
-    to their tests. ``user_files``: editor -> its --editsafety-hparams file or named set."""
-    from types import SimpleNamespace
-
-    from editors.families import UnsupportedArchitectureError, family_for_model_type
-    from editors.hparams import HparamsError, layer_setting, resolve_layers, schema_for
-
+    out of range, as a sentence naming the file that set it and how to set another. Best effort: models whose
+    config is not at hand (an uncached hub id, an organism not built yet), editors without built-in
+    hyper-parameters and anything else this cannot read are left to their tests, which name it. ``user_files``:
+    editor -> its --editsafety-hparams file or named set."""
     problems: list[str] = []
     editors = tuple(editors)
     for choice in choices:
-        spec = choice.spec
         try:
-            config, source, _ = known_config(spec, cache)
-        except (OSError, ValueError):  # unreadable: the load check names it
+            problems += _layer_problems(choice, editors, user_files, cache)
+        except Exception as err:
+            log.debug("layer check of %s skipped: %s: %s", choice.given, type(err).__name__, err)
+    return problems
+
+
+def _layer_problems(choice: Any, editors: tuple[str, ...], user_files: Mapping[str, Any], cache: str | None
+                    ) -> list[str]:
+    from types import SimpleNamespace
+
+    from editors.families import family_for_model_type
+    from editors.hparams import LayerOutOfRangeError, layer_setting, resolve_layers, schema_for
+
+    spec = choice.spec
+    config, source, _ = known_config(spec, cache)
+    if config is None or not source.endswith("config.json"):
+        return []
+    family = spec.family or family_for_model_type(config["model_type"]).name
+    keys = hparams_lookup_keys(spec, config, family)
+    problems: list[str] = []
+    for editor in editors:
+        schema = schema_for(editor)
+        if schema is None:
             continue
-        if config is None or not source.endswith("config.json"):
-            continue
-        family = spec.family
-        if not family and isinstance(config.get("model_type"), str):
-            try:
-                family = family_for_model_type(config["model_type"]).name
-            except UnsupportedArchitectureError:
-                continue
-        keys = hparams_lookup_keys(spec, config, family)
-        for editor in editors:
-            schema = schema_for(editor)
-            if schema is None:
-                continue
+        value, label = layer_setting(editor, keys, user_file=user_files.get(editor), family=family)
+        try:
+            resolve_layers(value, SimpleNamespace(**config), source=f"layer from {label}")
+        except LayerOutOfRangeError as err:
             example = f'{{"{schema.layer_key}": ' + ("[N]}" if schema.many_layers else "N}")
-            try:
-                value, label = layer_setting(editor, keys, user_file=user_files.get(editor), family=family or None)
-                resolve_layers(value, SimpleNamespace(**config), source=f"layer from {label}")
-            except HparamsError as err:
-                problems.append(f"{editor} on {choice.given}: {err}; set the layer with --editsafety-hparams "
-                                f"{editor}=FILE (a JSON file such as {example}; python -m pytest_editsafety "
-                                f"hparams --model {choice.given} --editor {editor} shows every value and its source)")
+            problems.append(f"{editor} on {choice.given}: {err}; set the layer with --editsafety-hparams "
+                            f"{editor}=FILE (a JSON file such as {example}; python -m pytest_editsafety hparams "
+                            f"--model {choice.given} --editor {editor} shows every value and its source)")
     return problems

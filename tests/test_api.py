@@ -516,6 +516,8 @@ def test_an_editor_that_changes_a_model_you_hold_beyond_restoring_is_an_error_na
     gate = Guard(copy.deepcopy(organism.model), organism.tokenizer, _undeclared_editor(), probe_texts=4)
     with pytest.raises(HeldModelChangedError, match=r"transformer\.h\.1\.mlp\.c_proj\.weight.*keeps those changes"):
         gate.check(resolve_cases("normal").cases[0], apply=True)
+    with pytest.raises(HeldModelChangedError, match="build a new Guard"):  # it judges that model no more
+        gate.check(resolve_cases("normal").cases[1])
 
 
 def test_an_apply_that_returns_no_edit_outcome_is_an_error_saying_what_it_must_return(organism):

@@ -433,6 +433,22 @@ def test_usage_errors_exit_4_and_name_the_culprit(pytester: pytest.Pytester, arg
     assert message in result.stderr.str()
 
 
+def test_the_layer_check_reads_a_saved_config_that_names_its_own_path(micro_model: Path) -> None:
+    """Configs saved by older transformers (and many on the hub) hold ``_name_or_path``; the check before a run
+    looks the files up by the model's location all the same."""
+    import json
+
+    from pytest_editsafety.model_check import hparams_lookup_keys, layer_problems
+    from pytest_editsafety.plan import build_plan
+    from pytest_editsafety.registry import resolve_model
+
+    config = json.loads((micro_model / "config.json").read_text())
+    spec = resolve_model(str(micro_model))
+    assert hparams_lookup_keys(spec, {**config, "_name_or_path": "elsewhere"}, "gpt2")
+    plan = build_plan(["rome", "memit"], [str(micro_model)], ["normal"], limit=1)
+    assert layer_problems(plan.models, plan.editors, {}, None) == []
+
+
 def test_ids_are_stable_across_collections(pytester: pytest.Pytester, micro_model: Path) -> None:
     pytester.makepyfile(test_certify=SUITE.read_text())
     args = ["--collect-only", "-q", "--editor=all", f"--model={micro_model}", "--model=tiny-gpt2",
