@@ -159,14 +159,15 @@ def _certify_pieces(bench: Bench, path: str, case: Any, probe: Any) -> dict[str,
 def bare_forward_seconds(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]], batch_size: int) -> float:
     """One inference pass over the corpus in the perplexity's sorted batches: the floor a measurement can reach."""
     from editors.text import pad_id, padded
-    from pytest_editsafety.perplexity import position_ids_from_mask
+    from pytest_editsafety.perplexity import length_batches, output_vocabulary, position_ids_from_mask
 
     order = sorted((i for i, ids in enumerate(encoded) if len(ids) >= 2), key=lambda i: len(encoded[i]), reverse=True)
+    batches = length_batches(order, [len(ids) for ids in encoded], batch_size, output_vocabulary(model))
     pad = pad_id(tokenizer)
     start = time.perf_counter()
     with torch.inference_mode():
-        for at in range(0, len(order), batch_size):
-            ids, mask = padded([encoded[i] for i in order[at:at + batch_size]], pad)
+        for batch in batches:
+            ids, mask = padded([encoded[i] for i in batch], pad)
             model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
     return time.perf_counter() - start
 

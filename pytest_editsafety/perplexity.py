@@ -17,7 +17,7 @@ import contextlib
 import inspect
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,21 +95,34 @@ def summarize(nlls: Sequence[tuple[float, int]]) -> PerplexityResult:
     )
 
 
+# the float32 log-probabilities masked_token_nll holds at once (rows x positions x vocabulary): with a real
+# vocabulary a batch's log-softmax is the pass's largest tensor (GPT-2's 50,257 columns over 32 rows of 300 tokens
+# are 1.9 GB), so rows are taken a few at a time; each row's numbers are the same either way (it is its own softmax)
+NLL_CHUNK_ELEMENTS = 1 << 24
+
+
 def masked_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Per-row summed NLL of ``input_ids[:, 1:]`` given ``logits[:, :-1]``, counting only ``loss_mask[:, 1:]``.
 
     ``logits`` (batch, seq, vocab), ``input_ids``/``loss_mask`` (batch, seq). The log-softmax runs in
-    float32 whatever the model's dtype, and masked positions are *selected* out rather than multiplied by
-    0, so a NaN at a pad position cannot leak into a sentence's sum. Returns float64 sums (batch,).
+    float32 whatever the model's dtype, over as many rows at a time as fit :data:`NLL_CHUNK_ELEMENTS`, and masked
+    positions are *selected* out rather than multiplied by 0, so a NaN at a pad position cannot leak into a
+    sentence's sum. Returns float64 sums (batch,).
     """
     import torch
 
-    logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    nll = -logprobs.gather(-1, targets).squeeze(-1)
-    keep = loss_mask[:, 1:].bool()
-    nll = torch.where(keep, nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
-    return nll.double().sum(dim=-1)
+    rows, length, vocabulary = logits.shape
+    step = max(1, NLL_CHUNK_ELEMENTS // max(1, (length - 1) * vocabulary))
+    sums = []
+    for start in range(0, rows, step):
+        chunk = slice(start, start + step)
+        logprobs = torch.log_softmax(logits[chunk, :-1, :].float(), dim=-1)
+        nll = -logprobs.gather(-1, input_ids[chunk, 1:].unsqueeze(-1)).squeeze(-1)
+        del logprobs
+        keep = loss_mask[chunk, 1:].bool()
+        nll = torch.where(keep, nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
+        sums.append(nll.double().sum(dim=-1))
+    return torch.cat(sums) if len(sums) > 1 else sums[0]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -148,9 +161,39 @@ def encode(
     return encoded
 
 
-def _batches(order: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    for start in range(0, len(order), batch_size):
-        yield list(order[start : start + batch_size])
+# the logits one perplexity batch may produce (rows x longest row x vocabulary): the model's output over a batch
+# of long texts with a large vocabulary (Llama-3's 128,256 columns) would otherwise be the run's largest tensor,
+# gigabytes beside the model. 2^26 is 128 MiB in bfloat16, 256 MiB in float32: the organism's batches (32 rows of
+# at most 32 tokens x 1,244 columns) are far below it and keep their 32 rows
+MAX_BATCH_LOGITS = 1 << 26
+
+
+def length_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int, vocabulary: int | None,
+                   max_logits: int = MAX_BATCH_LOGITS) -> list[list[int]]:
+    """``order`` (indices into ``lengths``, longest first) cut into consecutive batches of at most ``batch_size``
+    rows whose logits (rows x the batch's longest row x ``vocabulary``) stay within ``max_logits``; a row alone
+    over it is a batch of its own. ``vocabulary`` None: ``batch_size`` rows each."""
+    batches: list[list[int]] = []
+    at = 0
+    while at < len(order):
+        rows = batch_size
+        if vocabulary:
+            longest = max(lengths[i] for i in order[at:at + batch_size])
+            rows = max(1, min(batch_size, max_logits // max(1, longest * vocabulary)))
+        batches.append(list(order[at:at + rows]))
+        at += rows
+    return batches
+
+
+def output_vocabulary(model: Any) -> int | None:
+    """The number of logits per position ``model`` produces (its output embedding's rows, else the config's
+    ``vocab_size``); None when neither says."""
+    head = getattr(model, "get_output_embeddings", None)
+    weight = getattr(head() if callable(head) else None, "weight", None)
+    if weight is not None and getattr(weight, "ndim", 0) == 2:
+        return int(weight.shape[0])
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _accepts_position_ids(model: Any) -> bool:
@@ -196,6 +239,8 @@ def sentence_nlls(
     A sentence with fewer than 2 tokens (after the optional BOS) cannot be scored: its entry is
     ``(0.0, 0)`` and a warning is logged; ``summarize``/``perplexity`` leave such entries out.
     ``max_length`` truncates each sentence's tokens; by default the model's context length does.
+    Sentences run longest first, ``batch_size`` at a time, or fewer where a batch's logits would pass
+    :data:`MAX_BATCH_LOGITS` (:func:`length_batches`).
     """
     import torch
 
@@ -232,7 +277,8 @@ def sentence_nlls(
     left = pads_left(tokenizer)
     pass_positions = _accepts_position_ids(model)
 
-    batches: Any = list(_batches(order, batch_size))
+    batches: Any = length_batches(order, [len(ids) for ids in encoded], batch_size, output_vocabulary(model),
+                                  MAX_BATCH_LOGITS)
     if progress:
         from tqdm.auto import tqdm
 

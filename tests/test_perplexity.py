@@ -342,3 +342,61 @@ def test_summarize_non_finite():
     assert math.isnan(mixed.corpus_ppl)
     skipped = summarize([(0.0, 0), (math.log(4.0), 1)])
     assert skipped.n_sentences == 1 and skipped.per_sentence == pytest.approx((4.0,))
+
+
+def test_length_batches_keep_each_batch_within_the_logits_budget():
+    from pytest_editsafety.perplexity import length_batches
+
+    lengths = [40, 30, 30, 10, 10, 10, 5]
+    order = list(range(len(lengths)))
+    # no vocabulary known: batch_size rows each, as before
+    assert length_batches(order, lengths, 3, None) == [[0, 1, 2], [3, 4, 5], [6]]
+    # 100 columns, 2,000 logits: a 40-token row alone, then 30-token rows alone, then 2 rows of 10
+    batches = length_batches(order, lengths, 3, 100, max_logits=2_000)
+    assert batches == [[0], [1], [2], [3, 4], [5, 6]]
+    assert all(len(b) * max(lengths[i] for i in b) * 100 <= 2_000 for b in batches if len(b) > 1)
+    # a row alone over the budget still runs, alone
+    assert length_batches([0, 1], [50, 50], 8, 100, max_logits=10) == [[0], [1]]
+    assert [i for b in batches for i in b] == order
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_a_small_logits_budget_gives_smaller_batches_and_the_same_numbers(models, tokenizer, monkeypatch, kind):
+    import pytest_editsafety.perplexity as ppl
+
+    model = models[kind]
+    texts = _varied_texts()
+    expected = reference_nlls(model, tokenizer, texts)
+    head = model.get_output_embeddings()
+    rows_seen: list[int] = []
+    handle = head.register_forward_hook(lambda _m, inputs, _out: rows_seen.append(inputs[0].shape[0]))
+    try:
+        whole = sentence_nlls(model, tokenizer, texts, batch_size=len(texts))
+        assert len(rows_seen) == 1  # the default budget keeps every text in one batch
+        rows_seen.clear()
+        # ~60 positions of logits per batch and 3 positions' log-probabilities per chunk
+        monkeypatch.setattr(ppl, "MAX_BATCH_LOGITS", 60 * len(tokenizer))
+        monkeypatch.setattr(ppl, "NLL_CHUNK_ELEMENTS", 3 * len(tokenizer))
+        small = sentence_nlls(model, tokenizer, texts, batch_size=len(texts))
+    finally:
+        handle.remove()
+    assert len(rows_seen) > 1 and rows_seen[0] == 1  # the longest text runs alone
+    assert [n for _, n in small] == [n for _, n in expected]
+    for (s, _), (w, _), (e, _) in zip(small, whole, expected):
+        assert s == pytest.approx(e, rel=1e-5) and s == pytest.approx(w, rel=1e-6)
+
+
+def test_row_chunks_of_the_log_softmax_give_the_same_sums_bit_for_bit(monkeypatch):
+    import pytest_editsafety.perplexity as ppl
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 9, 37, dtype=torch.bfloat16)
+    ids = torch.randint(0, 37, (5, 9))
+    mask = (torch.rand(5, 9) > 0.2).long()
+    whole = ppl.masked_token_nll(logits, ids, mask)
+    monkeypatch.setattr(ppl, "NLL_CHUNK_ELEMENTS", 2 * 8 * 37)  # two rows at a time
+    assert torch.equal(ppl.masked_token_nll(logits, ids, mask), whole)
+    monkeypatch.setattr(ppl, "NLL_CHUNK_ELEMENTS", 1)  # one row at a time
+    assert torch.equal(ppl.masked_token_nll(logits, ids, mask), whole)
+    reference = -torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    assert torch.allclose(whole, (reference * mask[:, 1:]).double().sum(-1))
