@@ -47,6 +47,11 @@ class ArchitectureFamily:
     # a rank-one update must be transposed before it is added.
     weight_transposed: bool
     prepends_bos: bool
+    # the block's output is its input plus its attention's and its MLP's outputs, unscaled and unnormalised (GPT-2,
+    # Llama, Mistral; GPT-J's parallel block too): a vector added to the MLP's output at a position is the same
+    # vector added to the block's output there. v*'s search then runs the edited block once, not at every step
+    # (editors.value_search). False for a block that normalises or scales the MLP's output before adding it
+    mlp_joins_residual: bool
 
     def __post_init__(self) -> None:
         for kind in LAYER_KINDS:
@@ -108,6 +113,7 @@ _GPT2 = ArchitectureFamily(
     n_layers_attr="n_layer",
     weight_transposed=True,
     prepends_bos=False,
+    mlp_joins_residual=True,
 )
 
 _GPTJ = ArchitectureFamily(
@@ -123,6 +129,7 @@ _GPTJ = ArchitectureFamily(
     n_layers_attr="n_layer",
     weight_transposed=False,
     prepends_bos=False,
+    mlp_joins_residual=True,
 )
 
 _LLAMA = ArchitectureFamily(
@@ -138,6 +145,7 @@ _LLAMA = ArchitectureFamily(
     n_layers_attr="num_hidden_layers",
     weight_transposed=False,
     prepends_bos=True,
+    mlp_joins_residual=True,
 )
 
 _MISTRAL = ArchitectureFamily(
@@ -153,6 +161,7 @@ _MISTRAL = ArchitectureFamily(
     n_layers_attr="num_hidden_layers",
     weight_transposed=False,
     prepends_bos=True,
+    mlp_joins_residual=True,
 )
 
 FAMILIES: Mapping[str, ArchitectureFamily] = MappingProxyType({f.name: f for f in (_GPT2, _GPTJ, _LLAMA, _MISTRAL)})

@@ -11,7 +11,8 @@ Several requests searched together share one batch: their rows are independent i
 request's ``δ`` is its own row of one Adam parameter (Adam is elementwise), so each request's search is the one it
 would have alone, to float rounding; a request that stops early keeps the ``δ`` it stopped with while the others
 go on. With ``hp.v_cached_prefix`` each step runs only the positions ``δ`` reaches, from the edited layer up
-(:mod:`editors.suffix`), and the LM head only where the loss reads.
+(:mod:`editors.suffix`; from the layer above it where the family's MLP output joins the residual stream as it is,
+``δ`` then added to the edited block's fixed output), and the LM head only where the loss reads.
 """
 
 from __future__ import annotations
@@ -128,10 +129,17 @@ def search_value_deltas(model, tokenizer, family, hp, contexts, requests: Sequen
         texts += request_texts
         positions += request_positions
     batch = right_padded(tokenizer, texts, device)
-    # δ enters at hp.layer's MLP: the blocks below it give the same outputs at every step
-    below = [family.get_module(model, family.layer_name("block", layer)) for layer in range(hp.layer)]
+    # δ enters at hp.layer's MLP: the blocks below it give the same outputs at every step. Where the MLP's output
+    # joins the residual stream as it is (family.mlp_joins_residual), δ added to it is δ added to the block's
+    # output, so the edited block's own pass is fixed too and δ is added after it (on tiny-gpt2, edited at layer 0
+    # of 6, a step costs 7 % less)
+    edited_block = family.get_module(model, family.layer_name("block", hp.layer))
+    replay_edited = hp.v_cached_prefix and family.mlp_joins_residual
+    fixed = [family.get_module(model, family.layer_name("block", layer)) for layer in range(hp.layer)]
+    if replay_edited:
+        fixed.append(edited_block)
     with frozen(model):
-        forward = _value_forward(model, batch, positions, cached_prefix=hp.v_cached_prefix, fixed_blocks=below)
+        forward = _value_forward(model, batch, positions, cached_prefix=hp.v_cached_prefix, fixed_blocks=fixed)
     # The input holds the prompt and target[:-1]; target token j is predicted at position (prompt end - 1 + j),
     # i.e. the last len(target) positions of each row. The loss reads, per request, each rewrite row's target
     # positions (row-major) and then the KL prompt's subject, in the coordinates of the rows forward() runs.
@@ -152,7 +160,7 @@ def search_value_deltas(model, tokenizer, family, hp, contexts, requests: Sequen
     step_positions = [forward.column(r, p) for r, p in enumerate(positions)]
     row_request = torch.tensor([i for i, rows in enumerate(layouts) for _ in range(rows.n_rewrite + 1)], device=device)
     targets = [torch.tensor(rows.target, device=device) for rows in layouts]
-    mlp = family.get_module(model, family.layer_name("mlp", hp.layer))
+    added_at = edited_block if replay_edited else family.get_module(model, family.layer_name("mlp", hp.layer))
     lm_head = family.get_module(model, family.layer_name("lm_head"))
     out_norms = [out.norm() for out in out_bares]
     max_norms = [hp.clamp_norm_factor * float(norm) for norm in out_norms]
@@ -163,7 +171,7 @@ def search_value_deltas(model, tokenizer, family, hp, contexts, requests: Sequen
     with frozen(model):  # only delta is optimised; the model's flags and mode come back as they were
         for step in range(hp.v_num_grad_steps):
             optimiser.zero_grad()
-            with add_at_positions(mlp, step_positions, delta[row_request]):
+            with add_at_positions(added_at, step_positions, delta[row_request]):
                 logits = forward.read_logits(model, read_rows_t, read_cols_t, lm_head).float()
             log_probs = logits.log_softmax(-1)
             searching = []

@@ -219,3 +219,29 @@ def test_searches_run_together_are_each_the_search_run_alone(cached: bool, one_t
         assert t.steps == a.steps
         assert _relative(t.delta, a.delta) < RELATIVE
         assert t.loss == pytest.approx(a.loss, rel=RELATIVE) and t.nll == pytest.approx(a.nll, rel=RELATIVE)
+
+
+@pytest.mark.parametrize("joins", [True, False], ids=["mlp-joins-residual", "mlp-scaled"])
+def test_the_edited_block_runs_once_where_its_mlp_joins_the_residual(joins: bool) -> None:
+    """Where the family's MLP output joins the residual stream as it is, δ is added to the edited block's output,
+    recorded once at the split: the edited MLP runs in the prefix pass and the recording pass only. A family that
+    says otherwise runs it at every step. Both give the plain search's δ."""
+    tokenizer = _tokenizer("gpt2")
+    model = _random_model("gpt2", len(tokenizer), layers=3)
+    family = dataclasses.replace(family_for_model_type("gpt2"), mlp_joins_residual=joins)
+    hp = RomeHparams(layer=1, v_num_grad_steps=4)
+    request = REQUESTS[0]
+    _, outputs, _ = keys_and_outputs(model, tokenizer, family, hp.layer, CONTEXTS, request)
+    calls: list[int] = []
+    mlp = family.get_module(model, family.layer_name("mlp", hp.layer))
+    handle = mlp.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        cached = search_value_delta(model, tokenizer, family, hp, CONTEXTS, request, outputs[0])
+    finally:
+        handle.remove()
+    plain = search_value_delta(model, tokenizer, family, dataclasses.replace(hp, v_cached_prefix=False), CONTEXTS,
+                               request, outputs[0])
+    assert cached.steps == plain.steps == 4
+    assert _relative(cached.delta, plain.delta) < RELATIVE
+    # the prefix pass, then the recording pass (joins) or each of the 4 steps (the recording stops below it)
+    assert len(calls) == (2 if joins else 1 + 4)
