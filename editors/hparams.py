@@ -61,7 +61,9 @@ __all__ = [
 COMMENT_KEY = "_comment"
 _CAUSAL_RE = re.compile(r"^causal(?:\+(\d+))?$")
 _LAST_RE = re.compile(r"^last(?:-(\d+))?$")
-_LAYER_FORMS = "an int, 'causal', 'causal+N', 'last' or 'last-N'"
+# "K/N": layer K of an N-layer model, at the same share of this model's depth (rounded down)
+_SCALED_RE = re.compile(r"^(\d+)/(\d+)$")
+_LAYER_FORMS = "an int, 'causal', 'causal+N', 'last', 'last-N' or 'K/N'"
 # File stems must be plain names: a Hugging Face id ("owner/name") never addresses a file here.
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Names of named sets: no dot (never a file name such as "x.json"), no path separator.
@@ -361,10 +363,13 @@ def _n_layers(config: Any) -> int:
 
 
 def resolve_layers(value: Any, model: Any, *, source: str = "") -> list[int]:
-    """Layer indices for ``value`` (an int, ``"causal"``, ``"causal+N"``, ``"last"``, ``"last-N"`` or a list of
-    them) on ``model``.
+    """Layer indices for ``value`` (an int, ``"causal"``, ``"causal+N"``, ``"last"``, ``"last-N"``, ``"K/N"`` or a
+    list of them) on ``model``.
 
     ``"causal"`` reads ``model.config.editsafety_causal_layer`` (0 when the model does not record one).
+    ``"K/N"`` is layer K of an N-layer model at the same share of this model's depth, rounded down
+    (``K * layers // N``): GPT-2-XL's layer 17 written ``"17/48"`` is layer 17 of its 48, 8 of GPT-2 medium's 24
+    and 12 of large's 36 (the layers of ROME's files for those models) and 4 of GPT-2 small's 12.
     A relative ``"causal+N"`` past the last layer is dropped, so ``["causal", "causal+1"]`` means "the
     causal layer and the next one if there is one"; likewise ``"last-N"`` before layer 0, so
     ``["last-2", "last-1", "last"]`` is "the last three layers, or all of them"; an absolute index out of
@@ -392,10 +397,16 @@ def resolve_layers(value: Any, model: Any, *, source: str = "") -> list[int]:
             continue
         match = _CAUSAL_RE.match(item.strip())
         last = _LAST_RE.match(item.strip())
+        scaled = _SCALED_RE.match(item.strip())
         if match:
             layer = causal + int(match.group(1) or 0)
         elif last:
             layer = n_layers - 1 - int(last.group(1) or 0)
+        elif scaled:
+            k, of = int(scaled.group(1)), int(scaled.group(2))
+            if not k < of:
+                raise HparamsError(f"{where}layer {item!r}: 'K/N' is layer K of N layers, so K must be below N")
+            layer = k * n_layers // of
         else:
             raise HparamsError(f"{where}layer {item!r}: expected {_LAYER_FORMS}")
         if 0 <= layer < n_layers:
@@ -453,7 +464,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 def _is_symbolic(value: Any) -> bool:
     if isinstance(value, str):
-        return bool(_CAUSAL_RE.match(value.strip()) or _LAST_RE.match(value.strip()))
+        return bool(_CAUSAL_RE.match(value.strip()) or _LAST_RE.match(value.strip())
+                    or _SCALED_RE.match(value.strip()))
     return isinstance(value, (list, tuple)) and any(_is_symbolic(v) for v in value)
 
 

@@ -514,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
         "hparams", help="the hyper-parameters an editor edits a model with, and the file each value comes from",
         description="Layer the built-in file for the model (by name, else its family), the --hparams file or named "
                     "set, and the --set overrides, as a certification run does; resolve symbolic layers "
-                    "('causal', 'last-N') against the model's config.json where it can be read without loading or "
-                    "downloading (organisms once built, local directories, Hugging Face ids in the local cache) and "
-                    "say what could not be resolved. Exit 1 when the values do not fit the model (a layer out of "
+                    "('causal', 'last-N', 'K/N') against the model's config.json where it can be read without "
+                    "loading or downloading (organisms once built, local directories, Hugging Face ids in the local "
+                    "cache; a built-in hub model's published depth otherwise) and say what could not be resolved. Exit 1 when the values do not fit the model (a layer out of "
                     "range, a wrong type), 2 for an unknown model or editor.")
     hparams.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
     hparams.add_argument("--editor", required=True, help="a registered editor name")

@@ -19,6 +19,7 @@ from typing import Any
 from pytest_editsafety.registry import (
     LoadOptions,
     ModelSpec,
+    PUBLISHED_DEPTHS,
     ModelUnavailableError,
     check_local_directory,
     hub_cache_dir,
@@ -69,7 +70,8 @@ def unloadable_models(choices: Iterable[Any], options: LoadOptions | None = None
 def known_config(spec: ModelSpec, cache: str | None) -> tuple[dict[str, Any] | None, str, list[str]]:
     """What can be known of ``spec``'s config without loading or downloading anything: (config or None, where it
     was read, notes). Organisms: their build's config.json (none before the build, but the recipe's depth and
-    hash); local directories: config.json; Hugging Face ids: config.json if the local cache holds it."""
+    hash); local directories: config.json; Hugging Face ids: config.json if the local cache holds it, else for a
+    built-in model the published depth (:data:`pytest_editsafety.registry.PUBLISHED_DEPTHS`)."""
 
     def read(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -103,6 +105,15 @@ def known_config(spec: ModelSpec, cache: str | None) -> tuple[dict[str, Any] | N
         log.debug("no cached config for %s: %s", spec.location, err)
     if isinstance(found, str):
         return read(Path(found)), found, []
+    depth = PUBLISHED_DEPTHS.get(spec.location)
+    if depth is not None and spec.family:
+        from editors.families import FAMILIES
+
+        family = FAMILIES[spec.family]
+        return ({"model_type": family.model_types[0], family.n_layers_attr: depth},
+                f"published config of {spec.location} ({depth} layers)",
+                [f"config.json of {spec.location} is not in the local Hugging Face cache (nothing is downloaded): "
+                 f"layers are resolved and checked against its published depth, {depth} layers"])
     return None, "", [f"config.json of {spec.location} is not in the local Hugging Face cache (nothing is "
                       "downloaded): layers are not checked against the model's depth"]
 
@@ -147,7 +158,8 @@ def _layer_problems(choice: Any, editors: tuple[str, ...], user_files: Mapping[s
 
     spec = choice.spec
     config, source, _ = known_config(spec, cache)
-    if config is None or not source.endswith("config.json"):
+    # an unbuilt organism's recipe gives its depth but not its causal layer: its layers are checked by the build
+    if config is None or not (source.endswith("config.json") or spec.location in PUBLISHED_DEPTHS):
         return []
     family = spec.family or family_for_model_type(config["model_type"]).name
     keys = hparams_lookup_keys(spec, config, family)

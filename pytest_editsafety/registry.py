@@ -130,6 +130,14 @@ BUILTIN_MODELS: Mapping[str, ModelSpec] = MappingProxyType(
     }
 )
 
+# the depth of each built-in hub model as its published config.json gives it (n_layer / num_hidden_layers): what is
+# known of its layers before anything is downloaded (model_check.known_config), so that the layers its
+# hyper-parameters name are resolved and checked before a run downloads gigabytes
+PUBLISHED_DEPTHS: Mapping[str, int] = MappingProxyType({
+    "openai-community/gpt2": 12, "openai-community/gpt2-xl": 48, "EleutherAI/gpt-j-6B": 28,
+    "meta-llama/Llama-2-7b-hf": 32, "mistralai/Mistral-7B-v0.1": 32, "meta-llama/Meta-Llama-3-8B": 32,
+})
+
 _FAMILY_OF_KNOWN_REPO: Mapping[str, str] = MappingProxyType(
     {spec.location: spec.family for spec in BUILTIN_MODELS.values() if spec.source == "hub"}
 )

@@ -185,14 +185,18 @@ def test_guard_and_certify_take_one_case_and_name_a_request_of_the_wrong_kind(or
         certify(organism.model, organism.tokenizer, "rome", case, limit=0)
 
 
-def test_certify_raises_a_setting_that_does_not_fit_the_model_naming_where_it_came_from(organism):
+def test_certify_raises_a_setting_that_does_not_fit_the_model_naming_where_it_came_from(organism, tmp_path):
+    import re
+
     from editors.hparams import HparamsError, UnknownHparamsKeyError
     from pytest_editsafety.api import certify
 
     with pytest.raises(HparamsError, match="^layer from overrides: layer 99 is out of range for a model with 6"):
         certify(organism.model, organism.tokenizer, "rome", "normal", hparams={"layer": 99})
-    with pytest.raises(HparamsError, match=r"layer from editors/hparams/rome/kmeng01/gpt2.json: layer 17 is out of"):
-        certify(organism.model, organism.tokenizer, "rome", "normal", hparams="kmeng01")
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"layer": 17}')
+    with pytest.raises(HparamsError, match=f"layer from {re.escape(str(deep))}: layer 17 is out of range"):
+        certify(organism.model, organism.tokenizer, "rome", "normal", hparams=str(deep))
     with pytest.raises(UnknownHparamsKeyError, match="unknown hyper-parameter 'layerz'"):
         certify(organism.model, organism.tokenizer, "rome", "normal", hparams={"layerz": 3})
 

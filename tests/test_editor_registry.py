@@ -309,7 +309,10 @@ def test_papers_numbers() -> None:
 
 
 def test_model_keys_fall_back_to_their_family() -> None:
-    assert load_hparams("rome", "gpt2") == load_hparams("rome", "gpt2-xl")
+    # GPT-2's family default is GPT-2-XL's file with its layer as a share of the depth: on 48 layers, the same
+    family_default, xl = load_hparams("rome", "gpt2"), load_hparams("rome", "gpt2-xl")
+    assert family_default == {**xl, "layer": "17/48"}
+    assert resolve_hparams_layers("rome", family_default, _config(48)) == xl
     # a pinned revision and a Hugging Face id (with its family) reach the same files
     assert load_hparams("memit", "gpt-j@0123abc") == load_hparams("memit", "gpt-j")
     assert load_hparams("ft-linf", "EleutherAI/gpt-j-6B", family="gptj") == load_hparams("ft-linf", "gptj")
@@ -384,6 +387,8 @@ def test_hparams_hash_ignores_key_order_and_comments(d, rng) -> None:
 
 
 def test_resolve_layers() -> None:
+    from editors.ft import FtHparams
+
     assert resolve_layers("causal", _config(4)) == [0]  # no recorded causal layer: 0
     assert resolve_layers("causal", _config(4, causal=2)) == [2]
     assert resolve_layers(["causal", "causal+1"], _config(4, causal=2)) == [2, 3]
@@ -396,6 +401,17 @@ def test_resolve_layers() -> None:
         resolve_layers(17, _config(12))
     with pytest.raises(HparamsError, match="'middle'"):
         resolve_layers("middle", _config(12))
+    # 'K/N': layer K of N at the same share of this depth, rounded down, duplicates merged
+    assert resolve_layers("17/48", _config(48)) == [17]
+    assert [resolve_layers("17/48", _config(n)) for n in (12, 24, 36, 6, 1)] == [[4], [8], [12], [2], [0]]
+    assert resolve_layers(["13/48", "14/48", "15/48", "16/48", "17/48"], _config(12)) == [3, 4]
+    assert resolve_layers(" 0/3 ", _config(5)) == [0]
+    with pytest.raises(HparamsError, match="'48/48'.*K must be below N"):
+        resolve_layers("48/48", _config(12))
+    with pytest.raises(HparamsError, match="'17/0'"):
+        resolve_layers("17/0", _config(12))
+    with pytest.raises(HparamsError, match="is symbolic"):
+        hparams_from_mapping(FtHparams, {"layer": "17/48"})
     with pytest.raises(HparamsError, match="exactly one layer"):
         resolve_hparams_layers("rome", {"layer": [1, 2]}, _config(4))
 
@@ -414,6 +430,7 @@ def test_build_editor_resolves_the_causal_layer_from_the_model_config() -> None:
     assert ft.hparams.layer == 0 and ft.hparams.eps == 0.01
     # a model this repo has no file for falls back to its architecture family's defaults
     big = build_editor("rome", "someone/gpt2-big", SimpleNamespace(config=_config(24)))
-    assert big.hparams.layer == 17
+    assert big.hparams.layer == 8  # GPT-2-XL's 17 of 48 at 24 layers: ROME's own GPT-2 medium file's layer
+    assert build_editor("rome", "gpt2", SimpleNamespace(config=_config(12))).hparams.layer == 4
     with pytest.raises(UnknownEditorError):
         build_editor("nope", "tiny-gpt2", model)

@@ -26,6 +26,8 @@ from editors.hparams import (
     layer_hparams,
     load_hparams,
     named_hparams_sets,
+    resolve_hparams_layers,
+    resolve_layers,
     schema_for,
 )
 
@@ -190,8 +192,37 @@ def _expected(table, same_as) -> dict[tuple[str, str], dict[str, object]]:
     return out
 
 
-EXPECTED = _expected(PAPERS + CHOSEN, SAME_AS)
-EXPECTED_KMENG01 = _expected(KMENG01, KMENG01_SAME_AS)
+# a family default's layers, written as a share of the depth ('K/N') or from the end ('last-N'): every model of the
+# family gets layers it has, and on the reference model they are its file's own (test_..._scaled_layers_...)
+SCALED_LAYERS = {("rome", "gpt2"): "17/48", ("memit", "gpt2"): ["13/48", "14/48", "15/48", "16/48", "17/48"],
+                 ("mend", "gpt2"): ["last-2", "last-1", "last"]}
+KMENG01_SCALED_LAYERS = {("rome", "gpt2"): "17/48"}
+
+
+def _with_layers(expected: dict, scaled: dict) -> dict:
+    for (editor, model), value in scaled.items():
+        field = schema_for(editor).layer_key
+        expected[(editor, model)] = {**expected[(editor, model)], field: value}
+    return expected
+
+
+EXPECTED = _with_layers(_expected(PAPERS + CHOSEN, SAME_AS), SCALED_LAYERS)
+EXPECTED_KMENG01 = _with_layers(_expected(KMENG01, KMENG01_SAME_AS), KMENG01_SCALED_LAYERS)
+
+
+@pytest.mark.parametrize(("editor", "model", "scaled", "named"),
+                         [(e, m, v, None) for (e, m), v in SCALED_LAYERS.items()]
+                         + [(e, m, v, "kmeng01") for (e, m), v in KMENG01_SCALED_LAYERS.items()])
+def test_a_family_defaults_scaled_layers_are_its_reference_models_on_that_model(editor, model, scaled, named) -> None:
+    from types import SimpleNamespace
+
+    reference = (KMENG01_SAME_AS if named else SAME_AS)[model]
+    field = schema_for(editor).layer_key
+    raw = _raw(editor, *((named,) if named else ()), f"{reference}.json")[field]
+    xl = SimpleNamespace(n_layer=48)
+    assert resolve_layers(scaled, xl) == resolve_layers(raw, xl)
+    if editor == "rome":  # ROME's own GPT-2 medium and large files edit layers 8 and 12; GPT-2 small has none
+        assert [resolve_layers(scaled, SimpleNamespace(n_layer=n)) for n in (24, 36, 12)] == [[8], [12], [4]]
 
 
 def test_the_tables_have_no_duplicate_rows() -> None:
@@ -333,9 +364,12 @@ MODELS_AND_FILES = {"gpt2-xl": "gpt2-xl", "gpt-j": "gpt-j", "llama2-7b": "llama2
 
 def test_hparams_command_resolves_every_builtin_alias_and_editor(isolated: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from pytest_editsafety.registry import BUILTIN_MODELS
+    from types import SimpleNamespace
+
+    from pytest_editsafety.registry import BUILTIN_MODELS, PUBLISHED_DEPTHS, resolve_model
 
     assert set(BUILTIN_MODELS) <= set(MODELS_AND_FILES)
+    assert {spec.location for spec in BUILTIN_MODELS.values() if spec.source == "hub"} == set(PUBLISHED_DEPTHS)
     for model, key in MODELS_AND_FILES.items():
         for editor in BUILTIN_EDITORS:
             code, payload, err = _hparams_cli(capsys, "--model", model, "--editor", editor, "--json")
@@ -349,9 +383,11 @@ def test_hparams_command_resolves_every_builtin_alias_and_editor(isolated: Path,
             assert payload["layers"][0]["label"] == file and payload["layers"][0]["comment"]
             expected = load_hparams(editor, file_key)
             layers = expected[schema.layer_key]
-            if not model.startswith("tiny-"):  # integers, not checked against a config nobody downloaded
-                assert payload["values"] == expected and not payload["unresolved"], (model, editor)
-                assert any("not in the local Hugging Face cache" in note for note in payload["notes"])
+            if not model.startswith("tiny-"):  # resolved against the published depth: nothing was downloaded
+                depth = PUBLISHED_DEPTHS[resolve_model(model).location]
+                resolved = resolve_hparams_layers(editor, expected, SimpleNamespace(n_layer=depth))
+                assert payload["values"] == resolved and not payload["unresolved"], (model, editor)
+                assert any(f"published depth, {depth} layers" in note for note in payload["notes"])
                 continue
             assert any("not built" in note for note in payload["notes"])
             if all(item.startswith("last") for item in layers):  # MEND: the recipe's depth is enough
@@ -389,16 +425,19 @@ def test_hparams_command_resolves_layers_against_a_readable_config(isolated: Pat
                                                    "editsafety_recipe_hash": RECIPES["tiny-gpt2"].recipe_hash}))
     code, payload, _ = _hparams_cli(capsys, "--model", str(local), "--editor", "c-rome", "--json")
     assert code == 0 and (payload["values"]["layer"], payload["hparams_keys"][0]) == (1, "tiny-gpt2")
-    # a Hugging Face id whose config.json is in the local cache: GPT-2 small is too shallow for GPT-2-XL's layer
+    # a Hugging Face id whose config.json is in the local cache: the cached config's depth, not the published one
     snapshot = isolated / "hf" / "models--openai-community--gpt2" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 12}))
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 6}))
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
     code, payload, _ = _hparams_cli(capsys, "--model", "gpt2", "--editor", "rome", "--json")
-    assert code == 1 and payload["problems"] == ["layer: layer 17 is out of range for a model with 12 layers"]
+    assert code == 0 and payload["values"]["layer"] == 2 and payload["symbolic"] == {"layer": "17/48"}
+    assert payload["config"].endswith("config.json")
     code, payload, _ = _hparams_cli(capsys, "--model", "gpt2", "--editor", "rome", "--set", "layer=8", "--json")
-    assert code == 0 and (payload["values"]["layer"], payload["sources"]["layer"]) == (8, "overrides")
+    assert code == 1 and payload["problems"] == ["layer: layer 8 is out of range for a model with 6 layers"]
+    code, payload, _ = _hparams_cli(capsys, "--model", "gpt2", "--editor", "rome", "--set", "layer=5", "--json")
+    assert code == 0 and (payload["values"]["layer"], payload["sources"]["layer"]) == (5, "overrides")
 
 
 def test_hparams_command_layers_a_named_set_a_user_file_and_overrides(isolated: Path,

@@ -449,6 +449,24 @@ def test_the_layer_check_reads_a_saved_config_that_names_its_own_path(micro_mode
     assert layer_problems(plan.models, plan.editors, {}, None) == []
 
 
+def test_a_builtin_hub_models_layers_are_checked_against_its_published_depth(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2 small, not in the (empty) Hugging Face cache: its family default's layers fit its published 12 layers
+    ('17/48' is layer 4), and a user file's layer 20 is a problem before anything is downloaded."""
+    from pytest_editsafety.model_check import known_config, layer_problems
+    from pytest_editsafety.plan import build_plan
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    plan = build_plan(["rome", "memit", "mend"], ["gpt2"], ["normal"], limit=1)
+    config, source, notes = known_config(plan.models[0].spec, None)
+    assert config == {"model_type": "gpt2", "n_layer": 12} and "published" in source and "12 layers" in notes[0]
+    assert layer_problems(plan.models, plan.editors, {}, None) == []
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"layer": 20}')
+    (problem,) = layer_problems(plan.models, plan.editors, {"rome": str(deep)}, None)
+    assert problem.startswith(f"rome on gpt2: layer from {deep}: layer 20 is out of range for a model with 12 layers")
+
+
 def test_ids_are_stable_across_collections(pytester: pytest.Pytester, micro_model: Path) -> None:
     pytester.makepyfile(test_certify=SUITE.read_text())
     args = ["--collect-only", "-q", "--editor=all", f"--model={micro_model}", "--model=tiny-gpt2",

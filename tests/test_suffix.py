@@ -134,7 +134,7 @@ def _searches(model, tokenizer, hp: RomeHparams, contexts, request: EditRequest)
 
 def test_a_gpt2_shaped_models_value_search_is_the_plain_ones() -> None:
     """GPT-2 small's shape (12 layers, 768 wide, 12 heads; random weights, the tokenizer of test_memit_ft), the
-    edit at layer 5 as ROME's GPT-2 file has it: δ after a few steps of the search is the plain search's."""
+    edit at layer 5 (the benchmarks' GPT-2 small layer): δ after a few steps of the search is the plain search's."""
     tokenizer = _tokenizer("gpt2")
     model = _random_model("gpt2", len(tokenizer), layers=12, width=768, heads=12)
     hp = RomeHparams(layer=5, v_num_grad_steps=4)
