@@ -58,6 +58,8 @@ class RunRecords:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     identities: dict[str, str] = field(default_factory=dict)
     hparams: dict[str, dict[str, str]] = field(default_factory=dict)
+    # editor -> model -> the hyper-parameters' values (the workers' "hparams" meta), beside their hashes
+    hparams_values: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     corpora: dict[str, tuple[str, str]] = field(default_factory=dict)
     hardware: set[str] = field(default_factory=set)
     # the run uses the BOS-stripped protocol (--editsafety-strip-bos), and what it did to each model that loaded
@@ -167,6 +169,8 @@ def absorb_meta(controller: RunRecords, meta: Any) -> None:
         controller.identities[model] = meta["identity"]
     if isinstance(model, str) and isinstance(editor, str) and isinstance(meta.get("hparams_hash"), str):
         controller.hparams.setdefault(editor, {})[model] = meta["hparams_hash"]
+        if isinstance(meta.get("hparams"), dict):
+            controller.hparams_values.setdefault(editor, {})[model] = meta["hparams"]
     if isinstance(model, str) and isinstance(meta.get("corpus"), str) and isinstance(meta.get("corpus_sha256"), str):
         controller.corpora[model] = (meta["corpus"], meta["corpus_sha256"])
     if isinstance(meta.get("hardware"), str):
@@ -268,6 +272,7 @@ def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple
         editors=plan.editors,
         models={m.slug: controller.identities.get(m.slug) or controller_identity(m) for m in plan.models},
         hparams_hashes={e: dict(h) for e, h in controller.hparams.items() if e in plan.editors},
+        hparams={e: dict(v) for e, v in controller.hparams_values.items() if e in plan.editors},
         bounds=bounds.to_dict(),
         corpus=corpus,
         corpus_sha256=corpus_sha,

@@ -393,6 +393,8 @@ class ModelHub(ModelPool):
             digest = state.hparams_hashes.get(item.editor)
             if digest:
                 out["hparams_hash"] = digest
+                if item.editor in state.hparams_values:
+                    out["hparams"] = state.hparams_values[item.editor]
             # a trained editor (MEND) says which network it loaded: its archive's tensors sha256 and dtype
             editor = state.editors.get(item.editor)
             provenance = dict(editor.provenance()) if editor is not None else {}
@@ -761,6 +763,9 @@ class ModelHub(ModelPool):
         state.provided[name] = set_up(editor, loaded.model, loaded.tokenizer, loaded.family, self._resources(state))
         state.editors[name] = editor
         state.hparams_hashes[name] = _hparams_digest(editor.hparams)
+        values = _hparams_values(editor.hparams)
+        if values is not None and state.hparams_hashes[name] is not None:
+            state.hparams_values[name] = values
         return editor
 
     # ---- the denominator floor ------------------------------------------------------------------
@@ -852,6 +857,21 @@ _HARNESS_METRICS = frozenset({
     "denominator_floor", "ppl_ratio", "ppl_edited", "ppl_unedited", "ppl_corpus_unedited", "ppl_corpus_edited",
     "ppl_corpus_ratio", "ppl_median_edited", "ppl_max_edited",
 })
+
+
+def _hparams_values(hp: Any) -> dict[str, Any] | None:
+    """The hyper-parameters as plain JSON values (what :func:`_hparams_digest` hashes), for the certificate; None
+    for hyper-parameters that are no dataclass or mapping of JSON values."""
+    import json
+
+    if dataclasses.is_dataclass(hp) and not isinstance(hp, type):
+        hp = dataclasses.asdict(hp)
+    if not isinstance(hp, Mapping):
+        return None
+    try:
+        return json.loads(json.dumps({k: v for k, v in hp.items() if not str(k).startswith("_")}, allow_nan=False))
+    except (TypeError, ValueError):
+        return None
 
 
 def _hparams_digest(hp: Any) -> str | None:

@@ -465,6 +465,12 @@ def test_a_builtin_hub_models_layers_are_checked_against_its_published_depth(tmp
     deep.write_text('{"layer": 20}')
     (problem,) = layer_problems(plan.models, plan.editors, {"rome": str(deep)}, None)
     assert problem.startswith(f"rome on gpt2: layer from {deep}: layer 20 is out of range for a model with 12 layers")
+    # an editor without a file for the family (r-rome on Llama) leaves the others' layers checked
+    deeper = tmp_path / "deeper.json"
+    deeper.write_text('{"layer": 40}')
+    llama = build_plan(["r-rome", "rome"], ["llama2-7b"], ["normal"], limit=1)
+    (problem,) = layer_problems(llama.models, llama.editors, {"rome": str(deeper)}, None)
+    assert problem.startswith("rome on llama2-7b: ") and "layer 40 is out of range for a model with 32 layers" in problem
 
 
 def test_ids_are_stable_across_collections(pytester: pytest.Pytester, micro_model: Path) -> None:
@@ -502,6 +508,9 @@ def test_a_run_writes_the_report_and_a_valid_json(isolated: pytest.Pytester, mic
     assert [r.test_id for r in run.sequential] == [f"c-rome-{micro}-seq-hard", f"c-rome-{micro}-seq-normal"]
     assert run.metadata.models[micro].startswith("local:")
     assert set(run.metadata.hparams_hashes["c-rome"]) == {micro}
+    # the values behind the hash, layers resolved: the run can be reviewed and rerun from its certificate
+    values = run.metadata.hparams["c-rome"][micro]
+    assert isinstance(values["layer"], int) and values["kl_prompt"] == "{} is a"
     assert run.metadata.corpus == "tiny_corpus" and len(run.metadata.corpus_sha256) == 64
     for record in run.cases:
         # both metric families, the ROME diagnostics and the model-derived floor travel as numbers
@@ -514,6 +523,9 @@ def test_a_run_writes_the_report_and_a_valid_json(isolated: pytest.Pytester, mic
     assert all(r.n_edits == 1 and len(r.ppl_after_each) == 1 for r in run.sequential)
     markdown = (out / "r.md").read_text()
     assert "c-rome" in markdown and "Sequential" in markdown
+    assert "## Hyper-parameters" in markdown
+    (row,) = [line for line in markdown.split("## Hyper-parameters")[1].splitlines() if line.startswith("| c-rome ")]
+    assert micro in row and run.metadata.hparams_hashes["c-rome"][micro] in row and f"layer {values['layer']}," in row
 
 
 def test_mend_trains_on_first_use_with_a_user_hparams_file_and_restores(
@@ -545,6 +557,7 @@ def test_mend_trains_on_first_use_with_a_user_hparams_file_and_restores(
     expected = hparams_from_mapping(MendHparams, load_hparams("mend", "tiny-gpt2", user_file=hparams))
     assert expected.steps == 4 and expected.c_loc == 1.0
     assert run.metadata.hparams_hashes["mend"][micro_model.name] == hparams_hash(asdict(expected))
+    assert run.metadata.hparams["mend"][micro_model.name] == json.loads(json.dumps(asdict(expected)))
     # trained on first use, once, into the cache; its tensors' sha256 is in every test's metadata
     (archive,) = [m.parent for m in (tmp_path / "cache" / "mend").glob("*/COMPLETE")]
     config = json.loads((archive / "mend.json").read_text())

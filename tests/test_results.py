@@ -361,6 +361,30 @@ def test_merge_unions_editors_and_models() -> None:
     assert meta.hparams_hashes == {"memit": {"m2": "memit-m2-hash"}, "rome": {"m1": "rome-m1-hash", "m2": "rome-m2-hash"}}
 
 
+def test_the_hyper_parameters_behind_each_hash_travel_with_it() -> None:
+    from editors.hparams import hparams_hash
+
+    values = {"layer": 0, "v_lr": 0.5, "kl_prompt": "{} is a", "context_templates": [[5, 10], [10, 10]]}
+    digest = hparams_hash(values)
+    meta = metadata_for(("rome",), ("m1",), hparams_hashes={"rome": {"m1": digest}}, hparams={"rome": {"m1": values}})
+    again = RunMetadata.from_dict(json.loads(json.dumps(meta.to_dict())))
+    assert again.hparams == {"rome": {"m1": values}} and again == meta
+    assert type(again.hparams["rome"]["m1"]["layer"]) is int  # written as given: its hash is over the values
+    with pytest.raises(RecordError, match="plain JSON value"):
+        metadata_for(("rome",), ("m1",), hparams={"rome": {"m1": {"v_lr": float("nan")}}})
+    # optional: a run without them writes no field, and older files read as before
+    assert "hparams" not in metadata_for(("rome",), ("m1",)).to_dict()
+    with pytest.raises(RecordError, match=r"hparams\.rome\.m1.*do not hash to hparams_hashes\.rome\.m1"):
+        metadata_for(("rome",), ("m1",), hparams_hashes={"rome": {"m1": digest}},
+                     hparams={"rome": {"m1": {**values, "layer": 1}}})
+    with pytest.raises(RecordError, match=r"hparams\.memit\.m1"):
+        metadata_for(("rome",), ("m1",), hparams={"memit": {"m1": values}})
+    # shards that agree on the hashes merge their values
+    other = metadata_for(("rome",), ("m2",), hparams_hashes={"rome": {"m2": digest}}, hparams={"rome": {"m2": values}})
+    merged = merge([RunResult(meta), RunResult(other)]).metadata
+    assert merged.hparams == {"rome": {"m1": values, "m2": values}}
+
+
 def test_merge_keeps_agreeing_duplicates_and_rejects_conflicts() -> None:
     whole = read_result(GOLDEN / "run.json")
     # re-run elsewhere: other durations, workers and devices, the same measurements

@@ -13,11 +13,12 @@ from the run's metadata, numbers are formatted here (tabulate never re-parses th
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tabulate import tabulate
 
@@ -607,6 +608,26 @@ def _baseline_section(
     return lines
 
 
+def _hparams_value(value: Any) -> str:
+    if isinstance(value, float):
+        return format_number(value)
+    # JSON for the rest: true/false, quoted strings (a prompt such as "{} is a"), lists as written in the files
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _hparams_section(result: RunResult) -> list[str]:
+    """The hyper-parameters each editor edited each model with, as the run resolved them: the settings behind the
+    verdicts, for a reader who reruns or reviews them (runs written before the values were recorded have none)."""
+    meta = result.metadata
+    rows = [[escape_md(editor), escape_md(model), escape_md(meta.hparams_hashes.get(editor, {}).get(model) or DASH),
+             escape_md(", ".join(f"{key} {_hparams_value(value)}" for key, value in values.items()))]
+            for editor, per_model in meta.hparams.items() for model, values in per_model.items()]
+    if not rows:
+        return []
+    return ["## Hyper-parameters", "", "As each editor edited each model, layers resolved (the sha256 is the JSON's "
+            "`hparams_hashes` entry):", "", _table(["editor", "model", "sha256", "values"], rows)]
+
+
 def render(
     result: RunResult,
     *,
@@ -636,6 +657,7 @@ def render(
         _batch_section(result),
         _sequential_section(result, plot_links, plot_note),
         _baseline_section(result, baseline, regressions, allowed_missing),
+        _hparams_section(result),
         [f"<sub>Rendered by pytest-editsafety from a {SCHEMA} results file.</sub>"],
     ]
     return "\n\n".join("\n".join(s) for s in sections if s) + "\n"

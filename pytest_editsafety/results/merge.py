@@ -69,6 +69,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
     models: dict[str, str] = {}
     model_from: dict[str, str] = {}
     hparams: dict[str, dict[str, str]] = {}
+    hparams_values: dict[str, dict[str, dict[str, Any]]] = {}
     editors: list[str] = []
     versions: dict[str, list[str]] = {}
     hardware: list[str] = []
@@ -97,6 +98,9 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
                 known = hparams.setdefault(editor, {}).setdefault(model, digest)
                 if known != digest:
                     raise MergeError(f"hparams of {editor!r} on {model!r} differ between shards ({name})")
+        for editor, per_model in meta.hparams.items():  # equal hashes above: equal values
+            for model, values in per_model.items():
+                hparams_values.setdefault(editor, {}).setdefault(model, values)
         editors.extend(e for e in meta.editors if e not in editors)
         for lib, version in meta.library_versions.items():
             seen = versions.setdefault(lib, [])
@@ -113,6 +117,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
         editors=tuple(editors),
         models=models,
         hparams_hashes=hparams,
+        hparams=hparams_values,
         bounds=first.bounds,
         corpus=first.corpus,
         corpus_sha256=first.corpus_sha256,

@@ -18,7 +18,15 @@ from pytest_editsafety.aggregates import worst
 from pytest_editsafety.bounds import Bounds, BoundsError
 from pytest_editsafety.results.errors import RecordError, ResultsFormatError
 from pytest_editsafety.results.coverage import Coverage, RunPlan, Session, coverage_of, shown_ids
-from pytest_editsafety.results.schema import OPTIONAL, READABLE_SCHEMAS, SCHEMA, SCHEMA_V1, Record, describe_json
+from pytest_editsafety.results.schema import (
+    OPTIONAL,
+    READABLE_SCHEMAS,
+    SCHEMA,
+    SCHEMA_V1,
+    JsonValue,
+    Record,
+    describe_json,
+)
 
 __all__ = ["BOS_NOTHING_TO_STRIP", "BOS_NOT_LOADED", "BOS_PROTOCOL_VALUES", "BOS_STRIPPED", "OUTCOMES", "BatchRecord",
            "CaseRecord", "RunMetadata", "RunResult", "SequentialRecord"]
@@ -69,6 +77,10 @@ class RunMetadata(Record):
     # (BOS_PROTOCOL_VALUES); empty when the run did not use it. Optional: absent from files of runs without it, and
     # from every file written before it existed
     bos_protocol: Mapping[str, str] = field(default_factory=dict, metadata={OPTIONAL: True})
+    # editor -> model -> the hyper-parameters the run edited with (layers resolved, plain JSON values): what
+    # hparams_hashes hashes, so that a reader sees and can rerun the settings behind each verdict. Optional: absent
+    # from files written before it existed, and for an editor whose hyper-parameters are no JSON values
+    hparams: Mapping[str, Mapping[str, Mapping[str, JsonValue]]] = field(default_factory=dict, metadata={OPTIONAL: True})
 
     def _validate(self) -> None:
         if len(set(self.editors)) != len(self.editors):
@@ -90,6 +102,16 @@ class RunMetadata(Record):
             for model in per_model:
                 if model not in self.models:
                     raise RecordError(f"hparams_hashes.{editor}.{model}", "model is not listed in 'models'")
+        if self.hparams:
+            from editors.hparams import hparams_hash
+        for editor, per_model in self.hparams.items():
+            for model, values in per_model.items():
+                where = f"hparams.{editor}.{model}"
+                if editor not in self.editors or model not in self.models:
+                    raise RecordError(where, "editor or model is not listed in 'editors' / 'models'")
+                digest = self.hparams_hashes.get(editor, {}).get(model)
+                if digest is not None and hparams_hash(dict(values), len(digest)) != digest:
+                    raise RecordError(where, f"the values do not hash to hparams_hashes.{editor}.{model} ({digest})")
         for model, what in self.bos_protocol.items():
             if model not in self.models:
                 raise RecordError(f"bos_protocol.{model}", "model is not listed in 'models'")

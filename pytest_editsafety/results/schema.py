@@ -4,7 +4,8 @@ A ``Record`` is a frozen dataclass whose field annotations are the schema: const
 field against its annotation and stores a private canonical copy (tuples, key-sorted dicts, floats), and
 ``to_dict``/``from_dict`` convert to and from the JSON form. Annotations it understands: ``str``, ``bool``,
 ``int`` (a count, so ``>= 0``), ``float``, ``X | None``, ``tuple[X, ...]``, ``Mapping[str, X]``, ``Any``
-(passed through for the record itself to check) and another record type.
+(passed through for the record itself to check), ``JsonValue`` (a plain JSON value kept exactly as written) and
+another record type.
 
 Numbers. JSON has no NaN or infinity, and a collapsed model produces both, so every float is a JSON number
 when finite and one of the strings ``"nan"``, ``"inf"``, ``"-inf"`` otherwise.
@@ -31,8 +32,8 @@ from typing import Any, TypeVar, Union
 
 from pytest_editsafety.results.errors import RecordError, ResultsFormatError
 
-__all__ = ["OPTIONAL", "READABLE_SCHEMAS", "SCHEMA", "SCHEMA_V1", "Record", "decode_float", "describe_json",
-           "encode_float"]
+__all__ = ["OPTIONAL", "READABLE_SCHEMAS", "SCHEMA", "SCHEMA_V1", "JsonValue", "Record", "decode_float",
+           "describe_json", "encode_float"]
 
 # v2 added the plan, the sessions and the coverage, and each record's worker and device; v1 files are still read
 # (their coverage is unknown, and where their tests ran)
@@ -127,6 +128,23 @@ class _Float:
         return encode_float(value)
 
 
+class JsonValue:
+    """Annotation of a plain JSON value written and read back exactly as it is (an integer stays an integer, a
+    list a list): settings such as hyper-parameters, whose hash is taken over the values as given. NaN and infinity
+    are refused, since a plain JSON value cannot hold them."""
+
+
+class _Json:
+    def check(self, value: Any, path: str, from_json: bool) -> Any:
+        try:
+            return json.loads(json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError) as err:
+            raise _Invalid(path, f"expected a plain JSON value, got {_got(value, from_json)} ({err})") from None
+
+    def encode(self, value: Any) -> Any:
+        return value
+
+
 class _Any:
     """A value the record checks itself (the bounds); numbers in it are written like every other float."""
 
@@ -194,7 +212,7 @@ class _Nested:
         return value.to_dict()
 
 
-_Codec = Union[_Leaf, _Float, _Any, _Optional, _Tuple, _Map, _Nested]
+_Codec = Union[_Leaf, _Float, _Json, _Any, _Optional, _Tuple, _Map, _Nested]
 
 _SCALARS: Mapping[Any, _Codec] = {
     str: _Leaf(lambda v: isinstance(v, str), "a string"),
@@ -202,6 +220,7 @@ _SCALARS: Mapping[Any, _Codec] = {
     int: _Leaf(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     float: _Float(),
     Any: _Any(),
+    JsonValue: _Json(),
 }
 
 
