@@ -10,7 +10,8 @@ organism's tokenizer (no GPT-2 tokenizer is available offline), so the vocabular
 (``--real-vocab``: GPT-2's 50257 rows, of which the tokenizer uses the first ones; the parameter count is then
 the real model's). ``config._name_or_path`` is ``gpt2-random`` / ``gpt2-xl-random``, and ROME's hyper-parameters
 are the real model's file, ``editors/hparams/rome/gpt2-xl.json`` (layer 17, 20 v* steps, C = I), with
-``layer`` 5 on GPT-2 small (12 layers: layer 17 does not exist there). The cases are the organism's ``normal``
+``layer`` 5 on GPT-2 small (12 layers: layer 17 does not exist there; the README's figures were measured at 5,
+while a real ``gpt2`` run edits layer 4, the GPT-2 family default's '17/48'). The cases are the organism's ``normal``
 set (first ``--cases``), the perplexity corpus the first ``--corpus-texts`` texts of ``organism-heldout``,
 written as an ME-PPL JSON file to a temporary directory; every cache goes to that directory too.
 
@@ -56,7 +57,8 @@ CONFIGS = {
 }
 GPT2_VOCAB = 50257
 HPARAMS_FILE = ROOT / "editors" / "hparams" / "rome" / "gpt2-xl.json"
-# ROME's layer where the real file's (17) does not exist
+# the edit layer on GPT-2 small, where GPT-2-XL's file's 17 does not exist (kept at 5, where the README's figures
+# were measured; the family default's '17/48' gives 4)
 LAYER = {"gpt2": 5, "gpt2-xl": 17}
 
 

@@ -27,8 +27,9 @@ inference pass over the corpus in the perplexity's own sorted batches (logits, n
 ``ppl_to_bare_forward_ratio`` is the optimised perplexity over it. ``sizes`` measures one search step (plain and
 cached, the mean of ``--size-steps``), the bare forward pass and the perplexity after an edit at the edit layer
 (every block run, and the blocks below replayed) as the model grows: the organism, then GPT-2 124M's
-shape with random weights (nothing downloaded; the organism's tokenizer, the edit at layer 5 of 12 as ROME's
-GPT-2 file) and the same with 2x and 4x the depth (the edit at the same relative depth).
+shape with random weights (nothing downloaded; the organism's tokenizer, the edit at layer 5 of 12, where the
+figures in the README were first measured; a real `gpt2` run now edits layer 4, the family default's '17/48') and the
+same with 2x and 4x the depth (the edit at the same relative depth).
 """
 
 from __future__ import annotations
@@ -159,10 +160,11 @@ def _certify_pieces(bench: Bench, path: str, case: Any, probe: Any) -> dict[str,
 def bare_forward_seconds(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]], batch_size: int) -> float:
     """One inference pass over the corpus in the perplexity's sorted batches: the floor a measurement can reach."""
     from editors.text import pad_id, padded
-    from pytest_editsafety.perplexity import length_batches, output_vocabulary, position_ids_from_mask
+    from pytest_editsafety.perplexity import MAX_BATCH_LOGITS, length_batches, output_vocabulary, position_ids_from_mask
 
     order = sorted((i for i, ids in enumerate(encoded) if len(ids) >= 2), key=lambda i: len(encoded[i]), reverse=True)
-    batches = length_batches(order, [len(ids) for ids in encoded], batch_size, output_vocabulary(model))
+    batches = length_batches(order, [len(ids) for ids in encoded], batch_size, output_vocabulary(model),
+                             MAX_BATCH_LOGITS)
     pad = pad_id(tokenizer)
     start = time.perf_counter()
     with torch.inference_mode():

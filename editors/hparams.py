@@ -173,8 +173,9 @@ def _check_keys(data: Mapping[str, Any], known: Sequence[str], source: str, edit
 
 def check_hparams_values(editor: str, data: Mapping[str, Any], source: str) -> None:
     """What can be checked of a file of ``editor``'s hyper-parameters before a model is known: every key is one of
-    its fields and every value but the layers has the field's type (the layers, ints, lists or symbolic such as
-    ``"causal"``, are resolved against the model later, as are ranges that depend on it). Raises
+    its fields and every value but the layers has the field's type; the layers (ints, lists or symbolic such as
+    ``"causal"``) are well formed (:func:`parse_layers`), and resolved against the model later, as are ranges that
+    depend on it. Raises
     :class:`HparamsError` naming ``source`` and the key; an editor without built-in hyper-parameters (a
     third-party one) is not checked here."""
     schema = _SCHEMAS.get(editor)
@@ -188,6 +189,8 @@ def check_hparams_values(editor: str, data: Mapping[str, Any], source: str) -> N
         # all resolved against the model (resolve_hparams_layers)
         if key != COMMENT_KEY and key != schema.layer_key:
             _coerce(value, hints[key], f"{source}: {key}")
+        elif key == schema.layer_key:
+            parse_layers(value, f"{source}: ")
 
 
 def named_hparams_sets(editor: str) -> tuple[str, ...]:
@@ -377,43 +380,63 @@ def resolve_layers(value: Any, model: Any, *, source: str = "") -> list[int]:
     (e.g. ``"layer from rome/kmeng01/gpt2.json"``) opens the message of an error about ``value``.
     """
     where = f"{source}: " if source else ""
+    items = parse_layers(value, where)
     config = getattr(model, "config", model)
     n_layers = _n_layers(config)
     causal = getattr(config, "editsafety_causal_layer", None)
     causal = 0 if causal is None else causal
     if not isinstance(causal, int) or isinstance(causal, bool) or not 0 <= causal < n_layers:
         raise HparamsError(f"model config: editsafety_causal_layer={causal!r} is not a layer of {n_layers}")
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not items:
-        raise HparamsError(f"{where}layers: empty list")
     out: set[int] = set()
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise HparamsError(f"{where}layer {item!r}: expected {_LAYER_FORMS}")
-        if isinstance(item, int):
-            if not 0 <= item < n_layers:
-                raise LayerOutOfRangeError(f"{where}layer {item} is out of range for a model with {n_layers} layers")
-            out.add(item)
-            continue
-        match = _CAUSAL_RE.match(item.strip())
-        last = _LAST_RE.match(item.strip())
-        scaled = _SCALED_RE.match(item.strip())
-        if match:
-            layer = causal + int(match.group(1) or 0)
-        elif last:
-            layer = n_layers - 1 - int(last.group(1) or 0)
-        elif scaled:
-            k, of = int(scaled.group(1)), int(scaled.group(2))
-            if not k < of:
-                raise HparamsError(f"{where}layer {item!r}: 'K/N' is layer K of N layers, so K must be below N")
+    for kind, k, of in items:
+        if kind == "index":
+            if not k < n_layers:
+                raise LayerOutOfRangeError(f"{where}layer {k} is out of range for a model with {n_layers} layers")
+            layer = k
+        elif kind == "causal":
+            layer = causal + k
+        elif kind == "last":
+            layer = n_layers - 1 - k
+        else:  # "scaled"
             layer = k * n_layers // of
-        else:
-            raise HparamsError(f"{where}layer {item!r}: expected {_LAYER_FORMS}")
         if 0 <= layer < n_layers:
             out.add(layer)
     if not out:
         raise LayerOutOfRangeError(f"{where}layers {value!r}: no layer left on a model with {n_layers} layers")
     return sorted(out)
+
+
+def parse_layers(value: Any, where: str = "") -> list[tuple[str, int, int]]:
+    """The layer forms of ``value`` (see :func:`resolve_layers`) as ``(kind, k, n)``: ``("index", i, 0)``,
+    ``("causal", N, 0)``, ``("last", N, 0)`` or ``("scaled", K, N)``; what can be refused without a model is refused
+    here (a malformed item, a negative index, ``K/N`` with K not below N, an empty list), ``where`` opening the
+    message."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise HparamsError(f"{where}layers: empty list")
+    parsed: list[tuple[str, int, int]] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise HparamsError(f"{where}layer {item!r}: expected {_LAYER_FORMS}")
+        if isinstance(item, int):
+            if item < 0:
+                raise HparamsError(f"{where}layer {item}: a layer index is >= 0")
+            parsed.append(("index", item, 0))
+            continue
+        causal = _CAUSAL_RE.match(item.strip())
+        last = _LAST_RE.match(item.strip())
+        scaled = _SCALED_RE.match(item.strip())
+        if causal:
+            parsed.append(("causal", int(causal.group(1) or 0), 0))
+        elif last:
+            parsed.append(("last", int(last.group(1) or 0), 0))
+        elif scaled and int(scaled.group(1)) < int(scaled.group(2)):
+            parsed.append(("scaled", int(scaled.group(1)), int(scaled.group(2))))
+        elif scaled:
+            raise HparamsError(f"{where}layer {item!r}: 'K/N' is layer K of N layers, so K must be below N")
+        else:
+            raise HparamsError(f"{where}layer {item!r}: expected {_LAYER_FORMS}")
+    return parsed
 
 
 def resolve_hparams_layers(editor: str, hparams: Mapping[str, Any], model: Any, *,

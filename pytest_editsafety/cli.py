@@ -294,7 +294,7 @@ def cmd_hparams(args: argparse.Namespace) -> int:
     from editors.families import family_for_model_type
     from editors.hparams import hparams_from_mapping, layer_hparams, schema_for
     from editors.registry import UnknownEditorError, available_editors
-    from pytest_editsafety.model_check import hparams_lookup_keys, known_config
+    from pytest_editsafety.model_check import config_is_complete, hparams_lookup_keys, known_config
     from pytest_editsafety.registry import resolve_model
 
     spec = resolve_model(args.model)
@@ -332,7 +332,7 @@ def cmd_hparams(args: argparse.Namespace) -> int:
         values, sources = dict(layered.values), dict(layered.sources)
         layers_out = [{"role": layer.role, "label": layer.label, "path": layer.path, "comment": layer.comment}
                       for layer in layered.layers]
-        complete = config_source.endswith("config.json")  # else an unbuilt organism's recipe
+        complete = config_is_complete(config_source)
         resolved, symbolic, unresolved, problems = _resolve_for_display(args.editor, values, config, complete)
         if not unresolved and not problems and not _has_symbolic(resolved[schema.layer_key]):
             try:

@@ -655,9 +655,12 @@ class ModelHub(ModelPool):
         """The unedited model's perplexity on ``corpus``: measured once, and kept under the cache root for the other
         workers and later runs, keyed by the weights (their dtype and device kind) and the corpus's texts."""
         from pytest_editsafety.keyed_cache import cached_value, weights_key
+        from pytest_editsafety.perplexity import MAX_BATCH_LOGITS
 
+        # the batching moves the numbers at float rounding (a text padded to another length): what sets it is keyed
         key = {"format": BASELINE_CACHE_FORMAT, **weights_key(state.loaded), "corpus": corpus.name,
-               "texts": stable_hash(list(corpus.texts), 32), "batch_size": self.options.ppl_batch_size}
+               "texts": stable_hash(list(corpus.texts), 32), "batch_size": self.options.ppl_batch_size,
+               "max_batch_logits": MAX_BATCH_LOGITS}
         return cached_value(self._values_root(state), "baselines", state.slug, key,
                             lambda: self._perplexity(state, corpus),
                             valid=lambda value: isinstance(value, dict) and set(value) == set(_PPL_FIELDS))
@@ -764,7 +767,7 @@ class ModelHub(ModelPool):
         state.editors[name] = editor
         state.hparams_hashes[name] = _hparams_digest(editor.hparams)
         values = _hparams_values(editor.hparams)
-        if values is not None and state.hparams_hashes[name] is not None:
+        if values is not None:
             state.hparams_values[name] = values
         return editor
 
@@ -860,18 +863,21 @@ _HARNESS_METRICS = frozenset({
 
 
 def _hparams_values(hp: Any) -> dict[str, Any] | None:
-    """The hyper-parameters as plain JSON values (what :func:`_hparams_digest` hashes), for the certificate; None
-    for hyper-parameters that are no dataclass or mapping of JSON values."""
+    """The hyper-parameters as plain JSON values, for the certificate beside their hash; None for hyper-parameters
+    that are no dataclass or mapping of JSON values, or whose JSON form hashes otherwise (a third-party mapping
+    whose keys JSON turns into strings): a certificate must not carry values its hash contradicts."""
     import json
 
-    if dataclasses.is_dataclass(hp) and not isinstance(hp, type):
-        hp = dataclasses.asdict(hp)
-    if not isinstance(hp, Mapping):
+    digest = _hparams_digest(hp)
+    plain = dataclasses.asdict(hp) if dataclasses.is_dataclass(hp) and not isinstance(hp, type) else hp
+    if digest is None or not isinstance(plain, Mapping):
         return None
     try:
-        return json.loads(json.dumps({k: v for k, v in hp.items() if not str(k).startswith("_")}, allow_nan=False))
+        values = json.loads(json.dumps({k: v for k, v in plain.items() if not str(k).startswith("_")},
+                                       allow_nan=False))
     except (TypeError, ValueError):
         return None
+    return values if _hparams_digest(values) == digest else None
 
 
 def _hparams_digest(hp: Any) -> str | None:

@@ -67,6 +67,17 @@ def unloadable_models(choices: Iterable[Any], options: LoadOptions | None = None
     return problems
 
 
+# where known_config says a built-in hub model's depth came from, when its config.json is not at hand
+PUBLISHED_CONFIG = "published config"
+
+
+def config_is_complete(source: str) -> bool:
+    """Whether the config :func:`known_config` read at ``source`` judges every layer form: the model's own
+    config.json or a built-in model's published depth, not an unbuilt organism's recipe (whose causal layer the
+    build measures)."""
+    return source.endswith("config.json") or source.startswith(PUBLISHED_CONFIG)
+
+
 def known_config(spec: ModelSpec, cache: str | None) -> tuple[dict[str, Any] | None, str, list[str]]:
     """What can be known of ``spec``'s config without loading or downloading anything: (config or None, where it
     was read, notes). Organisms: their build's config.json (none before the build, but the recipe's depth and
@@ -111,7 +122,7 @@ def known_config(spec: ModelSpec, cache: str | None) -> tuple[dict[str, Any] | N
 
         family = FAMILIES[spec.family]
         return ({"model_type": family.model_types[0], family.n_layers_attr: depth},
-                f"published config of {spec.location} ({depth} layers)",
+                f"{PUBLISHED_CONFIG} of {spec.location} ({depth} layers)",
                 [f"config.json of {spec.location} is not in the local Hugging Face cache (nothing is downloaded): "
                  f"layers are resolved and checked against its published depth, {depth} layers"])
     return None, "", [f"config.json of {spec.location} is not in the local Hugging Face cache (nothing is "
@@ -154,15 +165,19 @@ def _layer_problems(choice: Any, editors: tuple[str, ...], user_files: Mapping[s
     from types import SimpleNamespace
 
     from editors.families import family_for_model_type
-    from editors.hparams import LayerOutOfRangeError, layer_setting, resolve_layers, schema_for
+    from editors.hparams import HparamsError, layer_setting, resolve_layers, schema_for
 
     spec = choice.spec
     config, source, _ = known_config(spec, cache)
-    # an unbuilt organism's recipe gives its depth but not its causal layer: its layers are checked by the build
-    if config is None or not (source.endswith("config.json") or spec.location in PUBLISHED_DEPTHS):
+    if config is None or not config_is_complete(source):
         return []
     family = spec.family or family_for_model_type(config["model_type"]).name
     keys = hparams_lookup_keys(spec, config, family)
+    try:  # a config whose depth or causal layer cannot be read judges no layer (its tests will say why)
+        resolve_layers("causal", SimpleNamespace(**config))
+    except HparamsError as err:
+        log.debug("layer check of %s skipped: %s", choice.given, err)
+        return []
     problems: list[str] = []
     for editor in editors:
         schema = schema_for(editor)
@@ -170,12 +185,14 @@ def _layer_problems(choice: Any, editors: tuple[str, ...], user_files: Mapping[s
             continue
         try:
             value, label = layer_setting(editor, keys, user_file=user_files.get(editor), family=family)
+        except Exception as err:  # e.g. no built-in file for this editor on this family: its tests name it
+            log.debug("layer check of %s on %s skipped: %s: %s", editor, choice.given, type(err).__name__, err)
+            continue
+        try:
             resolve_layers(value, SimpleNamespace(**config), source=f"layer from {label}")
-        except LayerOutOfRangeError as err:
+        except HparamsError as err:  # out of range, or a form no model takes ('48/48')
             example = f'{{"{schema.layer_key}": ' + ("[N]}" if schema.many_layers else "N}")
             problems.append(f"{editor} on {choice.given}: {err}; set the layer with --editsafety-hparams "
                             f"{editor}=FILE (a JSON file such as {example}; python -m pytest_editsafety hparams "
                             f"--model {choice.given} --editor {editor} shows every value and its source)")
-        except Exception as err:  # e.g. no built-in file for this editor on this family: its tests name it
-            log.debug("layer check of %s on %s skipped: %s: %s", editor, choice.given, type(err).__name__, err)
     return problems

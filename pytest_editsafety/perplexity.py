@@ -96,8 +96,9 @@ def summarize(nlls: Sequence[tuple[float, int]]) -> PerplexityResult:
 
 
 # the float32 log-probabilities masked_token_nll holds at once (rows x positions x vocabulary): with a real
-# vocabulary a batch's log-softmax is the pass's largest tensor (GPT-2's 50,257 columns over 32 rows of 300 tokens
-# are 1.9 GB), so rows are taken a few at a time; each row's numbers are the same either way (it is its own softmax)
+# vocabulary a batch's log-softmax and its float32 copy are the pass's largest tensors (twice the batch's
+# MAX_BATCH_LOGITS in float32), so rows are taken a few at a time; each row's numbers are the same bit for bit
+# either way (it is its own softmax)
 NLL_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -164,7 +165,9 @@ def encode(
 # the logits one perplexity batch may produce (rows x longest row x vocabulary): the model's output over a batch
 # of long texts with a large vocabulary (Llama-3's 128,256 columns) would otherwise be the run's largest tensor,
 # gigabytes beside the model. 2^26 is 128 MiB in bfloat16, 256 MiB in float32: the organism's batches (32 rows of
-# at most 32 tokens x 1,244 columns) are far below it and keep their 32 rows
+# at most 32 tokens x 1,244 columns) are far below it and keep their 32 rows. A text in a smaller batch may be
+# padded to another length, which moves its NLL at float rounding (2.7e-9 relative in float32, 3.5e-6 in bfloat16,
+# measured on a random GPT-2): the unedited baselines' cache key holds this budget
 MAX_BATCH_LOGITS = 1 << 26
 
 
@@ -240,7 +243,7 @@ def sentence_nlls(
     ``(0.0, 0)`` and a warning is logged; ``summarize``/``perplexity`` leave such entries out.
     ``max_length`` truncates each sentence's tokens; by default the model's context length does.
     Sentences run longest first, ``batch_size`` at a time, or fewer where a batch's logits would pass
-    :data:`MAX_BATCH_LOGITS` (:func:`length_batches`).
+    :data:`MAX_BATCH_LOGITS` (:func:`length_batches`; numbers equal to float rounding either way).
     """
     import torch
 

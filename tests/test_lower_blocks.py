@@ -168,3 +168,27 @@ def _measured(record: dict) -> str:
     import json
 
     return json.dumps({key: value for key, value in record.items() if "duration" not in key}, sort_keys=True)
+
+
+def test_batches_cut_by_the_logits_budget_are_replayed_too(one_torch_thread, monkeypatch) -> None:
+    """A budget that splits the longest texts into batches of their own: every batch is still recorded and replayed,
+    and the replayed pass is the full pass (under the same budget) bit for bit."""
+    import pytest_editsafety.perplexity as ppl
+
+    model = _random_model("gpt2", 320, layers=LAYERS)
+    tokenizer = _tokenizer("gpt2")
+    family = family_for_model_type("gpt2")
+    texts = _texts()
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    monkeypatch.setattr(ppl, "MAX_BATCH_LOGITS", longest * 320)  # the longest text alone fills a batch
+    rows_seen: list[int] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, i, _o: rows_seen.append(i[0].shape[0]))
+    try:
+        full = sentence_nlls(model, tokenizer, texts, batch_size=BATCH)
+    finally:
+        handle.remove()
+    assert rows_seen[0] == 1 and len(rows_seen) > math.ceil(len(texts) / BATCH)
+    lower = LowerBlockStore().outputs(model, family, "corpus", BATCH, 2)
+    for _ in range(2):
+        assert sentence_nlls(model, tokenizer, texts, batch_size=BATCH, lower_blocks=lower) == full
+    assert lower.replayed_batches == len(rows_seen)

@@ -453,6 +453,11 @@ def test_hparams_command_layers_a_named_set_a_user_file_and_overrides(isolated: 
     code, text, _ = _hparams_cli(capsys, "--model", "gpt2-xl", "--editor", "memit", "--hparams", str(user))
     assert code == 0 and re.search(rf"\| v_num_grad_steps +\| 7 +\| {re.escape(str(user))}", text)
     assert "editors/hparams/memit/gpt2-xl.json" in text and PAPERS_COMMIT in text
+    # the named set's GPT-2 layer is a share of the depth on any GPT-2, an organism too (its 6 layers: 2, not the
+    # organism's causal layer)
+    code, payload, _ = _hparams_cli(capsys, "--model", "tiny-gpt2", "--editor", "rome", "--hparams", "kmeng01", "--json")
+    assert code == 0 and payload["values"]["layer"] == 2 and payload["symbolic"] == {"layer": "17/48"}
+    assert payload["sources"]["layer"] == "editors/hparams/rome/kmeng01/gpt2.json"
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -374,7 +374,7 @@ def test_a_small_logits_budget_gives_smaller_batches_and_the_same_numbers(models
         whole = sentence_nlls(model, tokenizer, texts, batch_size=len(texts))
         assert len(rows_seen) == 1  # the default budget keeps every text in one batch
         rows_seen.clear()
-        # ~60 positions of logits per batch and 3 positions' log-probabilities per chunk
+        # ~60 positions of logits per batch, and log-probabilities one row at a time (a row holds more than 3 positions)
         monkeypatch.setattr(ppl, "MAX_BATCH_LOGITS", 60 * len(tokenizer))
         monkeypatch.setattr(ppl, "NLL_CHUNK_ELEMENTS", 3 * len(tokenizer))
         small = sentence_nlls(model, tokenizer, texts, batch_size=len(texts))

@@ -408,6 +408,8 @@ def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pyt
     # a typo or a wrong type in the file is the run's usage error, not an error in every test of the editor
     (["--editsafety-hparams=rome={typo}"], "typo.json: unknown hyper-parameter 'layerz' for editor 'rome'"),
     (["--editsafety-hparams=rome={typed}"], "typed.json: v_num_grad_steps: expected an integer, got 'many'"),
+    (["--editsafety-hparams=rome={scaled}"], "scaled.json: layer '17/0': 'K/N' is layer K of N layers, so K must be "
+                                             "below N"),
     # a layer the model lacks, seen in its config before anything loads
     (["--editsafety-hparams=rome={deep}", "--model={micro}"],
      "deep.json: layer 99 is out of range for a model with 2 layers; set the layer with --editsafety-hparams rome=FILE"),
@@ -426,8 +428,10 @@ def test_usage_errors_exit_4_and_name_the_culprit(pytester: pytest.Pytester, arg
     typed.write_text('{"v_num_grad_steps": "many"}')
     deep = pytester.path / "deep.json"
     deep.write_text('{"layer": 99}')
+    scaled = pytester.path / "scaled.json"
+    scaled.write_text('{"layer": "17/0"}')
     pytester.makepyfile(test_certify=SUITE.read_text())
-    result = pytester.runpytest(*[a.format(broken=broken, empty=empty, valid=valid, typo=typo, typed=typed, deep=deep,
+    result = pytester.runpytest(*[a.format(broken=broken, empty=empty, valid=valid, typo=typo, typed=typed, deep=deep, scaled=scaled,
                                            micro=micro_model) for a in args])
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
@@ -471,6 +475,11 @@ def test_a_builtin_hub_models_layers_are_checked_against_its_published_depth(tmp
     llama = build_plan(["r-rome", "rome"], ["llama2-7b"], ["normal"], limit=1)
     (problem,) = layer_problems(llama.models, llama.editors, {"rome": str(deeper)}, None)
     assert problem.startswith("rome on llama2-7b: ") and "layer 40 is out of range for a model with 32 layers" in problem
+    # a form no model takes is a problem too, not a skip
+    whole = tmp_path / "whole.json"
+    whole.write_text('{"layer": "48/48"}')
+    (problem,) = layer_problems(plan.models, plan.editors, {"rome": str(whole)}, None)
+    assert "'48/48': 'K/N' is layer K of N layers, so K must be below N" in problem
 
 
 def test_ids_are_stable_across_collections(pytester: pytest.Pytester, micro_model: Path) -> None:

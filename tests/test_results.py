@@ -508,3 +508,16 @@ def test_empty_run_is_not_certified() -> None:
     assert replanned(ratio_run([1.0])).certified
     assert not replanned(ratio_run([1.0], seq_ok=False)).certified
     assert not ratio_run([1.0]).certified  # no plan: what the run left out is unknown
+
+
+def test_only_hyper_parameters_whose_json_hashes_alike_are_recorded() -> None:
+    from editors.rome import RomeHparams
+    from pytest_editsafety.hub import _hparams_digest, _hparams_values
+
+    rome = RomeHparams(layer=3)
+    values = _hparams_values(rome)
+    assert values["layer"] == 3 and values["context_templates"] == [list(p) for p in rome.context_templates]
+    assert _hparams_digest(values) == _hparams_digest(rome)
+    # a third-party mapping with integer keys: JSON makes them strings that sort otherwise, so no values
+    assert _hparams_values({"weights": {1: 0.5, 10: 0.2, 2: 0.3}}) is None
+    assert _hparams_values({"scale": float("nan")}) is None and _hparams_values(object()) is None

@@ -609,9 +609,7 @@ def _baseline_section(
 
 
 def _hparams_value(value: Any) -> str:
-    if isinstance(value, float):
-        return format_number(value)
-    # JSON for the rest: true/false, quoted strings (a prompt such as "{} is a"), lists as written in the files
+    # as JSON, exactly: numbers unrounded, true/false, quoted strings (a prompt such as "{} is a"), lists
     return json.dumps(value, separators=(",", ":"))
 
 
