@@ -456,6 +456,13 @@ def known_corpus_names() -> tuple[str, ...]:
     return tuple(sorted(CORPUS_LOADERS))
 
 
+def shared_texts(corpus: Corpus, other: Corpus) -> int:
+    """How many of ``other``'s texts ``corpus`` holds too (compared stripped): a second moment C taken over text
+    that the perplexity then scores is fitted to that text's keys."""
+    mine = {text.strip() for text in corpus.texts}
+    return sum(1 for text in {t.strip() for t in other.texts} if text in mine)
+
+
 def resolve_corpus(
     name_or_path: str | os.PathLike[str], *, cache_dir: Path | None = None, offline: bool | None = None
 ) -> Corpus:

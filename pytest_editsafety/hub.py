@@ -190,6 +190,8 @@ class ModelHub(ModelPool):
         self._downstream: Any = None
         self._stats_cache: Any = None
         self._corpora: dict[str, Any] = {}
+        # (model, statistics corpus sha256) pairs already warned about sharing texts with the perplexity corpus
+        self._overlap_warned: set[tuple[str, str]] = set()
         self._hardware: str | None = None
 
     # ---- public entry points ---------------------------------------------------------------------
@@ -725,12 +727,32 @@ class ModelHub(ModelPool):
             # resolved when C is first computed: editors with C = I, or ROME's files, need no corpus (and no network)
             state.resources = ModelResources(state.loaded, cache_root=self._root,
                                              values_root=self._values_root(state),
-                                             stats_corpus=lambda: self._corpus(corpus_name),
+                                             stats_corpus=lambda: self._stats_corpus(state, corpus_name),
                                              stats_cache=self._stats_cache, stats_dir=self.options.stats_dir,
                                              ordinary_texts=lambda: self.corpus_texts(state.slug),
                                              weights_pinned=self._weights_pinned(state),
                                              progress=self._progress_line)
         return state.resources
+
+    def _stats_corpus(self, state: ModelState, name: str) -> Any:
+        """The corpus C is taken from for ``state``'s model (resolved when C is computed or looked up), with a
+        warning when it holds texts the perplexity corpus scores: C whitens the update away from the keys of its own
+        text, so the perplexity there may understate the damage (ME-PPL_1k holds the whole of ME-PPL_50)."""
+        from pytest_editsafety.corpora import shared_texts
+
+        corpus = self._corpus(name)
+        scored = self._corpus(self.plan.model(state.slug).ppl_corpus)
+        shared = shared_texts(corpus, scored)
+        if shared and (state.slug, corpus.sha256) not in self._overlap_warned:
+            self._overlap_warned.add((state.slug, corpus.sha256))
+            message = (f"model {state.slug}: the second moments C are taken from {corpus.name}, which holds {shared} "
+                       f"of the {len(scored.texts)} texts of the perplexity corpus {scored.name}: an update whitened "
+                       "by C avoids the keys of text C has seen, so the perplexity on those texts may understate the "
+                       "damage; take C from other text (--editsafety-stats-corpus)")
+            log.warning(message)
+            if self.options.progress is not None:  # the terminal, while pytest captures the test that needed C
+                self.options.progress(f"warning: {message}")
+        return corpus
 
     def _editor(self, state: ModelState, name: str) -> Any:
         failed = state.editor_errors.get(name)  # first: a floor that failed after set-up is recorded here too

@@ -185,6 +185,24 @@ def test_guard_and_certify_take_one_case_and_name_a_request_of_the_wrong_kind(or
         certify(organism.model, organism.tokenizer, "rome", case, limit=0)
 
 
+def test_second_moments_over_the_scored_texts_are_warned_about(organism, caplog):
+    """C taken from the perplexity corpus itself (organism-ppl): the run says so, once, with the count."""
+    import logging
+
+    from pytest_editsafety.api import certify
+
+    with caplog.at_level(logging.WARNING, logger="pytest_editsafety.hub"):
+        certify(organism.model, organism.tokenizer, "rome", "normal", limit=1, stats_corpus="organism-ppl",
+                bounds={"min_denominator_fraction": 0})
+    warned = [r.getMessage() for r in caplog.records if "second moments C are taken from" in r.getMessage()]
+    assert len(warned) == 1
+    assert "from organism-ppl, which holds 500 of the 500 texts of the perplexity corpus organism-ppl" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pytest_editsafety.hub"):  # the default: organism-wiki, apart
+        certify(organism.model, organism.tokenizer, "rome", "normal", limit=1, bounds={"min_denominator_fraction": 0})
+    assert not [r for r in caplog.records if "second moments C are taken from" in r.getMessage()]
+
+
 def test_certify_raises_a_setting_that_does_not_fit_the_model_naming_where_it_came_from(organism, tmp_path):
     import re
 

@@ -487,3 +487,13 @@ def test_a_text_file_and_a_saved_dataset_are_corpora(tmp_path):
     assert corpus.texts == ("alpha beta", "gamma") and corpus.name == "saved"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["delta"]})}).save_to_disk(str(tmp_path / "dd"))
     assert resolve_corpus(tmp_path / "dd").texts == ("delta",)
+
+
+def test_shared_texts_counts_the_other_corpus_texts_this_one_holds() -> None:
+    from editors.corpus import Corpus
+    from pytest_editsafety.corpora import shared_texts
+
+    large = Corpus.from_texts("large", [" The river moved.", "A king wrote.", "Seven gardens."])
+    assert shared_texts(large, Corpus.from_texts("a", ["The river moved. ", "Other text."])) == 1  # compared stripped
+    assert shared_texts(large, Corpus.from_texts("b", ["Other text."])) == 0
+    assert shared_texts(large, Corpus.from_texts("c", ["A king wrote.", "A king wrote."])) == 1  # each text once
