@@ -445,20 +445,18 @@ class Guard:
         first_kept = None  # the parameters as they were before the call's first kept edit
         decisions = []
         with _measuring(loaded.model):
-            current = None
-            if probing:
-                texts = self._probe[0] if self._probe is not None else tuple(
-                    self._hub.corpus_texts(self._slug)[: self.probe_texts])
-                current = self._probe_perplexity(texts)  # the caller may have changed the model since the last call
-                if self._probe is None:
-                    self._probe = (texts, current)
-            # every tensor but the editor's declared ones must come out of an edit, kept or rolled back, as it was
-            fingerprint = ModelFingerprint.of(loaded.model) if apply else None
+            current, fingerprint = None, None
             try:
                 for request in requests:
                     started = time.perf_counter()
                     decision = self._decide(request)
                     if decision.allowed and apply:
+                        if fingerprint is None:  # the call's first edit: the model as the call found it
+                            if probing:  # the caller may have changed the model since the last call
+                                current = self._probe_before_edits()
+                            # every tensor but the editor's declared ones must come out of an edit, kept or rolled
+                            # back, as it was
+                            fingerprint = ModelFingerprint.of(loaded.model)
                         # the editor declares the same parameters for every request: the first kept edit's
                         # snapshot is all a rollback of the whole call needs
                         snapshot = ParameterSnapshot.from_model(
@@ -473,6 +471,16 @@ class Guard:
                     first_kept.restore()
                 raise
         return tuple(decisions)
+
+    def _probe_before_edits(self) -> float:
+        """The probe's perplexity on the model as it is, before a call's first edit; the first such measurement is
+        the reference ``max_ppl_ratio`` bounds every kept edit against."""
+        texts = self._probe[0] if self._probe is not None else tuple(
+            self._hub.corpus_texts(self._slug)[: self.probe_texts])
+        current = self._probe_perplexity(texts)
+        if self._probe is None:
+            self._probe = (texts, current)
+        return current
 
     def _probe_perplexity(self, texts: Sequence[str]) -> float:
         from pytest_editsafety.perplexity import perplexity

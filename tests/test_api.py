@@ -273,6 +273,31 @@ def test_a_guard_built_once_decides_as_guard_does_and_then_measures_only_the_req
         assert mine.denominator == pytest.approx(theirs.denominator, rel=1e-6)
 
 
+def test_an_applying_check_that_refuses_every_request_measures_nothing_more(organism, monkeypatch):
+    """No probe perplexity and no whole-model checksum for a call whose requests are all refused; a call that
+    allows one pays them before its first edit (here rolled back by an impossible bound)."""
+    import editors.fingerprint
+    from editors.restore import model_digest
+    from pytest_editsafety.api import Guard
+    from pytest_editsafety.cases import resolve_cases
+
+    digest = model_digest(organism.model)
+    refusing = Guard(organism.model, organism.tokenizer, "rome", floor=1e9, probe_texts=8)
+    probes, fingerprints = [], []
+    monkeypatch.setattr(refusing, "_probe_perplexity", lambda texts: probes.append(len(texts)) or 10.0)
+    taken = editors.fingerprint.ModelFingerprint.of
+    monkeypatch.setattr(editors.fingerprint.ModelFingerprint, "of",
+                        staticmethod(lambda *args: fingerprints.append(1) or taken(*args)))
+    decisions = refusing.check(resolve_cases("normal").cases[:3], apply=True)
+    assert [d.allowed for d in decisions] == [False] * 3 and (probes, fingerprints) == ([], [])
+    allowing = Guard(organism.model, organism.tokenizer, "rome", max_ppl_ratio=0.0, probe_texts=8)
+    monkeypatch.setattr(allowing, "_probe_perplexity", lambda texts: probes.append(len(texts)) or 10.0 + len(probes))
+    fingerprints.clear()  # building a Guard fingerprints the model it holds (the pool's restore check)
+    (decision,) = allowing.check(resolve_cases("normal").cases[0], apply=True)
+    assert "rolled back" in decision.reason and probes == [8, 8] and fingerprints == [1]
+    assert model_digest(organism.model) == digest
+
+
 def test_guard_refuses_an_edit_that_reaches_ordinary_text_though_its_denominator_is_ordinary(organism):
     """With C from generic text that names no subject (organism-heldout), normal-0010 divides by more than the
     normal median, yet its u lies along keys the organism's ordinary text uses: its interference is above the
