@@ -575,9 +575,11 @@ def covariance_for(
     dtype: str = "float32",
     progress: bool | Callable[[str], None] = True,
     check: bool = True,
+    described: Callable[[str], None] | None = None,
 ) -> Tensor:
     """``C`` for the MLP output projection of ``layer``: a ROME ``.npz`` when ``stats_dir`` holds one,
-    else the cached statistic over the first ``n_samples`` texts of ``corpus``.
+    else the cached statistic over the first ``n_samples`` texts of ``corpus``; ``described`` is handed one line
+    saying which (the file, or the corpus, its hash and the texts and keys behind C), for a certificate.
 
     ``corpus`` is any object with ``texts``, ``name`` and ``sha256`` (the corpus loaders' ``Corpus``), or a
     callable returning one, called only when no ROME file answers (so a run on ROME's files needs no corpus).
@@ -614,6 +616,8 @@ def covariance_for(
                 _refuse_ill_posed(cache.quality(entry, assess), f"ROME statistics file {found}", module_name,
                                   "use the statistics of a larger sample")
             log.info("using ROME statistics %s for %s", found, module_name)
+            if described is not None:
+                described(f"ROME statistics file {Path(found).name} ({entry.token_count} keys)")
             return entry.covariance
         log.warning(
             "no ROME statistics for %s of %s under %s (looked for %s); computing them instead",
@@ -658,6 +662,8 @@ def covariance_for(
                           f"(statistics file {entry.path})", module_name,
                           f"raise mom2_n_samples (now {n_samples}) in the editor's hparams, give a larger "
                           f"--editsafety-stats-corpus")
+    if described is not None:
+        described(f"{corpus.name} (sha256 {corpus.sha256[:12]}, {used} texts, {entry.token_count} keys)")
     return covariance
 
 

@@ -60,6 +60,8 @@ class RunRecords:
     hparams: dict[str, dict[str, str]] = field(default_factory=dict)
     # editor -> model -> the hyper-parameters' values (the workers' "hparams" meta), beside their hashes
     hparams_values: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # model -> layer -> where its second moment C came from (the workers' "second_moments" meta)
+    second_moments: dict[str, dict[str, str]] = field(default_factory=dict)
     corpora: dict[str, tuple[str, str]] = field(default_factory=dict)
     hardware: set[str] = field(default_factory=set)
     # the run uses the BOS-stripped protocol (--editsafety-strip-bos), and what it did to each model that loaded
@@ -175,6 +177,9 @@ def absorb_meta(controller: RunRecords, meta: Any) -> None:
         controller.corpora[model] = (meta["corpus"], meta["corpus_sha256"])
     if isinstance(meta.get("hardware"), str):
         controller.hardware.add(meta["hardware"])
+    if isinstance(model, str) and isinstance(meta.get("second_moments"), dict):
+        controller.second_moments.setdefault(model, {}).update(
+            {str(k): v for k, v in meta["second_moments"].items() if isinstance(v, str)})
     if isinstance(model, str) and isinstance(meta.get("bos_protocol"), str):
         controller.bos_protocols[model] = meta["bos_protocol"]
 
@@ -273,6 +278,8 @@ def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple
         models={m.slug: controller.identities.get(m.slug) or controller_identity(m) for m in plan.models},
         hparams_hashes={e: dict(h) for e, h in controller.hparams.items() if e in plan.editors},
         hparams={e: dict(v) for e, v in controller.hparams_values.items() if e in plan.editors},
+        second_moments={m: dict(v) for m, v in controller.second_moments.items()
+                        if m in {choice.slug for choice in plan.models}},
         bounds=bounds.to_dict(),
         corpus=corpus,
         corpus_sha256=corpus_sha,

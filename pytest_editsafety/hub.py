@@ -392,6 +392,9 @@ class ModelHub(ModelPool):
                 out["identity"] = state.identity
             if state.bos_protocol:
                 out["bos_protocol"] = state.bos_protocol
+            if state.resources is not None and state.resources.second_moment_sources:
+                out["second_moments"] = {str(layer): source for layer, source
+                                         in sorted(state.resources.second_moment_sources.items())}
             digest = state.hparams_hashes.get(item.editor)
             if digest:
                 out["hparams_hash"] = digest

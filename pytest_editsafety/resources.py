@@ -49,6 +49,9 @@ class ModelResources:
         self._ordinary_texts = ordinary_texts
         self._weights_pinned = weights_pinned
         self._weights_identity: str | None = None
+        # layer -> where its C came from (a ROME statistics file, or a corpus and the texts and keys behind it), for
+        # the certificate; filled as editors ask for C
+        self.second_moment_sources: dict[int, str] = {}
 
     def weights_identity(self) -> str:
         """The identity C is kept under on disk: the model's own where it pins the weights, else it plus a digest
@@ -75,6 +78,7 @@ class ModelResources:
             loaded.model, loaded.tokenizer, loaded.family, layer, identity=self.weights_identity(),
             corpus=self._stats_corpus, cache=self._stats_cache, stats_dir=self._stats_dir,
             n_samples=n_samples, progress=self._progress,
+            described=lambda source: self.second_moment_sources.__setitem__(layer, source),
         )
 
     def context_templates(self, recipe: tuple[tuple[int, int], ...]) -> tuple[str, ...]:

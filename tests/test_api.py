@@ -186,21 +186,32 @@ def test_guard_and_certify_take_one_case_and_name_a_request_of_the_wrong_kind(or
 
 
 def test_second_moments_over_the_scored_texts_are_warned_about(organism, caplog):
-    """C taken from the perplexity corpus itself (organism-ppl): the run says so, once, with the count."""
+    """C taken from the perplexity corpus itself (organism-ppl): the run says so, once, with the count; every
+    certificate says where its C came from."""
     import logging
 
     from pytest_editsafety.api import certify
 
+    from pytest_editsafety.report.markdown import render
+
     with caplog.at_level(logging.WARNING, logger="pytest_editsafety.hub"):
-        certify(organism.model, organism.tokenizer, "rome", "normal", limit=1, stats_corpus="organism-ppl",
-                bounds={"min_denominator_fraction": 0})
+        scored = certify(organism.model, organism.tokenizer, "rome", "normal", limit=1, stats_corpus="organism-ppl",
+                         bounds={"min_denominator_fraction": 0})
     warned = [r.getMessage() for r in caplog.records if "second moments C are taken from" in r.getMessage()]
     assert len(warned) == 1
     assert "from organism-ppl, which holds 500 of the 500 texts of the perplexity corpus organism-ppl" in warned[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pytest_editsafety.hub"):  # the default: organism-wiki, apart
-        certify(organism.model, organism.tokenizer, "rome", "normal", limit=1, bounds={"min_denominator_fraction": 0})
+        apart = certify(organism.model, organism.tokenizer, "rome", "normal", limit=1,
+                        bounds={"min_denominator_fraction": 0})
     assert not [r for r in caplog.records if "second moments C are taken from" in r.getMessage()]
+    # each certificate says where its C came from: the corpus, its hash, the texts and keys behind it
+    for certificate, corpus, texts in ((scored, "organism-ppl", 500), (apart, "organism-wiki", 616)):
+        ((model, layers),) = certificate.result.metadata.second_moments.items()
+        assert list(layers) == ["0"] and layers["0"].startswith(f"{corpus} (sha256 ")
+        assert f", {texts} texts, " in layers["0"] and layers["0"].endswith(" keys)")
+        report = render(certificate.result, baseline=None, regressions=(), plot_links={}, plot_note=None)
+        assert f"- **Second moments C:** {model} layer 0: {corpus} (sha256 " in report
 
 
 def test_certify_raises_a_setting_that_does_not_fit_the_model_naming_where_it_came_from(organism, tmp_path):

@@ -521,3 +521,14 @@ def test_only_hyper_parameters_whose_json_hashes_alike_are_recorded() -> None:
     # a third-party mapping with integer keys: JSON makes them strings that sort otherwise, so no values
     assert _hparams_values({"weights": {1: 0.5, 10: 0.2, 2: 0.3}}) is None
     assert _hparams_values({"scale": float("nan")}) is None and _hparams_values(object()) is None
+
+
+def test_where_each_models_second_moments_came_from_travels_and_merges() -> None:
+    source = {"17": "ROME statistics file transformer.h.17.mlp.c_proj_float32_mom2_100000.npz (4000000 keys)"}
+    meta = metadata_for(("rome",), ("m1",), second_moments={"m1": source})
+    assert RunMetadata.from_dict(json.loads(json.dumps(meta.to_dict()))).second_moments == {"m1": source}
+    assert "second_moments" not in metadata_for(("rome",), ("m1",)).to_dict()
+    with pytest.raises(RecordError, match=r"second_moments\.m9"):
+        metadata_for(("rome",), ("m1",), second_moments={"m9": source})
+    other = metadata_for(("rome",), ("m2",), second_moments={"m2": {"5": "wikitext (sha256 abc, 3000 texts, 1 keys)"}})
+    assert merge([RunResult(meta), RunResult(other)]).metadata.second_moments == {"m1": source, **other.second_moments}

@@ -198,6 +198,7 @@ def _run_section(result: RunResult) -> list[str]:
         f"- **Models:** {models or DASH}",
         *_bos_protocol_lines(meta.bos_protocol),
         f"- **Perplexity corpus:** {escape_md(meta.corpus)} (sha256 {escape_md(meta.corpus_sha256[:16])})",
+        *_second_moment_lines(meta.second_moments),
         f"- **Bounds:** {_bounds_text(meta.parsed_bounds)}",
         f"- **Time:** {escape_md(meta.started)} to {escape_md(meta.finished)} "
         f"({format_number(meta.duration_s)} s of test time)",
@@ -210,6 +211,16 @@ def _run_section(result: RunResult) -> list[str]:
     for command in meta.commands:
         lines.append(f"- **Command:** {escape_md(command)}")
     return lines
+
+
+def _second_moment_lines(sources: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """Where each model's second moments C came from, when an editor whitened with one: the update's shape depends
+    on it as much as on the hyper-parameters."""
+    if not sources:
+        return []
+    per_model = "; ".join(f"{escape_md(model)} layer {escape_md(layer)}: {escape_md(source)}"
+                          for model, layers in sources.items() for layer, source in layers.items())
+    return [f"- **Second moments C:** {per_model}"]
 
 
 _BOS_PROTOCOL_TEXT = {

@@ -70,6 +70,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
     model_from: dict[str, str] = {}
     hparams: dict[str, dict[str, str]] = {}
     hparams_values: dict[str, dict[str, dict[str, Any]]] = {}
+    second_moments: dict[str, dict[str, str]] = {}
     editors: list[str] = []
     versions: dict[str, list[str]] = {}
     hardware: list[str] = []
@@ -98,6 +99,8 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
                 known = hparams.setdefault(editor, {}).setdefault(model, digest)
                 if known != digest:
                     raise MergeError(f"hparams of {editor!r} on {model!r} differ between shards ({name})")
+        for model, layers in meta.second_moments.items():
+            second_moments.setdefault(model, {}).update(layers)
         for editor, per_model in meta.hparams.items():  # equal hashes above: equal values
             for model, values in per_model.items():
                 hparams_values.setdefault(editor, {}).setdefault(model, values)
@@ -118,6 +121,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
         models=models,
         hparams_hashes=hparams,
         hparams=hparams_values,
+        second_moments=second_moments,
         bounds=first.bounds,
         corpus=first.corpus,
         corpus_sha256=first.corpus_sha256,

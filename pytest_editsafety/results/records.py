@@ -81,6 +81,9 @@ class RunMetadata(Record):
     # hparams_hashes hashes, so that a reader sees and can rerun the settings behind each verdict. Optional: absent
     # from files written before it existed, and for an editor whose hyper-parameters are no JSON values
     hparams: Mapping[str, Mapping[str, Mapping[str, JsonValue]]] = field(default_factory=dict, metadata={OPTIONAL: True})
+    # model -> layer (as a string) -> where the second moment C the editors whitened with came from: a ROME
+    # statistics file, or the corpus (its sha256, the texts and keys behind C). Optional: absent when no editor used C
+    second_moments: Mapping[str, Mapping[str, str]] = field(default_factory=dict, metadata={OPTIONAL: True})
 
     def _validate(self) -> None:
         if len(set(self.editors)) != len(self.editors):
@@ -112,6 +115,9 @@ class RunMetadata(Record):
                 digest = self.hparams_hashes.get(editor, {}).get(model)
                 if digest is not None and hparams_hash(dict(values), len(digest)) != digest:
                     raise RecordError(where, f"the values do not hash to hparams_hashes.{editor}.{model} ({digest})")
+        for model in self.second_moments:
+            if model not in self.models:
+                raise RecordError(f"second_moments.{model}", "model is not listed in 'models'")
         for model, what in self.bos_protocol.items():
             if model not in self.models:
                 raise RecordError(f"bos_protocol.{model}", "model is not listed in 'models'")
