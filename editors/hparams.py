@@ -283,15 +283,8 @@ def layer_hparams(
         sources.update(dict.fromkeys(values, label))
         layers.append(HparamsLayer(role, label, path, tuple(values), data.get(COMMENT_KEY)))
 
-    path, label = _builtin_file(schema, editor, keys, family)
-    add("built-in", label, str(path), read_hparams_file(path), str(path))
-    if user_file is not None:
-        named = _named_set(editor, user_file)
-        if named is not None:
-            path, label = _builtin_file(schema, editor, keys, family, named=named)
-            add("named", label, str(path), read_hparams_file(path), str(path))
-        else:
-            add("user", str(user_file), str(user_file), read_hparams_file(Path(user_file)), str(user_file))
+    for role, label, path in _files(schema, editor, keys, family, user_file):
+        add(role, label, path, read_hparams_file(Path(path)), path)
     if overrides:
         add("overrides", "overrides", None, overrides, "overrides")
     required = [f.name for f in dataclasses.fields(schema.dataclass())
@@ -309,18 +302,28 @@ def layer_setting(editor: str, model_key: str | Sequence[str], *, user_file: str
     editor (and torch): what a run checks against a model's depth before loading it."""
     schema = _require_schema(editor)
     keys = (model_key,) if isinstance(model_key, str) else tuple(model_key)
+    value, label = None, ""
+    for role, file_label, path in _files(schema, editor, keys, family, user_file):
+        data = read_hparams_file(Path(path))
+        if role == "built-in" or schema.layer_key in data:
+            value, label = data.get(schema.layer_key), file_label
+    return value, label
+
+
+def _files(schema: HparamsSchema, editor: str, keys: tuple[str, ...], family: str | None,
+           user_file: str | Path | None) -> list[tuple[str, str, str]]:
+    """The files an editor's hyper-parameters are layered from, in order, as ``(role, label, path)``: the built-in
+    file for the model (else its family), then a named set's file or the user's file."""
     path, label = _builtin_file(schema, editor, keys, family)
-    value = read_hparams_file(path).get(schema.layer_key)
+    files = [("built-in", label, str(path))]
     if user_file is not None:
         named = _named_set(editor, user_file)
         if named is not None:
-            path, label_given = _builtin_file(schema, editor, keys, family, named=named)
+            path, label = _builtin_file(schema, editor, keys, family, named=named)
+            files.append(("named", label, str(path)))
         else:
-            path, label_given = Path(user_file), str(user_file)
-        data = read_hparams_file(path)
-        if schema.layer_key in data:
-            value, label = data[schema.layer_key], label_given
-    return value, label
+            files.append(("user", str(user_file), str(user_file)))
+    return files
 
 
 def load_hparams(
