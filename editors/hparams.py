@@ -283,8 +283,8 @@ def layer_hparams(
         sources.update(dict.fromkeys(values, label))
         layers.append(HparamsLayer(role, label, path, tuple(values), data.get(COMMENT_KEY)))
 
-    for role, label, path in _files(schema, editor, keys, family, user_file):
-        add(role, label, path, read_hparams_file(Path(path)), path)
+    for role, label, where, path in _files(schema, editor, keys, family, user_file):
+        add(role, label, where, read_hparams_file(path), where)
     if overrides:
         add("overrides", "overrides", None, overrides, "overrides")
     required = [f.name for f in dataclasses.fields(schema.dataclass())
@@ -303,26 +303,27 @@ def layer_setting(editor: str, model_key: str | Sequence[str], *, user_file: str
     schema = _require_schema(editor)
     keys = (model_key,) if isinstance(model_key, str) else tuple(model_key)
     value, label = None, ""
-    for role, file_label, path in _files(schema, editor, keys, family, user_file):
-        data = read_hparams_file(Path(path))
+    for role, file_label, _, path in _files(schema, editor, keys, family, user_file):
+        data = read_hparams_file(path)
         if role == "built-in" or schema.layer_key in data:
             value, label = data.get(schema.layer_key), file_label
     return value, label
 
 
 def _files(schema: HparamsSchema, editor: str, keys: tuple[str, ...], family: str | None,
-           user_file: str | Path | None) -> list[tuple[str, str, str]]:
-    """The files an editor's hyper-parameters are layered from, in order, as ``(role, label, path)``: the built-in
-    file for the model (else its family), then a named set's file or the user's file."""
+           user_file: str | Path | None) -> list[tuple[str, str, str, Any]]:
+    """The files an editor's hyper-parameters are layered from, in order, as ``(role, label, where, path)``: the
+    built-in file for the model (else its family), then a named set's file or the user's file; ``path`` is what
+    :func:`read_hparams_file` reads (a package resource for the built-in files), ``where`` its name in messages."""
     path, label = _builtin_file(schema, editor, keys, family)
-    files = [("built-in", label, str(path))]
+    files = [("built-in", label, str(path), path)]
     if user_file is not None:
         named = _named_set(editor, user_file)
         if named is not None:
             path, label = _builtin_file(schema, editor, keys, family, named=named)
-            files.append(("named", label, str(path)))
+            files.append(("named", label, str(path), path))
         else:
-            files.append(("user", str(user_file), str(user_file)))
+            files.append(("user", str(user_file), str(user_file), Path(user_file)))
     return files
 
 

@@ -446,13 +446,15 @@ class Guard:
         decisions = []
         with _measuring(loaded.model):
             current, fingerprint = None, None
+            if probing and self._probe is None:  # the reference: the model as the first applying check finds it
+                current = self._probe_before_edits()
             try:
                 for request in requests:
                     started = time.perf_counter()
                     decision = self._decide(request)
                     if decision.allowed and apply:
                         if fingerprint is None:  # the call's first edit: the model as the call found it
-                            if probing:  # the caller may have changed the model since the last call
+                            if probing and current is None:  # the caller may have changed it since the last call
                                 current = self._probe_before_edits()
                             # every tensor but the editor's declared ones must come out of an edit, kept or rolled
                             # back, as it was
@@ -473,7 +475,7 @@ class Guard:
         return tuple(decisions)
 
     def _probe_before_edits(self) -> float:
-        """The probe's perplexity on the model as it is, before a call's first edit; the first such measurement is
+        """The probe's perplexity on the model as it is, before a call's first edit; the first applying check's is
         the reference ``max_ppl_ratio`` bounds every kept edit against."""
         texts = self._probe[0] if self._probe is not None else tuple(
             self._hub.corpus_texts(self._slug)[: self.probe_texts])

@@ -263,16 +263,21 @@ def _has_symbolic(value: Any) -> bool:
 def _resolve_for_display(editor: str, values: dict[str, Any], config: dict[str, Any] | None,
                          complete: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, str], list[str]]:
     """(values with layers resolved where possible, the symbolic values that were resolved, unresolved field ->
-    why, problems). ``complete``: ``config`` is the model's own config.json (else a recipe's partial one)."""
+    why, problems). ``complete``: ``config`` is the model's own config.json or its published depth (else an unbuilt
+    organism's recipe, whose causal layer its build measures)."""
     from types import SimpleNamespace
 
-    from editors.hparams import HparamsError, resolve_hparams_layers, schema_for
+    from editors.hparams import HparamsError, parse_layers, resolve_hparams_layers, schema_for
 
     schema = schema_for(editor)
     if schema is None or schema.layer_key not in values:
         return dict(values), {}, {}, []
     field = schema.layer_key
     value = values[field]
+    try:  # a form no model takes is a problem whatever is known of the model
+        parse_layers(value)
+    except HparamsError as err:
+        return dict(values), {}, {}, [f"{field}: {err}"]
     symbolic = [item for item in (value if isinstance(value, list) else [value]) if isinstance(item, str)]
     if config is None:
         if symbolic:

@@ -393,7 +393,7 @@ class ModelHub(ModelPool):
             if state.bos_protocol:
                 out["bos_protocol"] = state.bos_protocol
             if state.resources is not None and state.resources.second_moment_sources:
-                out["second_moments"] = {str(layer): source for layer, source
+                out["second_moments"] = {str(layer): "; ".join(sources) for layer, sources
                                          in sorted(state.resources.second_moment_sources.items())}
             digest = state.hparams_hashes.get(item.editor)
             if digest:
@@ -748,10 +748,12 @@ class ModelHub(ModelPool):
         shared = shared_texts(corpus, scored)
         if shared and (state.slug, corpus.sha256) not in self._overlap_warned:
             self._overlap_warned.add((state.slug, corpus.sha256))
-            message = (f"model {state.slug}: the second moments C are taken from {corpus.name}, which holds {shared} "
-                       f"of the {len(scored.texts)} texts of the perplexity corpus {scored.name}: an update whitened "
-                       "by C avoids the keys of text C has seen, so the perplexity on those texts may understate the "
-                       "damage; take C from other text (--editsafety-stats-corpus)")
+            what = ("is the perplexity corpus itself" if corpus.sha256 == scored.sha256 else
+                    f"holds {shared} of the {len({t.strip() for t in scored.texts})} texts of the perplexity corpus "
+                    f"{scored.name}")
+            message = (f"model {state.slug}: the second moments C are taken from {corpus.name}, which {what}: an "
+                       "update whitened by C avoids the keys of the text C was taken over, so the perplexity there may "
+                       "understate the damage; take C from other text (--editsafety-stats-corpus)")
             log.warning(message)
             if self.options.progress is not None:  # the terminal, while pytest captures the test that needed C
                 self.options.progress(f"warning: {message}")

@@ -50,8 +50,8 @@ class ModelResources:
         self._weights_pinned = weights_pinned
         self._weights_identity: str | None = None
         # layer -> where its C came from (a ROME statistics file, or a corpus and the texts and keys behind it), for
-        # the certificate; filled as editors ask for C
-        self.second_moment_sources: dict[int, str] = {}
+        # the certificate; filled as editors ask for C. Several when editors ask for different sample sizes
+        self.second_moment_sources: dict[int, list[str]] = {}
 
     def weights_identity(self) -> str:
         """The identity C is kept under on disk: the model's own where it pins the weights, else it plus a digest
@@ -78,8 +78,13 @@ class ModelResources:
             loaded.model, loaded.tokenizer, loaded.family, layer, identity=self.weights_identity(),
             corpus=self._stats_corpus, cache=self._stats_cache, stats_dir=self._stats_dir,
             n_samples=n_samples, progress=self._progress,
-            described=lambda source: self.second_moment_sources.__setitem__(layer, source),
+            described=lambda source: self._second_moment_source(layer, source),
         )
+
+    def _second_moment_source(self, layer: int, source: str) -> None:
+        sources = self.second_moment_sources.setdefault(layer, [])
+        if source not in sources:
+            sources.append(source)
 
     def context_templates(self, recipe: tuple[tuple[int, int], ...]) -> tuple[str, ...]:
         """The model's templates for ``recipe``: sampled once (half a second on the organism, every worker) and kept

@@ -199,7 +199,7 @@ def test_second_moments_over_the_scored_texts_are_warned_about(organism, caplog)
                          bounds={"min_denominator_fraction": 0})
     warned = [r.getMessage() for r in caplog.records if "second moments C are taken from" in r.getMessage()]
     assert len(warned) == 1
-    assert "from organism-ppl, which holds 500 of the 500 texts of the perplexity corpus organism-ppl" in warned[0]
+    assert "taken from organism-ppl, which is the perplexity corpus itself: an update whitened by C" in warned[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pytest_editsafety.hub"):  # the default: organism-wiki, apart
         apart = certify(organism.model, organism.tokenizer, "rome", "normal", limit=1,
@@ -285,8 +285,9 @@ def test_a_guard_built_once_decides_as_guard_does_and_then_measures_only_the_req
 
 
 def test_an_applying_check_that_refuses_every_request_measures_nothing_more(organism, monkeypatch):
-    """No probe perplexity and no whole-model checksum for a call whose requests are all refused; a call that
-    allows one pays them before its first edit (here rolled back by an impossible bound)."""
+    """No whole-model checksum for a call whose requests are all refused, and no probe perplexity but the
+    reference, which the first applying check measures whatever it decides; a call that allows an edit pays both
+    before its first edit (here rolled back by an impossible bound)."""
     import editors.fingerprint
     from editors.restore import model_digest
     from pytest_editsafety.api import Guard
@@ -300,7 +301,11 @@ def test_an_applying_check_that_refuses_every_request_measures_nothing_more(orga
     monkeypatch.setattr(editors.fingerprint.ModelFingerprint, "of",
                         staticmethod(lambda *args: fingerprints.append(1) or taken(*args)))
     decisions = refusing.check(resolve_cases("normal").cases[:3], apply=True)
-    assert [d.allowed for d in decisions] == [False] * 3 and (probes, fingerprints) == ([], [])
+    assert [d.allowed for d in decisions] == [False] * 3 and (probes, fingerprints) == ([8], [])
+    assert refusing.probe_reference == 10.0
+    refusing.check(resolve_cases("normal").cases[3:5], apply=True)
+    assert (probes, fingerprints) == ([8], [])  # nothing more
+    probes.clear()
     allowing = Guard(organism.model, organism.tokenizer, "rome", max_ppl_ratio=0.0, probe_texts=8)
     monkeypatch.setattr(allowing, "_probe_perplexity", lambda texts: probes.append(len(texts)) or 10.0 + len(probes))
     fingerprints.clear()  # building a Guard fingerprints the model it holds (the pool's restore check)

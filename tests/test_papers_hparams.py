@@ -438,6 +438,10 @@ def test_hparams_command_resolves_layers_against_a_readable_config(isolated: Pat
     assert code == 1 and payload["problems"] == ["layer: layer 8 is out of range for a model with 6 layers"]
     code, payload, _ = _hparams_cli(capsys, "--model", "gpt2", "--editor", "rome", "--set", "layer=5", "--json")
     assert code == 0 and (payload["values"]["layer"], payload["sources"]["layer"]) == (5, "overrides")
+    # a form no model takes
+    code, payload, _ = _hparams_cli(capsys, "--model", "gpt2", "--editor", "rome", "--set", 'layer="48/48"', "--json")
+    assert code == 1 and payload["problems"] == ["layer: layer '48/48': 'K/N' is layer K of N layers, so K must be "
+                                                 "below N"]
 
 
 def test_hparams_command_layers_a_named_set_a_user_file_and_overrides(isolated: Path,

@@ -532,3 +532,20 @@ def test_where_each_models_second_moments_came_from_travels_and_merges() -> None
         metadata_for(("rome",), ("m1",), second_moments={"m9": source})
     other = metadata_for(("rome",), ("m2",), second_moments={"m2": {"5": "wikitext (sha256 abc, 3000 texts, 1 keys)"}})
     assert merge([RunResult(meta), RunResult(other)]).metadata.second_moments == {"m1": source, **other.second_moments}
+    # a shard whose editors used another C at the same layer: both are named, once each
+    again = metadata_for(("rome",), ("m1",), second_moments={"m1": {"17": "wikitext (sha256 abc, 10000 texts, 9 keys)"}})
+    merged = merge([RunResult(meta), RunResult(again), RunResult(meta)]).metadata.second_moments
+    assert merged == {"m1": {"17": source["17"] + "; wikitext (sha256 abc, 10000 texts, 9 keys)"}}
+
+
+def test_the_report_names_each_models_second_moments_once_per_source() -> None:
+    from pytest_editsafety.report.markdown import render
+
+    sources = {"m1": {"13": "wiki (sha256 ab, 9 texts, 90 keys)", "14": "wiki (sha256 ab, 9 texts, 90 keys)",
+                      "2": "ROME statistics file x.npz (5 keys)"}}
+    report = render(RunResult(metadata_for(("memit",), ("m1",), second_moments=sources)), baseline=None,
+                    regressions=(), plot_links={}, plot_note=None)
+    assert ("- **Second moments C:** m1 layer 2: ROME statistics file x.npz (5 keys); m1 layers 13, 14: wiki "
+            "(sha256 ab, 9 texts, 90 keys)") in report
+    assert "Second moments C" not in render(RunResult(metadata_for(("memit",), ("m1",))), baseline=None,
+                                            regressions=(), plot_links={}, plot_note=None)

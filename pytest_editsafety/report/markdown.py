@@ -218,9 +218,14 @@ def _second_moment_lines(sources: Mapping[str, Mapping[str, str]]) -> list[str]:
     on it as much as on the hyper-parameters."""
     if not sources:
         return []
-    per_model = "; ".join(f"{escape_md(model)} layer {escape_md(layer)}: {escape_md(source)}"
-                          for model, layers in sources.items() for layer, source in layers.items())
-    return [f"- **Second moments C:** {per_model}"]
+    parts = []
+    for model, layers in sources.items():
+        by_source: dict[str, list[str]] = {}
+        for layer, source in sorted(layers.items(), key=lambda item: _natural(item[0])):
+            by_source.setdefault(source, []).append(layer)
+        parts += [f"{escape_md(model)} layer{'s' if len(at) > 1 else ''} {escape_md(', '.join(at))}: "
+                  f"{escape_md(source)}" for source, at in by_source.items()]
+    return [f"- **Second moments C:** {'; '.join(parts)}"]
 
 
 _BOS_PROTOCOL_TEXT = {

@@ -99,8 +99,10 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
                 known = hparams.setdefault(editor, {}).setdefault(model, digest)
                 if known != digest:
                     raise MergeError(f"hparams of {editor!r} on {model!r} differ between shards ({name})")
-        for model, layers in meta.second_moments.items():
-            second_moments.setdefault(model, {}).update(layers)
+        for model, layers in meta.second_moments.items():  # shards that used another C at a layer: both named
+            for layer, source in layers.items():
+                known = second_moments.setdefault(model, {}).setdefault(layer, source).split("; ")
+                second_moments[model][layer] = "; ".join(known + [s for s in source.split("; ") if s not in known])
         for editor, per_model in meta.hparams.items():  # equal hashes above: equal values
             for model, values in per_model.items():
                 hparams_values.setdefault(editor, {}).setdefault(model, values)
