@@ -178,8 +178,11 @@ def absorb_meta(controller: RunRecords, meta: Any) -> None:
     if isinstance(meta.get("hardware"), str):
         controller.hardware.add(meta["hardware"])
     if isinstance(model, str) and isinstance(meta.get("second_moments"), dict):
-        controller.second_moments.setdefault(model, {}).update(
-            {str(k): v for k, v in meta["second_moments"].items() if isinstance(v, str)})
+        from pytest_editsafety.results.merge import add_second_moment_sources
+
+        # workers whose editors took C at one layer from different sources: each source once
+        add_second_moment_sources(controller.second_moments.setdefault(model, {}),
+                                  {str(k): v for k, v in meta["second_moments"].items() if isinstance(v, str)})
     if isinstance(model, str) and isinstance(meta.get("bos_protocol"), str):
         controller.bos_protocols[model] = meta["bos_protocol"]
 

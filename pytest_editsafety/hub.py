@@ -793,7 +793,7 @@ class ModelHub(ModelPool):
         state.provided[name] = set_up(editor, loaded.model, loaded.tokenizer, loaded.family, self._resources(state))
         state.editors[name] = editor
         state.hparams_hashes[name] = _hparams_digest(editor.hparams)
-        values = _hparams_values(editor.hparams)
+        values = _hparams_values(editor.hparams, state.hparams_hashes[name])
         if values is not None:
             state.hparams_values[name] = values
         return editor
@@ -889,13 +889,13 @@ _HARNESS_METRICS = frozenset({
 })
 
 
-def _hparams_values(hp: Any) -> dict[str, Any] | None:
-    """The hyper-parameters as plain JSON values, for the certificate beside their hash; None for hyper-parameters
-    that are no dataclass or mapping of JSON values, or whose JSON form hashes otherwise (a third-party mapping
-    whose keys JSON turns into strings): a certificate must not carry values its hash contradicts."""
+def _hparams_values(hp: Any, digest: str | None) -> dict[str, Any] | None:
+    """The hyper-parameters as plain JSON values, for the certificate beside their hash ``digest``
+    (:func:`_hparams_digest`); None for hyper-parameters that are no dataclass or mapping of JSON values, or whose
+    JSON form hashes otherwise (a third-party mapping whose keys JSON turns into strings): a certificate must not
+    carry values its hash contradicts."""
     import json
 
-    digest = _hparams_digest(hp)
     plain = dataclasses.asdict(hp) if dataclasses.is_dataclass(hp) and not isinstance(hp, type) else hp
     if digest is None or not isinstance(plain, Mapping):
         return None

@@ -514,13 +514,16 @@ def test_only_hyper_parameters_whose_json_hashes_alike_are_recorded() -> None:
     from editors.rome import RomeHparams
     from pytest_editsafety.hub import _hparams_digest, _hparams_values
 
+    def values_of(hp):
+        return _hparams_values(hp, _hparams_digest(hp))
+
     rome = RomeHparams(layer=3)
-    values = _hparams_values(rome)
+    values = values_of(rome)
     assert values["layer"] == 3 and values["context_templates"] == [list(p) for p in rome.context_templates]
     assert _hparams_digest(values) == _hparams_digest(rome)
     # a third-party mapping with integer keys: JSON makes them strings that sort otherwise, so no values
-    assert _hparams_values({"weights": {1: 0.5, 10: 0.2, 2: 0.3}}) is None
-    assert _hparams_values({"scale": float("nan")}) is None and _hparams_values(object()) is None
+    assert values_of({"weights": {1: 0.5, 10: 0.2, 2: 0.3}}) is None
+    assert values_of({"scale": float("nan")}) is None and values_of(object()) is None
 
 
 def test_where_each_models_second_moments_came_from_travels_and_merges() -> None:
@@ -549,3 +552,14 @@ def test_the_report_names_each_models_second_moments_once_per_source() -> None:
             "(sha256 ab, 9 texts, 90 keys)") in report
     assert "Second moments C" not in render(RunResult(metadata_for(("memit",), ("m1",))), baseline=None,
                                             regressions=(), plot_links={}, plot_note=None)
+
+
+def test_workers_reporting_one_layers_second_moments_keep_every_source_once() -> None:
+    from datetime import datetime, timezone
+
+    from pytest_editsafety.controller import RunRecords, absorb_meta
+
+    records = RunRecords(started=datetime.now(timezone.utc), t0=0.0)
+    for sources in ("wiki (616 texts)", "wiki (616 texts); ROME statistics file x.npz (5 keys)", "wiki (616 texts)"):
+        absorb_meta(records, {"model": "m1", "editor": "rome", "second_moments": {"0": sources}})
+    assert records.second_moments == {"m1": {"0": "wiki (616 texts); ROME statistics file x.npz (5 keys)"}}

@@ -46,6 +46,14 @@ def _merge_bos_protocol(merged: dict[str, str], shard: Mapping[str, str], first_
                              f"{name}")
 
 
+def add_second_moment_sources(known: dict[str, str], more: Mapping[str, str]) -> None:
+    """Add ``more`` (layer -> its C's sources, ``"; "``-separated) to ``known``: every distinct source once, in the
+    order first seen, for a run whose workers or shards report the same layer."""
+    for layer, sources in more.items():
+        seen = known[layer].split("; ") if layer in known else []
+        known[layer] = "; ".join(seen + [s for s in sources.split("; ") if s not in seen])
+
+
 def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None) -> RunResult:
     """Join shard results into one run.
 
@@ -100,9 +108,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
                 if known != digest:
                     raise MergeError(f"hparams of {editor!r} on {model!r} differ between shards ({name})")
         for model, layers in meta.second_moments.items():  # shards that used another C at a layer: both named
-            for layer, source in layers.items():
-                known = second_moments.setdefault(model, {}).setdefault(layer, source).split("; ")
-                second_moments[model][layer] = "; ".join(known + [s for s in source.split("; ") if s not in known])
+            add_second_moment_sources(second_moments.setdefault(model, {}), layers)
         for editor, per_model in meta.hparams.items():  # equal hashes above: equal values
             for model, values in per_model.items():
                 hparams_values.setdefault(editor, {}).setdefault(model, values)
