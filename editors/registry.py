@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from editors.hparams import (
+    COMMENT_KEY,
     HparamsError,
+    check_hparams_values,
     layer_hparams,
     read_hparams_file,
     resolve_hparams_layers,
@@ -143,6 +145,24 @@ def get_editor(name: str, hparams: Mapping[str, Any] | None = None):
             "denominator(), provenance(); subclass editors.base.EditorBase for the optional ones)"
         )
     return editor
+
+
+def check_user_hparams(name: str, path: Path) -> None:
+    """What can be checked of the user's hyper-parameter file ``path`` for editor ``name`` before a model is
+    known, so that a typo is one usage error and not an error in every test of the editor.
+
+    A built-in's keys and value types are checked against its dataclass
+    (:func:`editors.hparams.check_hparams_values`). A third-party editor knows its hyper-parameters only through
+    its factory, so the factory builds it once from the file, as :func:`build_editor` would (the file's values,
+    no model): whatever it refuses raises :class:`EditorFactoryError` naming the file."""
+    data = read_hparams_file(path)
+    if schema_for(name) is not None:
+        check_hparams_values(name, data, str(path))
+        return
+    try:
+        get_editor(name, {key: value for key, value in data.items() if key != COMMENT_KEY})
+    except EditorFactoryError as err:
+        raise EditorFactoryError(f"{path}: {err}") from err
 
 
 def build_editor(

@@ -434,12 +434,13 @@ def _editor_names(requested: Sequence[str], origin: str) -> tuple[str, ...]:
 
 def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None) -> tuple[tuple[str, Path], ...]:
     """``--editsafety-hparams EDITOR=FILE`` values (else the ini's lines) as (editor, file) pairs, each file
-    read and checked once here (its keys and their types; what depends on the model, such as a layer's range,
-    when the model loads) so that a typo is a usage error now, not an error in every test of the editor."""
+    read and checked once here (a built-in's keys and their types, a third-party editor's by its own factory; what
+    depends on the model, such as a layer's range, when the model loads) so that a typo is a usage error now, not an
+    error in every test of the editor."""
     if given is None:
         return ()
-    from editors.hparams import HparamsError, check_hparams_values, named_hparams_sets, read_hparams_file, schema_for
-    from editors.registry import EditorRegistryError, available_editors
+    from editors.hparams import HparamsError, named_hparams_sets, schema_for
+    from editors.registry import EditorRegistryError, available_editors, check_user_hparams
 
     values, origin = given
     try:
@@ -464,8 +465,8 @@ def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None) -> tup
             raise pytest.UsageError(f"{origin}: {value!r}: no such file {path} (built-in named sets of "
                                     f"{editor}: {', '.join(named_sets) or 'none'})")
         try:
-            check_hparams_values(editor, read_hparams_file(path), str(path))
-        except HparamsError as err:
+            check_user_hparams(editor, path)
+        except (HparamsError, EditorRegistryError) as err:
             raise pytest.UsageError(f"{origin}: {value!r}: {err}") from None
         pairs[editor] = path
     return tuple(pairs.items())

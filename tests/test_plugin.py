@@ -68,6 +68,13 @@ def make_where(hparams):
 
 def make_crasher(hparams):
     return Noop("noop-crash", crash_subject="Crashwell")
+
+def make_strict(hparams):
+    """A third-party editor that knows one hyper-parameter and refuses any other, as the example package does."""
+    unknown = sorted(set(hparams) - {"strength"})
+    if unknown:
+        raise ValueError(f"strict: unknown hyper-parameter(s) {', '.join(unknown)}; known: strength")
+    return Noop("strict")
 '''
 
 SENTENCES = (
@@ -95,7 +102,8 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fake_editors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory that, on sys.path, makes the editors ``noop``, ``noop-crash`` and ``where`` installed."""
     return write_editor_package(tmp_path_factory.mktemp("fake-editors"), "editsafety_fake_editors", FAKE_EDITORS,
-                                {"noop": "make_noop", "noop-crash": "make_crasher", "where": "make_where"})
+                                {"noop": "make_noop", "noop-crash": "make_crasher", "where": "make_where",
+                                 "strict": "make_strict"})
 
 
 @pytest.fixture()
@@ -435,6 +443,22 @@ def test_usage_errors_exit_4_and_name_the_culprit(pytester: pytest.Pytester, arg
                                            micro=micro_model) for a in args])
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
+
+
+def test_a_third_party_editors_hparams_file_is_checked_once_by_its_factory(
+    isolated: pytest.Pytester, micro_model: Path, corpus_file: Path, editors_installed: Path, tmp_path: Path,
+) -> None:
+    typo = tmp_path / "strict.json"
+    typo.write_text('{"_comment": "a typo", "strenght": 2}')
+    args = run_args(micro_model, corpus_file, tmp_path / "out", "--editor=strict")
+    result = isolated.runpytest(*args, f"--editsafety-hparams=strict={typo}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    stderr = result.stderr.str()
+    assert f"{typo}: editor 'strict'" in stderr and "unknown hyper-parameter(s) strenght" in stderr
+    assert "passed" not in result.stdout.str() and "failed" not in result.stdout.str()
+    typo.write_text('{"_comment": "fixed", "strength": 2}')  # the comment is the file's, never the factory's
+    fixed = isolated.runpytest(*args, f"--editsafety-hparams=strict={typo}", "--collect-only", "-q")
+    assert fixed.ret == pytest.ExitCode.OK, fixed.stderr.str()
 
 
 def test_the_layer_check_reads_a_saved_config_that_names_its_own_path(micro_model: Path) -> None:
