@@ -136,7 +136,7 @@ def cmd_experiment_surrogate(args: argparse.Namespace) -> int:
 def cmd_guard(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from pytest_editsafety.api import guard
+    from pytest_editsafety.guard import guard
 
     decisions = guard(args.model, None, args.editor, args.cases, fraction=args.fraction, floor=args.floor,
                       interference_factor=args.interference_factor, apply=args.apply, max_ppl_ratio=args.max_ppl_ratio, hparams=args.hparams, cache_root=args.cache,
@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output(surrogate)
     surrogate.set_defaults(func=cmd_experiment_surrogate)
 
-    from pytest_editsafety.api import GUARD_INTERFERENCE_FACTOR
+    from pytest_editsafety.guard import GUARD_INTERFERENCE_FACTOR
 
     guarding = commands.add_parser(
         "guard", help="decide, before any weight moves, which edits an editor may safely make (exit 1 if any refused)",

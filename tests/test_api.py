@@ -625,7 +625,7 @@ def test_guard_undoes_an_edit_that_raises_midway(organism):
 def test_a_model_built_in_memory_is_known_by_its_weights(organism):
     import copy
 
-    from pytest_editsafety.api import _held_model
+    from pytest_editsafety.api_inputs import held_model as _held_model
 
     clone = copy.deepcopy(organism.model)
     clone.config._name_or_path = ""

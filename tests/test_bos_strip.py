@@ -117,7 +117,7 @@ def test_a_tokenizer_that_cannot_stop_prepending_bos_is_an_error_naming_the_mode
 
 
 def test_the_api_strips_a_copy_and_leaves_the_callers_tokenizer_as_given(llama: tuple[Any, Any]) -> None:
-    from pytest_editsafety.api import _held_model
+    from pytest_editsafety.api_inputs import held_model as _held_model
 
     default, _ = llama
     held = _held_model(default.model, default.tokenizer, strip_bos=True)
