@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 COMMENT_KEY = "_comment"
+# the label of values a caller gives as a mapping or as overrides rather than in a file (HparamsLayer.label)
+OVERRIDES_LABEL = "overrides"
 _CAUSAL_RE = re.compile(r"^causal(?:\+(\d+))?$")
 _LAST_RE = re.compile(r"^last(?:-(\d+))?$")
 # "K/N": layer K of an N-layer model, at the same share of this model's depth (rounded down)
@@ -286,7 +288,7 @@ def layer_hparams(
     for role, label, where, path in _files(schema, editor, keys, family, user_file):
         add(role, label, where, read_hparams_file(path), where)
     if overrides:
-        add("overrides", "overrides", None, overrides, "overrides")
+        add("overrides", OVERRIDES_LABEL, None, overrides, OVERRIDES_LABEL)
     required = [f.name for f in dataclasses.fields(schema.dataclass())
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in merged]

@@ -23,6 +23,7 @@ from typing import Any
 
 from editors.hparams import (
     COMMENT_KEY,
+    OVERRIDES_LABEL,
     HparamsError,
     check_hparams_values,
     layer_hparams,
@@ -181,17 +182,38 @@ def build_editor(
     (``"causal"``) against ``model.config``. A third-party editor gets ``user_hparams`` then ``overrides``
     as they are.
     """
+    return build_editor_with_sources(name, model_key, model, user_hparams=user_hparams, overrides=overrides)[0]
+
+
+def build_editor_with_sources(
+    name: str,
+    model_key: str | tuple[str, ...],
+    model: Any,
+    *,
+    user_hparams: str | Path | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[Any, dict[str, str]]:
+    """:func:`build_editor`, and where each hyper-parameter it was given came from: key -> the label of the last
+    layer that set it (a built-in file, ``editors/hparams/rome/gpt2-xl.json``; a user file as it was named;
+    :data:`editors.hparams.OVERRIDES_LABEL` for a mapping or overrides). A key no layer set holds the editor's own
+    default and is not listed."""
     schema = schema_for(name)
     if schema is None:
         _factory(name)  # unknown names fail here, before any file is read
         merged: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+
+        def add(values: Mapping[str, Any], label: str) -> None:
+            values = {key: value for key, value in values.items() if key != COMMENT_KEY}
+            merged.update(values)
+            sources.update(dict.fromkeys(values, label))
+
         if isinstance(user_hparams, Mapping):
-            merged.update(user_hparams)
+            add(user_hparams, OVERRIDES_LABEL)
         elif user_hparams is not None:
-            merged.update(read_hparams_file(Path(user_hparams)))
-        merged.update(overrides or {})
-        merged.pop("_comment", None)
-        return get_editor(name, merged)
+            add(read_hparams_file(Path(user_hparams)), str(user_hparams))
+        add(overrides or {}, OVERRIDES_LABEL)
+        return get_editor(name, merged), sources
     family = _family_name(model)
     if isinstance(user_hparams, Mapping):
         # a mapping from the caller is an override layer of its own, checked like the others
@@ -201,7 +223,8 @@ def build_editor(
     # a layer that does not fit the model names the file (or the overrides) that set it
     layers_from = layered.sources.get(schema.layer_key)
     source = f"{schema.layer_key} from {layers_from}" if layers_from else ""
-    return get_editor(name, resolve_hparams_layers(name, dict(layered.values), model, source=source))
+    editor = get_editor(name, resolve_hparams_layers(name, dict(layered.values), model, source=source))
+    return editor, dict(layered.sources)
 
 
 def _family_name(model: Any) -> str | None:

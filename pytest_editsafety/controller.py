@@ -60,6 +60,8 @@ class RunRecords:
     hparams: dict[str, dict[str, str]] = field(default_factory=dict)
     # editor -> model -> the hyper-parameters' values (the workers' "hparams" meta), beside their hashes
     hparams_values: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # editor -> model -> hyper-parameter -> the file that set it (the workers' "hparams_sources" meta)
+    hparams_sources: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
     # model -> layer -> where its second moment C came from (the workers' "second_moments" meta)
     second_moments: dict[str, dict[str, str]] = field(default_factory=dict)
     corpora: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -173,6 +175,8 @@ def absorb_meta(controller: RunRecords, meta: Any) -> None:
         controller.hparams.setdefault(editor, {})[model] = meta["hparams_hash"]
         if isinstance(meta.get("hparams"), dict):
             controller.hparams_values.setdefault(editor, {})[model] = meta["hparams"]
+        if isinstance(meta.get("hparams_sources"), dict):
+            controller.hparams_sources.setdefault(editor, {})[model] = meta["hparams_sources"]
     if isinstance(model, str) and isinstance(meta.get("corpus"), str) and isinstance(meta.get("corpus_sha256"), str):
         controller.corpora[model] = (meta["corpus"], meta["corpus_sha256"])
     if isinstance(meta.get("hardware"), str):
@@ -281,6 +285,7 @@ def build_result(plan: Any, bounds: Any, controller: RunRecords, commands: tuple
         models={m.slug: controller.identities.get(m.slug) or controller_identity(m) for m in plan.models},
         hparams_hashes={e: dict(h) for e, h in controller.hparams.items() if e in plan.editors},
         hparams={e: dict(v) for e, v in controller.hparams_values.items() if e in plan.editors},
+        hparams_sources={e: dict(v) for e, v in controller.hparams_sources.items() if e in plan.editors},
         second_moments={m: dict(v) for m, v in controller.second_moments.items()
                         if m in {choice.slug for choice in plan.models}},
         bounds=bounds.to_dict(),

@@ -400,6 +400,8 @@ class ModelHub(ModelPool):
                 out["hparams_hash"] = digest
                 if item.editor in state.hparams_values:
                     out["hparams"] = state.hparams_values[item.editor]
+                if state.hparams_sources.get(item.editor):
+                    out["hparams_sources"] = state.hparams_sources[item.editor]
             # a trained editor (MEND) says which network it loaded: its archive's tensors sha256 and dtype
             editor = state.editors.get(item.editor)
             provenance = dict(editor.provenance()) if editor is not None else {}
@@ -779,15 +781,17 @@ class ModelHub(ModelPool):
 
     def _build_editor(self, state: ModelState, name: str) -> Any:
         from editors.provision import set_up
-        from editors.registry import build_editor
+        from editors.registry import build_editor_with_sources
         from pytest_editsafety.organisms import hparams_keys
 
         loaded = state.loaded
         editor = self._editor_objects.get(name)
         if editor is None:
             user_hparams = (self.options.editor_hparams or {}).get(name)
-            editor = build_editor(name, hparams_keys(loaded), loaded.model, user_hparams=user_hparams,
-                                  overrides=self.options.editor_overrides)
+            editor, sources = build_editor_with_sources(name, hparams_keys(loaded), loaded.model,
+                                                        user_hparams=user_hparams,
+                                                        overrides=self.options.editor_overrides)
+            state.hparams_sources[name] = sources
         # everything the editor needs is measured now, on the unedited model: a statistics cache miss inside a
         # sequential run would otherwise measure an edited model's keys
         state.provided[name] = set_up(editor, loaded.model, loaded.tokenizer, loaded.family, self._resources(state))

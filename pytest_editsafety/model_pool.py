@@ -62,6 +62,8 @@ class ModelState:
     hparams_hashes: dict[str, str | None] = field(default_factory=dict)
     # each editor's hyper-parameters as plain JSON values (those with a hash), for the certificate
     hparams_values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # each editor's hyper-parameter -> the file (or "overrides") that set it, for the certificate
+    hparams_sources: dict[str, dict[str, str]] = field(default_factory=dict)
     tagged: dict[str, CaseSet] = field(default_factory=dict)
     probes: dict[tuple[str, str], Any] = field(default_factory=dict)
     # (editor, case set, case id) -> what the editor's prepare() measured for that case on the unedited model,

@@ -105,6 +105,14 @@ def test_certify_several_editors_in_one_run_gives_each_editors_own_records(organ
     hashes = shorter.result.metadata.hparams_hashes
     assert hashes["rome"] != together.result.metadata.hparams_hashes["rome"]
     assert hashes["c-rome"] == together.result.metadata.hparams_hashes["c-rome"]
+    # the certificate names the mapping as the source of the one value it set, the built-in file of the rest
+    model = next(iter(shorter.result.metadata.models))
+    sources = shorter.result.metadata.hparams_sources["rome"][model]
+    assert sources["v_num_grad_steps"] == "overrides"
+    built_in = {label for key, label in sources.items() if key != "v_num_grad_steps"}
+    assert built_in == {"editors/hparams/rome/tiny-gpt2.json"}
+    # an editor object carries its own hyper-parameters: no file to name
+    assert "c-rome" not in together.result.metadata.hparams_sources
 
 
 @pytest.mark.parametrize(("editor", "hparams", "message"), [

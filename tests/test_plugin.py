@@ -568,6 +568,7 @@ def test_mend_trains_on_first_use_with_a_user_hparams_file_and_restores(
 
     from editors.hparams import hparams_from_mapping, hparams_hash, load_hparams
     from editors.mend import MendHparams
+    from pytest_editsafety.report.markdown import escape_md
 
     # a network of a few steps, so the organism's first-use training takes a second
     hparams = tmp_path / "mend-micro.json"
@@ -591,6 +592,15 @@ def test_mend_trains_on_first_use_with_a_user_hparams_file_and_restores(
     assert expected.steps == 4 and expected.c_loc == 1.0
     assert run.metadata.hparams_hashes["mend"][micro_model.name] == hparams_hash(asdict(expected))
     assert run.metadata.hparams["mend"][micro_model.name] == json.loads(json.dumps(asdict(expected)))
+    # and the certificate says which file set each value: the user's for its keys, the built-in file the others
+    sources = run.metadata.hparams_sources["mend"][micro_model.name]
+    user_keys = {"layers", "rank", "edit_lr", "lr", "steps", "batch_size", "norm_batches"}
+    assert {key for key, label in sources.items() if label == str(hparams)} == user_keys
+    assert {label for key, label in sources.items() if key not in user_keys} == {"editors/hparams/mend/tiny-gpt2.json"}
+    (row,) = [line for line in (out / "r.md").read_text().split("## Hyper-parameters")[1].splitlines()
+              if line.startswith("| mend ")]
+    assert row.endswith(f"| editors/hparams/mend/tiny-gpt2.json; {escape_md(str(hparams))} (batch\\_size, "
+                        f"edit\\_lr, layers, lr, norm\\_batches, rank, steps) |")
     # trained on first use, once, into the cache; its tensors' sha256 is in every test's metadata
     (archive,) = [m.parent for m in (tmp_path / "cache" / "mend").glob("*/COMPLETE")]
     config = json.loads((archive / "mend.json").read_text())

@@ -385,6 +385,27 @@ def test_the_hyper_parameters_behind_each_hash_travel_with_it() -> None:
     assert merged.hparams == {"rome": {"m1": values, "m2": values}}
 
 
+def test_the_file_behind_each_hyper_parameter_travels_with_it() -> None:
+    from editors.hparams import hparams_hash
+
+    values = {"layer": 0, "v_lr": 0.5}
+    digest = hparams_hash(values)
+    sources = {"layer": "my-rome.json", "v_lr": "editors/hparams/rome/gpt2.json"}
+    meta = metadata_for(("rome",), ("m1",), hparams_hashes={"rome": {"m1": digest}}, hparams={"rome": {"m1": values}},
+                        hparams_sources={"rome": {"m1": sources}})
+    assert RunMetadata.from_dict(json.loads(json.dumps(meta.to_dict()))).hparams_sources == {"rome": {"m1": sources}}
+    assert "hparams_sources" not in metadata_for(("rome",), ("m1",)).to_dict()  # optional, as the values are
+    with pytest.raises(RecordError, match=r"hparams_sources\.rome\.m1: names hyper-parameters the values lack: "
+                                          r"kl_prompt"):
+        metadata_for(("rome",), ("m1",), hparams_hashes={"rome": {"m1": digest}}, hparams={"rome": {"m1": values}},
+                     hparams_sources={"rome": {"m1": {**sources, "kl_prompt": "x.json"}}})
+    with pytest.raises(RecordError, match=r"hparams_sources\.memit\.m1"):
+        metadata_for(("rome",), ("m1",), hparams_sources={"memit": {"m1": sources}})
+    other = metadata_for(("rome",), ("m2",), hparams_sources={"rome": {"m2": {"layer": "overrides"}}})
+    merged = merge([RunResult(meta), RunResult(other)]).metadata
+    assert merged.hparams_sources == {"rome": {"m1": sources, "m2": {"layer": "overrides"}}}
+
+
 def test_merge_keeps_agreeing_duplicates_and_rejects_conflicts() -> None:
     whole = read_result(GOLDEN / "run.json")
     # re-run elsewhere: other durations, workers and devices, the same measurements

@@ -629,17 +629,34 @@ def _hparams_value(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+def _hparams_origin(sources: Mapping[str, str]) -> str:
+    """Where an editor's values came from: the file that set most of them, then each other file with its keys."""
+    keys_by_label: dict[str, list[str]] = {}
+    for key, label in sources.items():
+        keys_by_label.setdefault(label, []).append(key)
+    if not keys_by_label:
+        return DASH
+    base = max(keys_by_label, key=lambda label: (len(keys_by_label[label]), label))
+    others = [f"{escape_md(label)} ({escape_md(', '.join(sorted(keys)))})"
+              for label, keys in sorted(keys_by_label.items()) if label != base]
+    return "; ".join([escape_md(base), *others])
+
+
 def _hparams_section(result: RunResult) -> list[str]:
-    """The hyper-parameters each editor edited each model with, as the run resolved them: the settings behind the
-    verdicts, for a reader who reruns or reviews them (runs written before the values were recorded have none)."""
+    """The hyper-parameters each editor edited each model with, as the run resolved them, and the files they came
+    from: the settings behind the verdicts, for a reader who reruns or reviews them (runs written before the
+    values were recorded have none)."""
     meta = result.metadata
     rows = [[escape_md(editor), escape_md(model), escape_md(meta.hparams_hashes.get(editor, {}).get(model) or DASH),
-             escape_md(", ".join(f"{key} {_hparams_value(value)}" for key, value in values.items()))]
+             escape_md(", ".join(f"{key} {_hparams_value(value)}" for key, value in values.items())),
+             _hparams_origin(meta.hparams_sources.get(editor, {}).get(model, {}))]
             for editor, per_model in meta.hparams.items() for model, values in per_model.items()]
     if not rows:
         return []
     return ["## Hyper-parameters", "", "As each editor edited each model, layers resolved (the sha256 is the JSON's "
-            "`hparams_hashes` entry):", "", _table(["editor", "model", "sha256", "values"], rows)]
+            "`hparams_hashes` entry). *From* names the file that set most values, then any other with the keys it "
+            "set (`overrides`: given by the caller); a value no file set is the editor's own default:", "",
+            _table(["editor", "model", "sha256", "values", "from"], rows)]
 
 
 def render(

@@ -78,6 +78,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
     model_from: dict[str, str] = {}
     hparams: dict[str, dict[str, str]] = {}
     hparams_values: dict[str, dict[str, dict[str, Any]]] = {}
+    hparams_sources: dict[str, dict[str, dict[str, str]]] = {}
     second_moments: dict[str, dict[str, str]] = {}
     editors: list[str] = []
     versions: dict[str, list[str]] = {}
@@ -112,6 +113,9 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
         for editor, per_model in meta.hparams.items():  # equal hashes above: equal values
             for model, values in per_model.items():
                 hparams_values.setdefault(editor, {}).setdefault(model, values)
+        for editor, per_model in meta.hparams_sources.items():  # equal values: the first shard names their files
+            for model, sources in per_model.items():
+                hparams_sources.setdefault(editor, {}).setdefault(model, sources)
         editors.extend(e for e in meta.editors if e not in editors)
         for lib, version in meta.library_versions.items():
             seen = versions.setdefault(lib, [])
@@ -129,6 +133,7 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
         models=models,
         hparams_hashes=hparams,
         hparams=hparams_values,
+        hparams_sources=hparams_sources,
         second_moments=second_moments,
         bounds=first.bounds,
         corpus=first.corpus,

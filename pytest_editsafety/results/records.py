@@ -84,6 +84,12 @@ class RunMetadata(Record):
     # model -> layer (as a string) -> where the second moment C the editors whitened with came from: a ROME
     # statistics file, or the corpus (its sha256, the texts and keys behind C). Optional: absent when no editor used C
     second_moments: Mapping[str, Mapping[str, str]] = field(default_factory=dict, metadata={OPTIONAL: True})
+    # editor -> model -> hyper-parameter -> where its value came from: the built-in file
+    # (editors/hparams/rome/gpt2-xl.json), the user's file as it was named, or "overrides" (a mapping the caller
+    # gave); a key not listed is the editor's own default. Optional: absent from files written before it existed,
+    # and for an editor object given to the API, which carries its own hyper-parameters
+    hparams_sources: Mapping[str, Mapping[str, Mapping[str, str]]] = field(default_factory=dict,
+                                                                          metadata={OPTIONAL: True})
 
     def _validate(self) -> None:
         if len(set(self.editors)) != len(self.editors):
@@ -115,6 +121,15 @@ class RunMetadata(Record):
                 digest = self.hparams_hashes.get(editor, {}).get(model)
                 if digest is not None and hparams_hash(dict(values), len(digest)) != digest:
                     raise RecordError(where, f"the values do not hash to hparams_hashes.{editor}.{model} ({digest})")
+        for editor, per_model in self.hparams_sources.items():
+            for model, sources in per_model.items():
+                where = f"hparams_sources.{editor}.{model}"
+                if editor not in self.editors or model not in self.models:
+                    raise RecordError(where, "editor or model is not listed in 'editors' / 'models'")
+                values = self.hparams.get(editor, {}).get(model)
+                unknown = sorted(set(sources) - set(values)) if values is not None else []
+                if unknown:
+                    raise RecordError(where, f"names hyper-parameters the values lack: {', '.join(unknown)}")
         for model in self.second_moments:
             if model not in self.models:
                 raise RecordError(f"second_moments.{model}", "model is not listed in 'models'")
@@ -366,11 +381,11 @@ class RunResult(Record):
 
     def _validate(self) -> None:
         planned = set(self.plan.test_ids) if self.plan is not None else None
-        for field in ("cases", "sequential", "batches"):
-            records: tuple[CaseRecord | SequentialRecord | BatchRecord, ...] = getattr(self, field)
+        for kind in ("cases", "sequential", "batches"):
+            records: tuple[CaseRecord | SequentialRecord | BatchRecord, ...] = getattr(self, kind)
             seen: set[str] = set()
             for i, record in enumerate(records):
-                where = f"{field}[{i}]"
+                where = f"{kind}[{i}]"
                 if record.test_id in seen:
                     raise RecordError(f"{where}.test_id", f"duplicate test id {record.test_id!r}")
                 seen.add(record.test_id)
@@ -380,7 +395,7 @@ class RunResult(Record):
                     raise RecordError(f"{where}.model", f"model {record.model!r} is not in metadata.models")
                 if planned is not None and record.test_id not in planned:
                     raise RecordError(f"{where}.test_id", f"test id {record.test_id!r} is not in plan.test_ids")
-            object.__setattr__(self, field, tuple(sorted(records, key=lambda r: r.test_id)))
+            object.__setattr__(self, kind, tuple(sorted(records, key=lambda r: r.test_id)))
         overlap = {r.test_id for r in self.cases} & {r.test_id for r in self.sequential}
         if overlap:
             raise RecordError("sequential", f"test ids also used by cases: {', '.join(sorted(overlap))}")
