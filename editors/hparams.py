@@ -16,7 +16,8 @@ them (``rome``: ``kmeng01``, ROME's original configs with ``mom2_adjustment`` on
 Layer values may be symbolic for the organisms, whose editable site is found when they are built:
 ``"causal"`` is ``model.config.editsafety_causal_layer`` (0 when absent) and ``"causal+N"`` is N layers
 after it; ``"last"`` is the model's last layer and ``"last-N"`` N layers before it (MEND edits the last
-layers, whatever the depth). :func:`resolve_layers` turns them into indices against a loaded model.
+layers, whatever the depth); ``"K/N"`` is layer K of N at the same share of the model's depth.
+:func:`resolve_layers` (:mod:`editors.layers`) turns them into indices against a loaded model.
 
 This module imports neither torch nor the editors at import time: the plugin can read it at startup.
 """
@@ -35,10 +36,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from editors.hparams_errors import HparamsError, LayerOutOfRangeError, UnknownHparamsKeyError
 from editors.jsontext import StrictJsonError, loads_strict
+from editors.layers import is_symbolic, parse_layers, resolve_layers
 
 __all__ = [
     "COMMENT_KEY",
+    "OVERRIDES_LABEL",
     "HparamsError",
     "HparamsLayer",
     "HparamsSchema",
@@ -61,28 +65,10 @@ __all__ = [
 COMMENT_KEY = "_comment"
 # the label of values a caller gives as a mapping or as overrides rather than in a file (HparamsLayer.label)
 OVERRIDES_LABEL = "overrides"
-_CAUSAL_RE = re.compile(r"^causal(?:\+(\d+))?$")
-_LAST_RE = re.compile(r"^last(?:-(\d+))?$")
-# "K/N": layer K of an N-layer model, at the same share of this model's depth (rounded down)
-_SCALED_RE = re.compile(r"^(\d+)/(\d+)$")
-_LAYER_FORMS = "an int, 'causal', 'causal+N', 'last', 'last-N' or 'K/N'"
 # File stems must be plain names: a Hugging Face id ("owner/name") never addresses a file here.
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Names of named sets: no dot (never a file name such as "x.json"), no path separator.
 _SET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-
-
-class HparamsError(ValueError):
-    """Bad hyper-parameters: names the file (or ``overrides``) and the key at fault."""
-
-
-class UnknownHparamsKeyError(HparamsError):
-    pass
-
-
-class LayerOutOfRangeError(HparamsError):
-    """A layer setting that names no layer of the model (an index past its depth, relative layers none of which
-    is left)."""
 
 
 @dataclass(frozen=True)
@@ -363,88 +349,6 @@ def hparams_hash(d: Mapping[str, Any], length: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
-def _n_layers(config: Any) -> int:
-    for attr in ("num_hidden_layers", "n_layer"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    raise HparamsError(f"model config {type(config).__name__} has no positive num_hidden_layers/n_layer")
-
-
-def resolve_layers(value: Any, model: Any, *, source: str = "") -> list[int]:
-    """Layer indices for ``value`` (an int, ``"causal"``, ``"causal+N"``, ``"last"``, ``"last-N"``, ``"K/N"`` or a
-    list of them) on ``model``.
-
-    ``"causal"`` reads ``model.config.editsafety_causal_layer`` (0 when the model does not record one).
-    ``"K/N"`` is layer K of an N-layer model at the same share of this model's depth, rounded down
-    (``K * layers // N``): GPT-2-XL's layer 17 written ``"17/48"`` is layer 17 of its 48, 8 of GPT-2 medium's 24
-    and 12 of large's 36 (the layers of ROME's files for those models) and 4 of GPT-2 small's 12.
-    A relative ``"causal+N"`` past the last layer is dropped, so ``["causal", "causal+1"]`` means "the
-    causal layer and the next one if there is one"; likewise ``"last-N"`` before layer 0, so
-    ``["last-2", "last-1", "last"]`` is "the last three layers, or all of them"; an absolute index out of
-    range is an error. The result is sorted and free of duplicates. ``model`` may also be a config. ``source``
-    (e.g. ``"layer from rome/kmeng01/gpt2.json"``) opens the message of an error about ``value``.
-    """
-    where = f"{source}: " if source else ""
-    items = parse_layers(value, where)
-    config = getattr(model, "config", model)
-    n_layers = _n_layers(config)
-    causal = getattr(config, "editsafety_causal_layer", None)
-    causal = 0 if causal is None else causal
-    if not isinstance(causal, int) or isinstance(causal, bool) or not 0 <= causal < n_layers:
-        raise HparamsError(f"model config: editsafety_causal_layer={causal!r} is not a layer of {n_layers}")
-    out: set[int] = set()
-    for kind, k, of in items:
-        if kind == "index":
-            if not k < n_layers:
-                raise LayerOutOfRangeError(f"{where}layer {k} is out of range for a model with {n_layers} layers")
-            layer = k
-        elif kind == "causal":
-            layer = causal + k
-        elif kind == "last":
-            layer = n_layers - 1 - k
-        else:  # "scaled"
-            layer = k * n_layers // of
-        if 0 <= layer < n_layers:
-            out.add(layer)
-    if not out:
-        raise LayerOutOfRangeError(f"{where}layers {value!r}: no layer left on a model with {n_layers} layers")
-    return sorted(out)
-
-
-def parse_layers(value: Any, where: str = "") -> list[tuple[str, int, int]]:
-    """The layer forms of ``value`` (see :func:`resolve_layers`) as ``(kind, k, n)``: ``("index", i, 0)``,
-    ``("causal", N, 0)``, ``("last", N, 0)`` or ``("scaled", K, N)``; what can be refused without a model is refused
-    here (a malformed item, a negative index, ``K/N`` with K not below N, an empty list), ``where`` opening the
-    message."""
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not items:
-        raise HparamsError(f"{where}layers: empty list")
-    parsed: list[tuple[str, int, int]] = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise HparamsError(f"{where}layer {item!r}: expected {_LAYER_FORMS}")
-        if isinstance(item, int):
-            if item < 0:
-                raise HparamsError(f"{where}layer {item}: a layer index is >= 0")
-            parsed.append(("index", item, 0))
-            continue
-        causal = _CAUSAL_RE.match(item.strip())
-        last = _LAST_RE.match(item.strip())
-        scaled = _SCALED_RE.match(item.strip())
-        if causal:
-            parsed.append(("causal", int(causal.group(1) or 0), 0))
-        elif last:
-            parsed.append(("last", int(last.group(1) or 0), 0))
-        elif scaled and int(scaled.group(1)) < int(scaled.group(2)):
-            parsed.append(("scaled", int(scaled.group(1)), int(scaled.group(2))))
-        elif scaled:
-            raise HparamsError(f"{where}layer {item!r}: 'K/N' is layer K of N layers, so K must be below N")
-        else:
-            raise HparamsError(f"{where}layer {item!r}: expected {_LAYER_FORMS}")
-    return parsed
-
-
 def resolve_hparams_layers(editor: str, hparams: Mapping[str, Any], model: Any, *,
                            source: str = "") -> dict[str, Any]:
     """A copy of ``hparams`` whose layer field holds concrete indices for ``model``; ``source`` names where the
@@ -491,13 +395,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value  # a type this loader does not police (e.g. Any)
 
 
-def _is_symbolic(value: Any) -> bool:
-    if isinstance(value, str):
-        return bool(_CAUSAL_RE.match(value.strip()) or _LAST_RE.match(value.strip())
-                    or _SCALED_RE.match(value.strip()))
-    return isinstance(value, (list, tuple)) and any(_is_symbolic(v) for v in value)
-
-
 def hparams_from_mapping(cls: type, hparams: Mapping[str, Any], *, source: str = "hparams"):
     """Build the frozen dataclass ``cls`` from ``hparams`` (lists become tuples; types are checked).
 
@@ -511,7 +408,7 @@ def hparams_from_mapping(cls: type, hparams: Mapping[str, Any], *, source: str =
             continue
         if key not in names:
             raise UnknownHparamsKeyError(f"{source}: unknown hyper-parameter {key!r} for {cls.__name__}")
-        if _is_symbolic(value) and hints[key] is not str:
+        if is_symbolic(value) and hints[key] is not str:
             raise HparamsError(f"{source}: {key}={value!r} is symbolic; resolve it against the model first")
         kwargs[key] = _coerce(value, hints[key], f"{source}: {key}")
     try:

@@ -267,7 +267,8 @@ def _resolve_for_display(editor: str, values: dict[str, Any], config: dict[str, 
     organism's recipe, whose causal layer its build measures)."""
     from types import SimpleNamespace
 
-    from editors.hparams import HparamsError, parse_layers, resolve_hparams_layers, schema_for
+    from editors.hparams import HparamsError, resolve_hparams_layers, schema_for
+    from editors.layers import parse_layers
 
     schema = schema_for(editor)
     if schema is None or schema.layer_key not in values:
