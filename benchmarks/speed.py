@@ -104,7 +104,7 @@ def _certify_pieces(bench: Bench, path: str, case: Any, probe: Any) -> dict[str,
     """One case's pieces on ``path``; the model is restored (and checked) at the end."""
     from editors.base import EditRequest
     from editors.restore import ParameterSnapshot
-    from pytest_editsafety.hub import PPL_BATCH_SIZE
+    from pytest_editsafety.hub_options import PPL_BATCH_SIZE
     from pytest_editsafety.lower_blocks import lowest_block
     from pytest_editsafety.metrics import edit_metrics
     from pytest_editsafety.perplexity import perplexity
@@ -271,7 +271,7 @@ def _editor_layer(editor: Any) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pytest_editsafety.cases import resolve_cases
     from pytest_editsafety.cases.classify import tag_hardness
-    from pytest_editsafety.hub import PPL_BATCH_SIZE
+    from pytest_editsafety.hub_options import PPL_BATCH_SIZE
     from pytest_editsafety.metrics import probe_before
 
     bench = _set_up(args.model, args.editor)

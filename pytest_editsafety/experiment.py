@@ -148,7 +148,8 @@ def run_surrogate(
     from editors.base import EditRequest
     from editors.restore import edit_session
     from pytest_editsafety.aggregates import spearman
-    from pytest_editsafety.hub import PPL_BATCH_SIZE, HubOptions, ModelHub
+    from pytest_editsafety.hub import HubOptions, ModelHub
+    from pytest_editsafety.hub_options import PPL_BATCH_SIZE
     from pytest_editsafety.perplexity import perplexity
     from pytest_editsafety.plan import build_plan
 

@@ -24,7 +24,8 @@ from editors.storage import stable_hash
 from pytest_editsafety.bounds import Bounds, Verdict, judge
 from pytest_editsafety.cache import cache_root
 from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
-from pytest_editsafety.devices import MAIN_WORKER
+from pytest_editsafety.hparams_record import hparams_digest, recorded_hparams_values
+from pytest_editsafety.hub_options import DEFAULT_RESTORE_CHECK, RESTORE_CHECKS, HubOptions
 from pytest_editsafety.context_fit import check_fits_context
 from pytest_editsafety.model_pool import ModelPool, ModelState
 from pytest_editsafety.plan import Plan, PlanItem
@@ -34,79 +35,6 @@ from pytest_editsafety.sequential import default_every, first_crossing, measurem
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_RESTORE_CHECK", "RESTORE_CHECKS", "BatchSizeError", "HubOptions", "ModelHub", "RunOutcome"]
-
-PPL_BATCH_SIZE = 32
-# the whole-model restore check after every test (editors.fingerprint.ModelFingerprint): every byte of every tensor
-# checksummed ("full"), a fixed sample of each tensor's words ("sampled"), or none ("off")
-RESTORE_CHECKS = ("full", "sampled", "off")
-DEFAULT_RESTORE_CHECK = "full"
-
-
-@dataclass(frozen=True)
-class HubOptions:
-    bounds: Bounds = field(default_factory=Bounds)
-    dtype: str | None = None
-    device_map: str | None = None
-    # ROME/MEMIT .npz statistics directory; without it, C is computed over the statistics corpus
-    stats_dir: str | None = None
-    # corpus for second-moment statistics; None = each model's default (organism-wiki, wikitext-103)
-    stats_corpus: str | None = None
-    ppl_batch_size: int = PPL_BATCH_SIZE
-    # loaded models kept at once: large models on one GPU do not fit twice
-    max_loaded_models: int = 1
-    # hparams overrides applied to every built-in editor (the collapse experiment's --layer)
-    editor_overrides: Mapping[str, Any] | None = None
-    # editor -> user hparams JSON file (--editsafety-hparams) or mapping of fields (the API's), layered over the
-    # built-in file per model
-    editor_hparams: Mapping[str, str | Mapping[str, Any]] | None = None
-    # cache root for organisms, statistics, corpora, trained editors and floors (None: pytest_editsafety.cache's
-    # default, $EDITSAFETY_CACHE or the user cache directory)
-    cache_root: str | None = None
-    # after every test, check that nothing outside the editor's declared parameters changed (RESTORE_CHECKS)
-    restore_check: str = DEFAULT_RESTORE_CHECK
-    # the process the hub runs in, as each record names it: an xdist worker id, or "main"
-    worker: str = MAIN_WORKER
-    # the BOS-stripped protocol (--editsafety-strip-bos, pytest_editsafety.bos): models load with a tokenizer that
-    # prepends no BOS; a model the caller holds must come stripped already (the API strips a copy of its tokenizer)
-    strip_bos: bool = False
-    # a sequential run measures after every k-th edit and the last (--editsafety-sequential-every); None: each
-    # model's default (pytest_editsafety.sequential.default_every)
-    sequential_every: int | None = None
-    # single-edit cases of one (editor, model, case set) whose searches (ROME's v*, MEMIT's z: editors'
-    # prepare()) run together on the unedited model, the case under way and the next ones this run selected;
-    # 1 measures each case alone (--editsafety-search-batch); None: preparation.default_search_batch for the device
-    search_batch: int | None = None
-    # a case's measurement that editors declare they share (editors.base.EditorBase.measurement_key: ROME and its
-    # C-ROME variants' v*, MEMIT, EMMET and AlphaEdit's z) is measured by the first of them and handed to the
-    # others (pytest_editsafety.shared_measurements); False: each editor measures its own
-    # (--editsafety-measure-alone). Same records either way: bit for bit at a search batch of 1, to float rounding above
-    share_measurements: bool = True
-    # perplexity after an edit whose parameters all lie in blocks L and above replays the unedited output of the
-    # blocks below L over the corpus instead of running them (pytest_editsafety.lower_blocks), under the full
-    # restore check only; False: every measurement runs the whole model (--editsafety-ppl-full-pass). Same numbers
-    # bit for bit
-    ppl_skip_unedited_blocks: bool = True
-    # lm-eval tasks scored on the unedited model and after every single edit (--editsafety-downstream), at most
-    # downstream_limit examples each (None: all): pytest_editsafety.downstream
-    downstream: tuple[str, ...] = ()
-    downstream_limit: int | None = None
-    # where the slow measurements of a model's set-up (C, the denominator floor) report their progress, a line every
-    # few seconds, besides this module's log at INFO: the plugin's terminal, outside xdist workers
-    progress: Callable[[str], None] | None = None
-
-    def __post_init__(self) -> None:
-        if self.restore_check not in RESTORE_CHECKS:
-            raise ValueError(f"HubOptions.restore_check: {self.restore_check!r} is not one of "
-                             f"{', '.join(RESTORE_CHECKS)}")
-        if self.search_batch is not None and (isinstance(self.search_batch, bool) or not isinstance(self.search_batch, int)
-                                              or self.search_batch < 1):
-            raise ValueError(f"HubOptions.search_batch must be an integer >= 1, got {self.search_batch!r}")
-        for name in ("share_measurements", "ppl_skip_unedited_blocks"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"HubOptions.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.sequential_every is not None and self.sequential_every < 1:
-            raise ValueError(f"HubOptions.sequential_every must be at least 1, got {self.sequential_every}")
-
 
 @dataclass(frozen=True)
 class RunOutcome:
@@ -796,8 +724,8 @@ class ModelHub(ModelPool):
         # sequential run would otherwise measure an edited model's keys
         state.provided[name] = set_up(editor, loaded.model, loaded.tokenizer, loaded.family, self._resources(state))
         state.editors[name] = editor
-        state.hparams_hashes[name] = _hparams_digest(editor.hparams)
-        values = _hparams_values(editor.hparams, state.hparams_hashes[name])
+        state.hparams_hashes[name] = hparams_digest(editor.hparams)
+        values = recorded_hparams_values(editor.hparams, state.hparams_hashes[name])
         if values is not None:
             state.hparams_values[name] = values
         return editor
@@ -891,37 +819,6 @@ _HARNESS_METRICS = frozenset({
     "denominator_floor", "ppl_ratio", "ppl_edited", "ppl_unedited", "ppl_corpus_unedited", "ppl_corpus_edited",
     "ppl_corpus_ratio", "ppl_median_edited", "ppl_max_edited",
 })
-
-
-def _hparams_values(hp: Any, digest: str | None) -> dict[str, Any] | None:
-    """The hyper-parameters as plain JSON values, for the certificate beside their hash ``digest``
-    (:func:`_hparams_digest`); None for hyper-parameters that are no dataclass or mapping of JSON values, or whose
-    JSON form hashes otherwise (a third-party mapping whose keys JSON turns into strings): a certificate must not
-    carry values its hash contradicts."""
-    import json
-
-    plain = dataclasses.asdict(hp) if dataclasses.is_dataclass(hp) and not isinstance(hp, type) else hp
-    if digest is None or not isinstance(plain, Mapping):
-        return None
-    try:
-        values = json.loads(json.dumps({k: v for k, v in plain.items() if not str(k).startswith("_")},
-                                       allow_nan=False))
-    except (TypeError, ValueError):
-        return None
-    return values if _hparams_digest(values) == digest else None
-
-
-def _hparams_digest(hp: Any) -> str | None:
-    from editors.hparams import hparams_hash
-
-    try:
-        if dataclasses.is_dataclass(hp) and not isinstance(hp, type):
-            return hparams_hash(dataclasses.asdict(hp))
-        if isinstance(hp, Mapping):
-            return hparams_hash(dict(hp))
-    except ValueError as err:  # a third-party editor's hparams that are not JSON values
-        log.warning("cannot hash hyper-parameters: %s", err)
-    return None
 
 
 def _describe_hardware() -> str:

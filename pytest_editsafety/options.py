@@ -58,7 +58,7 @@ def _positive_int(raw: Any) -> int:
 
 
 def _restore_check(raw: Any) -> str:
-    from pytest_editsafety.hub import RESTORE_CHECKS
+    from pytest_editsafety.hub_options import RESTORE_CHECKS
 
     if str(raw).strip() not in RESTORE_CHECKS:
         raise argparse.ArgumentTypeError(f"unsupported value {raw!r}; use one of {', '.join(RESTORE_CHECKS)}")
@@ -237,7 +237,7 @@ class Settings:
     cache_root: Path | None = None
     # --editsafety-allow-missing: baseline tests this run lacks are listed, not regressions
     allow_missing: bool = False
-    # --editsafety-restore-check: full, sampled or off (pytest_editsafety.hub.RESTORE_CHECKS)
+    # --editsafety-restore-check: full, sampled or off (pytest_editsafety.hub_options.RESTORE_CHECKS)
     restore_check: str = "full"
     # --editsafety-strip-bos: the BOS-stripped protocol (pytest_editsafety.bos)
     strip_bos: bool = False

@@ -533,15 +533,15 @@ def test_empty_run_is_not_certified() -> None:
 
 def test_only_hyper_parameters_whose_json_hashes_alike_are_recorded() -> None:
     from editors.rome import RomeHparams
-    from pytest_editsafety.hub import _hparams_digest, _hparams_values
+    from pytest_editsafety.hparams_record import hparams_digest, recorded_hparams_values
 
     def values_of(hp):
-        return _hparams_values(hp, _hparams_digest(hp))
+        return recorded_hparams_values(hp, hparams_digest(hp))
 
     rome = RomeHparams(layer=3)
     values = values_of(rome)
     assert values["layer"] == 3 and values["context_templates"] == [list(p) for p in rome.context_templates]
-    assert _hparams_digest(values) == _hparams_digest(rome)
+    assert hparams_digest(values) == hparams_digest(rome)
     # a third-party mapping with integer keys: JSON makes them strings that sort otherwise, so no values
     assert values_of({"weights": {1: 0.5, 10: 0.2, 2: 0.3}}) is None
     assert values_of({"scale": float("nan")}) is None and values_of(object()) is None
