@@ -40,6 +40,8 @@ __all__ = [
     "UnknownEditorError",
     "available_editors",
     "build_editor",
+    "build_editor_with_sources",
+    "check_user_hparams",
     "editor_distributions",
     "get_editor",
 ]
@@ -162,8 +164,11 @@ def check_user_hparams(name: str, path: Path) -> None:
         return
     try:
         get_editor(name, {key: value for key, value in data.items() if key != COMMENT_KEY})
-    except EditorFactoryError as err:
+    except (EditorFactoryError, HparamsError) as err:
         raise EditorFactoryError(f"{path}: {err}") from err
+    except Exception as err:  # whatever the factory raises is the file's fault as far as a run can tell
+        raise EditorFactoryError(f"{path}: editor {name!r}: factory call failed: {type(err).__name__}: {err}"
+                                 ) from err
 
 
 def build_editor(
@@ -194,7 +199,7 @@ def build_editor_with_sources(
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Any, dict[str, str]]:
     """:func:`build_editor`, and where each hyper-parameter it was given came from: key -> the label of the last
-    layer that set it (a built-in file, ``editors/hparams/rome/gpt2-xl.json``; a user file as it was named;
+    layer that set it (a built-in file, ``editors/hparams/rome/gpt2-xl.json``; a user file by the path given;
     :data:`editors.hparams.OVERRIDES_LABEL` for a mapping or overrides). A key no layer set holds the editor's own
     default and is not listed."""
     schema = schema_for(name)

@@ -17,6 +17,9 @@ from typing import Any
 from pytest_editsafety.bounds import Bounds
 from pytest_editsafety.cases import CaseSet, EditCase
 
+__all__ = ["API_CASE_SET", "case_sets", "check_bound", "checked_bounds", "edit_requests", "editors_by_name",
+           "held_model", "hparams_options", "is_editor_object", "is_organism_plan", "measuring", "plan_and_hub"]
+
 # the name of the case set a sequence of EditCase given to certify() becomes
 API_CASE_SET = "cases"
 

@@ -176,16 +176,19 @@ def absorb_meta(controller: RunRecords, meta: Any) -> None:
         if isinstance(meta.get("hparams"), dict):
             controller.hparams_values.setdefault(editor, {})[model] = meta["hparams"]
         if isinstance(meta.get("hparams_sources"), dict):
-            controller.hparams_sources.setdefault(editor, {})[model] = meta["hparams_sources"]
+            from pytest_editsafety.results.merge import add_sources
+
+            add_sources(controller.hparams_sources.setdefault(editor, {}).setdefault(model, {}),
+                        {str(k): v for k, v in meta["hparams_sources"].items() if isinstance(v, str)})
     if isinstance(model, str) and isinstance(meta.get("corpus"), str) and isinstance(meta.get("corpus_sha256"), str):
         controller.corpora[model] = (meta["corpus"], meta["corpus_sha256"])
     if isinstance(meta.get("hardware"), str):
         controller.hardware.add(meta["hardware"])
     if isinstance(model, str) and isinstance(meta.get("second_moments"), dict):
-        from pytest_editsafety.results.merge import add_second_moment_sources
+        from pytest_editsafety.results.merge import add_sources
 
         # workers whose editors took C at one layer from different sources: each source once
-        add_second_moment_sources(controller.second_moments.setdefault(model, {}),
+        add_sources(controller.second_moments.setdefault(model, {}),
                                   {str(k): v for k, v in meta["second_moments"].items() if isinstance(v, str)})
     if isinstance(model, str) and isinstance(meta.get("bos_protocol"), str):
         controller.bos_protocols[model] = meta["bos_protocol"]

@@ -24,9 +24,9 @@ from editors.storage import stable_hash
 from pytest_editsafety.bounds import Bounds, Verdict, judge
 from pytest_editsafety.cache import cache_root
 from pytest_editsafety.cases import CaseSet, EditCase, resolve_cases
-from pytest_editsafety.hparams_record import hparams_digest, recorded_hparams_values
-from pytest_editsafety.hub_options import DEFAULT_RESTORE_CHECK, RESTORE_CHECKS, HubOptions
 from pytest_editsafety.context_fit import check_fits_context
+from pytest_editsafety.hparams_record import hparams_digest, recorded_hparams_values
+from pytest_editsafety.hub_options import DEFAULT_RESTORE_CHECK, PPL_BATCH_SIZE, RESTORE_CHECKS, HubOptions
 from pytest_editsafety.model_pool import ModelPool, ModelState
 from pytest_editsafety.plan import Plan, PlanItem
 from pytest_editsafety.preparation import Preparations
@@ -34,7 +34,10 @@ from pytest_editsafety.sequential import default_every, first_crossing, measurem
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_RESTORE_CHECK", "RESTORE_CHECKS", "BatchSizeError", "HubOptions", "ModelHub", "RunOutcome"]
+# the options' names stay importable from here, where they lived before hub_options.py
+__all__ = ["DEFAULT_RESTORE_CHECK", "PPL_BATCH_SIZE", "RESTORE_CHECKS", "BatchSizeError", "HubOptions", "ModelHub",
+           "RunOutcome"]
+
 
 @dataclass(frozen=True)
 class RunOutcome:
@@ -728,6 +731,9 @@ class ModelHub(ModelPool):
         values = recorded_hparams_values(editor.hparams, state.hparams_hashes[name])
         if values is not None:
             state.hparams_values[name] = values
+            # a third-party factory may drop or rename what its file gave: name the files of recorded values only
+            state.hparams_sources[name] = {key: label for key, label in state.hparams_sources.get(name, {}).items()
+                                           if key in values}
         return editor
 
     # ---- the denominator floor ------------------------------------------------------------------

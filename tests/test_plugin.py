@@ -457,8 +457,14 @@ def test_a_third_party_editors_hparams_file_is_checked_once_by_its_factory(
     assert f"{typo}: editor 'strict'" in stderr and "unknown hyper-parameter(s) strenght" in stderr
     assert "passed" not in result.stdout.str() and "failed" not in result.stdout.str()
     typo.write_text('{"_comment": "fixed", "strength": 2}')  # the comment is the file's, never the factory's
-    fixed = isolated.runpytest(*args, f"--editsafety-hparams=strict={typo}", "--collect-only", "-q")
-    assert fixed.ret == pytest.ExitCode.OK, fixed.stderr.str()
+    cases = write_cases(tmp_path / "one.json", [{"case_id": "one", "subject": "Alpha", "prompt": "{} lives in",
+                                                  "target_new": "Paris", "ground_truth": "Rome"}])
+    fixed = isolated.runpytest(*args, f"--editsafety-hparams=strict={typo}", f"--cases={cases}")
+    # it runs (a no-op editor is never certified), and its certificate is written although the editor kept none of
+    # the file's values as its hyper-parameters: no file is named for values the certificate does not hold
+    assert fixed.ret == pytest.ExitCode.TESTS_FAILED, fixed.stderr.str()
+    run = read_result(tmp_path / "out" / "r.json")
+    assert [r.editor for r in run.cases] == ["strict"] and "strict" not in run.metadata.hparams_sources
 
 
 def test_the_layer_check_reads_a_saved_config_that_names_its_own_path(micro_model: Path) -> None:

@@ -404,6 +404,11 @@ def test_the_file_behind_each_hyper_parameter_travels_with_it() -> None:
     other = metadata_for(("rome",), ("m2",), hparams_sources={"rome": {"m2": {"layer": "overrides"}}})
     merged = merge([RunResult(meta), RunResult(other)]).metadata
     assert merged.hparams_sources == {"rome": {"m1": sources, "m2": {"layer": "overrides"}}}
+    # shards whose equal values came from other files name both
+    elsewhere = metadata_for(("rome",), ("m1",), hparams_hashes={"rome": {"m1": digest}},
+                             hparams={"rome": {"m1": values}}, hparams_sources={"rome": {"m1": {"layer": "b.json"}}})
+    both = merge([RunResult(meta), RunResult(elsewhere)]).metadata.hparams_sources["rome"]["m1"]
+    assert both == {"layer": "my-rome.json; b.json", "v_lr": "editors/hparams/rome/gpt2.json"}
 
 
 def test_merge_keeps_agreeing_duplicates_and_rejects_conflicts() -> None:

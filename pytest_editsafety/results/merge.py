@@ -46,9 +46,10 @@ def _merge_bos_protocol(merged: dict[str, str], shard: Mapping[str, str], first_
                              f"{name}")
 
 
-def add_second_moment_sources(known: dict[str, str], more: Mapping[str, str]) -> None:
-    """Add ``more`` (layer -> its C's sources, ``"; "``-separated) to ``known``: every distinct source once, in the
-    order first seen, for a run whose workers or shards report the same layer."""
+def add_sources(known: dict[str, str], more: Mapping[str, str]) -> None:
+    """Add ``more`` (a layer or a hyper-parameter -> where it came from, several ``"; "``-separated) to ``known``:
+    every distinct source once, in the order first seen, for a run whose workers or shards report the same key
+    (C's sources per layer, the files behind each hyper-parameter)."""
     for layer, sources in more.items():
         seen = known[layer].split("; ") if layer in known else []
         known[layer] = "; ".join(seen + [s for s in sources.split("; ") if s not in seen])
@@ -109,13 +110,13 @@ def merge(results: Sequence[RunResult], *, sources: Sequence[str] | None = None)
                 if known != digest:
                     raise MergeError(f"hparams of {editor!r} on {model!r} differ between shards ({name})")
         for model, layers in meta.second_moments.items():  # shards that used another C at a layer: both named
-            add_second_moment_sources(second_moments.setdefault(model, {}), layers)
+            add_sources(second_moments.setdefault(model, {}), layers)
         for editor, per_model in meta.hparams.items():  # equal hashes above: equal values
             for model, values in per_model.items():
                 hparams_values.setdefault(editor, {}).setdefault(model, values)
-        for editor, per_model in meta.hparams_sources.items():  # equal values: the first shard names their files
+        for editor, per_model in meta.hparams_sources.items():  # equal values, maybe from other files: each named
             for model, sources in per_model.items():
-                hparams_sources.setdefault(editor, {}).setdefault(model, sources)
+                add_sources(hparams_sources.setdefault(editor, {}).setdefault(model, {}), sources)
         editors.extend(e for e in meta.editors if e not in editors)
         for lib, version in meta.library_versions.items():
             seen = versions.setdefault(lib, [])

@@ -85,7 +85,7 @@ class RunMetadata(Record):
     # statistics file, or the corpus (its sha256, the texts and keys behind C). Optional: absent when no editor used C
     second_moments: Mapping[str, Mapping[str, str]] = field(default_factory=dict, metadata={OPTIONAL: True})
     # editor -> model -> hyper-parameter -> where its value came from: the built-in file
-    # (editors/hparams/rome/gpt2-xl.json), the user's file as it was named, or "overrides" (a mapping the caller
+    # (editors/hparams/rome/gpt2-xl.json), the user's file by its path, or "overrides" (a mapping the caller
     # gave); a key not listed is the editor's own default. Optional: absent from files written before it existed,
     # and for an editor object given to the API, which carries its own hyper-parameters
     hparams_sources: Mapping[str, Mapping[str, Mapping[str, str]]] = field(default_factory=dict,
