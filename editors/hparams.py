@@ -60,11 +60,14 @@ __all__ = [
     "resolve_hparams_layers",
     "resolve_layers",
     "schema_for",
+    "user_layers",
 ]
 
 COMMENT_KEY = "_comment"
 # the label of values a caller gives as a mapping or as overrides rather than in a file (HparamsLayer.label)
 OVERRIDES_LABEL = "overrides"
+# what a user layers over the built-in file: a JSON file or a named set's name, several in order, or none
+UserFiles = str | Path | Sequence[str | Path] | None
 # File stems must be plain names: a Hugging Face id ("owner/name") never addresses a file here.
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Names of named sets: no dot (never a file name such as "x.json"), no path separator.
@@ -252,7 +255,7 @@ def layer_hparams(
     editor: str,
     model_key: str | Sequence[str],
     *,
-    user_file: str | Path | None = None,
+    user_file: UserFiles = None,
     overrides: Mapping[str, Any] | None = None,
     family: str | None = None,
 ) -> LayeredHparams:
@@ -283,10 +286,10 @@ def layer_hparams(
     return LayeredHparams(merged, sources, tuple(layers))
 
 
-def layer_setting(editor: str, model_key: str | Sequence[str], *, user_file: str | Path | None = None,
+def layer_setting(editor: str, model_key: str | Sequence[str], *, user_file: UserFiles = None,
                   family: str | None = None) -> tuple[Any, str]:
     """``editor``'s layer field on ``model_key`` and the label of the file that set it, as :func:`layer_hparams`
-    layers them (the built-in file, then a named set or a user file that holds the field), without importing the
+    layers them (the built-in file, then each named set or user file that holds the field), without importing the
     editor (and torch): what a run checks against a model's depth before loading it."""
     schema = _require_schema(editor)
     keys = (model_key,) if isinstance(model_key, str) else tuple(model_key)
@@ -298,20 +301,30 @@ def layer_setting(editor: str, model_key: str | Sequence[str], *, user_file: str
     return value, label
 
 
+def user_layers(user_file: UserFiles) -> tuple[str | Path, ...]:
+    """``user_file`` as the sequence of files and named sets it layers, in order: one, several, or none."""
+    if user_file is None:
+        return ()
+    if isinstance(user_file, (str, Path)):
+        return (user_file,)
+    return tuple(user_file)
+
+
 def _files(schema: HparamsSchema, editor: str, keys: tuple[str, ...], family: str | None,
-           user_file: str | Path | None) -> list[tuple[str, str, str, Any]]:
+           user_file: UserFiles) -> list[tuple[str, str, str, Any]]:
     """The files an editor's hyper-parameters are layered from, in order, as ``(role, label, where, path)``: the
-    built-in file for the model (else its family), then a named set's file or the user's file; ``path`` is what
+    built-in file for the model (else its family), then each named set's file or user file in the order given
+    (``kmeng01`` then ``my.json``: ROME's original setting with the user's changes on top); ``path`` is what
     :func:`read_hparams_file` reads (a package resource for the built-in files), ``where`` its name in messages."""
     path, label = _builtin_file(schema, editor, keys, family)
     files = [("built-in", label, str(path), path)]
-    if user_file is not None:
-        named = _named_set(editor, user_file)
+    for layer in user_layers(user_file):
+        named = _named_set(editor, layer)
         if named is not None:
             path, label = _builtin_file(schema, editor, keys, family, named=named)
             files.append(("named", label, str(path), path))
         else:
-            files.append(("user", str(user_file), str(user_file), Path(user_file)))
+            files.append(("user", str(layer), str(layer), Path(layer)))
     return files
 
 
@@ -319,7 +332,7 @@ def load_hparams(
     editor: str,
     model_key: str | Sequence[str],
     *,
-    user_file: str | Path | None = None,
+    user_file: UserFiles = None,
     overrides: Mapping[str, Any] | None = None,
     family: str | None = None,
 ) -> dict[str, Any]:
@@ -329,7 +342,8 @@ def load_hparams(
     tried in order: a model organism's own name, then its family's organism settings), else the family
     default ``<editor>/<family>.json`` (``family``: the model's architecture family, e.g. ``gpt2``).
     ``user_file`` is a JSON file, or the name of a built-in named set (``"kmeng01"``: the file
-    ``<editor>/kmeng01/<key>.json`` found by the same keys and family). Later sources replace earlier keys;
+    ``<editor>/kmeng01/<key>.json`` found by the same keys and family), or a sequence of them layered in order
+    (``("kmeng01", "my.json")``). Later sources replace earlier keys;
     unknown keys are errors that name the source. The result has no ``_comment`` and may hold symbolic layers
     (see :func:`resolve_layers`).
     """

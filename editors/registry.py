@@ -25,11 +25,13 @@ from editors.hparams import (
     COMMENT_KEY,
     OVERRIDES_LABEL,
     HparamsError,
+    UserFiles,
     check_hparams_values,
     layer_hparams,
     read_hparams_file,
     resolve_hparams_layers,
     schema_for,
+    user_layers,
 )
 
 __all__ = [
@@ -176,16 +178,16 @@ def build_editor(
     model_key: str | tuple[str, ...],
     model: Any,
     *,
-    user_hparams: str | Path | Mapping[str, Any] | None = None,
+    user_hparams: UserFiles | Mapping[str, Any] = None,
     overrides: Mapping[str, Any] | None = None,
 ):
     """The editor ``name`` configured for ``model`` (known to the user as ``model_key``, or by several keys
     tried in order; see :func:`editors.hparams.load_hparams`).
 
     Built-ins read their hparams with :func:`editors.hparams.load_hparams` (built-in file for the model or its
-    family, then ``user_hparams``, a JSON file or a mapping, then ``overrides``) and resolve symbolic layers
-    (``"causal"``) against ``model.config``. A third-party editor gets ``user_hparams`` then ``overrides``
-    as they are.
+    family, then ``user_hparams``, a JSON file or named set, several in order, or a mapping, then ``overrides``) and
+    resolve symbolic layers (``"causal"``) against ``model.config``. A third-party editor gets ``user_hparams``
+    then ``overrides`` as they are.
     """
     return build_editor_with_sources(name, model_key, model, user_hparams=user_hparams, overrides=overrides)[0]
 
@@ -195,7 +197,7 @@ def build_editor_with_sources(
     model_key: str | tuple[str, ...],
     model: Any,
     *,
-    user_hparams: str | Path | Mapping[str, Any] | None = None,
+    user_hparams: UserFiles | Mapping[str, Any] = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Any, dict[str, str]]:
     """:func:`build_editor`, and where each hyper-parameter it was given came from: key -> the label of the last
@@ -215,8 +217,9 @@ def build_editor_with_sources(
 
         if isinstance(user_hparams, Mapping):
             add(user_hparams, OVERRIDES_LABEL)
-        elif user_hparams is not None:
-            add(read_hparams_file(Path(user_hparams)), str(user_hparams))
+        else:
+            for layer in user_layers(user_hparams):
+                add(read_hparams_file(Path(layer)), str(layer))
         add(overrides or {}, OVERRIDES_LABEL)
         return get_editor(name, merged), sources
     family = _family_name(model)

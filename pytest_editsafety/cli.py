@@ -320,12 +320,11 @@ def cmd_hparams(args: argparse.Namespace) -> int:
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
         layers_out: list[dict[str, Any]] = []
-        if args.hparams:
-            data = {k: v for k, v in read_hparams_file(Path(args.hparams)).items() if k != "_comment"}
+        for layer in args.hparams or ():
+            data = {k: v for k, v in read_hparams_file(Path(layer)).items() if k != "_comment"}
             values.update(data)
-            sources.update(dict.fromkeys(data, str(args.hparams)))
-            layers_out.append({"role": "user", "label": str(args.hparams), "path": str(args.hparams),
-                               "comment": None})
+            sources.update(dict.fromkeys(data, str(layer)))
+            layers_out.append({"role": "user", "label": str(layer), "path": str(layer), "comment": None})
         values.update(overrides)
         sources.update(dict.fromkeys(overrides, "overrides"))
         if overrides:
@@ -518,17 +517,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     hparams = commands.add_parser(
         "hparams", help="the hyper-parameters an editor edits a model with, and the file each value comes from",
-        description="Layer the built-in file for the model (by name, else its family), the --hparams file or named "
-                    "set, and the --set overrides, as a certification run does; resolve symbolic layers "
+        description="Layer the built-in file for the model (by name, else its family), the --hparams files and named "
+                    "sets in order, and the --set overrides, as a certification run does; resolve symbolic layers "
                     "('causal', 'last-N', 'K/N') against the model's config.json where it can be read without "
                     "loading or downloading (organisms once built, local directories, Hugging Face ids in the local "
                     "cache; a built-in hub model's published depth otherwise) and say what could not be resolved. Exit 1 when the values do not fit the model (a layer out of "
                     "range, a wrong type), 2 for an unknown model or editor.")
     hparams.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
     hparams.add_argument("--editor", required=True, help="a registered editor name")
-    hparams.add_argument("--hparams", default=None,
+    hparams.add_argument("--hparams", default=None, action="append",
                          help="a JSON file over the built-in values, or the name of a built-in named set (e.g. "
-                              "kmeng01: ROME's original configs, mom2_adjustment on)")
+                              "kmeng01: ROME's original configs, mom2_adjustment on); repeatable, layered in order "
+                              "(--hparams kmeng01 --hparams my.json)")
     hparams.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="an override over both (VALUE as JSON: layer=3, mom2_adjustment=true); repeatable")
     hparams.add_argument("--cache", default=None, help="cache root where organisms are built (default "

@@ -35,9 +35,9 @@ class HubOptions:
     max_loaded_models: int = 1
     # hparams overrides applied to every built-in editor (the collapse experiment's --layer)
     editor_overrides: Mapping[str, Any] | None = None
-    # editor -> user hparams JSON file (--editsafety-hparams) or mapping of fields (the API's), layered over the
-    # built-in file per model
-    editor_hparams: Mapping[str, str | Mapping[str, Any]] | None = None
+    # editor -> user hparams JSON files or named sets, layered in order (--editsafety-hparams), or a mapping of fields
+    # (the API's), over the built-in file per model
+    editor_hparams: Mapping[str, str | tuple[str, ...] | Mapping[str, Any]] | None = None
     # cache root for organisms, statistics, corpora, trained editors and floors (None: pytest_editsafety.cache's
     # default, $EDITSAFETY_CACHE or the user cache directory)
     cache_root: str | None = None

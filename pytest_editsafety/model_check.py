@@ -149,7 +149,7 @@ def layer_problems(choices: Iterable[Any], editors: Iterable[str], user_files: M
     out of range, as a sentence naming the file that set it and how to set another. Best effort: models whose
     config is not at hand (an uncached hub id, an organism not built yet), editors without built-in
     hyper-parameters and anything else this cannot read are left to their tests, which name it. ``user_files``:
-    editor -> its --editsafety-hparams file or named set."""
+    editor -> its --editsafety-hparams files and named sets, in order."""
     problems: list[str] = []
     editors = tuple(editors)
     for choice in choices:

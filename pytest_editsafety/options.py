@@ -231,8 +231,8 @@ class Settings:
     fuzz_examples: int = DEFAULT_FUZZ_EXAMPLES
     fuzz_out: Path = Path(DEFAULT_FUZZ_OUT)
     fuzz_max_runs: int | None = None  # None: fuzz.default_max_runs(fuzz_examples)
-    # (editor, user hparams file) pairs from --editsafety-hparams, layered over the built-in files
-    editor_hparams: tuple[tuple[str, Path], ...] = ()
+    # editor -> its files and named sets, layered in order over the built-in file (--editsafety-hparams)
+    editor_hparams: tuple[tuple[str, tuple[Path, ...]], ...] = ()
     # --editsafety-cache; None: pytest_editsafety.cache's default ($EDITSAFETY_CACHE, else the user cache dir)
     cache_root: Path | None = None
     # --editsafety-allow-missing: baseline tests this run lacks are listed, not regressions
@@ -432,9 +432,11 @@ def _editor_names(requested: Sequence[str], origin: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None) -> tuple[tuple[str, Path], ...]:
-    """``--editsafety-hparams EDITOR=FILE`` values (else the ini's lines) as (editor, file) pairs, each file
-    read and checked once here (a built-in's keys and their types, a third-party editor's by its own factory; what
+def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None
+                    ) -> tuple[tuple[str, tuple[Path, ...]], ...]:
+    """``--editsafety-hparams EDITOR=FILE`` values (else the ini's lines) as (editor, files) pairs: an editor given
+    several times layers its files (and named sets) in the order given, each over the one before. Each file is read
+    and checked once here (a built-in's keys and their types, a third-party editor's by its own factory; what
     depends on the model, such as a layer's range, when the model loads) so that a typo is a usage error now, not an
     error in every test of the editor."""
     if given is None:
@@ -447,19 +449,20 @@ def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None) -> tup
         known = available_editors()
     except EditorRegistryError as err:
         raise pytest.UsageError(f"{origin}: {err}") from None
-    pairs: dict[str, Path] = {}
+    pairs: dict[str, list[Path]] = {}
     for value in values:
         editor, sep, file = (part.strip() for part in value.partition("="))
         if not sep or not editor or not file:
             raise pytest.UsageError(f"{origin}: expected EDITOR=FILE, got {value!r}")
         if editor not in known:
             raise pytest.UsageError(f"{origin}: unknown editor {editor!r} in {value!r}; available: {', '.join(known)}")
-        if editor in pairs:
-            raise pytest.UsageError(f"{origin}: editor {editor!r} given twice ({value!r})")
         path = _path(config, file, origin)
         named_sets = named_hparams_sets(editor) if schema_for(editor) is not None else ()
-        if not path.is_file() and file in named_sets:
-            pairs[editor] = Path(file)  # a built-in named set (e.g. kmeng01), looked up per model by the loader
+        layer = Path(file) if not path.is_file() and file in named_sets else path
+        if layer in pairs.get(editor, ()):
+            raise pytest.UsageError(f"{origin}: {value!r} given twice")
+        if layer is not path:
+            pairs.setdefault(editor, []).append(layer)  # a built-in named set (e.g. kmeng01), found per model later
             continue
         if not path.is_file():
             raise pytest.UsageError(f"{origin}: {value!r}: no such file {path} (built-in named sets of "
@@ -468,8 +471,8 @@ def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None) -> tup
             check_user_hparams(editor, path)
         except (HparamsError, EditorRegistryError) as err:
             raise pytest.UsageError(f"{origin}: {value!r}: {err}") from None
-        pairs[editor] = path
-    return tuple(pairs.items())
+        pairs.setdefault(editor, []).append(path)
+    return tuple((editor, tuple(files)) for editor, files in pairs.items())
 
 
 def _corpus(config: pytest.Config, text: str, where: str) -> str:

@@ -307,7 +307,7 @@ def editsafety_hub(pytestconfig: pytest.Config, request: pytest.FixtureRequest) 
         device_map=settings.device_map,
         stats_dir=str(settings.stats_dir) if settings.stats_dir else None,
         stats_corpus=settings.stats_corpus,
-        editor_hparams={editor: str(path) for editor, path in settings.editor_hparams} or None,
+        editor_hparams={editor: tuple(map(str, files)) for editor, files in settings.editor_hparams} or None,
         cache_root=str(settings.cache_root) if settings.cache_root else None,
         restore_check=settings.restore_check,
         strip_bos=settings.strip_bos,

@@ -349,6 +349,23 @@ def test_user_file_then_overrides_win(tmp_path: Path) -> None:
     assert hparams_hash(merged) != hparams_hash(load_hparams("c-rome", "gpt2-xl"))
 
 
+def test_a_named_set_and_a_file_layer_in_the_order_given(tmp_path: Path) -> None:
+    from editors.hparams import layer_hparams, layer_setting
+
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"mom2_n_samples": 10000, "layer": 16}))
+    # ROME's original setting (kmeng01: C from Wikipedia) with the user's sample size and layer on top
+    layered = layer_hparams("rome", "gpt2-xl", user_file=("kmeng01", mine))
+    assert (layered.values["mom2_adjustment"], layered.values["mom2_n_samples"], layered.values["layer"]) == (
+        True, 10000, 16)
+    assert [layer.role for layer in layered.layers] == ["built-in", "named", "user"]
+    assert layered.sources["mom2_adjustment"] == "editors/hparams/rome/kmeng01/gpt2-xl.json"
+    assert layered.sources["layer"] == str(mine)
+    assert layer_setting("rome", "gpt2-xl", user_file=("kmeng01", mine)) == (16, str(mine))
+    # the other order: the named set's values win
+    assert load_hparams("rome", "gpt2-xl", user_file=(mine, "kmeng01"))["mom2_n_samples"] == 100000
+
+
 def test_unknown_keys_name_their_source(tmp_path: Path) -> None:
     user = tmp_path / "typo.json"
     user.write_text(json.dumps({"v_lrr": 0.1}))

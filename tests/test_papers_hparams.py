@@ -457,6 +457,12 @@ def test_hparams_command_layers_a_named_set_a_user_file_and_overrides(isolated: 
     code, text, _ = _hparams_cli(capsys, "--model", "gpt2-xl", "--editor", "memit", "--hparams", str(user))
     assert code == 0 and re.search(rf"\| v_num_grad_steps +\| 7 +\| {re.escape(str(user))}", text)
     assert "editors/hparams/memit/gpt2-xl.json" in text and PAPERS_COMMIT in text
+    # --hparams repeats: the named set, then the user's file over it
+    code, payload, _ = _hparams_cli(capsys, "--model", "gpt2-xl", "--editor", "rome", "--hparams", "kmeng01",
+                                    "--hparams", str(user), "--json")
+    assert code == 0 and [layer["role"] for layer in payload["layers"]] == ["built-in", "named", "user"]
+    assert (payload["values"]["mom2_adjustment"], payload["values"]["v_num_grad_steps"]) == (True, 7)
+    assert payload["sources"]["v_num_grad_steps"] == str(user)
     # the named set's GPT-2 layer is a share of the depth on any GPT-2, an organism too (its 6 layers: 2, not the
     # organism's causal layer)
     code, payload, _ = _hparams_cli(capsys, "--model", "tiny-gpt2", "--editor", "rome", "--hparams", "kmeng01", "--json")

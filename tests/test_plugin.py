@@ -337,7 +337,7 @@ def test_options_and_ini_twins_parse(pytester: pytest.Pytester, micro_model: Pat
         "editsafety_report = out/cert.md\n"
         f"editsafety_ppl_corpus = {corpus_file}\n"
         "editsafety_dtype = float32\n"
-        "editsafety_hparams =\n    rome = hp/rome.json\n    mend=hp/mend.json\n"
+        "editsafety_hparams =\n    rome = kmeng01\n    rome = hp/rome.json\n    mend=hp/mend.json\n"
     )
     (pytester.path / "hp").mkdir()
     for name in ("rome", "mend"):
@@ -351,8 +351,9 @@ def test_options_and_ini_twins_parse(pytester: pytest.Pytester, micro_model: Pat
     assert s.bounds.min_locality == 0.5  # untouched bounds keep their defaults
     assert s.sequential and s.limit == 3 and s.dtype == "float32"
     assert s.report_md == pytester.path / "out" / "cert.md"  # ini paths are relative to the ini file
-    assert s.editor_hparams == (("rome", pytester.path / "hp" / "rome.json"),
-                                ("mend", pytester.path / "hp" / "mend.json"))
+    # an editor given twice layers its named set and its file in that order
+    assert s.editor_hparams == (("rome", (Path("kmeng01"), pytester.path / "hp" / "rome.json")),
+                                ("mend", (pytester.path / "hp" / "mend.json",)))
     plan = get_plan(from_ini)
     assert len(plan.items) == 2 * 2 * (3 + 1)
     assert {m.ppl_corpus for m in plan.models} == {str(corpus_file)}
@@ -412,7 +413,8 @@ def test_defaults_certify_every_builtin_editor_on_tiny_gpt2(pytester: pytest.Pyt
     (["--editsafety-hparams=nope={empty}"], "unknown editor 'nope' in 'nope="),
     (["--editsafety-hparams=mend=no/such.json"], "'mend=no/such.json': no such file"),
     (["--editsafety-hparams=rome={broken}"], "expected a JSON object of hyper-parameters"),
-    (["--editsafety-hparams=rome={valid}", "--editsafety-hparams=rome={valid}"], "editor 'rome' given twice"),
+    (["--editsafety-hparams=rome={valid}", "--editsafety-hparams=rome={valid}"], "hparams.json' given twice"),
+    (["--editsafety-hparams=rome=kmeng01", "--editsafety-hparams=rome=kmeng01"], "'rome=kmeng01' given twice"),
     # a typo or a wrong type in the file is the run's usage error, not an error in every test of the editor
     (["--editsafety-hparams=rome={typo}"], "typo.json: unknown hyper-parameter 'layerz' for editor 'rome'"),
     (["--editsafety-hparams=rome={typed}"], "typed.json: v_num_grad_steps: expected an integer, got 'many'"),

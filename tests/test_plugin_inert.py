@@ -290,7 +290,7 @@ def test_every_option_and_its_ini_twin_reach_the_settings(pytester: pytest.Pytes
     assert (b.min_efficacy, b.min_generalization, b.min_locality, b.metric_family) == (0.9, 0.3, 0.6, "easyedit")
     assert (s.report_md, s.report_json, s.fuzz_out) == (root / "out/r.md", root / "out/r.json", root / "out/fuzz.json")
     assert (s.dtype, s.device_map, s.stats_dir, s.stats_corpus) == ("float32", "cpu", root / "stats", "organism-ppl")
-    assert s.ppl_corpus == str(root / "corpus.json") and s.editor_hparams == (("rome", root / "rome.json"),)
+    assert s.ppl_corpus == str(root / "corpus.json") and s.editor_hparams == (("rome", (root / "rome.json",)),)
     assert (s.fuzz_examples, s.fuzz_max_runs, s.cache_root, s.allow_missing) == (5, 7, root / "cache", True)
     assert len(get_plan(config).items) == 2 + 1
     assert _environment() == before  # the cache root travels in the settings, not the environment
