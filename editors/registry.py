@@ -152,24 +152,29 @@ def get_editor(name: str, hparams: Mapping[str, Any] | None = None):
     return editor
 
 
-def check_user_hparams(name: str, path: Path) -> None:
-    """What can be checked of the user's hyper-parameter file ``path`` for editor ``name`` before a model is
-    known, so that a typo is one usage error and not an error in every test of the editor.
+def check_user_hparams(name: str, paths: Sequence[Path]) -> None:
+    """What can be checked of the user's hyper-parameter files ``paths`` for editor ``name`` (layered in that order)
+    before a model is known, so that a typo is one usage error and not an error in every test of the editor.
 
-    A built-in's keys and value types are checked against its dataclass
+    A built-in's keys and value types are checked file by file against its dataclass
     (:func:`editors.hparams.check_hparams_values`). A third-party editor knows its hyper-parameters only through
-    its factory, so the factory builds it once from the file, as :func:`build_editor` would (the file's values,
-    no model): whatever it refuses raises :class:`EditorFactoryError` naming the file."""
-    data = read_hparams_file(path)
+    its factory, so the factory builds it once from the files' values merged in order, as :func:`build_editor`
+    would (no model): whatever it raises is an :class:`EditorFactoryError` naming the files."""
+    files = [(path, read_hparams_file(path)) for path in paths]
     if schema_for(name) is not None:
-        check_hparams_values(name, data, str(path))
+        for path, data in files:
+            check_hparams_values(name, data, str(path))
         return
+    merged: dict[str, Any] = {}
+    for _, data in files:
+        merged.update({key: value for key, value in data.items() if key != COMMENT_KEY})
+    where = ", ".join(str(path) for path in paths)
     try:
-        get_editor(name, {key: value for key, value in data.items() if key != COMMENT_KEY})
+        get_editor(name, merged)
     except (EditorFactoryError, HparamsError) as err:
-        raise EditorFactoryError(f"{path}: {err}") from err
-    except Exception as err:  # whatever the factory raises is the file's fault as far as a run can tell
-        raise EditorFactoryError(f"{path}: editor {name!r}: factory call failed: {type(err).__name__}: {err}"
+        raise EditorFactoryError(f"{where}: {err}") from err
+    except Exception as err:  # whatever the factory raises is the files' fault as far as a run can tell
+        raise EditorFactoryError(f"{where}: editor {name!r}: factory call failed: {type(err).__name__}: {err}"
                                  ) from err
 
 

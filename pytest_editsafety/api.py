@@ -76,7 +76,7 @@ class Certificate:
 
 def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
             bounds: Bounds | Mapping[str, Any] | None = None, corpus: str | None = None, limit: int | None = None,
-            sequential: bool = False, hparams: str | Path | Mapping[str, Any] | None = None,
+            sequential: bool = False, hparams: str | Path | Sequence[str | Path] | Mapping[str, Any] | None = None,
             stats_corpus: str | None = None,
             stats_dir: str | None = None, cache_root: str | None = None, dtype: str | None = None,
             strip_bos: bool = False, sequential_edits: int | None = None, sequential_every: int | None = None,
@@ -89,9 +89,10 @@ def certify(model: Any, tokenizer: Any, editor: Any, cases: Any, *,
     several editors certify in one run, where those that declare the same measurement (ROME and its C-ROME
     variants' v*, MEMIT, EMMET and AlphaEdit's z) search once per case and share it, as in the plugin.
     Every case is edited from the unedited model, measured, restored bit-exactly and judged against ``bounds``
-    (default ``Bounds()``, the plugin's defaults). ``hparams`` is a JSON file or a mapping layered over the
-    editor's built-in hyper-parameters; with several editors, a mapping from editor name to such a file or
-    mapping (an editor it does not name keeps its built-in ones); ``corpus`` the perplexity corpus (default: the
+    (default ``Bounds()``, the plugin's defaults). ``hparams`` is a JSON file or named set, a sequence of them
+    (layered in order: ``("kmeng01", "my.json")``), or a mapping, layered over the editor's built-in
+    hyper-parameters; with several editors, a mapping from editor name to one of those (an editor it does not name
+    keeps its built-in ones); ``corpus`` the perplexity corpus (default: the
     model's, as the plugin picks it). ``strip_bos`` runs the papers' BOS-stripped protocol (A.2,
     ``--editsafety-strip-bos``): a tokenizer that prepends BOS runs without it (a copy of a tokenizer given here is
     stripped), recorded in the certificate.

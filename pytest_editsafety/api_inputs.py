@@ -125,9 +125,10 @@ def is_editor_object(value: Any) -> bool:
 
 
 def hparams_options(hparams: Any, editors: Mapping[str, Any]) -> dict[str, Any]:
-    """HubOptions' ``editor_hparams`` for ``hparams`` as :func:`certify` takes it: for one editor, a JSON file or a
-    mapping of fields; for any number, a mapping from (some of) the editors' names to a file or a mapping of fields
-    each. Hyper-parameters reach only editors given by name: an editor object carries its own."""
+    """HubOptions' ``editor_hparams`` for ``hparams`` as :func:`certify` takes it: for one editor, a JSON file or
+    named set, a sequence of them (layered in order: ``("kmeng01", "my.json")``) or a mapping of fields; for any
+    number, a mapping from (some of) the editors' names to one of those each. Hyper-parameters reach only editors
+    given by name: an editor object carries its own."""
     if hparams is None or (isinstance(hparams, Mapping) and not hparams):
         return {}
     names = list(editors)
@@ -150,9 +151,11 @@ def hparams_options(hparams: Any, editors: Mapping[str, Any]) -> dict[str, Any]:
             per_name[name] = str(value)
         elif isinstance(value, Mapping):
             per_name[name] = dict(value)
+        elif isinstance(value, Sequence) and value and all(isinstance(each, (str, Path)) for each in value):
+            per_name[name] = tuple(map(str, value))
         else:
-            raise ValueError(f"hparams[{name!r}]: expected a JSON file or a mapping of fields, got "
-                             f"{type(value).__name__}")
+            raise ValueError(f"hparams[{name!r}]: expected a JSON file or named set, a non-empty sequence of them, or "
+                             f"a mapping of fields; got {type(value).__name__}")
     return {"editor_hparams": per_name}
 
 

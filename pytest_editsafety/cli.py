@@ -467,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     guarding.add_argument("--apply", action="store_true", help="make the allowed edits, roll back a damaging one")
     guarding.add_argument("--max-ppl-ratio", type=float, default=1.5, help="with --apply: the largest probe "
                                                                           "perplexity ratio kept (default 1.5)")
-    guarding.add_argument("--hparams", default=None, help="a JSON file of the editor's hyper-parameters")
+    guarding.add_argument("--hparams", default=None, action="append",
+                          help="a JSON file of the editor's hyper-parameters or a named set; repeatable, layered in "
+                               "order")
     guarding.add_argument("--strip-bos", action="store_true",
                           help="the papers' BOS-stripped protocol (A.2): judge edits with a BOS family's tokenizer "
                                "prepending no BOS (a no-op for GPT-2, GPT-J)")
@@ -508,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True, help="built-in name, Hugging Face id or local path")
     train.add_argument("--cases", default=None, help="training edits: a case set name or file (required "
                                                      "except for the organisms, which train on their world)")
-    train.add_argument("--hparams", default=None, help="a JSON file of the editor's hyper-parameters over the "
-                                                       "built-in ones")
+    train.add_argument("--hparams", default=None, action="append",
+                       help="a JSON file of the editor's hyper-parameters over the built-in ones, or a named set; "
+                            "repeatable, layered in order")
     train.add_argument("--force", action="store_true", help="retrain even if the cache holds this network")
     _loading(train)
     _output(train)

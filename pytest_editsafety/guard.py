@@ -84,7 +84,7 @@ class Guard:
     def __init__(self, model: Any, tokenizer: Any, editor: Any, *,
                  fraction: float = 0.5, floor: float | None = None,
                  interference_factor: float | None = GUARD_INTERFERENCE_FACTOR, max_ppl_ratio: float = 1.5,
-                 probe_texts: int = GUARD_PROBE_TEXTS, hparams: str | Mapping[str, Any] | None = None,
+                 probe_texts: int = GUARD_PROBE_TEXTS, hparams: str | Sequence[str] | Mapping[str, Any] | None = None,
                  stats_corpus: str | None = None, stats_dir: str | None = None, cache_root: str | None = None,
                  dtype: str | None = None, strip_bos: bool = False) -> None:
         if len(editors_by_name(editor)) != 1:
@@ -272,7 +272,7 @@ class Guard:
 def guard(model: Any, tokenizer: Any, editor: Any, requests: Any, *,
           fraction: float = 0.5, floor: float | None = None,
           interference_factor: float | None = GUARD_INTERFERENCE_FACTOR, apply: bool = False, max_ppl_ratio: float = 1.5,
-          probe_texts: int = GUARD_PROBE_TEXTS, hparams: str | Mapping[str, Any] | None = None,
+          probe_texts: int = GUARD_PROBE_TEXTS, hparams: str | Sequence[str] | Mapping[str, Any] | None = None,
           stats_corpus: str | None = None, stats_dir: str | None = None, cache_root: str | None = None,
           dtype: str | None = None, strip_bos: bool = False) -> tuple[GuardDecision, ...]:
     """One decision per request (an ``editors.base.EditRequest``, an ``EditCase``, or cases as :func:`certify`

@@ -450,6 +450,7 @@ def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None
     except EditorRegistryError as err:
         raise pytest.UsageError(f"{origin}: {err}") from None
     pairs: dict[str, list[Path]] = {}
+    named: set[tuple[str, Path]] = set()  # (editor, named set): the project's own files, pinned by its tests
     for value in values:
         editor, sep, file = (part.strip() for part in value.partition("="))
         if not sep or not editor or not file:
@@ -458,20 +459,22 @@ def _editor_hparams(config: pytest.Config, given: tuple[Any, str] | None
             raise pytest.UsageError(f"{origin}: unknown editor {editor!r} in {value!r}; available: {', '.join(known)}")
         path = _path(config, file, origin)
         named_sets = named_hparams_sets(editor) if schema_for(editor) is not None else ()
-        layer = Path(file) if not path.is_file() and file in named_sets else path
-        if layer in pairs.get(editor, ()):
-            raise pytest.UsageError(f"{origin}: {value!r} given twice")
-        if layer is not path:
-            pairs.setdefault(editor, []).append(layer)  # a built-in named set (e.g. kmeng01), found per model later
-            continue
-        if not path.is_file():
+        is_named = not path.is_file() and file in named_sets  # a built-in named set (kmeng01), found per model later
+        if not is_named and not path.is_file():
             raise pytest.UsageError(f"{origin}: {value!r}: no such file {path} (built-in named sets of "
                                     f"{editor}: {', '.join(named_sets) or 'none'})")
+        layer = Path(file) if is_named else path
+        if layer in pairs.get(editor, ()):
+            raise pytest.UsageError(f"{origin}: {value!r} given twice")
+        pairs.setdefault(editor, []).append(layer)
+        if is_named:
+            named.add((editor, layer))
+    for editor, layers in pairs.items():
+        files = [layer for layer in layers if (editor, layer) not in named]
         try:
-            check_user_hparams(editor, path)
+            check_user_hparams(editor, files)
         except (HparamsError, EditorRegistryError) as err:
-            raise pytest.UsageError(f"{origin}: {value!r}: {err}") from None
-        pairs.setdefault(editor, []).append(path)
+            raise pytest.UsageError(f"{origin}: {editor}: {err}") from None
     return tuple((editor, tuple(files)) for editor, files in pairs.items())
 
 

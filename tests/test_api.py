@@ -115,6 +115,15 @@ def test_certify_several_editors_in_one_run_gives_each_editors_own_records(organ
     assert "c-rome" not in together.result.metadata.hparams_sources
 
 
+def test_hparams_layer_files_and_named_sets_in_the_order_given():
+    from pytest_editsafety.api_inputs import hparams_options
+
+    layered = hparams_options(["kmeng01", Path("my.json")], {"rome": "rome"})
+    assert layered == {"editor_hparams": {"rome": ("kmeng01", "my.json")}}
+    per_editor = hparams_options({"rome": ("kmeng01",), "c-rome": "c.json"}, {"rome": "rome", "c-rome": "c-rome"})
+    assert per_editor == {"editor_hparams": {"rome": ("kmeng01",), "c-rome": "c.json"}}
+
+
 @pytest.mark.parametrize(("editor", "hparams", "message"), [
     (["rome", "rome"], None, "rome given more than once"),
     ([], None, "got none"),
@@ -122,8 +131,10 @@ def test_certify_several_editors_in_one_run_gives_each_editors_own_records(organ
     (["rome", "c-rome"], "rome.json", "expected a mapping from editor name"),
     (["rome", 3], None, "neither an editor name nor an editor object"),
     ([Path("rome")], None, "neither an editor name nor an editor object"),
-    (["rome", "c-rome"], {"rome": 20}, r"hparams\['rome'\]: expected a JSON file or a mapping"),
-    ("rome", 20, "expected a JSON file or a mapping of fields, got int"),
+    (["rome", "c-rome"], {"rome": 20}, r"hparams\['rome'\]: expected a JSON file or named set"),
+    ("rome", 20, "a non-empty sequence of them, or a mapping of fields; got int"),
+    ("rome", [], "a non-empty sequence of them"),
+    ("rome", ["kmeng01", {"v_lr": 0.1}], "a non-empty sequence of them"),
 ])
 def test_certify_refuses_a_bad_editor_list_before_loading_anything(editor, hparams, message):
     from pytest_editsafety.api import certify

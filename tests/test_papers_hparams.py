@@ -482,3 +482,13 @@ def test_hparams_command_errors_exit_2_with_one_line(isolated: Path, capsys: pyt
     code, out, err = _hparams_cli(capsys, *args)
     assert code == 2 and not out
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_the_train_and_guard_commands_layer_their_hparams_too() -> None:
+    from pytest_editsafety.cli import build_parser
+
+    parser = build_parser()
+    for command in (["train", "--editor", "mend", "--model", "gpt2-xl"],
+                    ["guard", "--editor", "rome", "--model", "gpt2-xl", "--cases", "normal"]):
+        args = parser.parse_args([*command, "--hparams", "kmeng01", "--hparams", "my.json"])
+        assert args.hparams == ["kmeng01", "my.json"], command

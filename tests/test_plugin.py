@@ -70,10 +70,12 @@ def make_crasher(hparams):
     return Noop("noop-crash", crash_subject="Crashwell")
 
 def make_strict(hparams):
-    """A third-party editor that knows one hyper-parameter and refuses any other, as the example package does."""
+    """A third-party editor that needs one hyper-parameter and refuses any other, as the example package does."""
     unknown = sorted(set(hparams) - {"strength"})
     if unknown:
         raise ValueError(f"strict: unknown hyper-parameter(s) {', '.join(unknown)}; known: strength")
+    if "strength" not in hparams:
+        raise ValueError("strict: strength is required")
     return Noop("strict")
 '''
 
@@ -458,6 +460,15 @@ def test_a_third_party_editors_hparams_file_is_checked_once_by_its_factory(
     stderr = result.stderr.str()
     assert f"{typo}: editor 'strict'" in stderr and "unknown hyper-parameter(s) strenght" in stderr
     assert "passed" not in result.stdout.str() and "failed" not in result.stdout.str()
+    # several files are judged as the factory gets them, merged in order: the second alone would lack strength
+    more = tmp_path / "more.json"
+    more.write_text('{"_comment": "nothing new"}')
+    layered = isolated.runpytest(*args, f"--editsafety-hparams=strict={more}", "--collect-only")
+    assert layered.ret == pytest.ExitCode.USAGE_ERROR and "strict: strength is required" in layered.stderr.str()
+    typo.write_text('{"strength": 2}')
+    layered = isolated.runpytest(*args, f"--editsafety-hparams=strict={typo}", f"--editsafety-hparams=strict={more}",
+                                 "--collect-only")
+    assert layered.ret == pytest.ExitCode.OK, layered.stderr.str()
     typo.write_text('{"_comment": "fixed", "strength": 2}')  # the comment is the file's, never the factory's
     cases = write_cases(tmp_path / "one.json", [{"case_id": "one", "subject": "Alpha", "prompt": "{} lives in",
                                                   "target_new": "Paris", "ground_truth": "Rome"}])
