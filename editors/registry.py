@@ -46,6 +46,7 @@ __all__ = [
     "check_user_hparams",
     "editor_distributions",
     "get_editor",
+    "third_party_hparams",
 ]
 
 
@@ -160,22 +161,40 @@ def check_user_hparams(name: str, paths: Sequence[Path]) -> None:
     (:func:`editors.hparams.check_hparams_values`). A third-party editor knows its hyper-parameters only through
     its factory, so the factory builds it once from the files' values merged in order, as :func:`build_editor`
     would (no model): whatever it raises is an :class:`EditorFactoryError` naming the files."""
-    files = [(path, read_hparams_file(path)) for path in paths]
     if schema_for(name) is not None:
-        for path, data in files:
-            check_hparams_values(name, data, str(path))
+        for path in paths:
+            check_hparams_values(name, read_hparams_file(path), str(path))
         return
-    merged: dict[str, Any] = {}
-    for _, data in files:
-        merged.update({key: value for key, value in data.items() if key != COMMENT_KEY})
     where = ", ".join(str(path) for path in paths)
     try:
-        get_editor(name, merged)
+        get_editor(name, third_party_hparams(paths)[0])
     except (EditorFactoryError, HparamsError) as err:
         raise EditorFactoryError(f"{where}: {err}") from err
     except Exception as err:  # whatever the factory raises is the files' fault as far as a run can tell
         raise EditorFactoryError(f"{where}: editor {name!r}: factory call failed: {type(err).__name__}: {err}"
                                  ) from err
+
+
+def third_party_hparams(user_hparams: UserFiles | Mapping[str, Any] = None,
+                        overrides: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """What a third-party editor's factory gets, as :func:`build_editor` gives it: ``user_hparams`` (files and named
+    sets' files read in order, or a mapping) then ``overrides``, comments dropped; and each key's source (the file
+    as given, or :data:`editors.hparams.OVERRIDES_LABEL`)."""
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def add(values: Mapping[str, Any], label: str) -> None:
+        values = {key: value for key, value in values.items() if key != COMMENT_KEY}
+        merged.update(values)
+        sources.update(dict.fromkeys(values, label))
+
+    if isinstance(user_hparams, Mapping):
+        add(user_hparams, OVERRIDES_LABEL)
+    else:
+        for layer in user_layers(user_hparams):
+            add(read_hparams_file(Path(layer)), str(layer))
+    add(overrides or {}, OVERRIDES_LABEL)
+    return merged, sources
 
 
 def build_editor(
@@ -212,20 +231,7 @@ def build_editor_with_sources(
     schema = schema_for(name)
     if schema is None:
         _factory(name)  # unknown names fail here, before any file is read
-        merged: dict[str, Any] = {}
-        sources: dict[str, str] = {}
-
-        def add(values: Mapping[str, Any], label: str) -> None:
-            values = {key: value for key, value in values.items() if key != COMMENT_KEY}
-            merged.update(values)
-            sources.update(dict.fromkeys(values, label))
-
-        if isinstance(user_hparams, Mapping):
-            add(user_hparams, OVERRIDES_LABEL)
-        else:
-            for layer in user_layers(user_hparams):
-                add(read_hparams_file(Path(layer)), str(layer))
-        add(overrides or {}, OVERRIDES_LABEL)
+        merged, sources = third_party_hparams(user_hparams, overrides)
         return get_editor(name, merged), sources
     family = _family_name(model)
     if isinstance(user_hparams, Mapping):

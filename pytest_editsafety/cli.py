@@ -155,8 +155,6 @@ def cmd_guard(args: argparse.Namespace) -> int:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from pytest_editsafety.cases import dump_cases
     from editors.storage import slugify
     from pytest_editsafety.mining import mine, mined_case_set, render_table
@@ -314,21 +312,15 @@ def cmd_hparams(args: argparse.Namespace) -> int:
         family = family_for_model_type(config["model_type"]).name
     keys = hparams_lookup_keys(spec, config, family)
     schema = schema_for(args.editor)
-    if schema is None:  # a third-party editor: its factory gets the user file and the overrides as they are
-        from editors.hparams import read_hparams_file
+    if schema is None:  # a third-party editor: its factory gets the user files and the overrides as they are
+        from editors.hparams import OVERRIDES_LABEL
+        from editors.registry import third_party_hparams
 
-        values: dict[str, Any] = {}
-        sources: dict[str, str] = {}
-        layers_out: list[dict[str, Any]] = []
-        for layer in args.hparams or ():
-            data = {k: v for k, v in read_hparams_file(Path(layer)).items() if k != "_comment"}
-            values.update(data)
-            sources.update(dict.fromkeys(data, str(layer)))
-            layers_out.append({"role": "user", "label": str(layer), "path": str(layer), "comment": None})
-        values.update(overrides)
-        sources.update(dict.fromkeys(overrides, "overrides"))
+        values, sources = third_party_hparams(args.hparams, overrides)
+        layers_out: list[dict[str, Any]] = [{"role": "user", "label": str(layer), "path": str(layer), "comment": None}
+                                            for layer in args.hparams or ()]
         if overrides:
-            layers_out.append({"role": "overrides", "label": "overrides", "path": None, "comment": None})
+            layers_out.append({"role": "overrides", "label": OVERRIDES_LABEL, "path": None, "comment": None})
         notes = [*notes, f"{args.editor!r} has no built-in hyper-parameters: its factory gets the user file and "
                          "the overrides as they are"]
         resolved, symbolic, unresolved, problems = dict(values), {}, {}, []

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from pytest_editsafety.results.journal import IN_PROGRESS
+from pytest_editsafety.results.merge import add_sources
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,11 @@ def _journal(controller: RunRecords, item: Any) -> None:
         controller.journal.append(item.test_id, item.kind, controller.records[item.test_id])
 
 
+def _text_values(sources: dict[Any, Any]) -> dict[str, str]:
+    """A worker's ``{key: source}`` meta, its keys as strings and only its text sources kept."""
+    return {str(key): value for key, value in sources.items() if isinstance(value, str)}
+
+
 def absorb_meta(controller: RunRecords, meta: Any) -> None:
     if not isinstance(meta, dict):
         return
@@ -176,20 +182,15 @@ def absorb_meta(controller: RunRecords, meta: Any) -> None:
         if isinstance(meta.get("hparams"), dict):
             controller.hparams_values.setdefault(editor, {})[model] = meta["hparams"]
         if isinstance(meta.get("hparams_sources"), dict):
-            from pytest_editsafety.results.merge import add_sources
-
             add_sources(controller.hparams_sources.setdefault(editor, {}).setdefault(model, {}),
-                        {str(k): v for k, v in meta["hparams_sources"].items() if isinstance(v, str)})
+                        _text_values(meta["hparams_sources"]))
     if isinstance(model, str) and isinstance(meta.get("corpus"), str) and isinstance(meta.get("corpus_sha256"), str):
         controller.corpora[model] = (meta["corpus"], meta["corpus_sha256"])
     if isinstance(meta.get("hardware"), str):
         controller.hardware.add(meta["hardware"])
     if isinstance(model, str) and isinstance(meta.get("second_moments"), dict):
-        from pytest_editsafety.results.merge import add_sources
-
         # workers whose editors took C at one layer from different sources: each source once
-        add_sources(controller.second_moments.setdefault(model, {}),
-                                  {str(k): v for k, v in meta["second_moments"].items() if isinstance(v, str)})
+        add_sources(controller.second_moments.setdefault(model, {}), _text_values(meta["second_moments"]))
     if isinstance(model, str) and isinstance(meta.get("bos_protocol"), str):
         controller.bos_protocols[model] = meta["bos_protocol"]
 

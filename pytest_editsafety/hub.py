@@ -717,12 +717,12 @@ class ModelHub(ModelPool):
 
         loaded = state.loaded
         editor = self._editor_objects.get(name)
+        sources: dict[str, str] = {}  # an editor object carries its own hyper-parameters: no file to name
         if editor is None:
             user_hparams = (self.options.editor_hparams or {}).get(name)
             editor, sources = build_editor_with_sources(name, hparams_keys(loaded), loaded.model,
                                                         user_hparams=user_hparams,
                                                         overrides=self.options.editor_overrides)
-            state.hparams_sources[name] = sources
         # everything the editor needs is measured now, on the unedited model: a statistics cache miss inside a
         # sequential run would otherwise measure an edited model's keys
         state.provided[name] = set_up(editor, loaded.model, loaded.tokenizer, loaded.family, self._resources(state))
@@ -732,8 +732,8 @@ class ModelHub(ModelPool):
         if values is not None:
             state.hparams_values[name] = values
             # a third-party factory may drop or rename what its file gave: name the files of recorded values only
-            state.hparams_sources[name] = {key: label for key, label in state.hparams_sources.get(name, {}).items()
-                                           if key in values}
+            sources = {key: label for key, label in sources.items() if key in values}
+        state.hparams_sources[name] = sources
         return editor
 
     # ---- the denominator floor ------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -80,7 +80,8 @@ class RunMetadata(Record):
     # editor -> model -> the hyper-parameters the run edited with (layers resolved, plain JSON values): what
     # hparams_hashes hashes, so that a reader sees and can rerun the settings behind each verdict. Optional: absent
     # from files written before it existed, and for an editor whose hyper-parameters are no JSON values
-    hparams: Mapping[str, Mapping[str, Mapping[str, JsonValue]]] = field(default_factory=dict, metadata={OPTIONAL: True})
+    hparams: Mapping[str, Mapping[str, Mapping[str, JsonValue]]] = field(default_factory=dict,
+                                                                          metadata={OPTIONAL: True})
     # model -> layer (as a string) -> where the second moment C the editors whitened with came from: a ROME
     # statistics file, or the corpus (its sha256, the texts and keys behind C). Optional: absent when no editor used C
     second_moments: Mapping[str, Mapping[str, str]] = field(default_factory=dict, metadata={OPTIONAL: True})
@@ -90,6 +91,16 @@ class RunMetadata(Record):
     # and for an editor object given to the API, which carries its own hyper-parameters
     hparams_sources: Mapping[str, Mapping[str, Mapping[str, str]]] = field(default_factory=dict,
                                                                           metadata={OPTIONAL: True})
+
+    def _listed(self, name: str, per_editor: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[str, str, str, Any]]:
+        """``(where, editor, model, value)`` for each entry of the editor -> model -> value field ``name``, its editor
+        and model checked to be listed."""
+        for editor, per_model in per_editor.items():
+            for model, value in per_model.items():
+                where = f"{name}.{editor}.{model}"
+                if editor not in self.editors or model not in self.models:
+                    raise RecordError(where, "editor or model is not listed in 'editors' / 'models'")
+                yield where, editor, model, value
 
     def _validate(self) -> None:
         if len(set(self.editors)) != len(self.editors):
@@ -113,23 +124,15 @@ class RunMetadata(Record):
                     raise RecordError(f"hparams_hashes.{editor}.{model}", "model is not listed in 'models'")
         if self.hparams:
             from editors.hparams import hparams_hash
-        for editor, per_model in self.hparams.items():
-            for model, values in per_model.items():
-                where = f"hparams.{editor}.{model}"
-                if editor not in self.editors or model not in self.models:
-                    raise RecordError(where, "editor or model is not listed in 'editors' / 'models'")
-                digest = self.hparams_hashes.get(editor, {}).get(model)
-                if digest is not None and hparams_hash(dict(values), len(digest)) != digest:
-                    raise RecordError(where, f"the values do not hash to hparams_hashes.{editor}.{model} ({digest})")
-        for editor, per_model in self.hparams_sources.items():
-            for model, sources in per_model.items():
-                where = f"hparams_sources.{editor}.{model}"
-                if editor not in self.editors or model not in self.models:
-                    raise RecordError(where, "editor or model is not listed in 'editors' / 'models'")
-                values = self.hparams.get(editor, {}).get(model)
-                unknown = sorted(set(sources) - set(values)) if values is not None else []
-                if unknown:
-                    raise RecordError(where, f"names hyper-parameters the values lack: {', '.join(unknown)}")
+        for where, editor, model, values in self._listed("hparams", self.hparams):
+            digest = self.hparams_hashes.get(editor, {}).get(model)
+            if digest is not None and hparams_hash(dict(values), len(digest)) != digest:
+                raise RecordError(where, f"the values do not hash to hparams_hashes.{editor}.{model} ({digest})")
+        for where, editor, model, sources in self._listed("hparams_sources", self.hparams_sources):
+            values = self.hparams.get(editor, {}).get(model)
+            unknown = sorted(set(sources) - set(values)) if values is not None else []
+            if unknown:
+                raise RecordError(where, f"names hyper-parameters the values lack: {', '.join(unknown)}")
         for model in self.second_moments:
             if model not in self.models:
                 raise RecordError(f"second_moments.{model}", "model is not listed in 'models'")
